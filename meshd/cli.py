@@ -1,0 +1,345 @@
+"""Command line: `meshd init | keygen | id | config check | run | status | peers | export | demo`.
+
+Exit codes: 0 ok, 1 runtime failure (daemon unreachable, daemon crashed), 2 bad input (config, key, usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from meshd import __version__
+from meshd import config as configmod
+from meshd import identity as identitymod
+from meshd.errors import ConfigError, IdentityError, MeshdError
+
+DEFAULT_CONFIG = Path("/etc/meshd/meshd.toml")
+DEFAULT_STATUS = "127.0.0.1:7947"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="meshd",
+        description="meshd: domains of a data mesh train one model together by gossip; raw data never leaves.",
+    )
+    p.add_argument("--version", action="version", version=f"meshd {__version__}")
+    sub = p.add_subparsers(title="commands", metavar="COMMAND")
+
+    s = sub.add_parser("init", help="write a config and an identity key for a new domain")
+    s.add_argument("--domain", required=True, help="this domain's name (a-z, 0-9, '-', '_')")
+    s.add_argument("--dir", type=Path, default=Path("."), help="folder for meshd.toml and identity.key (default: .)")
+    s.add_argument("--peer-addr", default="0.0.0.0:7946", help="HOST:PORT of the gossip listener")
+    s.add_argument("--status-addr", default=DEFAULT_STATUS, help="HOST:PORT of the local status API")
+    s.add_argument("--data", default="", help="path of the domain's data product (CSV or .npz)")
+    s.add_argument("--force", action="store_true", help="overwrite an existing config and key")
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("keygen", help="create an identity key file (mode 0600)")
+    s.add_argument("--out", type=Path, required=True, help="where to write the key")
+    s.add_argument("--force", action="store_true", help="overwrite an existing key")
+    s.set_defaults(func=cmd_keygen)
+
+    s = sub.add_parser("id", help="print the peer id (public key) of a key file")
+    s.add_argument("--key", type=Path, required=True, help="identity key file")
+    s.set_defaults(func=cmd_id)
+
+    s = sub.add_parser("config", help="config tools")
+    csub = s.add_subparsers(title="config commands", metavar="ACTION")
+    c = csub.add_parser("check", help="validate a config file: prints ok, or every problem (exit 2)")
+    c.add_argument("path", type=Path)
+    c.set_defaults(func=cmd_config_check)
+
+    s = sub.add_parser("run", help="run the daemon in the foreground")
+    s.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    s.set_defaults(func=cmd_run)
+
+    for name, helptext in (("status", "show the local daemon's status"), ("peers", "show the peer table")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("--url", help=f"status API base URL (default: from --config, else http://{DEFAULT_STATUS})")
+        s.add_argument("--config", type=Path, help="config file to take the status address from")
+        s.add_argument("--json", action="store_true", help="print the raw JSON")
+        if name == "status":
+            s.add_argument("--peers", action="store_true", help="also print the peer table")
+        s.set_defaults(func=cmd_status if name == "status" else cmd_peers)
+
+    s = sub.add_parser("export", help="write the current model (newest checkpoint) as a torch state_dict")
+    s.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    s.add_argument("--out", type=Path, required=True, help="output file, e.g. model.pt")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("demo", help="run several domains on loopback and compare mesh vs local-only accuracy")
+    s.add_argument("--domains", type=int, default=8)
+    s.add_argument("--dataset", choices=["digits", "mnist1d"], default="digits")
+    s.add_argument("--alpha", type=float, default=0.1, help="Dirichlet concentration of the label split")
+    s.add_argument("--duration", type=float, default=60.0, help="seconds of gossip training")
+    s.add_argument("--workdir", type=Path, default=None, help="work directory (default: a new temp dir)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-live", action="store_true", help="no live view (plain progress lines)")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def _err(msg: str) -> None:
+    print(f"meshd: error: {msg}", file=sys.stderr)
+
+
+# --- init / keys ---------------------------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from meshd.config_template import render
+
+    problems = []
+    if configmod._domain(args.domain):
+        problems.append(f"--domain: {configmod._domain(args.domain)} (got {args.domain!r})")
+    for flag, value in (("--peer-addr", args.peer_addr), ("--status-addr", args.status_addr)):
+        why = configmod._host_port(value)
+        if why:
+            problems.append(f"{flag}: {why} (got {value!r})")
+    if problems:
+        for line in problems:
+            _err(line)
+        return 2
+    d: Path = args.dir
+    cfg_path, key_path = d / "meshd.toml", d / "identity.key"
+    for existing in (cfg_path, key_path):
+        if existing.exists() and not args.force:
+            _err(f"{existing} already exists; refusing to overwrite it (use --force to replace it)")
+            return 2
+    if not d.exists():
+        d.mkdir(parents=True, mode=0o700)
+        os.chmod(d, 0o700)
+    ident = identitymod.generate()
+    identitymod.save(ident, key_path, force=args.force)
+    text = render(args.domain, peer_addr=args.peer_addr, status_addr=args.status_addr, data_path=args.data)
+    tmp = cfg_path.with_name(cfg_path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.chmod(tmp, 0o640)
+    tmp.replace(cfg_path)
+    try:
+        configmod.load(cfg_path)
+    except ConfigError as exc:  # the template and the schema disagree: a bug, say so loudly
+        _err(f"generated config does not validate: {exc}")
+        return 1
+    print(f"wrote {cfg_path} and {key_path} (mode 0600)")
+    print(f"domain:  {args.domain}")
+    print(f"peer id: {ident.peer_id}")
+    print("Share the peer id with the mesh's governance; add the peer ids you trust to [trust] peers.")
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    try:
+        ident = identitymod.generate()
+        identitymod.save(ident, args.out, force=args.force)
+    except IdentityError as exc:
+        _err(str(exc))
+        return 2
+    print(ident.peer_id)
+    return 0
+
+
+def cmd_id(args: argparse.Namespace) -> int:
+    try:
+        print(identitymod.load(args.key).peer_id)
+    except IdentityError as exc:
+        _err(str(exc))
+        return 2
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    try:
+        configmod.load(args.path)
+    except ConfigError as exc:
+        print(f"{args.path}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        for line in exc.problems:
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    print("ok")
+    return 0
+
+
+# --- run -------------------------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from meshd import logs
+
+    try:
+        cfg = configmod.load(args.config)
+    except ConfigError as exc:
+        print(f"meshd: error: invalid config {args.config}:", file=sys.stderr)
+        for line in exc.problems:
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    try:
+        ident = identitymod.load(cfg.node.identity)
+    except IdentityError as exc:
+        _err(str(exc))
+        return 2
+    logs.configure(cfg.log.level, cfg.log.format)
+    from meshd.daemon import Daemon
+
+    try:
+        return asyncio.run(Daemon(cfg, ident).run())
+    except MeshdError as exc:
+        _err(str(exc))
+        return 1
+
+
+# --- status ----------------------------------------------------------------------------------------------------
+
+
+def _status_url(args: argparse.Namespace) -> str:
+    if args.url:
+        return args.url.rstrip("/")
+    path = args.config or (Path(os.environ["MESHD_CONFIG"]) if os.environ.get("MESHD_CONFIG") else None)
+    if path is None and DEFAULT_CONFIG.is_file():
+        path = DEFAULT_CONFIG
+    addr = DEFAULT_STATUS
+    if path is not None:
+        try:
+            addr = configmod.load(path).listen.status
+        except ConfigError as exc:
+            raise MeshdError(f"cannot read the status address from {path}: {exc}") from None
+    host, port = configmod.split_host_port(addr)
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+
+
+def _fetch_status(args: argparse.Namespace) -> dict[str, Any] | None:
+    try:
+        url = _status_url(args)
+    except MeshdError as exc:
+        _err(str(exc))
+        return None
+    try:
+        with urllib.request.urlopen(url + "/status", timeout=5) as resp:
+            data: dict[str, Any] = json.loads(resp.read())
+            return data
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        _err(f"cannot reach the meshd status API at {url} ({reason}); is the daemon running? "
+             "(`systemctl status meshd`, or pass --url / --config)")
+        return None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    s = _fetch_status(args)
+    if s is None:
+        return 1
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    print(_format_status(s))
+    if args.peers:
+        print()
+        print(_format_peers(s))
+    return 0
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    s = _fetch_status(args)
+    if s is None:
+        return 1
+    if args.json:
+        print(json.dumps(s.get("mesh", {}).get("peers", []), indent=2))
+        return 0
+    print(_format_peers(s))
+    return 0
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _format_status(s: dict[str, Any]) -> str:
+    cfg, mesh, model, tr, g = (s.get(k, {}) for k in ("config", "mesh", "model", "training", "gossip"))
+    counts = mesh.get("counts", {})
+    rows = [
+        ("domain", s.get("domain")),
+        ("peer id", s.get("peer_id")),
+        ("state", f"{s.get('state')} (up {_fmt(s.get('uptime_s'))} s, meshd {s.get('version')})"),
+        ("config", f"{cfg.get('path')} loaded {cfg.get('loaded_at')}"
+                   + ("" if cfg.get("last_reload_ok", True) else f"  LAST RELOAD FAILED: {cfg.get('last_reload_error')}")),
+        ("mesh", f"{'joined' if mesh.get('joined') else 'not joined'}; peers "
+                 + ", ".join(f"{k} {v}" for k, v in counts.items() if v) if counts else
+                 f"{'joined' if mesh.get('joined') else 'not joined'}; no peers"),
+        ("model", f"{model.get('name', '-')} v{_fmt(model.get('version'))} "
+                  f"({_fmt(model.get('parameters'))} params, fp {str(model.get('fingerprint', '-'))[:12]})"),
+        ("training", f"steps {_fmt(tr.get('steps'))}, loss {_fmt(tr.get('loss'))}, "
+                     f"holdout acc {_fmt(tr.get('holdout_accuracy'))}, local-only {_fmt(tr.get('local_only_accuracy'))}"),
+        ("gossip", f"rounds {_fmt(g.get('rounds'))}, sent {_fmt(g.get('sent'))}, received {_fmt(g.get('received'))}, "
+                   f"merged {_fmt(g.get('merged'))}, weight {_fmt(g.get('weight'))}, "
+                   f"consensus dist {_fmt(g.get('consensus_distance'))}"),
+        ("rejected", ", ".join(f"{k} {v}" for k, v in g.get("rejected", {}).items()) or "none"),
+    ]
+    if cfg.get("pending_restart"):
+        rows.append(("pending restart", ", ".join(cfg["pending_restart"])))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _format_peers(s: dict[str, Any]) -> str:
+    peers = s.get("mesh", {}).get("peers", [])
+    if not peers:
+        return "no peers known"
+    header = ("DOMAIN", "STATE", "ADDRESS", "SOURCE", "LAST SEEN", "PEER ID")
+    rows = [
+        (p.get("domain", ""), p.get("state", ""), p.get("address") or "-", p.get("source", ""),
+         "-" if p.get("last_seen_s") is None else f"{p['last_seen_s']:.1f}s ago", p.get("peer_id", "")[:16] + "…")
+        for p in peers
+    ]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in [header, *rows])
+
+
+# --- export / demo ----------------------------------------------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        from meshd.export import export_model
+
+        path = export_model(args.config, args.out)
+    except (ConfigError, MeshdError) as exc:
+        _err(str(exc))
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from meshd.demo import run_demo
+
+    return run_demo(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,484 @@
+"""Typed, frozen configuration loaded from TOML, validated in one place, and diffed for reload.
+
+Every problem is reported as ``key.path: what is wrong (got X)``; unknown keys get a did-you-mean.
+Relative paths resolve against the folder of the config file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from meshd.errors import ConfigError
+
+Check = Callable[[Any], str | None]
+
+_DOMAIN_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_PEER_ID_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+# --- field validators: return None when fine, else "what is wrong" -----------------------------------
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+def _between(lo: float, hi: float) -> Check:
+    def check(v: Any) -> str | None:
+        return None if lo <= v <= hi else f"must be between {lo} and {hi}"
+
+    return check
+
+
+def _one_of(*choices: str) -> Check:
+    def check(v: Any) -> str | None:
+        return None if v in choices else "must be one of " + ", ".join(repr(c) for c in choices)
+
+    return check
+
+
+def _host_port(v: Any) -> str | None:
+    try:
+        split_host_port(v)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _host_port_or_empty(v: Any) -> str | None:
+    return None if v == "" else _host_port(v)
+
+
+def _domain(v: Any) -> str | None:
+    if _DOMAIN_RE.match(v):
+        return None
+    return "must be 1-63 characters of a-z, 0-9, '-' or '_', starting with a letter or digit"
+
+
+def _peer_ids(v: Any) -> str | None:
+    for i, item in enumerate(v):
+        if not _PEER_ID_RE.match(item):
+            return f"item {i} is not a peer id (64 lowercase hex characters, as printed by `meshd id`)"
+    if len(set(v)) != len(v):
+        return "lists the same peer id twice"
+    return None
+
+
+def _peer_id(v: Any) -> str | None:
+    return None if _PEER_ID_RE.match(v) else "is not a peer id (64 lowercase hex characters, see `meshd id`)"
+
+
+def _ipv4_list(v: Any) -> str | None:
+    for i, item in enumerate(v):
+        try:
+            ipaddress.IPv4Address(item)
+        except ValueError:
+            return f"item {i} is not an IPv4 address (the address of the interface to use)"
+    return None
+
+
+def _positive_ints(v: Any) -> str | None:
+    return None if all(x > 0 for x in v) else "every item must be > 0"
+
+
+def _model_name(v: Any) -> str | None:
+    if v in ("logreg", "mlp", "cnn1d"):
+        return None
+    if re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", v):
+        return None
+    return "must be 'logreg', 'mlp', 'cnn1d' or 'package.module:factory'"
+
+
+def _opt(check: Check | None = None, doc: str = "", restart: bool = False) -> dict[str, Any]:
+    return {"check": check, "doc": doc, "restart": restart}
+
+
+# --- the schema ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    domain: str = field(default="", metadata=_opt(_domain, "this domain's name", restart=True))
+    identity: Path = field(default=Path("identity.key"), metadata=_opt(doc="Ed25519 key file", restart=True))
+    state_dir: Path = field(default=Path("state"), metadata=_opt(doc="checkpoints + replay state", restart=True))
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    peer: str = field(default="0.0.0.0:7946", metadata=_opt(_host_port, "gossip listener", restart=True))
+    status: str = field(default="127.0.0.1:7947", metadata=_opt(_host_port, "local status API", restart=True))
+    advertise: str = field(
+        default="", metadata=_opt(_host_port_or_empty, "address peers should dial", restart=True)
+    )
+    allow_public_status: bool = field(default=False, metadata=_opt(restart=True))
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = field(default="info", metadata=_opt(_one_of("debug", "info", "warning", "error")))
+    format: str = field(default="auto", metadata=_opt(_one_of("auto", "json", "console")))
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class TrustConfig:
+    peers: tuple[str, ...] = field(default=(), metadata=_opt(_peer_ids))
+    registry: Path | None = None
+
+
+@dataclass(frozen=True)
+class StaticPeerConfig:
+    domain: str = field(default="", metadata=_opt(_domain))
+    address: str = field(default="", metadata=_opt(_host_port))
+    peer_id: str = field(default="", metadata=_opt(_peer_id))
+
+
+@dataclass(frozen=True)
+class MdnsConfig:
+    enabled: bool = True
+    interfaces: tuple[str, ...] = field(default=(), metadata=_opt(_ipv4_list))
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    mdns: MdnsConfig = MdnsConfig()
+
+
+@dataclass(frozen=True)
+class GossipConfig:
+    interval_s: float = field(default=1.0, metadata=_opt(_positive))
+    jitter: float = field(default=0.25, metadata=_opt(_between(0.0, 0.9)))
+    fanout: int = field(default=2, metadata=_opt(_between(1, 16)))
+    codec: str = field(default="f32", metadata=_opt(_one_of("f64", "f32", "f16")))
+    pull_on_join: bool = True
+    far_behind_versions: int = field(default=0, metadata=_opt(_non_negative))
+    connect_timeout_s: float = field(default=3.0, metadata=_opt(_positive))
+    request_timeout_s: float = field(default=20.0, metadata=_opt(_positive))
+    retries: int = field(default=2, metadata=_opt(_between(0, 10)))
+
+
+@dataclass(frozen=True)
+class MembershipConfig:
+    ping_after_s: float = field(default=2.0, metadata=_opt(_positive))
+    suspect_after_s: float = field(default=5.0, metadata=_opt(_positive))
+    dead_after_s: float = field(default=15.0, metadata=_opt(_positive))
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_message_mib: float = field(default=64.0, metadata=_opt(_between(0.01, 1024), restart=True))
+    max_skew_s: float = field(default=60.0, metadata=_opt(_positive))
+    replay_window: int = field(default=64, metadata=_opt(_between(1, 4096)))
+    max_connections_per_ip: int = field(default=8, metadata=_opt(_between(1, 1024), restart=True))
+    read_timeout_s: float = field(default=30.0, metadata=_opt(_positive, restart=True))
+    max_param_abs: float = field(default=1e6, metadata=_opt(_positive))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = field(default="mlp", metadata=_opt(_model_name, restart=True))
+    hidden: tuple[int, ...] = field(default=(64,), metadata=_opt(_positive_ints, restart=True))
+    channels: tuple[int, ...] = field(default=(16, 32), metadata=_opt(_positive_ints, restart=True))
+    kernel_size: int = field(default=5, metadata=_opt(_between(1, 64), restart=True))
+    num_classes: int = field(default=10, metadata=_opt(_between(2, 100_000), restart=True))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: Path | None = field(default=None, metadata=_opt(restart=True))
+    label: str = field(default="label", metadata=_opt(restart=True))
+    features: tuple[str, ...] = field(default=(), metadata=_opt(restart=True))
+    holdout: float = field(default=0.2, metadata=_opt(_between(0.0, 0.9), restart=True))
+    test_path: Path | None = field(default=None, metadata=_opt(restart=True))
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    enabled: bool = True
+    steps_per_round: int = field(default=10, metadata=_opt(_between(0, 100_000)))
+    batch_size: int = field(default=32, metadata=_opt(_between(1, 1_000_000)))
+    lr: float = field(default=0.05, metadata=_opt(_positive))
+    momentum: float = field(default=0.0, metadata=_opt(_between(0.0, 0.999)))
+    weight_decay: float = field(default=0.0, metadata=_opt(_non_negative))
+    seed: int = field(default=0, metadata=_opt(_non_negative, restart=True))
+    eval_interval_s: float = field(default=5.0, metadata=_opt(_positive))
+    threads: int = field(default=1, metadata=_opt(_between(1, 256), restart=True))
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    interval_s: float = field(default=30.0, metadata=_opt(_positive))
+    keep: int = field(default=2, metadata=_opt(_between(1, 100)))
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeConfig = NodeConfig()
+    listen: ListenConfig = ListenConfig()
+    log: LogConfig = LogConfig()
+    mesh: MeshConfig = MeshConfig()
+    trust: TrustConfig = TrustConfig()
+    peers: tuple[StaticPeerConfig, ...] = ()
+    discovery: DiscoveryConfig = DiscoveryConfig()
+    gossip: GossipConfig = GossipConfig()
+    membership: MembershipConfig = MembershipConfig()
+    limits: LimitsConfig = LimitsConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    training: TrainingConfig = TrainingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    source: Path | None = field(default=None, compare=False)
+
+
+# --- public API -----------------------------------------------------------------------------------------
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """'host:port' (or '[v6]:port') -> (host, port); raises ValueError saying what is wrong."""
+    if not isinstance(text, str) or ":" not in text:
+        raise ValueError("must be HOST:PORT")
+    host, _, port_s = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host:
+        raise ValueError("must be HOST:PORT (host is empty)")
+    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ValueError("port must be a number 0-65535")
+    return host, int(port_s)
+
+
+def load(path: Path) -> Config:
+    """Read and validate a config file; raises ConfigError listing every problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"file not found; create one with `meshd init --dir {path.parent}`"], str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"cannot read ({exc})"], str(path)) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"not valid TOML: {exc}"], str(path)) from None
+    return from_dict(raw, base_dir=path.parent, source=path)
+
+
+def from_dict(raw: Mapping[str, Any], *, base_dir: Path, source: Path | None = None) -> Config:
+    problems: list[str] = []
+    values = _build(Config, raw, "", base_dir, problems)
+    if not problems:
+        cfg = Config(**values, source=source)
+        problems.extend(_cross_checks(cfg))
+        if not problems:
+            return cfg
+    raise ConfigError(problems, str(source) if source else None)
+
+
+def restart_keys() -> set[str]:
+    """Dotted keys whose change takes effect only after a restart."""
+    keys: set[str] = set()
+    _walk_restart(Config, "", keys)
+    return keys
+
+
+def diff(old: Config, new: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+    return sorted(_diff(old, new, ""))
+
+
+def pending_restart(old: Config, new: Config) -> list[str]:
+    """Changed keys that a reload cannot apply."""
+    rk = restart_keys()
+    return [k for k in diff(old, new) if k in rk or k.split(".")[0] in rk]
+
+
+def field_docs() -> dict[str, str]:
+    """Every leaf key of the schema (dotted), for the example-config test."""
+    out: dict[str, str] = {}
+    _walk_docs(Config, "", out)
+    return out
+
+
+# --- helpers --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false", Path: "a path"}.get(
+        tp, str(tp)
+    )
+
+
+def _is_dc(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, raw: Any, prefix: str, base_dir: Path, problems: list[str]) -> dict[str, Any]:
+    if not isinstance(raw, Mapping):
+        problems.append(f"{prefix.rstrip('.') or '<root>'}: must be a table (got {raw!r})")
+        return {}
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
+            problems.append(f"{prefix}{key}: unknown key{hint}")
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name == "source" or f.name not in raw:
+            continue
+        key = prefix + f.name
+        value = _convert(hints[f.name], raw[f.name], key, base_dir, problems)
+        if value is _BAD:
+            continue
+        check = f.metadata.get("check")
+        if check is not None:
+            why = check(value)
+            if why:
+                problems.append(f"{key}: {why} (got {raw[f.name]!r})")
+                continue
+        out[f.name] = value
+    return out
+
+
+_BAD = object()
+
+
+def _convert(tp: Any, value: Any, key: str, base_dir: Path, problems: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (types.UnionType, typing.Union) and type(None) in args:
+        inner = next(a for a in args if a is not type(None))
+        if value == "":
+            return None
+        return _convert(inner, value, key, base_dir, problems)
+    if _is_dc(tp):
+        sub = _build(tp, value, key + ".", base_dir, problems)
+        try:
+            return tp(**sub)
+        except TypeError:
+            return _BAD
+    if origin is tuple:
+        item_tp = args[0]
+        if not isinstance(value, list):
+            problems.append(f"{key}: must be a list (got {value!r})")
+            return _BAD
+        items = []
+        for i, item in enumerate(value):
+            conv = _convert(item_tp, item, f"{key}[{i}]", base_dir, problems)
+            if conv is _BAD:
+                return _BAD
+            items.append(conv)
+        return tuple(items)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Path:
+        if isinstance(value, str) and value:
+            p = Path(value).expanduser()
+            return p if p.is_absolute() else (base_dir / p)
+    problems.append(f"{key}: must be {_type_name(tp)} (got {value!r})")
+    return _BAD
+
+
+def _cross_checks(cfg: Config) -> list[str]:
+    problems = []
+    if not cfg.node.domain:
+        problems.append("node.domain: is required (got nothing); set it to this domain's name, e.g. 'payments'")
+    if cfg.membership.dead_after_s <= cfg.membership.suspect_after_s:
+        problems.append(
+            f"membership.dead_after_s: must be > membership.suspect_after_s (got {cfg.membership.dead_after_s})"
+        )
+    host, _ = split_host_port(cfg.listen.status)
+    if not cfg.listen.allow_public_status and not _is_loopback(host):
+        problems.append(
+            f"listen.status: binds a non-loopback address (got {cfg.listen.status!r}); "
+            "set listen.allow_public_status = true if that is intended"
+        )
+    if cfg.peers:
+        seen: set[str] = set()
+        for i, p in enumerate(cfg.peers):
+            for name in ("domain", "address", "peer_id"):
+                if not getattr(p, name):
+                    problems.append(f"peers[{i}].{name}: is required (got nothing)")
+            if p.peer_id in seen:
+                problems.append(f"peers[{i}].peer_id: listed twice (got {p.peer_id!r})")
+            seen.add(p.peer_id)
+    if cfg.training.enabled and cfg.data.path is None:
+        pass  # a domain without a data product just averages; the daemon reports training as idle
+    return problems
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _diff(old: Any, new: Any, prefix: str) -> set[str]:
+    out: set[str] = set()
+    for f in dataclasses.fields(old):
+        if f.name == "source":
+            continue
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if _is_dc(type(a)) and type(a) is type(b):
+            out |= _diff(a, b, prefix + f.name + ".")
+        elif a != b:
+            out.add(prefix + f.name)
+    return out
+
+
+def _walk_restart(cls: type, prefix: str, out: set[str]) -> None:
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_dc(tp):
+            _walk_restart(tp, prefix + f.name + ".", out)
+        elif f.metadata.get("restart"):
+            out.add(prefix + f.name)
+
+
+def _walk_docs(cls: type, prefix: str, out: dict[str, str]) -> None:
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name == "source":
+            continue
+        tp = hints[f.name]
+        if _is_dc(tp):
+            _walk_docs(tp, prefix + f.name + ".", out)
+        elif typing.get_origin(tp) is tuple and _is_dc(typing.get_args(tp)[0]):
+            _walk_docs(typing.get_args(tp)[0], prefix + f.name + "[].", out)
+        else:
+            out[prefix + f.name] = str(f.metadata.get("doc", ""))

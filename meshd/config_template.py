@@ -1,0 +1,118 @@
+"""The commented config that `meshd init` writes; config/meshd.example.toml is this, rendered for 'payments'."""
+
+from __future__ import annotations
+
+TEMPLATE = """\
+# meshd configuration for domain '{domain}'.
+# Every key is optional except node.domain; the values below are the defaults unless noted.
+# Relative paths resolve against the folder of this file.
+# Reload without restart: `systemctl reload meshd` (SIGHUP) or just save the file.
+# Keys marked [restart] only take effect after a restart; /status lists them under config.pending_restart.
+
+[node]
+domain = "{domain}"              # [restart] this domain's name (a-z, 0-9, '-', '_'; at most 63)
+identity = "{identity}"          # [restart] Ed25519 key file (mode 0600), made by `meshd init` / `meshd keygen`
+state_dir = "{state_dir}"        # [restart] checkpoints, replay state and sequence counter (created 0700)
+
+[listen]
+peer = "{peer_addr}"             # [restart] HOST:PORT of the gossip listener (signed, encrypted envelopes only)
+status = "{status_addr}"         # [restart] HOST:PORT of the local status API (/status, /metrics, /healthz)
+advertise = ""                   # [restart] HOST:PORT peers should dial; "" = the peer listener's address
+allow_public_status = false      # [restart] must be true to bind the status API to a non-loopback address
+
+[log]
+level = "info"                   # debug | info | warning | error
+format = "auto"                  # auto (console on a terminal, JSON lines otherwise) | json | console
+
+[mesh]
+enabled = true                   # false: send a signed 'leave', stop gossiping and advertising; keep the model
+
+[trust]
+# Peer ids (Ed25519 public keys, hex) that governance trusts. Only these may gossip with this domain.
+peers = []
+# Optional registry file shipped by governance: [[peers]] with domain, peer_id and (optional) address.
+# Every peer listed there is trusted, and its address is used for gossip.
+registry = ""
+
+# Static peer addresses (for peers outside this LAN); trust still comes only from [trust].
+# [[peers]]
+# domain = "sales"
+# address = "10.0.0.2:7946"
+# peer_id = "<64 hex characters printed by `meshd id` on that domain>"
+
+[discovery.mdns]
+enabled = true                   # advertise and browse _meshd._tcp.local. on the LAN
+interfaces = []                  # IPv4 addresses of the interfaces to use; [] = all interfaces
+
+[gossip]
+interval_s = 1.0                 # seconds between gossip rounds (jittered)
+jitter = 0.25                    # fraction of interval_s added or removed at random
+fanout = 2                       # peers sent a share of the model each round
+codec = "f32"                    # f64 | f32 | f16: precision of model values on the wire
+pull_on_join = true              # a domain with no checkpoint first pulls the mesh model from a peer
+far_behind_versions = 0          # pull again when a peer's model version is this far ahead (0 = never)
+connect_timeout_s = 3.0          # seconds to open a connection to a peer
+request_timeout_s = 20.0         # seconds for one whole exchange
+retries = 2                      # retries of one exchange (same envelope; a replay answer means delivered)
+
+[membership]
+ping_after_s = 2.0               # silence after which an idle peer gets a signed ping
+suspect_after_s = 5.0            # silence after which a peer is 'suspect'
+dead_after_s = 15.0              # silence after which a peer is 'dead' (no longer a gossip target)
+
+[limits]
+max_message_mib = 64.0           # [restart] largest envelope accepted or sent, in MiB
+max_skew_s = 60.0                # accepted clock difference between peers, seconds
+replay_window = 64               # out-of-order sequence numbers accepted per sender
+max_connections_per_ip = 8       # [restart] concurrent peer connections from one address
+read_timeout_s = 30.0            # [restart] deadline to receive a request's headers and body
+max_param_abs = 1000000.0        # model values beyond this magnitude are refused, never merged
+
+[model]
+name = "mlp"                     # [restart] logreg | mlp | cnn1d | package.module:factory
+hidden = [64]                    # [restart] mlp hidden layer sizes
+channels = [16, 32]              # [restart] cnn1d convolution channels
+kernel_size = 5                  # [restart] cnn1d kernel size
+num_classes = 10                 # [restart] number of label values (labels are 0 .. num_classes-1)
+
+[data]
+path = "{data_path}"             # [restart] the domain's data product: CSV with a header, or .npz; "" = none
+label = "label"                  # [restart] label column (CSV) or array (.npz)
+features = []                    # [restart] feature columns; [] = every column but the label
+holdout = 0.2                    # [restart] fraction kept for this domain's own evaluation, never sent
+test_path = ""                   # [restart] optional extra evaluation set (same format), e.g. a shared test set
+
+[training]
+enabled = true                   # local SGD steps between gossip rounds (needs data.path)
+steps_per_round = 10             # SGD minibatch steps per gossip round
+batch_size = 32
+lr = 0.05                        # learning rate
+momentum = 0.0
+weight_decay = 0.0
+seed = 0                         # [restart] seeds model init, holdout split and batches
+eval_interval_s = 5.0            # seconds between holdout evaluations
+threads = 1                      # [restart] torch CPU threads for training
+
+[checkpoint]
+interval_s = 30.0                # seconds between checkpoints (also written at shutdown)
+keep = 2                         # checkpoints kept; a corrupt newest one falls back to the previous
+"""
+
+
+def render(
+    domain: str,
+    *,
+    peer_addr: str = "0.0.0.0:7946",
+    status_addr: str = "127.0.0.1:7947",
+    identity: str = "identity.key",
+    state_dir: str = "state",
+    data_path: str = "",
+) -> str:
+    return TEMPLATE.format(
+        domain=domain,
+        peer_addr=peer_addr,
+        status_addr=status_addr,
+        identity=identity,
+        state_dir=state_dir,
+        data_path=data_path,
+    )

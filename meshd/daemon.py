@@ -1,0 +1,222 @@
+"""The composition root: builds every part from the config, runs the long-lived loops in one TaskGroup,
+and handles SIGTERM/SIGINT (graceful stop), SIGHUP and config-file changes (reload) and sd_notify.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import os
+import signal
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+import meshd
+from meshd import config as configmod
+from meshd import logs
+from meshd.config import Config
+from meshd.errors import ConfigError, MeshdError
+from meshd.identity import Identity
+from meshd.sdnotify import Notifier
+from meshd.stats import GossipStats
+from meshd.status import StatusServer
+
+log = structlog.get_logger("meshd.daemon")
+
+
+class Daemon:
+    """Owns every subsystem and task of one running meshd; `run()` returns when it has stopped."""
+
+    def __init__(self, cfg: Config, identity: Identity, *, notifier: Notifier | None = None) -> None:
+        assert cfg.source is not None, "a daemon's config comes from a file"
+        self.cfg = cfg
+        self.identity = identity
+        self.notifier = notifier or Notifier()
+        self.stats = GossipStats()
+        self.state = "starting"
+        self._started_mono = time.monotonic()
+        self._loaded_at = _now_iso()
+        self._last_reload_ok = True
+        self._last_reload_error: str | None = None
+        self._pending_restart: list[str] = []
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._config_sig = _file_signature(cfg.source)
+        self.status_server: StatusServer | None = None
+        self.node: Any = None  # the gossip node (meshd.node.Node) once built
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        try:
+            return await self._run()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            self.notifier.close()
+
+    async def _run(self) -> int:
+        _ensure_private_dir(self.cfg.node.state_dir)
+        from meshd.node import Node  # the shell that owns wire, membership, averaging, learning
+
+        self.node = Node(self.cfg, self.identity, self.stats)
+        await self.node.open()
+        host, port = configmod.split_host_port(self.cfg.listen.status)
+        self.status_server = StatusServer(host, port, self.snapshot)
+        try:
+            await self.node.start_listening()
+            await self.status_server.start()
+        except OSError as exc:
+            await self._close()
+            raise MeshdError(f"cannot listen: {exc.strerror or exc} (check listen.peer / listen.status)") from exc
+        log.info(
+            "daemon_started",
+            domain=self.cfg.node.domain,
+            peer_id=self.identity.peer_id,
+            peer_listen=f"{self.node.listen_host}:{self.node.listen_port}",
+            status_listen=f"{host}:{self.status_server.port}",
+            version=meshd.__version__,
+        )
+        self.state = "running"
+        self.notifier.ready(f"serving {self.cfg.node.domain}")
+        exit_code = 0
+        try:
+            async with asyncio.TaskGroup() as tg:
+                loops: dict[str, Coroutine[Any, Any, None]] = {
+                    "reload": self._reload_loop(),
+                    "watch_config": self._watch_config_loop(),
+                    "watchdog": self.notifier.watchdog_loop(),
+                    **self.node.loops(),
+                }
+                tasks = [tg.create_task(coro, name=name) for name, coro in loops.items()]
+                await self._stop.wait()
+                self.state = "stopping"
+                self.notifier.stopping()
+                log.info("daemon_stopping")
+                for task in tasks:
+                    task.cancel()
+        except* MeshdError as eg:
+            for exc in eg.exceptions:
+                log.error("daemon_failed", error=str(exc))
+            exit_code = 1
+        finally:
+            self.state = "stopping"
+            await self._close()
+        log.info("daemon_stopped", exit_code=exit_code)
+        return exit_code
+
+    async def _close(self) -> None:
+        with contextlib.suppress(Exception):
+            if self.node is not None:
+                await self.node.close()
+        if self.status_server is not None:
+            await self.status_server.stop()
+
+    # --- reload ------------------------------------------------------------------------------------------
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            await self.reload()
+
+    async def _watch_config_loop(self) -> None:
+        """Reload when the file changes on disk (content hash, so editors' atomic saves are seen)."""
+        assert self.cfg.source is not None
+        while True:
+            await asyncio.sleep(1.0)
+            sig = await asyncio.to_thread(_file_signature, self.cfg.source)
+            if sig != self._config_sig:
+                self._config_sig = sig
+                log.info("config_changed_on_disk", path=str(self.cfg.source))
+                self.request_reload()
+
+    async def reload(self) -> None:
+        assert self.cfg.source is not None
+        self.notifier.reloading()
+        path = self.cfg.source
+        try:
+            self._config_sig = await asyncio.to_thread(_file_signature, path)
+            new = await asyncio.to_thread(configmod.load, path)
+        except ConfigError as exc:
+            self._last_reload_ok = False
+            self._last_reload_error = "; ".join(exc.problems)
+            log.error("config_reload_rejected", path=str(path), problems=exc.problems)
+            self.notifier.ready("reload rejected; running on the previous config")
+            return
+        self._pending_restart = configmod.pending_restart(self.cfg, new)
+        changed = configmod.diff(self.cfg, new)
+        logs.set_level(new.log.level)
+        try:
+            if self.node is not None:
+                await self.node.apply_config(new)
+        except MeshdError as exc:
+            self._last_reload_ok = False
+            self._last_reload_error = str(exc)
+            log.error("config_reload_failed", error=str(exc))
+            self.notifier.ready()
+            return
+        self.cfg = new
+        self._loaded_at = _now_iso()
+        self._last_reload_ok = True
+        self._last_reload_error = None
+        log.info("config_reloaded", changed=changed, pending_restart=self._pending_restart)
+        self.notifier.ready()
+
+    # --- status ------------------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        node = self.node.snapshot() if self.node is not None else {}
+        gossip = {**self.stats.snapshot(), **node.get("gossip", {})}
+        return {
+            "domain": self.cfg.node.domain,
+            "peer_id": self.identity.peer_id,
+            "version": meshd.__version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self._started_mono, 3),
+            "state": self.state,
+            "config": {
+                "path": str(self.cfg.source),
+                "loaded_at": self._loaded_at,
+                "last_reload_ok": self._last_reload_ok,
+                "last_reload_error": self._last_reload_error,
+                "pending_restart": self._pending_restart,
+            },
+            "listen": node.get("listen", {"peer": self.cfg.listen.peer}),
+            "mesh": node.get("mesh", {"joined": False, "peers": [], "counts": {}, "untrusted_seen": []}),
+            "model": node.get("model", {}),
+            "training": node.get("training", {}),
+            "gossip": gossip,
+        }
+
+
+def _now_iso() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _file_signature(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _ensure_private_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)

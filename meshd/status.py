@@ -1,0 +1,126 @@
+"""The local status API: `/healthz`, `/status` (JSON) and `/metrics` (Prometheus), on the status listener.
+
+Everything is derived from one snapshot function, so `/status` and `/metrics` can never disagree.
+Field by field documentation: docs/status.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+Snapshot = Callable[[], dict[str, Any]]
+PEER_STATES = ("alive", "suspect", "dead", "left", "unknown")
+
+
+class StatusServer:
+    def __init__(self, host: str, port: int, snapshot: Snapshot) -> None:
+        self._host, self._port = host, port
+        self._snapshot = snapshot
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(_Collector(snapshot))
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+
+    @property
+    def port(self) -> int:
+        return self._site.port if self._site else self._port
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=64 * 1024)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/status", self._status)
+        app.router.add_get("/metrics", self._metrics)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, self._host, self._port, shutdown_timeout=1.0, reuse_address=True)
+        await self._site.start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        # Answering at all proves the loop turns; stopping is reported so a balancer can drain.
+        state = self._snapshot().get("state")
+        if state == "stopping":
+            return web.Response(status=503, text="stopping\n")
+        return web.Response(text="ok\n")
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return web.json_response(self._snapshot(), dumps=_dumps)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(self._registry),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
+
+
+def _dumps(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, sort_keys=False, allow_nan=False, default=str)
+
+
+class _Collector(Collector):
+    """Prometheus metrics computed from the status snapshot at scrape time."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Any]:
+        s = self._snapshot()
+        g = s.get("gossip", {})
+        m = s.get("model", {})
+        t = s.get("training", {})
+        c = s.get("config", {})
+
+        def gauge(name: str, doc: str, value: Any) -> Iterator[Any]:
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                yield GaugeMetricFamily(name, doc, value=float(value))
+            elif isinstance(value, bool):
+                yield GaugeMetricFamily(name, doc, value=1.0 if value else 0.0)
+
+        def counter(name: str, doc: str, value: Any) -> Iterator[Any]:
+            yield CounterMetricFamily(name, doc, value=float(value or 0))
+
+        yield from gauge("meshd_up", "1 while the daemon runs", 1)
+        yield from gauge("meshd_uptime_seconds", "Seconds since the daemon started", s.get("uptime_s", 0))
+        yield from gauge("meshd_mesh_joined", "1 when this domain takes part in the mesh", s.get("mesh", {}).get("joined"))
+        yield from counter("meshd_messages_sent", "Envelopes sent and answered", g.get("sent"))
+        yield from counter("meshd_messages_received", "Envelopes accepted", g.get("received"))
+        yield from counter("meshd_bytes_sent", "Envelope bytes sent", g.get("bytes_sent"))
+        yield from counter("meshd_bytes_received", "Envelope bytes accepted", g.get("bytes_received"))
+        yield from counter("meshd_send_failures", "Sends that got no answer after retries", g.get("send_failures"))
+        yield from counter("meshd_gossip_rounds", "Gossip rounds run", g.get("rounds"))
+        yield from counter("meshd_merges", "Model shares merged", g.get("merged"))
+        rejected = CounterMetricFamily(
+            "meshd_messages_rejected", "Incoming messages rejected, by reason", labels=["reason"]
+        )
+        for reason, n in sorted(g.get("rejected", {}).items()):
+            rejected.add_metric([reason], float(n))
+        yield rejected
+        peers = GaugeMetricFamily("meshd_peers", "Known trusted peers, by state", labels=["state"])
+        counts = s.get("mesh", {}).get("counts", {})
+        for state in PEER_STATES:
+            peers.add_metric([state], float(counts.get(state, 0)))
+        yield peers
+        yield from gauge("meshd_gossip_weight", "Push-sum weight of this domain", g.get("weight"))
+        yield from gauge("meshd_consensus_distance", "Mean relative L2 distance to models received",
+                         g.get("consensus_distance"))
+        yield from gauge("meshd_model_version", "Model version", m.get("version"))
+        yield from gauge("meshd_model_parameters", "Model parameter count", m.get("parameters"))
+        yield from counter("meshd_training_steps", "Local SGD steps", t.get("steps"))
+        yield from counter("meshd_training_samples", "Samples seen by local training", t.get("samples_seen"))
+        yield from gauge("meshd_training_loss", "Latest training loss", t.get("loss"))
+        yield from gauge("meshd_holdout_accuracy", "Accuracy of the mesh model on this domain's holdout",
+                         t.get("holdout_accuracy"))
+        yield from gauge("meshd_config_last_reload_ok", "1 if the last config reload succeeded",
+                         c.get("last_reload_ok"))

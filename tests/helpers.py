@@ -1,0 +1,140 @@
+"""Test helpers: free ports, polling with a deadline, and real `meshd run` subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+MESHD = [sys.executable, "-m", "meshd.cli"]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(cond: Callable[[], T | None], timeout: float = 10.0, interval: float = 0.05, what: str = "") -> T:
+    """Poll `cond` until it returns a truthy value or the deadline passes (then fail with `what`)."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while True:
+        try:
+            value = cond()
+            if value:
+                return value
+        except Exception as exc:  # the condition may fail until the thing is up
+            last_exc = exc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or cond}; last error: {last_exc}")
+        time.sleep(interval)  # polling interval of a deadline loop, not synchronisation
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def http_json(url: str) -> Any:
+    status, body = http_get(url)
+    assert status == 200, (status, body)
+    return json.loads(body)
+
+
+def run_cli(*args: str, timeout: float = 60.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*MESHD, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, cwd=REPO)
+
+
+def init_domain(directory: Path, domain: str, *extra: str) -> tuple[Path, str, int, int]:
+    """`meshd init` on free loopback ports; returns (config path, peer id, peer port, status port)."""
+    peer_port, status_port = free_port(), free_port()
+    r = run_cli("init", "--domain", domain, "--dir", str(directory),
+                "--peer-addr", f"127.0.0.1:{peer_port}", "--status-addr", f"127.0.0.1:{status_port}", *extra)
+    assert r.returncode == 0, r.stderr
+    peer_id = next(line.split()[-1] for line in r.stdout.splitlines() if line.startswith("peer id:"))
+    return directory / "meshd.toml", peer_id, peer_port, status_port
+
+
+def set_toml(path: Path, section: str, key: str, value: str) -> None:
+    """Replace `key = ...` inside `[section]` of a config written by `meshd init` (value is TOML text)."""
+    lines = path.read_text().splitlines()
+    current = None
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped.startswith("[") and not stripped.startswith("[["):
+            current = stripped.strip("[]")
+        elif current == section and stripped.split("=")[0].strip() == key:
+            comment = line[line.index("#"):] if "#" in line and '"#' not in line else ""
+            lines[i] = f"{key} = {value}" + (f"  {comment}" if comment else "")
+            break
+    else:
+        raise KeyError(f"{section}.{key} not in {path}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+class DaemonProc:
+    """A real `meshd run` subprocess; stop() is idempotent and always reaps it."""
+
+    def __init__(self, config: Path, status_port: int, env: dict[str, str] | None = None,
+                 wrapper: list[str] | None = None) -> None:
+        self.config = config
+        self.status_port = status_port
+        self.log_path = config.parent / "daemon.log"
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [*(wrapper or []), *MESHD, "run", "--config", str(config)],
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **(env or {})},
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.status_port}"
+
+    def status(self) -> Any:
+        return http_json(self.url + "/status")
+
+    def wait_ready(self, timeout: float = 30.0) -> Any:
+        def ready() -> Any:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.logs()}")
+            s = self.status()
+            return s if s["state"] == "running" else None
+        return wait_for(ready, timeout, what=f"{self.config} to be running")
+
+    def logs(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
