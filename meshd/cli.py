@@ -186,7 +186,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from meshd import logs
 
     try:
-        cfg = configmod.load(args.config)
+        cfg = configmod.load(args.config.resolve())
     except ConfigError as exc:
         print(f"meshd: error: invalid config {args.config}:", file=sys.stderr)
         for line in exc.problems:

@@ -116,3 +116,33 @@ def render(
         state_dir=state_dir,
         data_path=data_path,
     )
+
+
+def set_key(text: str, section: str, key: str, value: str) -> str:
+    """Set `key = value` (value is TOML text) inside `[section]` of a rendered template, keeping comments;
+    appends the key to the section (or a new section) if it is not there."""
+    lines = text.splitlines()
+    current = None
+    section_end: int | None = None
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped.startswith("[") and not stripped.startswith("[["):
+            if current == section and section_end is None:
+                section_end = i
+            current = stripped.strip("[]").strip()
+        elif stripped.startswith("[["):
+            if current == section and section_end is None:
+                section_end = i
+            current = None
+        elif current == section and stripped.split("=")[0].strip() == key and "=" in stripped:
+            comment = line[line.index("  #"):].strip() if "  #" in line else ""
+            lines[i] = f"{key} = {value}" + (f"  {comment}" if comment else "")
+            return "\n".join(lines) + "\n"
+    if current == section and section_end is None:
+        section_end = len(lines)
+    if section_end is None:
+        return text.rstrip("\n") + f"\n\n[{section}]\n{key} = {value}\n"
+    while section_end > 0 and not lines[section_end - 1].strip():
+        section_end -= 1
+    lines.insert(section_end, f"{key} = {value}")
+    return "\n".join(lines) + "\n"

@@ -1,20 +1,47 @@
-"""The gossip node: the async shell around the pure core (wire, membership, averaging) and the learner."""
+"""The gossip node: the async shell around the pure core (wire, replay guard, peer table, push-sum).
+
+It receives envelopes from the peer transport, runs the gossip, membership, training, evaluation,
+checkpoint and discovery loops (owned by the daemon's TaskGroup), and performs what the pure core
+decides. Wire work (signing, sealing, opening, replay state) runs on one dedicated worker thread, so
+the loop never does crypto over megabytes and the replay guard is never touched by two threads.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
-from typing import Any
+import asyncio
+import contextlib
+import os
+import random
+import time
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import structlog
+import torch
 
+from meshd import codec as codecmod
 from meshd import config as configmod
+from meshd import discovery as disc
+from meshd import store, wire
+from meshd.averaging import RejectedUpdate
 from meshd.config import Config
-from meshd.identity import Identity
+from meshd.engine import Engine
+from meshd.errors import ConfigError, MeshdError, WireError
+from meshd.identity import Identity, parse_peer_id, peer_id_of
 from meshd.logs import QuietLog
+from meshd.membership import PeerState, PeerTable, Ping, StateChanged, Timing
+from meshd.replay import ReplayGuard, SequenceCounter
 from meshd.stats import GossipStats
-from meshd.transport import PeerServer, Reply, ServerLimits
+from meshd.transport import ClientLimits, PeerClient, PeerServer, Reply, SendError, ServerLimits
 
 log = structlog.get_logger("meshd.node")
+T = TypeVar("T")
+
+TICK_S = 0.25
+MAX_CONCURRENT_PINGS = 32
+REPLAY_FILE = "replay.json"
+SEQ_FILE = "sequence.json"
 
 
 class Node:
@@ -24,10 +51,59 @@ class Node:
         self.stats = stats
         self.listen_host, self.listen_port = configmod.split_host_port(cfg.listen.peer)
         self._quiet = QuietLog(60.0)
+        self._rng = random.Random(int.from_bytes(os.urandom(8), "big"))
+        self._state_dir = cfg.node.state_dir
+        self._wire_exec = ThreadPoolExecutor(1, thread_name_prefix="meshd-wire")
+        self._wire = wire.Wire(identity, self._wire_limits(cfg))
+        self._replay = ReplayGuard(cfg.limits.replay_window)
+        self._seq = SequenceCounter(1)
+        self.table = PeerTable(identity.public_key, self._timing(cfg))
+        self._trusted: frozenset[bytes] = frozenset()
+        self.engine = Engine(cfg)
         self._server: PeerServer | None = None
+        self._client: PeerClient | None = None
+        self._static: disc.StaticDiscovery | None = None
+        self._mdns: disc.MdnsDiscovery | None = None
+        self._joined = asyncio.Event()  # set once the first model is settled (pulled, or none to pull)
+        self._mesh_changed = asyncio.Event()
+        self._pull_wanted = asyncio.Event()
+        self._closed = False
+        self._pinging: set[bytes] = set()
+        self._model_lock = asyncio.Lock()  # serialises whole-state operations (adopt, checkpoint capture)
+
+    # --- construction ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _wire_limits(cfg: Config) -> wire.Limits:
+        return wire.Limits(
+            max_message_bytes=int(cfg.limits.max_message_mib * 2**20),
+            max_skew_ms=int(cfg.limits.max_skew_s * 1000),
+        )
+
+    @staticmethod
+    def _timing(cfg: Config) -> Timing:
+        m = cfg.membership
+        return Timing(suspect_after_s=m.suspect_after_s, dead_after_s=m.dead_after_s, ping_after_s=m.ping_after_s)
 
     async def open(self) -> None:
-        pass
+        """Load persistent protocol state, the data product, the model and its checkpoint."""
+        replay_state = await asyncio.to_thread(store.read_json, self._state_dir / REPLAY_FILE, None)
+        if replay_state is not None:
+            try:
+                self._replay = ReplayGuard.from_state(replay_state, self.cfg.limits.replay_window)
+            except ValueError as exc:
+                raise MeshdError(f"{self._state_dir / REPLAY_FILE} is corrupt ({exc}); "
+                                 "move it away to start with an empty replay state") from None
+        seq_state = await asyncio.to_thread(store.read_json, self._state_dir / SEQ_FILE, None)
+        start = 1
+        if isinstance(seq_state, dict) and isinstance(seq_state.get("reserved"), int):
+            start = max(1, int(seq_state["reserved"]))
+        self._seq = SequenceCounter(start)
+        for warning in await asyncio.to_thread(self.engine.load):
+            log.warning("engine_warning", detail=warning)
+        await self._apply_trust(self.cfg)
+        if self.engine.pushsum is None or not self.engine.fresh or not self.cfg.gossip.pull_on_join:
+            self._joined.set()
 
     async def start_listening(self) -> None:
         limits = ServerLimits(
@@ -35,31 +111,553 @@ class Node:
             read_timeout_s=self.cfg.limits.read_timeout_s,
             max_connections_per_ip=self.cfg.limits.max_connections_per_ip,
         )
-        self._server = PeerServer(self.listen_host, self.listen_port, limits, self._handle, self._rejected)
+        self._server = PeerServer(self.listen_host, self.listen_port, limits, self._handle, self._transport_reject)
         await self._server.start()
         self.listen_port = self._server.port
+        g = self.cfg.gossip
+        self._client = PeerClient(
+            ClientLimits(g.connect_timeout_s, g.request_timeout_s, g.retries, limits.max_body_bytes), self._rng
+        )
+        await self._client.start()
 
     def loops(self) -> dict[str, Coroutine[Any, Any, None]]:
-        return {}
-
-    async def apply_config(self, new: Config) -> None:
-        self.cfg = new
-
-    async def close(self) -> None:
-        if self._server is not None:
-            await self._server.stop()
-
-    def snapshot(self) -> dict[str, Any]:
         return {
-            "listen": {"peer": f"{self.listen_host}:{self.listen_port}"},
-            "mesh": {"joined": self.cfg.mesh.enabled, "peers": [], "counts": {}, "untrusted_seen": []},
+            "join": self._join_loop(),
+            "gossip": self._gossip_loop(),
+            "membership": self._membership_loop(),
+            "train": self._train_loop(),
+            "evaluate": self._evaluate_loop(),
+            "checkpoint": self._checkpoint_loop(),
+            "discovery": self._discovery_loop(),
         }
 
-    def _rejected(self, reason: str, remote: str) -> None:
-        self.stats.rejected[reason] += 1
-        ok, suppressed = self._quiet.should_log((reason, remote))
-        if ok:
-            log.warning("message_rejected", reason=reason, remote=remote, suppressed=suppressed)
+    async def close(self) -> None:
+        """Leave before closing: announce departure, stop advertising, checkpoint, close sockets."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.cfg.mesh.enabled:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._send_leave("shutdown"), timeout=2.0)
+        await self._stop_discovery()
+        if self.engine.pushsum is not None:
+            self.engine.pushsum.abandon_all()
+            try:
+                await self._save_checkpoint()
+            except Exception as exc:
+                log.error("checkpoint_failed", error=str(exc))
+        with contextlib.suppress(Exception):
+            await self._persist_protocol_state(fsync=True)
+        if self._server is not None:
+            await self._server.stop()
+        if self._client is not None:
+            await self._client.stop()
+        self._wire_exec.shutdown(wait=True)
+
+    # --- config reload -----------------------------------------------------------------------------------
+
+    async def apply_config(self, new: Config) -> None:
+        old = self.cfg
+        trusted, registry = self._load_trust(new)  # may raise ConfigError: then nothing changes
+        self.cfg = new
+        self.table.timing = self._timing(new)
+        await self._apply_trust(new, trusted, registry)
+        if old.mesh.enabled and not new.mesh.enabled:
+            log.info("mesh_leaving")
+            await self._send_leave("config")
+            await self._stop_discovery()
+        elif not old.mesh.enabled and new.mesh.enabled:
+            log.info("mesh_joining")
+        elif old.discovery != new.discovery and new.mesh.enabled:
+            await self._stop_discovery()
+        self._mesh_changed.set()
+
+    def _load_trust(self, cfg: Config) -> tuple[frozenset[bytes], list[disc.StaticPeer]]:
+        keys = {parse_peer_id(p) for p in cfg.trust.peers}
+        registry: list[disc.StaticPeer] = []
+        if cfg.trust.registry is not None:
+            registry = disc.load_registry(cfg.trust.registry)
+            keys |= {p.peer_id for p in registry}
+        return frozenset(keys), registry
+
+    async def _apply_trust(
+        self, cfg: Config, trusted: frozenset[bytes] | None = None, registry: list[disc.StaticPeer] | None = None
+    ) -> None:
+        if trusted is None or registry is None:
+            try:
+                trusted, registry = self._load_trust(cfg)
+            except ConfigError as exc:
+                raise MeshdError(str(exc)) from None
+        removed = self._trusted - trusted
+        self._trusted = trusted
+        self.table.set_trusted(trusted)
+        for key in removed:
+            self._wire.forget_peer(key)
+            log.info("peer_distrusted", peer_id=peer_id_of(key))
+        entries = [
+            disc.StaticPeer(domain=p.domain, address=p.address, peer_id=parse_peer_id(p.peer_id), source="static")
+            for p in cfg.peers
+        ] + [p for p in registry if p.address]
+        if self._static is None:
+            self._static = disc.StaticDiscovery(entries, self._on_discovery)
+            await self._static.start()
+        else:
+            self._static.update(entries)
+
+    def _is_trusted(self, key: bytes) -> bool:
+        return key in self._trusted
+
+    # --- discovery -----------------------------------------------------------------------------------------
+
+    def _on_discovery(self, event: disc.DiscoveryEvent) -> None:
+        now = time.monotonic()
+        if isinstance(event, disc.PeerSeen):
+            self.table.discovered(event.peer_id, event.address, event.domain, event.source, now, event.model_fp)
+        else:
+            self.table.gone(event.peer_id, event.source, now)
+
+    async def _discovery_loop(self) -> None:
+        """Keeps mDNS registered while the mesh is enabled; stops it (goodbye packets) otherwise."""
+        try:
+            while True:
+                want = self.cfg.mesh.enabled and self.cfg.discovery.mdns.enabled
+                if want and self._mdns is None:
+                    await self._start_mdns()
+                elif not want and self._mdns is not None:
+                    await self._stop_discovery()
+                self._mesh_changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._mesh_changed.wait(), timeout=5.0)
+        finally:
+            await self._stop_discovery()
+
+    async def _start_mdns(self) -> None:
+        ifaces = list(self.cfg.discovery.mdns.interfaces)
+        advertise_ips = ifaces or ([self.listen_host] if self.listen_host not in ("0.0.0.0", "::") else [])
+        adv = self.cfg.listen.advertise
+        if adv:
+            advertise_ips = [configmod.split_host_port(adv)[0]]
+        mdns = disc.MdnsDiscovery(
+            domain=self.cfg.node.domain, peer_id=self.identity.public_key, port=self.listen_port,
+            advertise_ips=advertise_ips, interfaces=ifaces or None, model_fp=self.engine.fingerprint or None,
+            protocol_version=wire.PROTOCOL_VERSION, on_event=self._on_discovery,
+        )
+        try:
+            await mdns.start()
+        except (OSError, MeshdError) as exc:
+            if self._quiet.should_log(("mdns_start_failed",))[0]:
+                log.error("mdns_start_failed", error=str(exc))
+            with contextlib.suppress(Exception):
+                await mdns.stop()
+            return
+        self._mdns = mdns
+        log.info("mdns_started", interfaces=ifaces or "all")
+
+    async def _stop_discovery(self) -> None:
+        mdns, self._mdns = self._mdns, None
+        if mdns is not None:
+            with contextlib.suppress(Exception):
+                await mdns.stop()
+            log.info("mdns_stopped")
+
+    # --- receiving ---------------------------------------------------------------------------------------
+
+    async def _in_wire(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._wire_exec, fn, *args)
+
+    def _open_and_persist(self, data: bytes, now_ms: int) -> wire.Opened:
+        """Wire thread: verify and open; persist the replay state before the message takes effect, so
+        a kill -9 right after cannot make the same envelope acceptable again."""
+        opened = self._wire.open(data, now_ms, self._is_trusted, self._replay)
+        self._write_replay_state(fsync=False)
+        return opened
+
+    def _write_replay_state(self, fsync: bool) -> None:
+        store.write_json_atomic(self._state_dir / REPLAY_FILE, self._replay.to_state(), fsync=fsync)
 
     async def _handle(self, data: bytes, remote: str) -> Reply:
-        return Reply.error(501, "not_implemented", "gossip is not enabled in this build")
+        now_ms = int(time.time() * 1000)
+        try:
+            opened = await self._in_wire(self._open_and_persist, data, now_ms)
+            body = wire.decode_body(opened.body, self._wire_limits(self.cfg))
+        except WireError as exc:
+            self._reject(exc.reason, remote, exc.detail)
+            return Reply.error(exc.status, exc.reason, exc.detail)
+        except OSError as exc:  # persisting replay state failed: refuse rather than risk a replay later
+            log.error("replay_state_write_failed", error=str(exc))
+            return Reply.error(503, "unavailable", "cannot persist replay state")
+        self.stats.received += 1
+        self.stats.bytes_received += len(data)
+        sender = opened.sender
+        addr = body.get("addr")
+        addr = addr if isinstance(addr, str) and disc.check_address(addr) is None else None
+        self.table.heard_from(sender, time.monotonic(), address=addr)
+        try:
+            return await self._dispatch(opened, body)
+        except WireError as exc:
+            self._reject(exc.reason, remote, exc.detail, sender)
+            return Reply.error(exc.status, exc.reason, exc.detail)
+
+    async def _dispatch(self, opened: wire.Opened, body: dict[str, Any]) -> Reply:
+        kind, sender = opened.kind, opened.sender
+        if kind == "ping":
+            return Reply(200, await self._seal(sender, "pong", self._hello_body()))
+        if kind == "leave":
+            self.table.left(sender, time.monotonic())
+            log.info("peer_left", peer_id=peer_id_of(sender), reason=str(body.get("reason", ""))[:64])
+            return Reply(204)
+        if kind == "share":
+            return self._receive_share(sender, body)
+        if kind == "pull":
+            return await self._answer_pull(sender, body)
+        raise WireError("unknown_kind", 400, f"kind {kind!r} is not served")
+
+    def _model_fields(self, body: dict[str, Any]) -> tuple[torch.Tensor, float, int]:
+        ps = self.engine.pushsum
+        if ps is None:
+            raise WireError("incompatible", 409, "this domain has no model")
+        if body.get("fp") != self.engine.fingerprint:
+            raise WireError("incompatible", 409, "model fingerprint differs")
+        codec, count, weight, version = body.get("codec"), body.get("count"), body.get("weight"), body.get("version")
+        values = body.get("values")
+        if (codec not in codecmod.CODECS or not isinstance(values, bytes) or count != ps.dim
+                or not isinstance(weight, float | int) or isinstance(weight, bool)
+                or not isinstance(version, int) or isinstance(version, bool)):
+            raise WireError("bad_body", 400, "share fields missing or of the wrong type")
+        try:
+            vec = codecmod.decode(values, count, codec)
+        except codecmod.CodecError as exc:
+            raise WireError("bad_values", 400, str(exc)) from None
+        return vec, float(weight), version
+
+    def _receive_share(self, sender: bytes, body: dict[str, Any]) -> Reply:
+        ps = self.engine.pushsum
+        if not self.cfg.mesh.enabled:
+            return Reply.error(503, "not_joined", "this domain has left the mesh")
+        vec, weight, version = self._model_fields(body)
+        assert ps is not None
+        if self.engine.fresh and not self._joined.is_set():
+            # Still joining: merging now would be discarded by adopt(); refuse, the sender keeps its mass.
+            return Reply.error(503, "not_ready", "joining the mesh")
+        far = self.cfg.gossip.far_behind_versions
+        try:
+            ps.merge(vec, weight, version)
+        except RejectedUpdate as exc:
+            raise WireError("bad_values", 400, exc.detail or exc.reason) from None
+        self.stats.merged += 1
+        if far and version - ps.version > far:
+            self._pull_wanted.set()
+        return Reply(204)
+
+    async def _answer_pull(self, sender: bytes, body: dict[str, Any]) -> Reply:
+        ps = self.engine.pushsum
+        if ps is None or body.get("fp") != self.engine.fingerprint:
+            raise WireError("incompatible", 409, "model fingerprint differs")
+        if not self.cfg.mesh.enabled:
+            return Reply.error(503, "not_joined", "this domain has left the mesh")
+        if self.engine.fresh and not self._joined.is_set():
+            return Reply.error(503, "not_ready", "joining the mesh too")
+        share = ps.split_for_pull()
+        self.stats.pulls += 1
+        log.info("pull_answered", peer_id=peer_id_of(sender), weight=share.weight, version=share.version)
+        return Reply(200, await self._seal(sender, "model", self._share_body(share.values, share.weight, share.version)))
+
+    # --- sending -----------------------------------------------------------------------------------------
+
+    def _hello_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"domain": self.cfg.node.domain}
+        addr = self._advertised_address()
+        if addr:
+            body["addr"] = addr
+        return body
+
+    def _advertised_address(self) -> str | None:
+        if self.cfg.listen.advertise:
+            return self.cfg.listen.advertise
+        if self.listen_host not in ("0.0.0.0", "::", ""):
+            return f"{self.listen_host}:{self.listen_port}"
+        return None
+
+    def _share_body(self, values: torch.Tensor, weight: float, version: int) -> dict[str, Any]:
+        codec = self.cfg.gossip.codec
+        return {
+            **self._hello_body(),
+            "fp": self.engine.fingerprint,
+            "version": int(version),
+            "weight": float(weight),
+            "codec": codec,
+            "count": int(values.shape[0]),
+            "values": codecmod.encode(values, codec),  # type: ignore[arg-type]
+        }
+
+    async def _next_seq(self) -> int:
+        seq, reservation = self._seq.next()
+        if reservation is not None:
+            # Persist the reservation before any number from it goes out: no reuse after kill -9.
+            await asyncio.to_thread(store.write_json_atomic, self._state_dir / SEQ_FILE, {"reserved": reservation})
+        return seq
+
+    async def _seal(self, recipient: bytes, kind: str, body: dict[str, Any]) -> bytes:
+        seq = await self._next_seq()
+        now_ms = int(time.time() * 1000)
+        return await self._in_wire(lambda: self._wire.seal(recipient, kind, wire.encode_body(body), seq, now_ms))
+
+    async def _exchange(self, peer_id: bytes, address: str, kind: str, body: dict[str, Any]) -> tuple[int, bytes, int]:
+        """Seal, send, account. Returns (status, body, attempts); raises SendError if nobody answered."""
+        assert self._client is not None
+        envelope = await self._seal(peer_id, kind, body)
+        try:
+            status, reply, attempts = await self._client.post(address, envelope)
+        except SendError:
+            self.stats.send_failures += 1
+            self.table.send_failed(peer_id, time.monotonic())
+            raise
+        self.stats.sent += 1
+        self.stats.bytes_sent += len(envelope)
+        if status < 500 or status == 503:
+            self.table.heard_from(peer_id, time.monotonic())
+        if status >= 400 and self._quiet.should_log(("send_refused", peer_id_of(peer_id), str(status)))[0]:
+            log.warning("send_refused", peer_id=peer_id_of(peer_id), kind=kind, status=status,
+                        reply=reply[:200].decode(errors="replace"))
+        return status, reply, attempts
+
+    async def _open_reply(self, peer_id: bytes, reply: bytes, want_kind: str) -> dict[str, Any] | None:
+        try:
+            opened = await self._in_wire(self._open_and_persist, reply, int(time.time() * 1000))
+            if opened.sender != peer_id or opened.kind != want_kind:
+                raise WireError("bad_reply", 400, "unexpected reply")
+            return wire.decode_body(opened.body, self._wire_limits(self.cfg))
+        except WireError as exc:
+            self._reject("reply_" + exc.reason, peer_id_of(peer_id)[:16], exc.detail, peer_id)
+            return None
+
+    async def _send_leave(self, reason: str) -> None:
+        targets = [p for p in self.table.peers() if p.address and p.state != PeerState.LEFT]
+        async with asyncio.TaskGroup() as tg:
+            for p in targets:
+                tg.create_task(self._quietly(self._exchange(p.peer_id, p.address, "leave", {"reason": reason})))
+        log.info("leave_sent", peers=len(targets), reason=reason)
+
+    @staticmethod
+    async def _quietly(coro: Coroutine[Any, Any, Any]) -> None:
+        with contextlib.suppress(SendError, MeshdError):
+            await coro
+
+    # --- loops -------------------------------------------------------------------------------------------
+
+    async def _join_loop(self) -> None:
+        """A fresh domain pulls the mesh model before it trains or gossips; a straggler pulls on demand."""
+        if not self._joined.is_set():
+            await self._initial_pull()
+            self._joined.set()
+        while True:
+            await self._pull_wanted.wait()
+            self._pull_wanted.clear()
+            if self.cfg.mesh.enabled:
+                await self._pull_once(adopt=False)
+            await asyncio.sleep(self.cfg.gossip.interval_s * 5)  # at most one catch-up pull per 5 rounds
+
+    async def _initial_pull(self) -> None:
+        deadline = time.monotonic() + max(5.0, 3 * self.cfg.gossip.interval_s)
+        while time.monotonic() < deadline:
+            outcome = await self._pull_once(adopt=True)
+            if outcome in ("adopted", "everyone_new"):
+                return
+            await asyncio.sleep(min(0.5, self.cfg.gossip.interval_s))
+        log.info("join_alone", detail="no peer answered a pull; starting from this domain's own model")
+
+    async def _pull_once(self, adopt: bool) -> str:
+        ps = self.engine.pushsum
+        candidates = [p for p in self.table.peers()
+                      if p.address and p.state in (PeerState.ALIVE, PeerState.UNKNOWN, PeerState.SUSPECT)]
+        if ps is None or not candidates or not self.cfg.mesh.enabled:
+            return "no_candidates"
+        self._rng.shuffle(candidates)
+        not_ready = 0
+        for p in candidates[:4]:
+            try:
+                status, reply, _ = await self._exchange(
+                    p.peer_id, p.address, "pull", {"fp": self.engine.fingerprint}
+                )
+            except SendError:
+                continue
+            if status == 503:
+                not_ready += 1
+                continue
+            if status != 200:
+                continue
+            body = await self._open_reply(p.peer_id, reply, "model")
+            if body is None:
+                continue
+            try:
+                vec, weight, version = self._model_fields(body)
+                if adopt:
+                    ps.adopt(vec, weight, version)
+                else:
+                    ps.merge(vec, weight, version)
+            except (WireError, RejectedUpdate) as exc:
+                self._reject("bad_pull_reply", p.address, str(exc), p.peer_id)
+                continue
+            self.engine.fresh = False
+            log.info("model_pulled", peer_id=peer_id_of(p.peer_id), version=version, weight=weight,
+                     mode="adopt" if adopt else "merge")
+            return "adopted"
+        if not_ready and not_ready == min(4, len(candidates)):
+            log.info("join_everyone_new", peers=not_ready)
+            return "everyone_new"
+        return "nobody_answered"
+
+    async def _gossip_loop(self) -> None:
+        await self._joined.wait()
+        g = self.cfg.gossip
+        while True:
+            g = self.cfg.gossip
+            await asyncio.sleep(g.interval_s * (1 + g.jitter * (2 * self._rng.random() - 1)))
+            ps = self.engine.pushsum
+            if ps is None or not self.cfg.mesh.enabled:
+                continue
+            targets = self.table.gossip_targets(self._rng, g.fanout)
+            if not targets:
+                continue
+            shares = ps.prepare(len(targets))
+            self.stats.rounds += 1
+            async with asyncio.TaskGroup() as tg:
+                for peer, share in zip(targets, shares, strict=False):
+                    tg.create_task(self._send_share(peer.peer_id, peer.address or "", share))
+
+    async def _send_share(self, peer_id: bytes, address: str, share: Any) -> None:
+        ps = self.engine.pushsum
+        assert ps is not None
+        delivered = False
+        try:
+            body = await asyncio.to_thread(self._share_body, share.values, share.weight, share.version)
+            status, reply, attempts = await self._exchange(peer_id, address, "share", body)
+            # A retry answered 'replayed' means an earlier attempt did arrive and was merged.
+            delivered = status == 204 or (status == 409 and attempts > 1 and b'"replayed"' in reply)
+            if status == 503 and b"not_joined" in reply:
+                self.table.left(peer_id, time.monotonic())
+        except (SendError, MeshdError):
+            delivered = False
+        finally:
+            if delivered:
+                ps.confirm(share.id)
+            else:
+                ps.abandon(share.id)
+
+    async def _membership_loop(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            while True:
+                now = time.monotonic()
+                for effect in self.table.tick(now):
+                    if isinstance(effect, StateChanged):
+                        log.info("peer_state", peer_id=peer_id_of(effect.peer_id),
+                                 old=str(effect.old), new=str(effect.new))
+                    elif (isinstance(effect, Ping) and self.cfg.mesh.enabled
+                          and effect.peer_id not in self._pinging and len(self._pinging) < MAX_CONCURRENT_PINGS):
+                        self._pinging.add(effect.peer_id)
+                        tg.create_task(self._ping(effect.peer_id, effect.address))
+                await asyncio.sleep(TICK_S)
+
+    async def _ping(self, peer_id: bytes, address: str) -> None:
+        try:
+            status, reply, _ = await self._exchange(peer_id, address, "ping", self._hello_body())
+            if status == 200:
+                await self._open_reply(peer_id, reply, "pong")
+        except (SendError, MeshdError):
+            pass
+        finally:
+            self._pinging.discard(peer_id)
+
+    async def _train_loop(self) -> None:
+        await self._joined.wait()
+        while True:
+            t0 = time.monotonic()
+            ps, tr = self.engine.pushsum, self.cfg.training
+            if ps is not None and self.engine.learner is not None and tr.enabled and tr.steps_per_round > 0:
+                start = ps.estimate()
+                new, result = await asyncio.to_thread(self.engine.train, start, tr.steps_per_round)
+                try:
+                    ps.apply_update(new - start)
+                except RejectedUpdate as exc:
+                    log.error("training_diverged", detail=exc.detail, hint="lower training.lr")
+                else:
+                    st = self.engine.stats
+                    st.steps += result.steps
+                    st.samples_seen += result.samples
+                    st.loss = result.loss
+            elapsed = time.monotonic() - t0
+            await asyncio.sleep(max(0.01, self.cfg.gossip.interval_s - elapsed))
+
+    async def _evaluate_loop(self) -> None:
+        while True:
+            ps = self.engine.pushsum
+            if ps is not None:
+                flat = ps.estimate()
+                version = ps.version
+                result = await asyncio.to_thread(self.engine.evaluate, flat)
+                digest = await asyncio.to_thread(self.engine.digest, flat)
+                st = self.engine.stats
+                st.holdout_accuracy, st.local_only_accuracy = result["holdout"], result["local_only"]
+                st.test_accuracy, st.local_only_test_accuracy = result["test"], result["local_only_test"]
+                st.evaluated_at_version = version
+                self.engine.sha256 = digest
+                st.history.append({"t": round(time.time(), 3), "version": version, **result})
+                del st.history[:-256]
+            await asyncio.sleep(self.cfg.training.eval_interval_s)
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.checkpoint.interval_s)
+            try:
+                await self._save_checkpoint()
+                await self._persist_protocol_state(fsync=True)
+            except (OSError, MeshdError) as exc:
+                log.error("checkpoint_failed", error=str(exc))
+
+    async def _save_checkpoint(self) -> None:
+        if self.engine.pushsum is None:
+            return
+        ckpt = self.engine.checkpoint_now()
+        name = await asyncio.to_thread(self.engine.save_checkpoint, ckpt)
+        log.debug("checkpoint_saved", file=name, version=ckpt.version)
+
+    async def _persist_protocol_state(self, fsync: bool) -> None:
+        await self._in_wire(self._write_replay_state, fsync)
+
+    # --- rejections and status -----------------------------------------------------------------------------
+
+    def _transport_reject(self, reason: str, remote: str) -> None:
+        self._reject(reason, remote, "")
+
+    def _reject(self, reason: str, remote: str, detail: str, sender: bytes | None = None) -> None:
+        self.stats.rejected[reason] += 1
+        who = peer_id_of(sender) if sender else remote
+        ok, suppressed = self._quiet.should_log(("rejected", reason, who))
+        if ok:
+            log.warning("message_rejected", reason=reason, remote=remote, detail=detail[:200],
+                        **({"peer_id": peer_id_of(sender)} if sender else {}), suppressed=suppressed)
+
+    def snapshot(self) -> dict[str, Any]:
+        now = time.monotonic()
+        model, training = self.engine.snapshot() if self.engine.fingerprint else ({}, {})
+        ps = self.engine.pushsum
+        gossip: dict[str, Any] = {}
+        if ps is not None:
+            gossip = {"weight": ps.weight, "consensus_distance": ps.mean_distance, "pending_shares": ps.pending}
+        return {
+            "listen": {"peer": f"{self.listen_host}:{self.listen_port}", "advertise": self._advertised_address()},
+            "mesh": {
+                "joined": self.cfg.mesh.enabled and self._joined.is_set(),
+                "enabled": self.cfg.mesh.enabled,
+                "peers": self.table.snapshot(now),
+                "counts": self.table.counts(),
+                "untrusted_seen": self.table.untrusted_snapshot(),
+                "trusted": len(self._trusted),
+                "mdns": self._mdns is not None,
+            },
+            "model": model,
+            "training": training,
+            "gossip": gossip,
+            "history": self.engine.stats.history[-1:] if self.engine.stats.history else [],
+        }
+

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from meshd.config_template import set_key
+
 T = TypeVar("T")
 MESHD = [sys.executable, "-m", "meshd.cli"]
 REPO = Path(__file__).resolve().parent.parent
@@ -68,24 +70,14 @@ def init_domain(directory: Path, domain: str, *extra: str) -> tuple[Path, str, i
                 "--peer-addr", f"127.0.0.1:{peer_port}", "--status-addr", f"127.0.0.1:{status_port}", *extra)
     assert r.returncode == 0, r.stderr
     peer_id = next(line.split()[-1] for line in r.stdout.splitlines() if line.startswith("peer id:"))
+    # Network safety: tests never advertise on the machine's real interfaces (netns tests opt in per ns).
+    set_toml(directory / "meshd.toml", "discovery.mdns", "enabled", "false")
     return directory / "meshd.toml", peer_id, peer_port, status_port
 
 
 def set_toml(path: Path, section: str, key: str, value: str) -> None:
-    """Replace `key = ...` inside `[section]` of a config written by `meshd init` (value is TOML text)."""
-    lines = path.read_text().splitlines()
-    current = None
-    for i, line in enumerate(lines):
-        stripped = line.strip()
-        if stripped.startswith("[") and not stripped.startswith("[["):
-            current = stripped.strip("[]")
-        elif current == section and stripped.split("=")[0].strip() == key:
-            comment = line[line.index("#"):] if "#" in line and '"#' not in line else ""
-            lines[i] = f"{key} = {value}" + (f"  {comment}" if comment else "")
-            break
-    else:
-        raise KeyError(f"{section}.{key} not in {path}")
-    path.write_text("\n".join(lines) + "\n")
+    """Set `key = value` (TOML text) inside `[section]` of a config file."""
+    path.write_text(set_key(path.read_text(), section, key, value))
 
 
 class DaemonProc:

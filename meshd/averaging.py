@@ -1,0 +1,388 @@
+"""Push-sum gossip averaging with local SGD between exchanges. Pure: no clock, no I/O, no asyncio.
+
+The maths is push-sum (Kempe, Dobra, Gehrke 2003) with local training applied to the numerator between
+exchanges, as in Stochastic Gradient Push (Assran et al. 2019), made tolerant of lost messages by
+*acknowledged shares*.
+
+A node holds a numerator ``s`` (flat float64 vector) and a weight ``w``; its model is ``z = s / w``.
+The mesh-wide sums ``S = sum(s)`` and ``W = sum(w)`` are the *mass*; gossip only moves mass between
+nodes, so every node's ``z`` converges to ``S / W``, which (training off) is the exact mean of the
+starting models.
+
+Sending (push) is two-phase, so that a lost message loses no mass:
+
+1. ``shares = ps.prepare(k)`` builds ``k`` shares of ``1/(k+1)`` of the node's *free* mass each (free =
+   weight not already promised to pending shares, so ``w`` can never reach 0). A share carries
+   ``values`` = ``z`` quantized by the codec (exactly what the receiver will decode) and a ``weight``.
+   Nothing is subtracted yet.
+2. The caller sends ``codec.encode(share.values, ps.codec)``, ``share.weight`` and ``share.version``.
+   When the peer acknowledges, ``ps.confirm(share.id)`` subtracts ``share.values * share.weight`` and
+   ``share.weight`` -- exactly what the receiver's ``merge`` added, whatever happened to the local state
+   in between, so the mass is conserved. When the send fails, ``ps.abandon(share.id)`` and nothing
+   changes. Unknown ids are a no-op returning ``False``.
+
+A message delivered twice would be merged twice and *create* mass; the wire's replay guard drops the
+duplicate, this module does not (and cannot) detect it.
+
+Receiving: ``ps.merge(values, weight, version)`` adds ``values * weight`` to ``s`` and ``weight`` to ``w``
+after checking the values (finite, float64, right length, ``|v| <= max_abs``) and the weight (finite, in
+``(0, max_weight]``); on failure it raises ``RejectedUpdate("bad_values")`` and the state is untouched.
+It returns the consensus distance of the incoming model to the local one and keeps a running mean of
+the last ``DISTANCE_WINDOW`` of them (``mean_distance``).
+
+Training: the caller trains a copy of ``ps.estimate()`` (in a worker thread) and then calls
+``ps.apply_update(z_trained - z_start)``, which adds ``delta * w`` to ``s``: the local model moves by
+``delta`` and merges that happened during training are kept. ``version`` counts updates (+1 each); a
+merge takes ``max(version, incoming)``; ``is_far_behind(v, threshold)`` tells a node to pull.
+
+Pull (late joiner): the responder calls ``share = ps.split_for_pull()``, which subtracts half of its
+free mass immediately (the response is one-shot: if it is lost, that mass is lost). A fresh node (no
+checkpoint: its random init carries nothing the mesh should average in) calls ``adopt(values, weight,
+version)``, which replaces its state; a node with real state calls ``merge`` instead.
+
+Checkpoints: ``ps.state()`` -> ``PushSumState`` (numerator, weight, version), restored with
+``PushSum.from_state(state)``. Pending shares are not part of it: a checkpoint counts their mass as
+still held (as if abandoned).
+
+Public API::
+
+    Share(id: int, values: Tensor, weight: float, version: int)          # frozen
+    PushSumState(numerator: Tensor, weight: float, version: int)         # frozen
+    RejectedUpdate(reason: str, detail: str = "")                        # MeshdError, ValueError
+    consensus_distance(z_self, z_other, eps=1e-12) -> float              # relative L2
+    PushSum(values, weight=1.0, version=0, *, max_abs=1e6, max_weight=1e9, codec="f32",
+            max_pending=64)
+        .dim .codec .weight .version .merges .rounds .pending .mean_distance  (read-only)
+        .estimate() -> Tensor                  # float64 copy of s / w
+        .numerator() -> Tensor                 # float64 copy of s
+        .prepare(k) -> list[Share]             # may return fewer than k (pending bound), or []
+        .confirm(share_id) -> bool
+        .abandon(share_id) -> bool
+        .abandon_all() -> int
+        .merge(values, weight, version) -> float
+        .apply_update(delta) -> None
+        .split_for_pull() -> Share
+        .adopt(values, weight, version) -> None
+        .is_far_behind(incoming_version, threshold) -> bool
+        .state() -> PushSumState
+        PushSum.from_state(state, **options) -> PushSum
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from meshd.codec import CODECS, CodecName, quantize
+from meshd.errors import MeshdError
+
+DISTANCE_WINDOW = 16
+_MIN_SHARE_WEIGHT = 1e-200  # below this a share is pointless (and s / w would lose precision)
+
+
+class RejectedUpdate(MeshdError, ValueError):
+    """An incoming model or local update was refused; ``reason`` is a short machine-readable tag."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+@dataclass(frozen=True)
+class Share:
+    """Mass to send: ``values`` (float64, already codec-quantized) carried with ``weight``."""
+
+    id: int
+    values: torch.Tensor
+    weight: float
+    version: int
+
+
+@dataclass(frozen=True)
+class PushSumState:
+    """What a checkpoint needs: numerator, weight and version."""
+
+    numerator: torch.Tensor
+    weight: float
+    version: int
+
+
+def consensus_distance(z_self: torch.Tensor, z_other: torch.Tensor, eps: float = 1e-12) -> float:
+    """``||z_self - z_other|| / max(||z_other||, eps)``: relative L2 distance."""
+    diff = float(torch.linalg.vector_norm(z_self - z_other))
+    return diff / max(float(torch.linalg.vector_norm(z_other)), eps)
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _check_version(version: object) -> int:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise RejectedUpdate("bad_values", f"version must be a non-negative int, got {version!r}")
+    return version
+
+
+class PushSum:
+    """One node's push-sum state; see the module docstring for the protocol.
+
+    Not thread-safe: call it from one thread (the event loop); train on a copy of ``estimate()``.
+    """
+
+    def __init__(
+        self,
+        values: torch.Tensor,
+        weight: float = 1.0,
+        version: int = 0,
+        *,
+        max_abs: float = 1e6,
+        max_weight: float = 1e9,
+        codec: CodecName = "f32",
+        max_pending: int = 64,
+    ) -> None:
+        if codec not in CODECS:
+            raise ValueError(f"unknown codec {codec!r} (expected one of {', '.join(CODECS)})")
+        if not (math.isfinite(max_abs) and max_abs > 0 and math.isfinite(max_weight) and max_weight > 0):
+            raise ValueError("max_abs and max_weight must be finite and > 0")
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+        if not isinstance(values, torch.Tensor) or values.dim() != 1 or not values.is_floating_point():
+            raise ValueError("values must be a 1-D floating-point tensor")
+        self.codec: CodecName = codec
+        self._max_abs = float(max_abs)
+        self._max_weight = float(max_weight)
+        self._max_pending = max_pending
+        self._dim = int(values.shape[0])
+        vals = values.detach().to(device="cpu", dtype=torch.float64)
+        self._check(vals, weight, "initial state")
+        version = _check_version(version)
+        self._w = float(weight)
+        self._s = vals * self._w
+        self._version = version
+        self._merges = 0
+        self._rounds = 0
+        self._pending: dict[int, Share] = {}
+        self._next_id = 1
+        self._distances: deque[float] = deque(maxlen=DISTANCE_WINDOW)
+
+    # -- read-only views ---------------------------------------------------------------------------
+
+    @property
+    def dim(self) -> int:
+        """Length of the flat model vector."""
+        return self._dim
+
+    @property
+    def weight(self) -> float:
+        """Current push-sum weight ``w`` (pending shares not yet subtracted)."""
+        return self._w
+
+    @property
+    def version(self) -> int:
+        """Update counter: +1 per ``apply_update``, ``max`` on merge."""
+        return self._version
+
+    @property
+    def merges(self) -> int:
+        """Number of accepted merges."""
+        return self._merges
+
+    @property
+    def rounds(self) -> int:
+        """Number of ``prepare`` calls that produced shares."""
+        return self._rounds
+
+    @property
+    def pending(self) -> int:
+        """Number of shares prepared and neither confirmed nor abandoned."""
+        return len(self._pending)
+
+    @property
+    def mean_distance(self) -> float | None:
+        """Mean consensus distance over the last ``DISTANCE_WINDOW`` merges; ``None`` before any."""
+        if not self._distances:
+            return None
+        return math.fsum(self._distances) / len(self._distances)
+
+    def estimate(self) -> torch.Tensor:
+        """The model ``z = s / w`` (a float64 copy)."""
+        return self._s / self._w
+
+    def numerator(self) -> torch.Tensor:
+        """The numerator ``s`` (a float64 copy)."""
+        return self._s.clone()
+
+    def is_far_behind(self, incoming_version: int, threshold: int) -> bool:
+        """True when a peer's version is more than ``threshold`` updates ahead of ours."""
+        return incoming_version - self._version > threshold
+
+    # -- validation --------------------------------------------------------------------------------
+
+    def _check(self, values: object, weight: object, what: str) -> None:
+        """Raise ``RejectedUpdate("bad_values")`` unless ``values``/``weight`` are acceptable."""
+        if not isinstance(values, torch.Tensor):
+            raise RejectedUpdate("bad_values", f"{what}: values are not a tensor")
+        if values.dtype != torch.float64:
+            raise RejectedUpdate("bad_values", f"{what}: dtype {values.dtype}, expected torch.float64")
+        if values.dim() != 1 or int(values.shape[0]) != self._dim:
+            raise RejectedUpdate("bad_values", f"{what}: shape {tuple(values.shape)}, expected ({self._dim},)")
+        if not bool(torch.isfinite(values).all()):
+            raise RejectedUpdate("bad_values", f"{what}: non-finite values")
+        if self._dim and float(values.abs().max()) > self._max_abs:
+            raise RejectedUpdate("bad_values", f"{what}: |value| above max_abs={self._max_abs}")
+        if not _is_real(weight):
+            raise RejectedUpdate("bad_values", f"{what}: weight is not a number ({weight!r})")
+        w = float(weight)  # type: ignore[arg-type]  # _is_real checked int | float
+        if not (math.isfinite(w) and 0.0 < w <= self._max_weight):
+            raise RejectedUpdate("bad_values", f"{what}: weight {w!r} not in (0, {self._max_weight}]")
+
+    # -- sending -----------------------------------------------------------------------------------
+
+    def _free_weight(self) -> float:
+        return self._w - math.fsum(share.weight for share in self._pending.values())
+
+    def _new_id(self) -> int:
+        share_id = self._next_id
+        self._next_id += 1
+        return share_id
+
+    def prepare(self, k: int) -> list[Share]:
+        """Up to ``k`` shares of ``1/(m+1)`` of the free mass each (``m`` = number returned).
+
+        Fewer than ``k`` when the pending bound is reached; ``[]`` when nothing can be sent. Raises
+        ``CodecError`` if the model cannot be represented in the codec (f16 overflow).
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an int >= 1, got {k!r}")
+        m = min(k, self._max_pending - len(self._pending))
+        if m <= 0:
+            return []
+        share_weight = self._free_weight() / (m + 1)
+        if not share_weight >= _MIN_SHARE_WEIGHT:
+            return []
+        values = quantize(self._s / self._w, self.codec)
+        shares = [Share(self._new_id(), values, share_weight, self._version) for _ in range(m)]
+        for share in shares:
+            self._pending[share.id] = share
+        self._rounds += 1
+        return shares
+
+    def confirm(self, share_id: int) -> bool:
+        """The peer acknowledged: subtract the share's mass. ``False`` for an unknown id."""
+        share = self._pending.pop(share_id, None)
+        if share is None:
+            return False
+        self._s.sub_(share.values * share.weight)
+        self._w -= share.weight
+        return True
+
+    def abandon(self, share_id: int) -> bool:
+        """The send failed: forget the share, keep the mass. ``False`` for an unknown id."""
+        return self._pending.pop(share_id, None) is not None
+
+    def abandon_all(self) -> int:
+        """Abandon every pending share (e.g. on shutdown); returns how many there were."""
+        count = len(self._pending)
+        self._pending.clear()
+        return count
+
+    def split_for_pull(self) -> Share:
+        """Half of the free mass for a pulling peer, subtracted immediately (one-shot response)."""
+        share_weight = self._free_weight() / 2
+        values = quantize(self._s / self._w, self.codec)
+        self._s.sub_(values * share_weight)
+        self._w -= share_weight
+        return Share(self._new_id(), values, share_weight, self._version)
+
+    # -- receiving ---------------------------------------------------------------------------------
+
+    def merge(self, values: torch.Tensor, weight: float, version: int) -> float:
+        """Add a peer's share; returns its consensus distance to our model before the merge.
+
+        Raises ``RejectedUpdate("bad_values")`` (state untouched) on bad values, weight or version.
+        """
+        self._check(values, weight, "merge")
+        version = _check_version(version)
+        distance = consensus_distance(self._s / self._w, values)
+        self._s.add_(values.detach() * float(weight))
+        self._w += float(weight)
+        self._version = max(self._version, version)
+        self._merges += 1
+        self._distances.append(distance)
+        return distance
+
+    def adopt(self, values: torch.Tensor, weight: float, version: int) -> None:
+        """Replace the state with a pulled share (fresh node only: its own init is discarded).
+
+        Raises ``RejectedUpdate("bad_values")`` on bad input and ``RejectedUpdate("pending_shares")``
+        while shares are pending (their confirmation would subtract from the adopted mass).
+        """
+        self._check(values, weight, "adopt")
+        version = _check_version(version)
+        if self._pending:
+            raise RejectedUpdate("pending_shares", f"{len(self._pending)} shares still pending")
+        self._w = float(weight)
+        self._s = values.detach() * self._w
+        self._version = version
+        self._distances.clear()
+
+    # -- training ----------------------------------------------------------------------------------
+
+    def apply_update(self, delta: torch.Tensor) -> None:
+        """Local training moved the model by ``delta``: ``s += delta * w``; ``version += 1``.
+
+        Raises ``RejectedUpdate("bad_update")`` (state untouched) for a non-finite or misshapen delta.
+        ``w`` includes weight promised to pending shares, whose values predate the update: once they are
+        confirmed the local model has moved by ``delta * w / (w - pending)`` (the mesh-wide mass moved by
+        exactly ``delta * w`` either way).
+        """
+        if (
+            not isinstance(delta, torch.Tensor)
+            or delta.dim() != 1
+            or int(delta.shape[0]) != self._dim
+            or not delta.is_floating_point()
+        ):
+            raise RejectedUpdate("bad_update", f"delta must be a 1-D float tensor of length {self._dim}")
+        step = delta.detach().to(device="cpu", dtype=torch.float64) * self._w
+        if not bool(torch.isfinite(step).all()):
+            raise RejectedUpdate("bad_update", "non-finite delta")
+        self._s.add_(step)
+        self._version += 1
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def state(self) -> PushSumState:
+        """Numerator, weight and version (pending shares counted as still held)."""
+        return PushSumState(self._s.clone(), self._w, self._version)
+
+    @classmethod
+    def from_state(
+        cls,
+        state: PushSumState,
+        *,
+        max_abs: float = 1e6,
+        max_weight: float = 1e9,
+        codec: CodecName = "f32",
+        max_pending: int = 64,
+    ) -> PushSum:
+        """Rebuild a node from ``state()``; raises ``RejectedUpdate("bad_values")`` on a bad state."""
+        numerator, weight = state.numerator, state.weight
+        if not isinstance(numerator, torch.Tensor) or numerator.dtype != torch.float64 or not _is_real(weight):
+            raise RejectedUpdate("bad_values", "checkpoint: numerator must be a float64 tensor, weight a number")
+        if not (math.isfinite(weight) and weight > 0):
+            raise RejectedUpdate("bad_values", f"checkpoint: weight {weight!r} must be finite and > 0")
+        node = cls(
+            numerator / float(weight),
+            float(weight),
+            state.version,
+            max_abs=max_abs,
+            max_weight=max_weight,
+            codec=codec,
+            max_pending=max_pending,
+        )
+        node._s = numerator.detach().to(device="cpu").clone()  # bit-exact numerator, not (s / w) * w
+        return node

@@ -1,0 +1,212 @@
+"""The model runtime of one domain: model + data product + learner, the push-sum state, evaluation
+and checkpoints. Blocking work (data loading, training, evaluation, checkpoint writes) is exposed as
+plain functions that the node runs in worker threads; push-sum state is only touched on the loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import torch
+
+from meshd import models
+from meshd.averaging import PushSum
+from meshd.config import Config
+from meshd.data import DataProduct, load_data_product
+from meshd.errors import DataError
+from meshd.learner import Learner, TrainConfig, TrainResult
+from meshd.store import Checkpoint, CheckpointStore
+
+log = structlog.get_logger("meshd.engine")
+
+
+@dataclass
+class TrainingStats:
+    steps: int = 0
+    samples_seen: int = 0
+    loss: float | None = None
+    holdout_accuracy: float | None = None
+    local_only_accuracy: float | None = None
+    test_accuracy: float | None = None
+    local_only_test_accuracy: float | None = None
+    evaluated_at_version: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Engine:
+    """Built by `load()` in a worker thread; afterwards push-sum methods are called on the loop only."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.spec = models.ModelSpec(
+            name=cfg.model.name,
+            hidden=cfg.model.hidden,
+            channels=cfg.model.channels,
+            kernel_size=cfg.model.kernel_size,
+            num_classes=cfg.model.num_classes,
+        )
+        self.store = CheckpointStore(cfg.node.state_dir / "checkpoints", keep=cfg.checkpoint.keep)
+        self.data: DataProduct | None = None
+        self.test: DataProduct | None = None
+        self.learner: Learner | None = None
+        self.baseline: Learner | None = None
+        self._baseline_flat: torch.Tensor | None = None
+        self.module: torch.nn.Module | None = None
+        self.input_dim = 0
+        self.fingerprint = ""
+        self.parameters = 0
+        self.pushsum: PushSum | None = None
+        self.fresh = True  # no checkpoint: the first model should come from the mesh (pull)
+        self.stats = TrainingStats()
+        self.sha256: str | None = None
+
+    # --- start-up (worker thread) ------------------------------------------------------------------------
+
+    def load(self) -> list[str]:
+        """Load the data product, build the model, restore the newest checkpoint; returns warnings."""
+        cfg = self.cfg
+        warnings: list[str] = []
+        if cfg.data.path is not None:
+            self.data = load_data_product(
+                cfg.data.path, cfg.data.label, cfg.data.features or None, cfg.data.holdout,
+                cfg.model.num_classes, cfg.training.seed,
+            )
+            self.input_dim = self.data.input_dim
+        if cfg.data.test_path is not None:
+            self.test = load_data_product(
+                cfg.data.test_path, cfg.data.label, cfg.data.features or None, 0.0,
+                cfg.model.num_classes, cfg.training.seed,
+            )
+            if self.data is not None and self.test.feature_names != self.data.feature_names:
+                raise DataError(f"{cfg.data.test_path}: its features differ from the data product's")
+            self.input_dim = self.input_dim or self.test.input_dim
+        if self.input_dim == 0:
+            warnings.append("data.path is not set: this domain has no model and does not learn until it is set")
+            return warnings
+        self.module = models.build_model(self.spec, self.input_dim, cfg.training.seed)
+        self.fingerprint = models.fingerprint(self.spec, self.module, self.input_dim)
+        self.parameters = models.param_count(self.module)
+        tcfg = TrainConfig(
+            batch_size=cfg.training.batch_size, lr=cfg.training.lr, momentum=cfg.training.momentum,
+            weight_decay=cfg.training.weight_decay, seed=cfg.training.seed,
+        )
+        if self.data is not None:
+            self.learner = Learner(self.module, self.data, tcfg)
+            base_module = models.build_model(self.spec, self.input_dim, cfg.training.seed)
+            self.baseline = Learner(base_module, self.data, tcfg)
+            self._baseline_flat = models.flatten(base_module)
+        start = models.flatten(self.module)
+        ckpt, warnings = self.store.load_latest()
+        opts: dict[str, Any] = {"max_abs": cfg.limits.max_param_abs, "codec": cfg.gossip.codec}
+        if ckpt is not None and ckpt.fingerprint != self.fingerprint:
+            warnings.append(
+                f"checkpoint {ckpt.file_name} is for another model (fingerprint {ckpt.fingerprint[:12]}); ignored"
+            )
+            ckpt = None
+        if ckpt is not None and int(ckpt.values.shape[0]) == int(start.shape[0]):
+            self.pushsum = PushSum(ckpt.values, ckpt.weight, ckpt.version, **opts)
+            self.fresh = False
+            extra = ckpt.extra
+            self.stats.steps = int(extra.get("steps", 0))
+            self.stats.samples_seen = int(extra.get("samples_seen", 0))
+            base = extra.get("baseline")
+            if isinstance(base, bytes) and self._baseline_flat is not None and len(base) == 8 * start.numel():
+                self._baseline_flat = torch.frombuffer(bytearray(base), dtype=torch.float64).clone()
+            log.info("checkpoint_loaded", version=ckpt.version, weight=ckpt.weight, file=ckpt.file_name)
+        else:
+            self.pushsum = PushSum(start, 1.0, 0, **opts)
+        return warnings
+
+    # --- training (worker thread: pure function of its inputs) ---------------------------------------------
+
+    def train(self, start: torch.Tensor, steps: int) -> tuple[torch.Tensor, TrainResult]:
+        assert self.learner is not None
+        new, result = self.learner.train(start, steps)
+        if self.baseline is not None and self._baseline_flat is not None:
+            # The local-only baseline: the same data and steps, never averaged. "Is the mesh helping?"
+            self._baseline_flat, _ = self.baseline.train(self._baseline_flat, steps)
+        return new, result
+
+    def evaluate(self, flat: torch.Tensor) -> dict[str, float | None]:
+        out: dict[str, float | None] = {"holdout": None, "local_only": None, "test": None, "local_only_test": None}
+        learner = self.learner
+        if learner is not None and self.data is not None and self.data.num_holdout > 0:
+            out["holdout"] = learner.evaluate(flat, self.data.holdout_x, self.data.holdout_y)
+            if self.baseline is not None and self._baseline_flat is not None:
+                out["local_only"] = self.baseline.evaluate(
+                    self._baseline_flat, self.data.holdout_x, self.data.holdout_y
+                )
+        if learner is not None and self.test is not None:
+            out["test"] = learner.evaluate(flat, self.test.train_x, self.test.train_y)
+            if self.baseline is not None and self._baseline_flat is not None:
+                out["local_only_test"] = self.baseline.evaluate(
+                    self._baseline_flat, self.test.train_x, self.test.train_y
+                )
+        return out
+
+    @staticmethod
+    def digest(flat: torch.Tensor) -> str:
+        return hashlib.sha256(flat.to(torch.float32).numpy().tobytes()).hexdigest()
+
+    # --- checkpoints ---------------------------------------------------------------------------------------
+
+    def checkpoint_now(self) -> Checkpoint:
+        """Capture the state on the loop (cheap copies); `save_checkpoint` writes it in a thread."""
+        assert self.pushsum is not None
+        st = self.pushsum.state()
+        extra: dict[str, Any] = {"steps": self.stats.steps, "samples_seen": self.stats.samples_seen}
+        if self._baseline_flat is not None:
+            extra["baseline"] = self._baseline_flat.numpy().tobytes()
+        return Checkpoint(
+            version=st.version,
+            weight=st.weight,
+            values=st.numerator / st.weight,
+            fingerprint=self.fingerprint,
+            created_ms=int(time.time() * 1000),
+            extra=extra,
+        )
+
+    def save_checkpoint(self, ckpt: Checkpoint) -> str:
+        return self.store.save(ckpt).name
+
+    def export(self, flat: torch.Tensor) -> torch.nn.Module:
+        assert self.module is not None
+        models.load_flat(self.module, flat)
+        return self.module
+
+    # --- status ----------------------------------------------------------------------------------------------
+
+    def snapshot(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        ps = self.pushsum
+        model = {
+            "name": self.spec.name,
+            "fingerprint": self.fingerprint,
+            "parameters": self.parameters,
+            "version": ps.version if ps else 0,
+            "sha256": self.sha256,
+            "codec": self.cfg.gossip.codec,
+            "data_schema": self.data.schema_fingerprint if self.data else None,
+        }
+        s = self.stats
+        training = {
+            "enabled": self.cfg.training.enabled and self.learner is not None,
+            "steps": s.steps,
+            "samples_seen": s.samples_seen,
+            "loss": _finite(s.loss),
+            "holdout_accuracy": s.holdout_accuracy,
+            "local_only_accuracy": s.local_only_accuracy,
+            "test_accuracy": s.test_accuracy,
+            "local_only_test_accuracy": s.local_only_test_accuracy,
+            "train_rows": self.data.num_train if self.data else 0,
+            "holdout_rows": self.data.num_holdout if self.data else 0,
+        }
+        return model, training
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None

@@ -1,0 +1,430 @@
+"""The peer table: which trusted peers exist, where they are, and whether they are alive.
+
+Pure: no I/O and no clock. Every method takes ``now`` (seconds, any monotonic origin) and
+:meth:`PeerTable.tick` *returns* what the shell should do (ping a peer, report a state change).
+
+Liveness rules (all bounds are inclusive: "after X s" means ``now - t >= X``):
+
+- ``UNKNOWN``: an address is known (discovery) but the peer was never heard from. Pinged at once,
+  then every ``ping_after_s`` while no answer; becomes ``DEAD`` after ``dead_after_s`` without contact.
+- ``ALIVE`` -> ``SUSPECT`` after ``suspect_after_s`` of silence (or at once on a failed send).
+- ``SUSPECT`` -> ``DEAD`` after ``dead_after_s`` of silence (measured from the last contact).
+- ``DEAD`` peers are pinged every ``dead_after_s`` so a restarted peer comes back.
+- ``LEFT`` peers (signed leave, or discovery goodbye) are never pinged.
+- Any valid message (:meth:`PeerTable.heard_from`) makes a peer ``ALIVE`` from any state;
+  a fresh discovery of a ``DEAD``/``LEFT`` peer makes it ``UNKNOWN`` again (discovery is not
+  authenticated, so it does not prove liveness: the immediate ping does).
+
+State changes made by event methods (``heard_from``, ``left``...) are queued and returned by the
+next :meth:`PeerTable.tick`, so the caller sees every transition in one place.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+__all__ = [
+    "DISCOVERY_SOURCES",
+    "Effect",
+    "Peer",
+    "PeerState",
+    "PeerTable",
+    "Ping",
+    "StateChanged",
+    "Timing",
+    "UntrustedSighting",
+]
+
+#: Sources that report addresses of other peers (``inbound`` is the address a peer told us itself).
+DISCOVERY_SOURCES = frozenset({"static", "mdns", "registry"})
+_INBOUND = "inbound"
+_LIST_SOURCES = frozenset({"static", "registry"})  # lists of peers; their "gone" means "delisted"
+
+
+class PeerState(StrEnum):
+    ALIVE = "alive"
+    SUSPECT = "suspect"
+    DEAD = "dead"
+    LEFT = "left"
+    UNKNOWN = "unknown"  # address known, never heard from
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Liveness timers, in seconds of silence (time since the last valid message from a peer)."""
+
+    suspect_after_s: float = 5.0  # ALIVE -> SUSPECT
+    dead_after_s: float = 15.0  # SUSPECT (or UNKNOWN) -> DEAD; also the re-ping period of DEAD peers
+    ping_after_s: float = 2.0  # silence before a ping is due; also the retry period of unanswered pings
+
+    def __post_init__(self) -> None:
+        if self.ping_after_s <= 0:
+            raise ValueError(f"ping_after_s must be > 0, got {self.ping_after_s}")
+        if not 0 < self.suspect_after_s < self.dead_after_s:
+            raise ValueError(
+                f"need 0 < suspect_after_s < dead_after_s, got {self.suspect_after_s} and {self.dead_after_s}"
+            )
+
+
+@dataclass
+class Peer:
+    """One trusted peer. Mutated only by :class:`PeerTable`; callers get it read-only by convention."""
+
+    peer_id: bytes
+    domain: str
+    address: str | None  # "host:port" to send to; None until some source reports one
+    source: str  # which source the current address came from: static | mdns | registry | inbound
+    state: PeerState
+    last_seen: float | None  # last valid message or ack
+    failures: int = 0  # failed sends since the last contact
+    model_fp: str | None = None
+    # Bookkeeping (not part of the status contract):
+    since: float | None = None  # when the current state began (None: set by the next tick)
+    ping_due_at: float | None = None  # next time a ping may go out (one outstanding ping at a time)
+    addresses: dict[str, str] = field(default_factory=dict)  # source -> address, oldest report first
+    touched: float = 0.0  # last time anything updated this entry (eviction order)
+
+
+@dataclass(frozen=True)
+class UntrustedSighting:
+    """A key that discovery reported but governance does not trust: shown, never contacted."""
+
+    peer_id: bytes
+    domain: str
+    address: str
+    source: str
+    seen_at: float
+
+
+@dataclass(frozen=True)
+class Ping:
+    """Send a liveness probe to ``peer_id`` at ``address``; answer with ``heard_from``/``send_failed``."""
+
+    peer_id: bytes
+    address: str
+
+
+@dataclass(frozen=True)
+class StateChanged:
+    peer_id: bytes
+    old: PeerState
+    new: PeerState
+
+
+Effect = Ping | StateChanged
+
+
+class PeerTable:
+    """Trusted keys, discovered addresses and liveness of the peers of one domain."""
+
+    def __init__(self, self_id: bytes, timing: Timing, max_peers: int = 1024, max_untrusted: int = 256) -> None:
+        if max_peers < 1 or max_untrusted < 1:
+            raise ValueError("max_peers and max_untrusted must be >= 1")
+        self.self_id = self_id
+        self.timing = timing
+        self.max_peers = max_peers
+        self.max_untrusted = max_untrusted
+        self._trusted: frozenset[bytes] = frozenset()
+        self._peers: dict[bytes, Peer] = {}
+        # Insertion order = age: the first entry is the oldest sighting.
+        self._untrusted: dict[bytes, UntrustedSighting] = {}
+        self._pending: list[Effect] = []
+
+    # ----------------------------------------------------------------- queries
+
+    def get(self, peer_id: bytes) -> Peer | None:
+        return self._peers.get(peer_id)
+
+    def is_trusted(self, peer_id: bytes) -> bool:
+        return peer_id in self._trusted
+
+    @property
+    def trusted(self) -> frozenset[bytes]:
+        return self._trusted
+
+    def peers(self) -> list[Peer]:
+        """All known trusted peers, ordered by peer id."""
+        return [self._peers[k] for k in sorted(self._peers)]
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+    # ----------------------------------------------------------------- trust
+
+    def set_trusted(self, keys: Iterable[bytes]) -> None:
+        """Replace the trusted set.
+
+        Peers no longer trusted are dropped at once (they stop being gossip or ping targets); if a
+        discovery source had reported them they move to the untrusted sightings. Sightings whose key
+        becomes trusted are promoted to ``UNKNOWN`` peers, so they are pinged on the next tick.
+        """
+        new = frozenset(k for k in keys if k != self.self_id)
+        for pid in [p for p in self._peers if p not in new]:
+            peer = self._peers.pop(pid)
+            found = [(s, a) for s, a in peer.addresses.items() if s != _INBOUND]
+            if found:
+                source, address = found[-1]
+                self._add_untrusted(UntrustedSighting(pid, peer.domain, address, source, peer.touched))
+        self._trusted = new
+        for pid in [p for p in self._untrusted if p in new]:
+            s = self._untrusted.pop(pid)
+            peer = self._new_peer(pid, s.domain, PeerState.UNKNOWN, s.seen_at)
+            peer.since = None  # the UNKNOWN -> DEAD timer starts at the next tick
+            self._set_address(peer, s.source, s.address)
+
+    # ----------------------------------------------------------------- events
+
+    def discovered(
+        self,
+        peer_id: bytes,
+        address: str,
+        domain: str,
+        source: str,
+        now: float,
+        model_fp: str | None = None,
+    ) -> None:
+        """A discovery source reports ``peer_id`` at ``address``."""
+        if peer_id == self.self_id:
+            return
+        if peer_id not in self._trusted:
+            self._untrusted.pop(peer_id, None)  # re-insert at the end: newest
+            self._add_untrusted(UntrustedSighting(peer_id, domain, address, source, now))
+            return
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            peer = self._new_peer(peer_id, domain, PeerState.UNKNOWN, now)
+        elif peer.state in (PeerState.DEAD, PeerState.LEFT):
+            self._change(peer, PeerState.UNKNOWN, now)
+        peer.domain = domain
+        if model_fp is not None:
+            peer.model_fp = model_fp
+        peer.touched = now
+        self._set_address(peer, source, address)
+
+    def gone(self, peer_id: bytes, source: str, now: float) -> None:
+        """Discovery says the peer went away.
+
+        mDNS (a goodbye): if ``source`` provided the address in use, the peer is ``LEFT``; otherwise
+        only that source's address is forgotten. A list source (``static``/``registry``) that no
+        longer lists the peer says nothing about its liveness: that is :meth:`forget_source` for
+        this one peer.
+        """
+        sighting = self._untrusted.get(peer_id)
+        if sighting is not None and sighting.source == source:
+            del self._untrusted[peer_id]
+        peer = self._peers.get(peer_id)
+        if peer is None or source not in peer.addresses:
+            return
+        if source in _LIST_SOURCES:
+            self._forget(peer, source)
+            return
+        owned = peer.source == source
+        self._drop_address(peer, source)
+        peer.touched = now
+        if owned and peer.state != PeerState.LEFT:
+            self._change(peer, PeerState.LEFT, now)
+
+    def heard_from(self, peer_id: bytes, now: float, address: str | None = None) -> None:
+        """A valid message or ack arrived from ``peer_id``: it is ``ALIVE``.
+
+        ``address`` is the peer's own listening address if the message carried one; it is used only
+        when no discovery source gave an address. Untrusted senders are ignored (the wire layer
+        rejects them first anyway).
+        """
+        if peer_id == self.self_id or peer_id not in self._trusted:
+            return
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            peer = self._new_peer(peer_id, "", PeerState.ALIVE, now)
+        elif peer.state != PeerState.ALIVE:
+            self._change(peer, PeerState.ALIVE, now)
+        peer.last_seen = now
+        peer.failures = 0
+        peer.ping_due_at = None
+        peer.touched = now
+        if address is not None:
+            self._set_address(peer, _INBOUND, address)
+
+    def send_failed(self, peer_id: bytes, now: float) -> None:
+        """A send (gossip or ping) to ``peer_id`` failed: an ``ALIVE`` peer becomes ``SUSPECT``."""
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            return
+        peer.failures += 1
+        peer.touched = now
+        if peer.state == PeerState.ALIVE:
+            self._change(peer, PeerState.SUSPECT, now)
+
+    def left(self, peer_id: bytes, now: float) -> None:
+        """A signed leave message arrived: ``LEFT`` at once, no more pings."""
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            return
+        peer.touched = now
+        peer.ping_due_at = None
+        if peer.state != PeerState.LEFT:
+            self._change(peer, PeerState.LEFT, now)
+
+    def forget_source(self, source: str, keep: set[bytes]) -> None:
+        """After a static/registry reload: forget what ``source`` said about peers not in ``keep``.
+
+        An entry that no other source reports and that was never heard from is removed; otherwise
+        only that source's address is dropped.
+        """
+        for pid in [p for p, s in self._untrusted.items() if s.source == source and p not in keep]:
+            del self._untrusted[pid]
+        for pid in [p for p, peer in self._peers.items() if source in peer.addresses and p not in keep]:
+            self._forget(self._peers[pid], source)
+
+    # ----------------------------------------------------------------- time
+
+    def tick(self, now: float) -> list[Effect]:
+        """Advance timers to ``now``; return queued state changes, new ones, and due pings."""
+        t = self.timing
+        effects, self._pending = self._pending, []
+        for pid in sorted(self._peers):
+            peer = self._peers[pid]
+            if peer.since is None:
+                peer.since = now
+            last = peer.last_seen if peer.last_seen is not None else peer.since
+            if peer.state == PeerState.ALIVE and now - last >= t.suspect_after_s:
+                effects.append(self._transition(peer, PeerState.SUSPECT, now))
+            if peer.state == PeerState.SUSPECT:
+                if now - last >= t.dead_after_s:
+                    effects.append(self._transition(peer, PeerState.DEAD, now))
+            elif peer.state == PeerState.UNKNOWN and now - peer.since >= t.dead_after_s:
+                # Discovered (or re-discovered) but no answer since: counted from the discovery.
+                effects.append(self._transition(peer, PeerState.DEAD, now))
+            if peer.address is None:
+                continue
+            if peer.state in (PeerState.ALIVE, PeerState.SUSPECT, PeerState.UNKNOWN):
+                # Never heard from: ping at once; otherwise after ping_after_s of silence.
+                idle = peer.last_seen is None or now - peer.last_seen >= t.ping_after_s
+                if idle and (peer.ping_due_at is None or now >= peer.ping_due_at):
+                    peer.ping_due_at = now + t.ping_after_s
+                    effects.append(Ping(pid, peer.address))
+            elif peer.state == PeerState.DEAD and peer.ping_due_at is not None and now >= peer.ping_due_at:
+                peer.ping_due_at = now + t.dead_after_s
+                effects.append(Ping(pid, peer.address))
+        return effects
+
+    # ----------------------------------------------------------------- choices
+
+    def gossip_targets(self, rng: random.Random, fanout: int) -> list[Peer]:
+        """Up to ``fanout`` distinct peers chosen uniformly among ALIVE and UNKNOWN ones with an address.
+
+        UNKNOWN peers are included so that a fresh mesh, where nobody has heard from anybody yet,
+        can start. Never DEAD, LEFT, SUSPECT or self.
+        """
+        pool = [
+            self._peers[k]
+            for k in sorted(self._peers)
+            if self._peers[k].state in (PeerState.ALIVE, PeerState.UNKNOWN) and self._peers[k].address
+        ]
+        if fanout <= 0 or not pool:
+            return []
+        return rng.sample(pool, min(fanout, len(pool)))
+
+    def pull_candidates(self) -> list[Peer]:
+        """Peers to fetch the current model from: ALIVE ones (most recently heard first), then UNKNOWN."""
+        alive = [p for p in self._peers.values() if p.state == PeerState.ALIVE and p.address]
+        unknown = [p for p in self._peers.values() if p.state == PeerState.UNKNOWN and p.address]
+        alive.sort(key=lambda p: (-(p.last_seen or 0.0), p.peer_id))
+        unknown.sort(key=lambda p: p.peer_id)
+        return alive + unknown
+
+    # ----------------------------------------------------------------- reports
+
+    def snapshot(self, now: float) -> list[dict[str, object]]:
+        """Rows for ``/status`` ``mesh.peers``, ordered by domain then peer id."""
+        rows: list[dict[str, object]] = []
+        for p in sorted(self._peers.values(), key=lambda p: (p.domain, p.peer_id)):
+            rows.append(
+                {
+                    "domain": p.domain,
+                    "peer_id": p.peer_id.hex(),
+                    "address": p.address,
+                    "state": p.state.value,
+                    "source": p.source,
+                    "last_seen_s": None if p.last_seen is None else max(0.0, now - p.last_seen),
+                }
+            )
+        return rows
+
+    def untrusted_snapshot(self) -> list[dict[str, object]]:
+        """Keys seen by discovery that are not trusted, oldest sighting first."""
+        return [
+            {"peer_id": s.peer_id.hex(), "domain": s.domain, "address": s.address, "source": s.source}
+            for s in self._untrusted.values()
+        ]
+
+    def counts(self) -> dict[str, int]:
+        out = {s.value: 0 for s in PeerState}
+        for p in self._peers.values():
+            out[p.state.value] += 1
+        return out
+
+    # ----------------------------------------------------------------- helpers
+
+    def _new_peer(self, peer_id: bytes, domain: str, state: PeerState, now: float) -> Peer:
+        if len(self._peers) >= self.max_peers:
+            self._evict_one()
+        peer = Peer(peer_id, domain, None, _INBOUND, state, None, since=now, touched=now)
+        self._peers[peer_id] = peer
+        return peer
+
+    def _forget(self, peer: Peer, source: str) -> None:
+        self._drop_address(peer, source)
+        if not peer.addresses and peer.last_seen is None:
+            del self._peers[peer.peer_id]
+
+    def _evict_one(self) -> None:
+        # The least recently touched entry, preferring ones that are gone (DEAD, LEFT) anyway.
+        def age(p: Peer) -> tuple[int, float, bytes]:
+            gone = p.state in (PeerState.DEAD, PeerState.LEFT)
+            return (0 if gone else 1, p.touched, p.peer_id)
+
+        victim = min(self._peers.values(), key=age)
+        del self._peers[victim.peer_id]
+
+    def _add_untrusted(self, sighting: UntrustedSighting) -> None:
+        self._untrusted.pop(sighting.peer_id, None)
+        while len(self._untrusted) >= self.max_untrusted:
+            del self._untrusted[next(iter(self._untrusted))]
+        self._untrusted[sighting.peer_id] = sighting
+
+    def _set_address(self, peer: Peer, source: str, address: str) -> None:
+        peer.addresses.pop(source, None)
+        peer.addresses[source] = address  # newest report last
+        self._pick_address(peer)
+
+    def _drop_address(self, peer: Peer, source: str) -> None:
+        peer.addresses.pop(source, None)
+        self._pick_address(peer)
+
+    @staticmethod
+    def _pick_address(peer: Peer) -> None:
+        # The most recent discovery report wins; a peer's self-reported address is the fallback.
+        found = [(s, a) for s, a in peer.addresses.items() if s != _INBOUND]
+        if found:
+            peer.source, peer.address = found[-1]
+        elif _INBOUND in peer.addresses:
+            peer.source, peer.address = _INBOUND, peer.addresses[_INBOUND]
+        else:
+            peer.address = None
+
+    def _change(self, peer: Peer, new: PeerState, now: float) -> None:
+        self._pending.append(self._transition(peer, new, now))
+
+    def _transition(self, peer: Peer, new: PeerState, now: float) -> StateChanged:
+        old = peer.state
+        peer.state = new
+        peer.since = now
+        if new == PeerState.DEAD:
+            peer.ping_due_at = now + self.timing.dead_after_s
+        elif new == PeerState.UNKNOWN:
+            peer.ping_due_at = None  # ping at once
+        return StateChanged(peer.peer_id, old, new)

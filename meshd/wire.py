@@ -1,0 +1,369 @@
+"""The wire codec: seal and open signed, encrypted msgpack envelopes (layout in docs/protocol.md).
+
+Pure: no I/O, no clock (``now_ms`` is passed in), no asyncio. ``Wire.open`` runs the receiver's checks
+cheapest first and raises ``WireError(reason, status)`` at the first failure; nothing else escapes.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import nacl.bindings as sodium
+import nacl.utils
+
+from meshd.errors import WireError
+from meshd.identity import Identity
+from meshd.replay import ReplayGuard
+
+__all__ = [
+    "DOMAIN_TAG",
+    "PROTOCOL_VERSION",
+    "Limits",
+    "Opened",
+    "Wire",
+    "decode_body",
+    "encode_body",
+    "signed_header",
+]
+
+PROTOCOL_VERSION = 1
+DOMAIN_TAG = b"meshd-envelope\x00"  # 15 bytes; separates envelope signatures from any other use of the key
+KEY_BYTES = 32
+NONCE_BYTES = 24
+SIG_BYTES = 64
+MAC_BYTES = 16
+MAX_KIND_LEN = 16
+SEQ_LIMIT = 2**63  # seq must be < SEQ_LIMIT
+TS_LIMIT = 2**64  # ts is a u64 in the signed header
+
+_KIND_RE = re.compile(r"[a-z_]{1,16}")
+_ENVELOPE_KEYS = frozenset({"v", "from", "to", "kind", "seq", "ts", "nonce", "body", "sig"})
+_ENVELOPE_STR_MAX = 64  # longest str in an envelope: a key or the kind
+_HEADER_TAIL = struct.Struct(">QQ")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds applied to untrusted bytes before anything is allocated for them."""
+
+    max_message_bytes: int = 64 * 2**20  # whole envelope, bytes; larger is refused unread (413)
+    max_skew_ms: int = 60_000  # |ts - now| allowed, ms; bounds how long a captured message stays replayable
+    max_depth: int = 8  # msgpack nesting allowed in a decoded body (a flat map is depth 1)
+    max_container_len: int = 65_536  # entries per array/map in a body; caps pre-allocation by declared length
+
+
+@dataclass(frozen=True)
+class Opened:
+    """An envelope that passed every check; ``body`` is the decrypted plaintext."""
+
+    sender: bytes
+    kind: str
+    seq: int
+    ts_ms: int
+    body: bytes
+
+
+class Wire:
+    """Seals envelopes from ``identity`` and opens envelopes addressed to it."""
+
+    def __init__(self, identity: Identity, limits: Limits, shared_key_cache_size: int = 1024) -> None:
+        if shared_key_cache_size < 1:
+            raise ValueError(f"shared_key_cache_size must be >= 1, got {shared_key_cache_size}")
+        self._identity = identity
+        self._limits = limits
+        self._public_key = identity.public_key
+        # libsodium's crypto_sign wants the 64-byte secret key (seed || public key).
+        self._sign_sk = bytes(identity.signing_key) + self._public_key
+        self._box_sk = bytes(identity.box_private)
+        self._shared: OrderedDict[bytes, bytes] = OrderedDict()
+        self._shared_max = shared_key_cache_size
+
+    @property
+    def public_key(self) -> bytes:
+        return self._public_key
+
+    def seal(
+        self,
+        recipient: bytes,
+        kind: str,
+        body: bytes,
+        seq: int,
+        now_ms: int,
+        nonce: bytes | None = None,
+    ) -> bytes:
+        """Encrypt ``body`` for ``recipient``, sign, and return the envelope bytes.
+
+        ``nonce`` is for tests only; by default 24 fresh random bytes are drawn per message.
+        Raises ValueError on bad arguments, WireError("too_large", 413) if the result exceeds the limit.
+        """
+        if len(recipient) != KEY_BYTES:
+            raise ValueError(f"recipient must be {KEY_BYTES} bytes, got {len(recipient)}")
+        if not _KIND_RE.fullmatch(kind):
+            raise ValueError(f"kind must be 1-{MAX_KIND_LEN} chars of [a-z_], got {kind!r}")
+        if not 1 <= seq < SEQ_LIMIT:
+            raise ValueError(f"seq must be in [1, 2**63), got {seq}")
+        if not 0 <= now_ms < TS_LIMIT:
+            raise ValueError(f"now_ms must be in [0, 2**64), got {now_ms}")
+        if nonce is None:
+            nonce = nacl.utils.random(NONCE_BYTES)
+        elif len(nonce) != NONCE_BYTES:
+            raise ValueError(f"nonce must be {NONCE_BYTES} bytes, got {len(nonce)}")
+        try:
+            k = self._shared_key(recipient)
+        except Exception:
+            raise ValueError("recipient is not a valid Ed25519 public key") from None
+        ciphertext = sodium.crypto_box_easy_afternm(body, nonce, k)
+        digest = _digest(
+            signed_header(PROTOCOL_VERSION, self._public_key, recipient, kind, seq, now_ms, nonce,
+                          len(ciphertext)),
+            ciphertext[:MAC_BYTES],
+        )
+        sig = sodium.crypto_sign(digest, self._sign_sk)[:SIG_BYTES]
+        envelope = _pack_envelope(PROTOCOL_VERSION, self._public_key, recipient, kind, seq, now_ms, nonce,
+                                  ciphertext, sig)
+        if len(envelope) > self._limits.max_message_bytes:
+            raise WireError("too_large", 413,
+                            f"envelope is {len(envelope)} bytes, limit {self._limits.max_message_bytes}")
+        return envelope
+
+    def open(
+        self,
+        data: bytes,
+        now_ms: int,
+        is_trusted: Callable[[bytes], bool],
+        replay: ReplayGuard,
+    ) -> Opened:
+        """Check ``data`` in the documented order and return it opened; raise WireError at the first failure.
+
+        The replay guard is committed only after every check passed, so a corrupted copy of a
+        message cannot burn its sequence number.
+        """
+        limits = self._limits
+        if len(data) > limits.max_message_bytes:
+            raise WireError("too_large", 413, f"{len(data)} bytes, limit {limits.max_message_bytes}")
+        env = _decode_envelope(data, limits)
+        if env.v != PROTOCOL_VERSION:
+            raise WireError("bad_version", 400, f"version {env.v}, this node speaks {PROTOCOL_VERSION}")
+        if env.to != self._public_key:
+            raise WireError("wrong_recipient", 421, "envelope is addressed to another node")
+        if not is_trusted(env.sender):
+            raise WireError("untrusted", 403, "sender is not a trusted peer")
+        if len(env.body) < MAC_BYTES:
+            raise WireError("malformed", 400, f"body shorter than the {MAC_BYTES}-byte Poly1305 tag")
+        digest = _digest(
+            signed_header(env.v, env.sender, env.to, env.kind, env.seq, env.ts, env.nonce, len(env.body)),
+            env.body[:MAC_BYTES],
+        )
+        try:
+            sodium.crypto_sign_open(env.sig + digest, env.sender)
+        except Exception:  # BadSignatureError, or a key libsodium refuses: both mean "not signed by sender"
+            raise WireError("bad_signature", 401, "signature does not verify") from None
+        if not replay.check(env.sender, env.seq):
+            raise WireError("replayed", 409, f"seq {env.seq} already seen or below the window")
+        if abs(env.ts - now_ms) > limits.max_skew_ms:
+            raise WireError("stale", 409, f"timestamp {env.ts - now_ms:+d} ms from now, "
+                                          f"allowed ±{limits.max_skew_ms}")
+        try:
+            plaintext = sodium.crypto_box_open_easy_afternm(env.body, env.nonce, self._shared_key(env.sender))
+        except Exception:
+            raise WireError("bad_ciphertext", 401, "body does not decrypt") from None
+        replay.commit(env.sender, env.seq)
+        return Opened(sender=env.sender, kind=env.kind, seq=env.seq, ts_ms=env.ts, body=plaintext)
+
+    def forget_peer(self, public_key: bytes) -> None:
+        """Drop the cached shared key of a peer (call when it is distrusted)."""
+        self._shared.pop(public_key, None)
+
+    def _shared_key(self, peer: bytes) -> bytes:
+        k = self._shared.get(peer)
+        if k is not None:
+            self._shared.move_to_end(peer)
+            return k
+        peer_x = sodium.crypto_sign_ed25519_pk_to_curve25519(peer)
+        k = sodium.crypto_box_beforenm(peer_x, self._box_sk)
+        self._shared[peer] = k
+        if len(self._shared) > self._shared_max:
+            self._shared.popitem(last=False)
+        return k
+
+
+def signed_header(v: int, sender: bytes, to: bytes, kind: str, seq: int, ts: int, nonce: bytes,
+                  body_len: int) -> bytes:
+    """The fixed binary layout that, followed by the body's 16-byte Poly1305 tag, is hashed and signed."""
+    k = kind.encode("ascii")
+    return b"".join((
+        DOMAIN_TAG, v.to_bytes(2, "big"), sender, to, bytes((len(k),)), k,
+        _HEADER_TAIL.pack(seq, ts), nonce, body_len.to_bytes(8, "big"),
+    ))
+
+
+def encode_body(obj: dict[str, Any]) -> bytes:
+    """Encode a body map (str keys) as msgpack; floats stay float64."""
+    if not isinstance(obj, dict):
+        raise TypeError(f"a body is a dict, got {type(obj).__name__}")
+    return msgpack.packb(obj, use_bin_type=True, use_single_float=False, strict_types=False)
+
+
+def decode_body(data: bytes, limits: Limits) -> dict[str, Any]:
+    """Decode a plaintext body: a msgpack map with str keys, no ext types, nesting ≤ ``max_depth``.
+
+    Raises WireError("bad_body", 400) on anything else; nothing else escapes.
+    """
+    n = len(data)
+    cap = min(n, limits.max_container_len)
+    try:
+        obj = msgpack.unpackb(
+            data, raw=False, strict_map_key=True, use_list=True, timestamp=0,
+            max_str_len=n, max_bin_len=n, max_array_len=cap, max_map_len=cap, max_ext_len=0,
+            ext_hook=_reject_ext,
+        )
+    except Exception as exc:  # msgpack raises ValueError, ExtraData, FormatError, StackError, TypeError...
+        raise WireError("bad_body", 400, f"not a msgpack body ({type(exc).__name__})") from None
+    if not isinstance(obj, dict):
+        raise WireError("bad_body", 400, f"a body is a map, got {type(obj).__name__}")
+    _check_tree(obj, limits.max_depth)
+    return obj
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Envelope:
+    v: int
+    sender: bytes
+    to: bytes
+    kind: str
+    seq: int
+    ts: int
+    nonce: bytes
+    body: bytes
+    sig: bytes
+
+
+def _digest(header: bytes, tag: bytes) -> bytes:
+    # The signature covers the header and the ciphertext's Poly1305 tag, not the whole ciphertext:
+    # the tag already authenticates every ciphertext byte under the pair's shared key, and hashing
+    # megabytes a second time on each side cost more than the encryption itself (docs/protocol.md,
+    # "Why the tag is signed"; bench/wire.py).
+    state = sodium.crypto_generichash_blake2b_init(digest_size=32)
+    sodium.crypto_generichash_blake2b_update(state, header)
+    sodium.crypto_generichash_blake2b_update(state, tag)
+    return sodium.crypto_generichash_blake2b_final(state)
+
+
+def _pack_envelope(v: int, sender: bytes, to: bytes, kind: str, seq: int, ts: int, nonce: bytes,
+                   body: bytes, sig: bytes) -> bytes:
+    # Built by hand so the ciphertext is copied exactly once (into the joined result).
+    p = msgpack.Packer(use_bin_type=True, autoreset=True)
+    head = b"".join((
+        p.pack_map_header(9),
+        p.pack("v"), p.pack(v),
+        p.pack("from"), p.pack(sender),
+        p.pack("to"), p.pack(to),
+        p.pack("kind"), p.pack(kind),
+        p.pack("seq"), p.pack(seq),
+        p.pack("ts"), p.pack(ts),
+        p.pack("nonce"), p.pack(nonce),
+        p.pack("body"), _bin_header(len(body)),
+    ))
+    return b"".join((head, body, p.pack("sig"), p.pack(sig)))
+
+
+def _bin_header(n: int) -> bytes:
+    if n < 2**8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 2**16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
+def _pairs_no_dupes(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise ValueError("duplicate map key")
+    return d
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise ValueError("ext types are not allowed")
+
+
+def _malformed(detail: str) -> WireError:
+    return WireError("malformed", 400, detail)
+
+
+def _decode_envelope(data: bytes, limits: Limits) -> _Envelope:
+    try:
+        obj = msgpack.unpackb(
+            data, raw=False, strict_map_key=True, use_list=True, timestamp=0,
+            max_str_len=_ENVELOPE_STR_MAX, max_bin_len=min(len(data), limits.max_message_bytes),
+            max_array_len=0, max_map_len=16, max_ext_len=0,
+            object_pairs_hook=_pairs_no_dupes, ext_hook=_reject_ext,
+        )
+    except Exception as exc:  # every msgpack failure mode, whatever its class, is "malformed"
+        raise _malformed(f"not a msgpack envelope ({type(exc).__name__})") from None
+    if not isinstance(obj, dict):
+        raise _malformed("an envelope is a msgpack map")
+    keys = set(obj)
+    if keys != _ENVELOPE_KEYS:
+        missing = sorted(str(k) for k in _ENVELOPE_KEYS - keys)
+        extra = sorted(repr(k)[:40] for k in keys - _ENVELOPE_KEYS)
+        raise _malformed(f"envelope keys: missing {missing}, unexpected {extra}")
+    v = _int_field(obj, "v", 0, 2**16)
+    sender = _bin_field(obj, "from", KEY_BYTES)
+    to = _bin_field(obj, "to", KEY_BYTES)
+    kind = obj["kind"]
+    if type(kind) is not str or not _KIND_RE.fullmatch(kind):
+        raise _malformed("kind must be 1-16 chars of [a-z_]")
+    seq = _int_field(obj, "seq", 1, SEQ_LIMIT)
+    ts = _int_field(obj, "ts", 0, TS_LIMIT)
+    nonce = _bin_field(obj, "nonce", NONCE_BYTES)
+    body = obj["body"]
+    if type(body) is not bytes:
+        raise _malformed("body must be bin")
+    sig = _bin_field(obj, "sig", SIG_BYTES)
+    return _Envelope(v, sender, to, kind, seq, ts, nonce, body, sig)
+
+
+def _int_field(obj: dict[str, Any], key: str, lo: int, hi: int) -> int:
+    x = obj[key]
+    if type(x) is not int or not lo <= x < hi:  # type() also refuses bool
+        raise _malformed(f"{key} must be an int in [{lo}, {hi})")
+    return x
+
+
+def _bin_field(obj: dict[str, Any], key: str, size: int) -> bytes:
+    x = obj[key]
+    if type(x) is not bytes or len(x) != size:
+        raise _malformed(f"{key} must be bin({size})")
+    return x
+
+
+_SCALARS = (str, bytes, int, float, bool, type(None))
+
+
+def _check_tree(root: dict[str, Any], max_depth: int) -> None:
+    # Iterative so a hostile nesting cannot hit Python's recursion limit.
+    stack: list[tuple[Any, int]] = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            if depth > max_depth:
+                raise WireError("bad_body", 400, f"body nested deeper than {max_depth}")
+            for k, val in node.items():
+                if type(k) is not str:
+                    raise WireError("bad_body", 400, "body map keys must be str")
+                stack.append((val, depth + 1))
+        elif isinstance(node, list):
+            if depth > max_depth:
+                raise WireError("bad_body", 400, f"body nested deeper than {max_depth}")
+            stack.extend((item, depth + 1) for item in node)
+        elif not isinstance(node, _SCALARS):
+            raise WireError("bad_body", 400, f"unsupported body value {type(node).__name__}")

@@ -1,0 +1,501 @@
+"""meshd.averaging: push-sum with acknowledged shares, simulated in memory (no network, no sleeps)."""
+
+from __future__ import annotations
+
+import ast
+import math
+import random
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+import meshd.averaging
+import meshd.codec
+from meshd.averaging import (
+    DISTANCE_WINDOW,
+    PushSum,
+    PushSumState,
+    RejectedUpdate,
+    Share,
+    consensus_distance,
+)
+from meshd.codec import CodecError, CodecName, decode, encode
+from meshd.errors import MeshdError
+
+DIM = 100
+
+
+# -- a simulated in-memory network ----------------------------------------------------------------
+
+
+def make_nodes(n: int, seed: int, codec: CodecName = "f64", dim: int = DIM) -> tuple[list[PushSum], torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    start = torch.randn(n, dim, generator=gen, dtype=torch.float64)
+    return [PushSum(start[i].clone(), codec=codec) for i in range(n)], start.mean(dim=0)
+
+
+def transmit(share: Share, codec: CodecName) -> torch.Tensor:
+    """What the receiver decodes from the wire."""
+    return decode(encode(share.values, codec), share.values.shape[0], codec)
+
+
+def mass(nodes: list[PushSum]) -> tuple[torch.Tensor, float]:
+    return torch.stack([node.numerator() for node in nodes]).sum(dim=0), math.fsum(n.weight for n in nodes)
+
+
+def gossip_round(
+    nodes: list[PushSum],
+    rng: random.Random,
+    *,
+    fanout: int = 1,
+    loss: float = 0.0,
+    after_message: Callable[[], None] | None = None,
+) -> None:
+    """Everyone prepares, then messages are delivered (or lost: abandoned), then acknowledged."""
+    n = len(nodes)
+    sends: list[tuple[int, int, Share]] = []
+    for i, node in enumerate(nodes):
+        peers = rng.sample([j for j in range(n) if j != i], fanout)
+        sends.extend((i, j, share) for j, share in zip(peers, node.prepare(fanout), strict=True))
+    for i, j, share in sends:
+        if rng.random() < loss:
+            assert nodes[i].abandon(share.id)
+        else:
+            nodes[j].merge(transmit(share, nodes[i].codec), share.weight, share.version)
+            assert nodes[i].confirm(share.id)
+        if after_message is not None:
+            after_message()
+
+
+def max_distance(nodes: list[PushSum], target: torch.Tensor) -> float:
+    return max(consensus_distance(node.estimate(), target) for node in nodes)
+
+
+def rounds_to(nodes: list[PushSum], target: torch.Tensor, rng: random.Random, tol: float, limit: int) -> int | None:
+    for rnd in range(1, limit + 1):
+        gossip_round(nodes, rng)
+        if max_distance(nodes, target) <= tol:
+            return rnd
+    return None
+
+
+# -- consensus -------------------------------------------------------------------------------------
+
+
+def test_acceptance_32_nodes_exact_mean_within_60_rounds() -> None:
+    nodes, mean = make_nodes(32, seed=1)
+    rounds = rounds_to(nodes, mean, random.Random(1), tol=1e-6, limit=60)
+    print(f"n=32 f64: {rounds} rounds to 1e-6")
+    assert rounds is not None and rounds <= 60
+
+
+def test_rounds_to_consensus_by_size() -> None:
+    found = {}
+    for n in (8, 32, 96):
+        nodes, mean = make_nodes(n, seed=2)
+        found[n] = rounds_to(nodes, mean, random.Random(2), tol=1e-6, limit=120)
+    print(f"rounds to 1e-6 (f64, fanout 1): {found}")
+    assert all(r is not None for r in found.values())
+    assert found[96] <= 2 * found[8]  # type: ignore[operator]  # logarithmic, not linear, in n
+
+
+def test_f32_codec_also_reaches_1e6() -> None:
+    # f32 quantization error is ~6e-8 relative per value; mass stays exact, so the floor is ~3e-8.
+    nodes, mean = make_nodes(32, seed=3, codec="f32")
+    rounds = rounds_to(nodes, mean, random.Random(3), tol=1e-6, limit=60)
+    assert rounds is not None
+    rng = random.Random(4)
+    for _ in range(40):
+        gossip_round(nodes, rng)
+    assert max_distance(nodes, mean) < 2e-7
+
+
+def test_f16_codec_keeps_mass_exact_but_nodes_stop_at_its_precision() -> None:
+    nodes, mean = make_nodes(16, seed=5, codec="f16")
+    s0, w0 = mass(nodes)
+    rng = random.Random(5)
+    for _ in range(80):
+        gossip_round(nodes, rng)
+    s, w = mass(nodes)
+    assert consensus_distance(s / w, mean) < 1e-12  # the mesh-wide average is still the exact mean
+    assert math.isclose(w, w0, rel_tol=1e-12)
+    assert torch.allclose(s, s0, rtol=0, atol=1e-12)
+    assert max_distance(nodes, mean) < 1e-2  # each node: about f16 precision, not better
+
+
+def test_loss_20_percent_still_exact_and_mass_conserved_at_every_step() -> None:
+    nodes, mean = make_nodes(32, seed=6)
+    s0, w0 = mass(nodes)
+    scale = float(s0.abs().max())
+
+    def check() -> None:
+        s, w = mass(nodes)
+        assert abs(w - w0) <= 1e-12 * w0
+        assert float((s - s0).abs().max()) <= 1e-12 * scale
+
+    rng = random.Random(6)
+    rounds = 0
+    while max_distance(nodes, mean) > 1e-6 and rounds < 150:
+        gossip_round(nodes, rng, loss=0.2, after_message=check)
+        rounds += 1
+    print(f"n=32, 20% loss: {rounds} rounds to 1e-6")
+    assert max_distance(nodes, mean) <= 1e-6
+    assert all(node.pending == 0 for node in nodes)
+
+
+def test_duplicate_delivery_creates_mass_without_replay_guard() -> None:
+    """Why the wire's replay guard matters: a share merged twice is mass from nowhere."""
+    nodes, mean = make_nodes(8, seed=7)
+    _, w0 = mass(nodes)
+    rng = random.Random(7)
+    a, b = nodes[0], nodes[1]
+    (share,) = a.prepare(1)
+    b.merge(share.values, share.weight, share.version)
+    b.merge(share.values, share.weight, share.version)  # the duplicate
+    a.confirm(share.id)
+    _, w = mass(nodes)
+    assert w == pytest.approx(w0 + share.weight)
+    for _ in range(80):
+        gossip_round(nodes, rng)
+    assert max_distance(nodes, mean) > 1e-3  # consensus, but on the wrong value
+    s, w = mass(nodes)
+    assert max_distance(nodes, s / w) < 1e-6
+
+
+def test_lost_ack_is_a_duplicate_so_the_shell_must_retry_not_abandon() -> None:
+    """A delivered share whose ack is lost must not be abandoned: that too creates mass.
+
+    The safe shell resends the *same* message until acknowledged; the replay guard drops the copy and
+    the receiver acknowledges again. Abandon only when the share certainly was not merged.
+    """
+    nodes, _ = make_nodes(4, seed=8)
+    _, w0 = mass(nodes)
+    (share,) = nodes[0].prepare(1)
+    nodes[1].merge(share.values, share.weight, share.version)
+    nodes[0].abandon(share.id)  # wrongly: it was delivered
+    assert mass(nodes)[1] == pytest.approx(w0 + share.weight)
+
+
+# -- shares ----------------------------------------------------------------------------------------
+
+
+def test_prepare_takes_fractions_of_free_mass_and_weight_stays_positive() -> None:
+    node = PushSum(torch.ones(3, dtype=torch.float64), weight=1.0, codec="f64")
+    (a,) = node.prepare(1)
+    b, c = node.prepare(2)
+    assert a.weight == 0.5
+    assert b.weight == c.weight == pytest.approx(0.5 / 3)
+    assert node.pending == 3 and node.weight == 1.0  # nothing subtracted before confirm
+    for share in (a, b, c):
+        assert node.confirm(share.id)
+    assert node.weight == pytest.approx(0.5 / 3)
+    assert node.weight > 0
+    assert torch.allclose(node.estimate(), torch.ones(3, dtype=torch.float64))
+
+
+def test_confirm_and_abandon_of_unknown_ids() -> None:
+    node = PushSum(torch.ones(3, dtype=torch.float64))
+    (share,) = node.prepare(1)
+    assert not node.confirm(share.id + 100)
+    assert not node.abandon(share.id + 100)
+    assert node.confirm(share.id)
+    assert not node.confirm(share.id)  # twice
+    assert not node.abandon(share.id)  # after confirm
+    (share2,) = node.prepare(1)
+    assert node.abandon(share2.id)
+    assert not node.confirm(share2.id)  # after abandon
+    assert node.weight == 0.5
+
+
+def test_pending_is_bounded() -> None:
+    node = PushSum(torch.ones(2, dtype=torch.float64), max_pending=3)
+    shares = node.prepare(5)
+    assert len(shares) == 3 and all(s.weight == 0.25 for s in shares)
+    assert node.prepare(1) == []
+    assert node.rounds == 1
+    assert node.abandon_all() == 3 and node.pending == 0
+    assert len(node.prepare(1)) == 1
+    with pytest.raises(ValueError):
+        node.prepare(0)
+
+
+def test_confirm_after_state_changed_conserves_mass() -> None:
+    """Training and merges between prepare and confirm: the stored share is what gets subtracted."""
+    nodes, _ = make_nodes(3, seed=9, codec="f32")
+    s0, w0 = mass(nodes)
+    a, b, c = nodes
+    (share,) = a.prepare(1)
+    (other,) = c.prepare(1)
+    a.merge(transmit(other, "f32"), other.weight, other.version)
+    c.confirm(other.id)
+    delta = torch.full((DIM,), 0.1, dtype=torch.float64)
+    a.apply_update(delta)
+    w_a = a.weight
+    b.merge(transmit(share, "f32"), share.weight, share.version)
+    a.confirm(share.id)
+    s, w = mass(nodes)
+    assert w == pytest.approx(w0, rel=1e-15)
+    assert torch.allclose(s, s0 + delta * w_a, rtol=0, atol=1e-12)
+    assert a.weight > 0
+
+
+def test_share_values_are_codec_quantized() -> None:
+    node = PushSum(torch.tensor([1 / 3, 2 / 3], dtype=torch.float64), codec="f32")
+    (share,) = node.prepare(1)
+    assert share.values.dtype == torch.float64
+    assert torch.equal(share.values, torch.tensor([1 / 3, 2 / 3]).double())  # float32 round trip
+    assert torch.equal(transmit(share, "f32"), share.values)
+
+
+def test_f16_overflow_at_prepare_leaves_state_untouched() -> None:
+    node = PushSum(torch.tensor([1e5, 1.0], dtype=torch.float64), codec="f16")
+    with pytest.raises(CodecError):
+        node.prepare(1)
+    assert node.pending == 0 and node.rounds == 0
+    with pytest.raises(CodecError):
+        node.split_for_pull()
+    assert node.weight == 1.0
+
+
+# -- robust merge ----------------------------------------------------------------------------------
+
+
+def _snapshot(node: PushSum) -> tuple[bytes, float, int, int, float | None]:
+    return (encode(node.numerator(), "f64"), node.weight, node.version, node.merges, node.mean_distance)
+
+
+_GOOD = torch.ones(4, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    ("values", "weight", "version"),
+    [
+        pytest.param(torch.tensor([1.0, float("nan"), 0.0, 0.0], dtype=torch.float64), 0.5, 1, id="nan"),
+        pytest.param(torch.tensor([1.0, float("inf"), 0.0, 0.0], dtype=torch.float64), 0.5, 1, id="inf"),
+        pytest.param(torch.tensor([1.0, -1e7, 0.0, 0.0], dtype=torch.float64), 0.5, 1, id="oversized"),
+        pytest.param(torch.ones(5, dtype=torch.float64), 0.5, 1, id="too-long"),
+        pytest.param(torch.ones(3, dtype=torch.float64), 0.5, 1, id="too-short"),
+        pytest.param(torch.ones(2, 2, dtype=torch.float64), 0.5, 1, id="2-d"),
+        pytest.param(torch.ones(4, dtype=torch.float32), 0.5, 1, id="float32"),
+        pytest.param(torch.ones(4, dtype=torch.int64), 0.5, 1, id="int64"),
+        pytest.param([1.0, 1.0, 1.0, 1.0], 0.5, 1, id="list"),
+        pytest.param(_GOOD, -0.5, 1, id="negative-weight"),
+        pytest.param(_GOOD, 0.0, 1, id="zero-weight"),
+        pytest.param(_GOOD, float("nan"), 1, id="nan-weight"),
+        pytest.param(_GOOD, float("inf"), 1, id="inf-weight"),
+        pytest.param(_GOOD, 2e9, 1, id="weight-above-max"),
+        pytest.param(_GOOD, True, 1, id="bool-weight"),
+        pytest.param(_GOOD, "0.5", 1, id="str-weight"),
+        pytest.param(_GOOD, 0.5, -1, id="negative-version"),
+        pytest.param(_GOOD, 0.5, 1.5, id="float-version"),
+    ],
+)
+def test_rejected_updates_leave_state_bitwise_unchanged(values: object, weight: object, version: object) -> None:
+    node = PushSum(torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64), version=3)
+    node.merge(torch.full((4,), 0.7, dtype=torch.float64), 0.25, 2)
+    before = _snapshot(node)
+    with pytest.raises(RejectedUpdate) as err:
+        node.merge(values, weight, version)  # type: ignore[arg-type]
+    assert err.value.reason == "bad_values"
+    assert _snapshot(node) == before
+    with pytest.raises(RejectedUpdate):
+        node.adopt(values, weight, version)  # type: ignore[arg-type]
+    assert _snapshot(node) == before
+
+
+def test_rejected_update_is_a_value_error() -> None:
+    assert issubclass(RejectedUpdate, ValueError) and issubclass(RejectedUpdate, MeshdError)
+
+
+def test_bad_training_delta_rejected() -> None:
+    node = PushSum(torch.zeros(3, dtype=torch.float64))
+    before = _snapshot(node)
+    for delta in (torch.tensor([0.0, float("nan"), 0.0]).double(), torch.zeros(4).double(), torch.zeros(3).long()):
+        with pytest.raises(RejectedUpdate) as err:
+            node.apply_update(delta)
+        assert err.value.reason == "bad_update"
+    assert _snapshot(node) == before
+
+
+def test_max_abs_and_max_weight_are_configurable() -> None:
+    node = PushSum(torch.zeros(2, dtype=torch.float64), max_abs=10.0, max_weight=2.0)
+    node.merge(torch.tensor([10.0, -10.0], dtype=torch.float64), 2.0, 0)
+    with pytest.raises(RejectedUpdate):
+        node.merge(torch.tensor([10.5, 0.0], dtype=torch.float64), 1.0, 0)
+    with pytest.raises(RejectedUpdate):
+        node.merge(torch.zeros(2, dtype=torch.float64), 2.5, 0)
+
+
+# -- training (SGP) --------------------------------------------------------------------------------
+
+
+def test_sgp_quadratic_nodes_approach_mean_of_targets() -> None:
+    """Node i minimizes ||x - c_i||^2 with a few local steps between exchanges: all reach mean(c)."""
+    n, dim, lr, steps = 16, 20, 0.01, 3
+    gen = torch.Generator().manual_seed(10)
+    targets = torch.randn(n, dim, generator=gen, dtype=torch.float64) * 3
+    optimum = targets.mean(dim=0)
+    spread = float((targets - optimum).norm(dim=1).mean())  # local-only training ends this far away
+    nodes = [PushSum(torch.randn(dim, generator=gen, dtype=torch.float64), codec="f32") for _ in range(n)]
+    rng = random.Random(10)
+    for _ in range(150):
+        for node, target in zip(nodes, targets, strict=True):
+            z = node.estimate()
+            x = z.clone()  # the caller trains a copy
+            for _ in range(steps):
+                x -= lr * 2 * (x - target)
+            node.apply_update(x - z)
+        gossip_round(nodes, rng)
+    for _ in range(40):  # training off: settle consensus
+        gossip_round(nodes, rng)
+    errors = [float((node.estimate() - optimum).norm()) / spread for node in nodes]
+    print(f"SGP quadratic: max error {max(errors):.2e} of the spread of the local optima")
+    assert max(errors) < 0.1
+    assert all(node.version == 150 for node in nodes)
+
+
+def test_apply_update_moves_estimate_by_delta_and_keeps_merges() -> None:
+    node = PushSum(torch.zeros(2, dtype=torch.float64), codec="f64")
+    start = node.estimate()
+    node.merge(torch.tensor([2.0, 2.0], dtype=torch.float64), 1.0, 0)  # during training
+    node.apply_update(torch.tensor([0.5, -0.5], dtype=torch.float64))
+    assert torch.allclose(node.estimate(), torch.tensor([1.5, 0.5], dtype=torch.float64))
+    assert torch.equal(start, torch.zeros(2, dtype=torch.float64))  # estimate() is a copy
+    assert node.version == 1
+
+
+# -- pull, version, checkpoints ----------------------------------------------------------------------
+
+
+def test_pull_split_and_adopt_conserve_mesh_mass() -> None:
+    nodes, mean = make_nodes(8, seed=11)
+    rng = random.Random(11)
+    for _ in range(3):
+        gossip_round(nodes, rng)
+    s0, w0 = mass(nodes)
+    responder = nodes[2]
+    responder.apply_update(torch.zeros(DIM, dtype=torch.float64))  # version 1
+    fresh = PushSum(torch.randn(DIM, dtype=torch.float64) * 100, codec="f64")  # random init: discarded
+    share = responder.split_for_pull()
+    assert responder.pending == 0  # subtracted at once
+    fresh.adopt(share.values, share.weight, share.version)
+    assert fresh.version == 1
+    assert torch.allclose(fresh.estimate(), share.values)
+    s, w = mass([*nodes, fresh])
+    assert w == pytest.approx(w0, rel=1e-15)
+    assert torch.allclose(s, s0, rtol=0, atol=1e-12)
+    # A straggler that has state merges instead; mass still conserved.
+    straggler = nodes[5]
+    share2 = nodes[0].split_for_pull()
+    straggler.merge(share2.values, share2.weight, share2.version)
+    s, w = mass([*nodes, fresh])
+    assert w == pytest.approx(w0, rel=1e-15)
+    assert torch.allclose(s, s0, rtol=0, atol=1e-12)
+    everyone = [*nodes, fresh]
+    for _ in range(80):
+        gossip_round(everyone, rng)
+    assert max_distance(everyone, mean) <= 1e-6  # the newcomer did not bias the mean
+
+
+def test_split_for_pull_respects_pending_shares() -> None:
+    node = PushSum(torch.ones(2, dtype=torch.float64))
+    (share,) = node.prepare(1)
+    pulled = node.split_for_pull()
+    assert pulled.weight == 0.25 and node.weight == 0.75
+    assert node.confirm(share.id)
+    assert node.weight == 0.25
+
+
+def test_adopt_refused_with_pending_shares() -> None:
+    node = PushSum(torch.ones(2, dtype=torch.float64))
+    node.prepare(1)
+    with pytest.raises(RejectedUpdate) as err:
+        node.adopt(torch.ones(2, dtype=torch.float64), 0.5, 0)
+    assert err.value.reason == "pending_shares"
+
+
+def test_version_rules() -> None:
+    node = PushSum(torch.zeros(2, dtype=torch.float64), version=5)
+    node.apply_update(torch.zeros(2, dtype=torch.float64))
+    assert node.version == 6
+    node.merge(torch.zeros(2, dtype=torch.float64), 0.5, 3)
+    assert node.version == 6
+    node.merge(torch.zeros(2, dtype=torch.float64), 0.5, 40)
+    assert node.version == 40 and node.merges == 2
+    assert node.is_far_behind(51, threshold=10)
+    assert not node.is_far_behind(50, threshold=10)
+    assert not node.is_far_behind(2, threshold=10)
+
+
+def test_consensus_distance_and_running_mean() -> None:
+    a = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    assert consensus_distance(a, a) == 0.0
+    assert consensus_distance(torch.zeros(2, dtype=torch.float64), a) == pytest.approx(1.0)
+    assert consensus_distance(a, torch.zeros(2, dtype=torch.float64)) == pytest.approx(5.0 / 1e-12)
+    node = PushSum(torch.zeros(2, dtype=torch.float64), codec="f64")
+    assert node.mean_distance is None
+    d = node.merge(a, 1.0, 0)  # own model 0 vs incoming a
+    assert d == pytest.approx(1.0) and node.mean_distance == pytest.approx(1.0)
+    for _ in range(DISTANCE_WINDOW):
+        node.merge(node.estimate(), 1.0, 0)
+    assert node.mean_distance == pytest.approx(0.0, abs=1e-15)  # the window forgot the first one
+
+
+def test_state_round_trip_is_bit_exact() -> None:
+    nodes, _ = make_nodes(4, seed=12, codec="f32")
+    rng = random.Random(12)
+    for _ in range(5):
+        gossip_round(nodes, rng)
+    node = nodes[0]
+    node.apply_update(torch.full((DIM,), 0.01, dtype=torch.float64))
+    state = node.state()
+    restored = PushSum.from_state(state, codec="f32")
+    assert torch.equal(restored.numerator(), node.numerator())
+    assert restored.weight == node.weight and restored.version == node.version == 1
+    assert torch.equal(restored.estimate(), node.estimate())
+    state.numerator.add_(1)  # state() is a copy
+    assert not torch.equal(state.numerator, node.numerator())
+    with pytest.raises(RejectedUpdate):
+        PushSum.from_state(PushSumState(torch.zeros(3, dtype=torch.float64), 0.0, 0))
+    with pytest.raises(RejectedUpdate):
+        PushSum.from_state(PushSumState(torch.tensor([float("nan")], dtype=torch.float64), 1.0, 0))
+
+
+def test_constructor_validation() -> None:
+    with pytest.raises(ValueError):
+        PushSum(torch.zeros(2, dtype=torch.float64), codec="bf16")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        PushSum(torch.zeros(2, 2, dtype=torch.float64))
+    with pytest.raises(RejectedUpdate):
+        PushSum(torch.zeros(2, dtype=torch.float64), weight=0.0)
+    node = PushSum(torch.zeros(2, dtype=torch.float32))  # float32 models are accepted and widened
+    assert node.estimate().dtype == torch.float64 and node.dim == 2
+
+
+# -- purity ----------------------------------------------------------------------------------------
+
+
+def test_core_modules_import_no_network_stack() -> None:
+    # asyncio cannot be checked through sys.modules: `import torch` itself loads it (torch._guards ->
+    # unittest.mock -> asyncio). So: aiohttp/zeroconf at runtime, asyncio by the modules' own imports.
+    code = (
+        "import sys, meshd.averaging, meshd.codec\n"
+        "bad = [m for m in ('aiohttp', 'zeroconf') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    for module in (meshd.averaging, meshd.codec):
+        assert module.__file__ is not None
+        tree = ast.parse(Path(module.__file__).read_text())
+        imported = {
+            alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+        }
+        imported |= {
+            node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+        }
+        assert not imported & {"asyncio", "aiohttp", "zeroconf", "time", "socket"}, (module.__name__, imported)

@@ -1,0 +1,576 @@
+"""The peer table, driven by a fake clock (plain floats) and a seeded random.Random."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import pytest
+
+from meshd.membership import (
+    Peer,
+    PeerState,
+    PeerTable,
+    Ping,
+    StateChanged,
+    Timing,
+)
+
+T = Timing(suspect_after_s=5.0, dead_after_s=15.0, ping_after_s=2.0)
+SELF = b"\x00" * 32
+A, B, C, D = (bytes([i]) * 32 for i in (1, 2, 3, 4))
+ADDR = {A: "10.0.0.1:7946", B: "10.0.0.2:7946", C: "10.0.0.3:7946", D: "10.0.0.4:7946"}
+
+
+def table(*trusted: bytes, **kw: int) -> PeerTable:
+    t = PeerTable(SELF, T, **kw)
+    t.set_trusted(trusted)
+    return t
+
+
+def disc(t: PeerTable, pid: bytes, now: float, source: str = "mdns", address: str | None = None) -> None:
+    t.discovered(pid, address or ADDR[pid], f"dom-{pid[0]}", source, now)
+
+
+def state(t: PeerTable, pid: bytes) -> PeerState:
+    p = t.get(pid)
+    assert p is not None
+    return p.state
+
+
+def pings(effects: list[Ping | StateChanged]) -> list[bytes]:
+    return [e.peer_id for e in effects if isinstance(e, Ping)]
+
+
+def changes(effects: list[Ping | StateChanged]) -> list[tuple[bytes, PeerState, PeerState]]:
+    return [(e.peer_id, e.old, e.new) for e in effects if isinstance(e, StateChanged)]
+
+
+def alive(t: PeerTable, pid: bytes, now: float) -> None:
+    """Make ``pid`` a known ALIVE peer heard at ``now``, with its queued effects drained."""
+    disc(t, pid, now)
+    t.heard_from(pid, now)
+    t.tick(now)
+
+
+# ------------------------------------------------------------------ purity
+
+
+def test_module_imports_no_io_libraries() -> None:
+    code = (
+        "import sys, meshd.membership; "
+        "bad = [m for m in ('asyncio', 'aiohttp', 'zeroconf') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_timing_validation() -> None:
+    with pytest.raises(ValueError):
+        Timing(suspect_after_s=15.0, dead_after_s=5.0)
+    with pytest.raises(ValueError):
+        Timing(ping_after_s=0)
+    with pytest.raises(ValueError):
+        PeerTable(SELF, T, max_peers=0)
+
+
+# ------------------------------------------------------------------ discovery and trust
+
+
+def test_discovered_trusted_peer_is_unknown_with_address() -> None:
+    t = table(A)
+    t.discovered(A, "10.0.0.1:7946", "sales", "mdns", 100.0, model_fp="fp1")
+    p = t.get(A)
+    assert p is not None
+    assert (p.state, p.address, p.domain, p.source, p.model_fp) == (
+        PeerState.UNKNOWN,
+        "10.0.0.1:7946",
+        "sales",
+        "mdns",
+        "fp1",
+    )
+    assert p.last_seen is None and p.failures == 0
+    assert t.untrusted_snapshot() == []
+
+
+def test_discovered_untrusted_goes_to_untrusted_seen_never_to_peers() -> None:
+    t = table(A)
+    t.discovered(B, "10.0.0.2:1", "ops", "mdns", 1.0)
+    assert t.get(B) is None
+    assert t.untrusted_snapshot() == [{"peer_id": B.hex(), "domain": "ops", "address": "10.0.0.2:1", "source": "mdns"}]
+    assert t.gossip_targets(random.Random(0), 10) == []
+    assert pings(t.tick(2.0)) == []
+    # Heard-from of an untrusted key is ignored too.
+    t.heard_from(B, 3.0)
+    assert t.get(B) is None
+
+
+def test_self_is_never_a_peer() -> None:
+    t = table(SELF, A)
+    assert SELF not in t.trusted
+    t.discovered(SELF, "10.0.0.9:1", "me", "mdns", 1.0)
+    t.heard_from(SELF, 1.0)
+    assert t.get(SELF) is None
+    assert t.untrusted_snapshot() == []
+
+
+def test_model_fp_kept_when_a_source_does_not_know_it() -> None:
+    t = table(A)
+    t.discovered(A, ADDR[A], "d", "mdns", 1.0, model_fp="fp1")
+    t.discovered(A, ADDR[A], "d", "static", 2.0)
+    p = t.get(A)
+    assert p is not None and p.model_fp == "fp1"
+    t.discovered(A, ADDR[A], "d", "mdns", 3.0, model_fp="fp2")
+    assert p.model_fp == "fp2"
+
+
+def test_untrusting_a_peer_drops_it_and_keeps_the_sighting() -> None:
+    t = table(A, B)
+    alive(t, A, 1.0)
+    t.heard_from(B, 1.0)  # B known only from its own messages: no discovery address
+    t.set_trusted([B])
+    assert t.get(A) is None
+    assert [r["peer_id"] for r in t.untrusted_snapshot()] == [A.hex()]
+    assert t.untrusted_snapshot()[0]["source"] == "mdns"
+    t.set_trusted([])
+    assert t.get(B) is None
+    assert [r["peer_id"] for r in t.untrusted_snapshot()] == [A.hex()]  # B was never advertised
+    assert all(p.peer_id != A for p in t.gossip_targets(random.Random(1), 10))
+
+
+def test_trusting_a_sighted_key_promotes_it_and_pings_it() -> None:
+    t = table()
+    t.discovered(A, ADDR[A], "sales", "mdns", 1.0)
+    assert t.get(A) is None
+    t.set_trusted([A])
+    assert t.untrusted_snapshot() == []
+    assert state(t, A) == PeerState.UNKNOWN
+    effects = t.tick(50.0)
+    assert effects == [Ping(A, ADDR[A])]
+    # The UNKNOWN -> DEAD timer started at that tick, not at the old sighting.
+    assert changes(t.tick(64.9)) == []
+    assert changes(t.tick(65.0)) == [(A, PeerState.UNKNOWN, PeerState.DEAD)]
+
+
+def test_untrusted_seen_is_bounded_oldest_evicted() -> None:
+    t = table(max_untrusted=3)
+    keys = [bytes([10 + i]) * 32 for i in range(5)]
+    for i, k in enumerate(keys):
+        t.discovered(k, f"10.0.1.{i}:1", "x", "mdns", float(i))
+    assert [r["peer_id"] for r in t.untrusted_snapshot()] == [k.hex() for k in keys[2:]]
+    # A fresh sighting of an old key makes it the newest.
+    t.discovered(keys[2], "10.0.1.2:1", "x", "mdns", 9.0)
+    t.discovered(bytes([99]) * 32, "10.0.1.99:1", "x", "mdns", 10.0)
+    assert [r["peer_id"] for r in t.untrusted_snapshot()] == [
+        keys[4].hex(),
+        keys[2].hex(),
+        (bytes([99]) * 32).hex(),
+    ]
+
+
+def test_max_peers_evicts_oldest_preferring_gone_peers() -> None:
+    keys = [bytes([10 + i]) * 32 for i in range(4)]
+    t = PeerTable(SELF, T, max_peers=3)
+    t.set_trusted(keys)
+    for i, k in enumerate(keys[:3]):
+        t.discovered(k, f"10.0.2.{i}:1", "x", "mdns", float(i))
+        t.heard_from(k, float(i))
+    t.left(keys[2], 5.0)  # newest activity but LEFT: evicted first
+    t.discovered(keys[3], "10.0.2.3:1", "x", "mdns", 6.0)
+    assert len(t) == 3
+    assert t.get(keys[2]) is None
+    assert {p.peer_id for p in t.peers()} == {keys[0], keys[1], keys[3]}
+    # With nothing gone, the least recently touched goes.
+    t.set_trusted([*keys, bytes([50]) * 32])
+    t.discovered(bytes([50]) * 32, "10.0.2.50:1", "x", "mdns", 7.0)
+    assert t.get(keys[0]) is None and len(t) == 3
+
+
+# ------------------------------------------------------------------ liveness transitions at bounds
+
+
+def test_alive_to_suspect_exactly_at_bound() -> None:
+    t = table(A)
+    alive(t, A, 100.0)
+    assert changes(t.tick(104.999)) == []
+    assert state(t, A) == PeerState.ALIVE
+    assert changes(t.tick(105.0)) == [(A, PeerState.ALIVE, PeerState.SUSPECT)]
+    assert state(t, A) == PeerState.SUSPECT
+
+
+def test_suspect_to_dead_exactly_at_bound_from_last_contact() -> None:
+    t = table(A)
+    alive(t, A, 100.0)
+    t.tick(105.0)
+    assert changes(t.tick(114.999)) == []
+    assert state(t, A) == PeerState.SUSPECT
+    assert changes(t.tick(115.0)) == [(A, PeerState.SUSPECT, PeerState.DEAD)]
+    assert state(t, A) == PeerState.DEAD
+
+
+def test_long_gap_reports_both_transitions_in_order() -> None:
+    t = table(A)
+    alive(t, A, 0.0)
+    assert changes(t.tick(1000.0)) == [
+        (A, PeerState.ALIVE, PeerState.SUSPECT),
+        (A, PeerState.SUSPECT, PeerState.DEAD),
+    ]
+
+
+def test_unknown_becomes_dead_after_dead_after_s_without_contact() -> None:
+    t = table(A)
+    disc(t, A, 10.0)
+    assert changes(t.tick(24.999)) == []
+    assert state(t, A) == PeerState.UNKNOWN
+    assert changes(t.tick(25.0)) == [(A, PeerState.UNKNOWN, PeerState.DEAD)]
+
+
+def test_heard_from_revives_from_every_state() -> None:
+    for setup in ("suspect", "dead", "left", "unknown"):
+        t = table(A)
+        disc(t, A, 0.0)
+        if setup != "unknown":
+            t.heard_from(A, 0.0)
+        if setup == "suspect":
+            t.tick(5.0)
+        elif setup == "dead":
+            t.tick(15.0)
+        elif setup == "left":
+            t.left(A, 1.0)
+        t.tick(20.0)
+        old = state(t, A)
+        t.heard_from(A, 30.0)
+        assert state(t, A) == PeerState.ALIVE, setup
+        assert changes(t.tick(30.0)) == [(A, old, PeerState.ALIVE)], setup
+        p = t.get(A)
+        assert p is not None and p.last_seen == 30.0 and p.failures == 0
+
+
+def test_heard_from_unknown_peer_creates_it_inbound_and_uses_its_address_as_fallback() -> None:
+    t = table(A)
+    t.heard_from(A, 1.0)
+    p = t.get(A)
+    assert p is not None
+    assert (p.state, p.address, p.source, p.domain) == (PeerState.ALIVE, None, "inbound", "")
+    assert t.gossip_targets(random.Random(0), 5) == []  # no address: not a target
+    t.heard_from(A, 2.0, address="10.9.9.9:7946")
+    assert (p.address, p.source) == ("10.9.9.9:7946", "inbound")
+    disc(t, A, 3.0)
+    assert (p.address, p.source) == (ADDR[A], "mdns")  # discovery wins over self-reported
+    t.heard_from(A, 4.0, address="10.9.9.8:7946")
+    assert (p.address, p.source) == (ADDR[A], "mdns")
+
+
+def test_send_failed_makes_alive_suspect_and_counts() -> None:
+    t = table(A)
+    alive(t, A, 0.0)
+    t.send_failed(A, 1.0)
+    t.send_failed(A, 1.5)
+    p = t.get(A)
+    assert p is not None and p.failures == 2 and p.state == PeerState.SUSPECT
+    assert changes(t.tick(1.5)) == [(A, PeerState.ALIVE, PeerState.SUSPECT)]
+    # Death is still measured from the last contact.
+    assert changes(t.tick(14.9)) == []
+    assert changes(t.tick(15.0)) == [(A, PeerState.SUSPECT, PeerState.DEAD)]
+    t.send_failed(bytes([77]) * 32, 2.0)  # unknown peer: ignored
+
+
+def test_left_is_immediate_and_never_pinged() -> None:
+    t = table(A)
+    alive(t, A, 0.0)
+    t.left(A, 1.0)
+    assert state(t, A) == PeerState.LEFT
+    assert changes(t.tick(1.0)) == [(A, PeerState.ALIVE, PeerState.LEFT)]
+    for now in (3.0, 20.0, 100.0, 1000.0):
+        assert t.tick(now) == []
+    assert state(t, A) == PeerState.LEFT
+    t.left(bytes([77]) * 32, 2.0)  # unknown peer: ignored
+
+
+def test_rediscovery_of_left_or_dead_peer_makes_it_unknown_and_pinged() -> None:
+    for how in ("left", "dead"):
+        t = table(A)
+        alive(t, A, 0.0)
+        if how == "left":
+            t.left(A, 1.0)
+        t.tick(20.0)
+        disc(t, A, 21.0)
+        assert state(t, A) == PeerState.UNKNOWN
+        effects = t.tick(21.0)
+        assert changes(effects)[-1] == (A, PeerState.DEAD if how == "dead" else PeerState.LEFT, PeerState.UNKNOWN)
+        assert pings(effects) == [A]
+        # ...and its UNKNOWN timer runs from the re-discovery, not from the old last_seen.
+        assert changes(t.tick(35.9)) == []
+        assert changes(t.tick(36.0)) == [(A, PeerState.UNKNOWN, PeerState.DEAD)]
+
+
+def test_rediscovery_of_a_live_peer_keeps_its_state() -> None:
+    t = table(A)
+    alive(t, A, 0.0)
+    disc(t, A, 1.0, address="10.0.0.100:7946")
+    p = t.get(A)
+    assert p is not None and p.state == PeerState.ALIVE and p.address == "10.0.0.100:7946"
+    assert t.tick(1.0) == []
+
+
+# ------------------------------------------------------------------ pings
+
+
+def test_unknown_is_pinged_at_once_then_every_ping_after_s() -> None:
+    t = table(A)
+    disc(t, A, 0.0)
+    assert t.tick(0.0) == [Ping(A, ADDR[A])]
+    assert t.tick(1.999) == []  # one outstanding ping
+    assert pings(t.tick(2.0)) == [A]  # unanswered: retried
+    assert t.tick(3.0) == []
+    assert pings(t.tick(4.0)) == [A]
+
+
+def test_alive_peer_pinged_only_when_idle_at_exact_bound() -> None:
+    t = table(A)
+    alive(t, A, 10.0)
+    assert t.tick(11.999) == []
+    assert t.tick(12.0) == [Ping(A, ADDR[A])]
+    assert t.tick(13.0) == []  # outstanding
+    t.heard_from(A, 13.5)  # the ack
+    assert t.tick(15.4) == []
+    assert pings(t.tick(15.5)) == [A]
+
+
+def test_busy_peer_is_never_pinged() -> None:
+    t = table(A)
+    alive(t, A, 0.0)
+    for i in range(1, 50):
+        t.heard_from(A, i * 1.5)
+        assert t.tick(i * 1.5 + 1.0) == []
+
+
+def test_suspect_peer_keeps_being_pinged() -> None:
+    t = table(A)
+    alive(t, A, 0.0)
+    assert pings(t.tick(2.0)) == [A]
+    effects = t.tick(5.0)
+    assert changes(effects) == [(A, PeerState.ALIVE, PeerState.SUSPECT)]
+    assert pings(effects) == [A]  # 2.0 + 2.0 <= 5.0
+    assert t.tick(6.9) == []
+    assert pings(t.tick(7.0)) == [A]
+
+
+def test_dead_peer_pinged_every_dead_after_s() -> None:
+    t = table(A)
+    alive(t, A, 0.0)
+    assert changes(t.tick(15.0))[-1] == (A, PeerState.SUSPECT, PeerState.DEAD)
+    assert t.tick(29.999) == []
+    assert t.tick(30.0) == [Ping(A, ADDR[A])]
+    assert t.tick(44.0) == []
+    assert t.tick(45.0) == [Ping(A, ADDR[A])]
+    t.heard_from(A, 46.0)  # it came back
+    assert changes(t.tick(46.0)) == [(A, PeerState.DEAD, PeerState.ALIVE)]
+
+
+def test_peer_without_address_is_not_pinged() -> None:
+    t = table(A)
+    t.heard_from(A, 0.0)
+    assert t.tick(100.0) == [
+        StateChanged(A, PeerState.ALIVE, PeerState.SUSPECT),
+        StateChanged(A, PeerState.SUSPECT, PeerState.DEAD),
+    ]
+    assert t.tick(1000.0) == []
+
+
+def test_tick_output_is_ordered_by_peer_id() -> None:
+    t = table(A, B, C)
+    for k in (C, A, B):
+        disc(t, k, 0.0)
+    assert pings(t.tick(0.0)) == [A, B, C]
+
+
+# ------------------------------------------------------------------ mDNS goodbye and static reloads
+
+
+def test_mdns_goodbye_marks_left_when_mdns_owns_the_address() -> None:
+    t = table(A)
+    alive(t, A, 0.0)
+    t.gone(A, "mdns", 1.0)
+    assert state(t, A) == PeerState.LEFT
+    assert changes(t.tick(1.0)) == [(A, PeerState.ALIVE, PeerState.LEFT)]
+    t.heard_from(A, 2.0)
+    assert state(t, A) == PeerState.ALIVE
+
+
+def test_mdns_goodbye_when_another_source_owns_the_address() -> None:
+    t = table(A)
+    disc(t, A, 0.0, source="mdns", address="10.0.0.50:1")
+    disc(t, A, 1.0, source="static")  # newest report owns the address
+    t.heard_from(A, 1.0)
+    t.gone(A, "mdns", 2.0)
+    p = t.get(A)
+    assert p is not None and p.state == PeerState.ALIVE
+    assert (p.address, p.source) == (ADDR[A], "static")
+    t.gone(A, "mdns", 3.0)  # repeated: no-op
+    t.gone(bytes([77]) * 32, "mdns", 3.0)  # unknown: no-op
+    assert p.state == PeerState.ALIVE
+
+
+def test_mdns_goodbye_falls_back_to_older_address() -> None:
+    t = table(A)
+    disc(t, A, 0.0, source="static", address="10.0.0.50:1")
+    disc(t, A, 1.0, source="mdns")
+    t.gone(A, "mdns", 2.0)
+    p = t.get(A)
+    assert p is not None and p.state == PeerState.LEFT
+    assert (p.address, p.source) == ("10.0.0.50:1", "static")
+
+
+def test_gone_removes_untrusted_sighting_of_that_source() -> None:
+    t = table()
+    t.discovered(A, ADDR[A], "d", "mdns", 0.0)
+    t.gone(A, "static", 1.0)
+    assert len(t.untrusted_snapshot()) == 1
+    t.gone(A, "mdns", 1.0)
+    assert t.untrusted_snapshot() == []
+
+
+def test_static_delisting_forgets_instead_of_leaving() -> None:
+    t = table(A, B)
+    disc(t, A, 0.0, source="static")
+    alive(t, B, 0.0)
+    disc(t, B, 0.0, source="static", address="10.0.0.60:1")
+    t.gone(A, "static", 1.0)  # never heard from, no other source: removed
+    assert t.get(A) is None
+    t.gone(B, "static", 1.0)  # mdns still knows it: stays ALIVE with the mdns address
+    p = t.get(B)
+    assert p is not None and (p.state, p.address, p.source) == (PeerState.ALIVE, ADDR[B], "mdns")
+
+
+def test_forget_source_keeps_listed_heard_and_multi_source_peers() -> None:
+    t = table(A, B, C, D)
+    for k in (A, B, C, D):
+        disc(t, k, 0.0, source="registry")
+    t.heard_from(B, 1.0)  # heard from: kept (address gone)
+    disc(t, C, 1.0, source="mdns", address="10.0.0.33:1")  # another source: kept
+    t.discovered(bytes([9]) * 32, "10.0.0.9:1", "u", "registry", 1.0)  # untrusted registry entry
+    t.forget_source("registry", keep={D})
+    assert t.get(A) is None
+    b, c, d = t.get(B), t.get(C), t.get(D)
+    assert b is not None and b.address is None and b.state == PeerState.ALIVE
+    assert c is not None and (c.address, c.source) == ("10.0.0.33:1", "mdns")
+    assert d is not None and (d.address, d.source) == (ADDR[D], "registry")
+    assert t.untrusted_snapshot() == []
+
+
+# ------------------------------------------------------------------ choices
+
+
+def test_gossip_targets_exclude_dead_left_suspect_self_and_addressless() -> None:
+    keys = [bytes([10 + i]) * 32 for i in range(8)]
+    t = table(*keys)
+    for i, k in enumerate(keys):
+        t.discovered(k, f"10.0.3.{i}:1", "x", "mdns", 0.0)
+        t.heard_from(k, 0.0)
+    t.tick(0.0)
+    t.left(keys[0], 1.0)
+    t.send_failed(keys[1], 1.0)  # suspect
+    t.gone(keys[2], "mdns", 1.0)  # left
+    t.heard_from(keys[3], 1.0)
+    t.forget_source("mdns", keep=set(keys[4:]))  # keys[3] heard from, keeps no address
+    dead = bytes([60]) * 32
+    fresh = bytes([61]) * 32
+    t.set_trusted([*keys, dead, fresh, SELF])
+    t.discovered(dead, "10.0.3.60:1", "x", "mdns", -100.0)
+    t.tick(-85.0)  # UNKNOWN -> DEAD
+    t.discovered(fresh, "10.0.3.61:1", "x", "mdns", 2.0)  # UNKNOWN: a valid target
+    assert state(t, dead) == PeerState.DEAD
+    allowed = {*keys[4:], fresh}
+    rng = random.Random(1234)
+    seen: set[bytes] = set()
+    for _ in range(300):
+        chosen = t.gossip_targets(rng, 2)
+        ids = [p.peer_id for p in chosen]
+        assert len(ids) == 2 == len(set(ids))
+        assert set(ids) <= allowed
+        seen.update(ids)
+    assert seen == allowed  # every allowed peer gets chosen sometimes
+    assert len(t.gossip_targets(rng, 100)) == len(allowed)
+    assert t.gossip_targets(rng, 0) == []
+
+
+def test_gossip_targets_are_deterministic_for_a_seed() -> None:
+    def build(order: list[bytes]) -> PeerTable:
+        t = table(A, B, C, D)
+        for k in order:
+            disc(t, k, 0.0)
+        return t
+
+    t1, t2 = build([A, B, C, D]), build([D, C, B, A])
+    got1 = [p.peer_id for p in t1.gossip_targets(random.Random(7), 2)]
+    got2 = [p.peer_id for p in t2.gossip_targets(random.Random(7), 2)]
+    assert got1 == got2
+
+
+def test_gossip_targets_roughly_uniform() -> None:
+    t = table(A, B, C, D)
+    for k in (A, B, C, D):
+        alive(t, k, 0.0)
+    rng = random.Random(99)
+    counts = dict.fromkeys((A, B, C, D), 0)
+    for _ in range(4000):
+        (p,) = t.gossip_targets(rng, 1)
+        counts[p.peer_id] += 1
+    assert all(850 < n < 1150 for n in counts.values()), counts
+
+
+def test_pull_candidates_alive_most_recent_first_then_unknown() -> None:
+    t = table(A, B, C, D)
+    alive(t, A, 1.0)
+    alive(t, B, 3.0)
+    disc(t, C, 0.0)  # unknown
+    alive(t, D, 2.0)
+    t.left(D, 4.0)
+    assert [p.peer_id for p in t.pull_candidates()] == [B, A, C]
+
+
+# ------------------------------------------------------------------ reports
+
+
+def test_snapshot_rows() -> None:
+    t = table(A, B)
+    t.discovered(A, ADDR[A], "zeta", "static", 0.0)
+    t.heard_from(A, 10.0)
+    t.discovered(B, ADDR[B], "alpha", "mdns", 0.0)
+    assert t.snapshot(12.5) == [
+        {
+            "domain": "alpha",
+            "peer_id": B.hex(),
+            "address": ADDR[B],
+            "state": "unknown",
+            "source": "mdns",
+            "last_seen_s": None,
+        },
+        {
+            "domain": "zeta",
+            "peer_id": A.hex(),
+            "address": ADDR[A],
+            "state": "alive",
+            "source": "static",
+            "last_seen_s": 2.5,
+        },
+    ]
+
+
+def test_counts_lists_every_state() -> None:
+    t = table(A, B, C)
+    assert t.counts() == {"alive": 0, "suspect": 0, "dead": 0, "left": 0, "unknown": 0}
+    alive(t, A, 0.0)
+    disc(t, B, 0.0)
+    alive(t, C, 0.0)
+    t.left(C, 0.0)
+    assert t.counts() == {"alive": 1, "suspect": 0, "dead": 0, "left": 1, "unknown": 1}
+
+
+def test_peer_type_is_exported() -> None:
+    t = table(A)
+    disc(t, A, 0.0)
+    assert isinstance(t.peers()[0], Peer)
