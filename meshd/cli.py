@@ -212,7 +212,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _status_url(args: argparse.Namespace) -> str:
     if args.url:
-        return args.url.rstrip("/")
+        return str(args.url).rstrip("/")
     path = args.config or (Path(os.environ["MESHD_CONFIG"]) if os.environ.get("MESHD_CONFIG") else None)
     if path is None and DEFAULT_CONFIG.is_file():
         path = DEFAULT_CONFIG
@@ -281,19 +281,20 @@ def _fmt(v: Any, digits: int = 4) -> str:
 def _format_status(s: dict[str, Any]) -> str:
     cfg, mesh, model, tr, g = (s.get(k, {}) for k in ("config", "mesh", "model", "training", "gossip"))
     counts = mesh.get("counts", {})
+    joined = "joined" if mesh.get("joined") else "not joined"
+    peers = ", ".join(f"{k} {v}" for k, v in counts.items() if v) or "none"
+    reload_note = "" if cfg.get("last_reload_ok", True) else f"  LAST RELOAD FAILED: {cfg.get('last_reload_error')}"
     rows = [
         ("domain", s.get("domain")),
         ("peer id", s.get("peer_id")),
         ("state", f"{s.get('state')} (up {_fmt(s.get('uptime_s'))} s, meshd {s.get('version')})"),
-        ("config", f"{cfg.get('path')} loaded {cfg.get('loaded_at')}"
-                   + ("" if cfg.get("last_reload_ok", True) else f"  LAST RELOAD FAILED: {cfg.get('last_reload_error')}")),
-        ("mesh", f"{'joined' if mesh.get('joined') else 'not joined'}; peers "
-                 + ", ".join(f"{k} {v}" for k, v in counts.items() if v) if counts else
-                 f"{'joined' if mesh.get('joined') else 'not joined'}; no peers"),
+        ("config", f"{cfg.get('path')} loaded {cfg.get('loaded_at')}{reload_note}"),
+        ("mesh", f"{joined}; peers: {peers}"),
         ("model", f"{model.get('name', '-')} v{_fmt(model.get('version'))} "
                   f"({_fmt(model.get('parameters'))} params, fp {str(model.get('fingerprint', '-'))[:12]})"),
         ("training", f"steps {_fmt(tr.get('steps'))}, loss {_fmt(tr.get('loss'))}, "
-                     f"holdout acc {_fmt(tr.get('holdout_accuracy'))}, local-only {_fmt(tr.get('local_only_accuracy'))}"),
+                     f"holdout acc {_fmt(tr.get('holdout_accuracy'))}, "
+                     f"local-only {_fmt(tr.get('local_only_accuracy'))}"),
         ("gossip", f"rounds {_fmt(g.get('rounds'))}, sent {_fmt(g.get('sent'))}, received {_fmt(g.get('received'))}, "
                    f"merged {_fmt(g.get('merged'))}, weight {_fmt(g.get('weight'))}, "
                    f"consensus dist {_fmt(g.get('consensus_distance'))}"),
@@ -338,7 +339,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from meshd.demo import run_demo
 
-    return run_demo(args)
+    return int(run_demo(args))
 
 
 if __name__ == "__main__":

@@ -402,10 +402,9 @@ def _convert(tp: Any, value: Any, key: str, base_dir: Path, problems: list[str])
     elif tp is str:
         if isinstance(value, str):
             return value
-    elif tp is Path:
-        if isinstance(value, str) and value:
-            p = Path(value).expanduser()
-            return p if p.is_absolute() else (base_dir / p)
+    elif tp is Path and isinstance(value, str) and value:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (base_dir / p)
     problems.append(f"{key}: must be {_type_name(tp)} (got {value!r})")
     return _BAD
 

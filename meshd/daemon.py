@@ -112,8 +112,8 @@ class Daemon:
                 for task in tasks:
                     task.cancel()
         except* MeshdError as eg:
-            for exc in eg.exceptions:
-                log.error("daemon_failed", error=str(exc))
+            for err in eg.exceptions:
+                log.error("daemon_failed", error=str(err))
             exit_code = 1
         finally:
             self.state = "stopping"

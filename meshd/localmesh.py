@@ -124,7 +124,7 @@ def build_mesh(
                            f'address = "127.0.0.1:{peer_port}"', ""]
         classes = tuple(int(c) for c in np.unique(y[rows]))
         layouts.append(DomainLayout(name, d, d / "meshd.toml", ident.peer_id, peer_port, status_port,
-                                    int(len(rows)), classes))
+                                    len(rows), classes))
     (workdir / "registry.toml").write_text("\n".join(registry_lines))
     return MeshLayout(workdir, layouts, test_path, train_path, dataset, alpha, seed)
 

@@ -27,7 +27,7 @@ from meshd import store, wire
 from meshd.averaging import RejectedUpdate
 from meshd.config import Config
 from meshd.engine import Engine
-from meshd.errors import ConfigError, MeshdError, WireError
+from meshd.errors import ConfigError, MeshdError, ModelError, WireError
 from meshd.identity import Identity, parse_peer_id, peer_id_of
 from meshd.logs import QuietLog
 from meshd.membership import PeerState, PeerTable, Ping, StateChanged, Timing
@@ -360,7 +360,8 @@ class Node:
         share = ps.split_for_pull()
         self.stats.pulls += 1
         log.info("pull_answered", peer_id=peer_id_of(sender), weight=share.weight, version=share.version)
-        return Reply(200, await self._seal(sender, "model", self._share_body(share.values, share.weight, share.version)))
+        body = await asyncio.to_thread(self._share_body, share.values, share.weight, share.version)
+        return Reply(200, await self._seal(sender, "model", body))
 
     # --- sending -----------------------------------------------------------------------------------------
 
@@ -416,7 +417,8 @@ class Node:
         self.stats.bytes_sent += len(envelope)
         if status < 500 or status == 503:
             self.table.heard_from(peer_id, time.monotonic())
-        if status >= 400 and self._quiet.should_log(("send_refused", peer_id_of(peer_id), str(status)))[0]:
+        quiet_key = ("send_refused", peer_id_of(peer_id), str(status))
+        if status >= 400 and status != 503 and self._quiet.should_log(quiet_key)[0]:
             log.warning("send_refused", peer_id=peer_id_of(peer_id), kind=kind, status=status,
                         reply=reply[:200].decode(errors="replace"))
         return status, reply, attempts
@@ -435,7 +437,7 @@ class Node:
         targets = [p for p in self.table.peers() if p.address and p.state != PeerState.LEFT]
         async with asyncio.TaskGroup() as tg:
             for p in targets:
-                tg.create_task(self._quietly(self._exchange(p.peer_id, p.address, "leave", {"reason": reason})))
+                tg.create_task(self._quietly(self._exchange(p.peer_id, p.address or "", "leave", {"reason": reason})))
         log.info("leave_sent", peers=len(targets), reason=reason)
 
     @staticmethod
@@ -477,7 +479,7 @@ class Node:
         for p in candidates[:4]:
             try:
                 status, reply, _ = await self._exchange(
-                    p.peer_id, p.address, "pull", {"fp": self.engine.fingerprint}
+                    p.peer_id, p.address or "", "pull", {"fp": self.engine.fingerprint}
                 )
             except SendError:
                 continue
@@ -496,7 +498,7 @@ class Node:
                 else:
                     ps.merge(vec, weight, version)
             except (WireError, RejectedUpdate) as exc:
-                self._reject("bad_pull_reply", p.address, str(exc), p.peer_id)
+                self._reject("bad_pull_reply", p.address or "?", str(exc), p.peer_id)
                 continue
             self.engine.fresh = False
             log.info("model_pulled", peer_id=peer_id_of(p.peer_id), version=version, weight=weight,
@@ -575,11 +577,13 @@ class Node:
             ps, tr = self.engine.pushsum, self.cfg.training
             if ps is not None and self.engine.learner is not None and tr.enabled and tr.steps_per_round > 0:
                 start = ps.estimate()
-                new, result = await asyncio.to_thread(self.engine.train, start, tr.steps_per_round)
                 try:
+                    new, result = await asyncio.to_thread(self.engine.train, start, tr.steps_per_round)
                     ps.apply_update(new - start)
-                except RejectedUpdate as exc:
-                    log.error("training_diverged", detail=exc.detail, hint="lower training.lr")
+                except (RejectedUpdate, ModelError) as exc:
+                    # The model is kept as it was; a diverging step is dropped, never merged.
+                    if self._quiet.should_log(("training_diverged",))[0]:
+                        log.error("training_diverged", detail=str(exc), hint="lower training.lr")
                 else:
                     st = self.engine.stats
                     st.steps += result.steps

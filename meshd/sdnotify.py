@@ -6,6 +6,7 @@ No dependency: it is one datagram to $NOTIFY_SOCKET. A no-op when the variable i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -34,10 +35,8 @@ class Notifier:
     def notify(self, *lines: str) -> None:
         if self._sock is None or self._addr is None:
             return
-        try:
+        with contextlib.suppress(OSError):  # systemd gone or socket full: notifications are best effort
             self._sock.sendto("\n".join(lines).encode(), self._addr)
-        except OSError:
-            pass  # systemd gone or socket full: notifications are best effort
 
     def ready(self, status: str = "") -> None:
         self.notify("READY=1", *( [f"STATUS={status}"] if status else []))

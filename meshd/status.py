@@ -93,7 +93,8 @@ class _Collector(Collector):
 
         yield from gauge("meshd_up", "1 while the daemon runs", 1)
         yield from gauge("meshd_uptime_seconds", "Seconds since the daemon started", s.get("uptime_s", 0))
-        yield from gauge("meshd_mesh_joined", "1 when this domain takes part in the mesh", s.get("mesh", {}).get("joined"))
+        joined = s.get("mesh", {}).get("joined")
+        yield from gauge("meshd_mesh_joined", "1 when this domain takes part in the mesh", joined)
         yield from counter("meshd_messages_sent", "Envelopes sent and answered", g.get("sent"))
         yield from counter("meshd_messages_received", "Envelopes accepted", g.get("received"))
         yield from counter("meshd_bytes_sent", "Envelope bytes sent", g.get("bytes_sent"))

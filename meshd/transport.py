@@ -190,7 +190,7 @@ class _GuardProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         ip = str(peer[0]) if peer else "?"
         if not self._site.admit(ip):
-            transport.abort()
+            transport.close()
             return
         self._ip = ip
         self._transport = transport
