@@ -18,7 +18,7 @@ from typing import Any
 from meshd import __version__
 from meshd import config as configmod
 from meshd import identity as identitymod
-from meshd.errors import ConfigError, IdentityError, MeshdError
+from meshd.errors import ConfigError, DataError, IdentityError, MeshdError, ModelError
 
 DEFAULT_CONFIG = Path("/etc/meshd/meshd.toml")
 DEFAULT_STATUS = "127.0.0.1:7947"
@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--peer-addr", default="0.0.0.0:7946", help="HOST:PORT of the gossip listener")
     s.add_argument("--status-addr", default=DEFAULT_STATUS, help="HOST:PORT of the local status API")
     s.add_argument("--data", default="", help="path of the domain's data product (CSV or .npz)")
+    s.add_argument("--state-dir", default="state",
+                   help="state directory (checkpoints, replay state); relative to --dir (default: state)")
     s.add_argument("--force", action="store_true", help="overwrite an existing config and key")
     s.set_defaults(func=cmd_init)
 
@@ -130,7 +132,9 @@ def cmd_init(args: argparse.Namespace) -> int:
         os.chmod(d, 0o700)
     ident = identitymod.generate()
     identitymod.save(ident, key_path, force=args.force)
-    text = render(args.domain, peer_addr=args.peer_addr, status_addr=args.status_addr, data_path=args.data)
+    data_path = str(Path(args.data).resolve()) if args.data else ""  # as the operator typed it, from here
+    text = render(args.domain, peer_addr=args.peer_addr, status_addr=args.status_addr, data_path=data_path,
+                  state_dir=args.state_dir)
     tmp = cfg_path.with_name(cfg_path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.chmod(tmp, 0o640)
@@ -202,6 +206,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(Daemon(cfg, ident).run())
+    except (ConfigError, DataError, ModelError) as exc:  # bad input found at start: data, model, registry
+        _err(str(exc))
+        return 2
     except MeshdError as exc:
         _err(str(exc))
         return 1

@@ -47,7 +47,7 @@ class Daemon:
         self._pending_restart: list[str] = []
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
-        self._config_sig = _file_signature(cfg.source)
+        self._config_sig = _config_signature(cfg)
         self.status_server: StatusServer | None = None
         self.node: Any = None  # the gossip node (meshd.node.Node) once built
 
@@ -137,11 +137,11 @@ class Daemon:
             await self.reload()
 
     async def _watch_config_loop(self) -> None:
-        """Reload when the file changes on disk (content hash, so editors' atomic saves are seen)."""
-        assert self.cfg.source is not None
+        """Reload when the config or the trust registry changes on disk (content hashes, so editors'
+        atomic saves are seen)."""
         while True:
             await asyncio.sleep(1.0)
-            sig = await asyncio.to_thread(_file_signature, self.cfg.source)
+            sig = await asyncio.to_thread(_config_signature, self.cfg)
             if sig != self._config_sig:
                 self._config_sig = sig
                 log.info("config_changed_on_disk", path=str(self.cfg.source))
@@ -152,7 +152,7 @@ class Daemon:
         self.notifier.reloading()
         path = self.cfg.source
         try:
-            self._config_sig = await asyncio.to_thread(_file_signature, path)
+            self._config_sig = await asyncio.to_thread(_config_signature, self.cfg)
             new = await asyncio.to_thread(configmod.load, path)
         except ConfigError as exc:
             self._last_reload_ok = False
@@ -173,6 +173,7 @@ class Daemon:
             self.notifier.ready()
             return
         self.cfg = new
+        self._config_sig = await asyncio.to_thread(_config_signature, new)
         self._loaded_at = _now_iso()
         self._last_reload_ok = True
         self._last_reload_error = None
@@ -208,6 +209,12 @@ class Daemon:
 
 def _now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _config_signature(cfg: Config) -> tuple[str | None, str | None]:
+    assert cfg.source is not None
+    registry = _file_signature(cfg.trust.registry) if cfg.trust.registry is not None else None
+    return _file_signature(cfg.source), registry
 
 
 def _file_signature(path: Path) -> str | None:

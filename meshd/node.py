@@ -27,7 +27,7 @@ from meshd import store, wire
 from meshd.averaging import RejectedUpdate
 from meshd.config import Config
 from meshd.engine import Engine
-from meshd.errors import ConfigError, MeshdError, ModelError, WireError
+from meshd.errors import MeshdError, ModelError, WireError
 from meshd.identity import Identity, parse_peer_id, peer_id_of
 from meshd.logs import QuietLog
 from meshd.membership import PeerState, PeerTable, Ping, StateChanged, Timing
@@ -168,6 +168,7 @@ class Node:
             await self._stop_discovery()
         elif not old.mesh.enabled and new.mesh.enabled:
             log.info("mesh_joining")
+            await self._announce()
         elif old.discovery != new.discovery and new.mesh.enabled:
             await self._stop_discovery()
         self._mesh_changed.set()
@@ -184,10 +185,7 @@ class Node:
         self, cfg: Config, trusted: frozenset[bytes] | None = None, registry: list[disc.StaticPeer] | None = None
     ) -> None:
         if trusted is None or registry is None:
-            try:
-                trusted, registry = self._load_trust(cfg)
-            except ConfigError as exc:
-                raise MeshdError(str(exc)) from None
+            trusted, registry = self._load_trust(cfg)
         removed = self._trusted - trusted
         self._trusted = trusted
         self.table.set_trusted(trusted)
@@ -301,6 +299,8 @@ class Node:
     async def _dispatch(self, opened: wire.Opened, body: dict[str, Any]) -> Reply:
         kind, sender = opened.kind, opened.sender
         if kind == "ping":
+            if not self.cfg.mesh.enabled:
+                return Reply.error(503, "not_joined", "this domain has left the mesh")
             return Reply(200, await self._seal(sender, "pong", self._hello_body()))
         if kind == "leave":
             self.table.left(sender, time.monotonic())
@@ -415,7 +415,9 @@ class Node:
             raise
         self.stats.sent += 1
         self.stats.bytes_sent += len(envelope)
-        if status < 500 or status == 503:
+        if status == 503 and b"not_joined" in reply:
+            self.table.left(peer_id, time.monotonic())  # it answered: it is there, but out of the mesh
+        elif status < 500 or status == 503:
             self.table.heard_from(peer_id, time.monotonic())
         quiet_key = ("send_refused", peer_id_of(peer_id), str(status))
         if status >= 400 and status != 503 and self._quiet.should_log(quiet_key)[0]:
@@ -439,6 +441,16 @@ class Node:
             for p in targets:
                 tg.create_task(self._quietly(self._exchange(p.peer_id, p.address or "", "leave", {"reason": reason})))
         log.info("leave_sent", peers=len(targets), reason=reason)
+
+    async def _announce(self) -> None:
+        """Ping every known peer now: after a leave, our own table aged them to dead, and they marked us
+        left; a signed ping makes both sides alive again without waiting for the dead-peer probe."""
+        targets = [p for p in self.table.peers() if p.address]
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.cfg.gossip.request_timeout_s), asyncio.TaskGroup() as tg:
+                for p in targets:
+                    tg.create_task(self._ping(p.peer_id, p.address or ""))
+        log.info("join_announced", peers=len(targets))
 
     @staticmethod
     async def _quietly(coro: Coroutine[Any, Any, Any]) -> None:
@@ -536,8 +548,6 @@ class Node:
             status, reply, attempts = await self._exchange(peer_id, address, "share", body)
             # A retry answered 'replayed' means an earlier attempt did arrive and was merged.
             delivered = status == 204 or (status == 409 and attempts > 1 and b'"replayed"' in reply)
-            if status == 503 and b"not_joined" in reply:
-                self.table.left(peer_id, time.monotonic())
         except (SendError, MeshdError):
             delivered = False
         finally:
