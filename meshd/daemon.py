@@ -23,6 +23,7 @@ from meshd import logs
 from meshd.config import Config
 from meshd.errors import ConfigError, MeshdError
 from meshd.identity import Identity
+from meshd.node import Node
 from meshd.sdnotify import Notifier
 from meshd.stats import GossipStats
 from meshd.status import StatusServer
@@ -49,7 +50,7 @@ class Daemon:
         self._reload = asyncio.Event()
         self._config_sig = _config_signature(cfg)
         self.status_server: StatusServer | None = None
-        self.node: Any = None  # the gossip node (meshd.node.Node) once built
+        self.node: Node | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
@@ -60,6 +61,14 @@ class Daemon:
         self._reload.set()
 
     async def run(self) -> int:
+        guard = _blocking_guard()
+        try:
+            return await self._run_with_signals()
+        finally:
+            if guard is not None:
+                guard.deactivate()
+
+    async def _run_with_signals(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
@@ -72,9 +81,7 @@ class Daemon:
             self.notifier.close()
 
     async def _run(self) -> int:
-        _ensure_private_dir(self.cfg.node.state_dir)
-        from meshd.node import Node  # the shell that owns wire, membership, averaging, learning
-
+        await asyncio.to_thread(_ensure_private_dir, self.cfg.node.state_dir)
         self.node = Node(self.cfg, self.identity, self.stats)
         await self.node.open()
         host, port = configmod.split_host_port(self.cfg.listen.status)
@@ -205,6 +212,22 @@ class Daemon:
             "training": node.get("training", {}),
             "gossip": gossip,
         }
+
+
+def _blocking_guard() -> Any:
+    """With MESHD_BLOCKBUSTER=1 (the test suite sets it), any blocking call made on the event loop
+    raises, so a torch step, a file write or a sync socket call that slipped onto the loop fails loudly."""
+    if os.environ.get("MESHD_BLOCKBUSTER") != "1":
+        return None
+    from blockbuster import BlockBuster
+
+    bb = BlockBuster()
+    # Log lines are small line-buffered writes to stdout/journald: the one blocking write we accept.
+    for name in ("io.TextIOWrapper.write", "io.BufferedWriter.write", "os.write"):
+        bb.functions[name].can_block_in("structlog/_output.py", {"msg", "__call__"})
+    bb.activate()
+    log.info("blocking_guard_active")
+    return bb
 
 
 def _now_iso() -> str:

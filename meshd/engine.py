@@ -50,7 +50,7 @@ class Engine:
             kernel_size=cfg.model.kernel_size,
             num_classes=cfg.model.num_classes,
         )
-        self.store = CheckpointStore(cfg.node.state_dir / "checkpoints", keep=cfg.checkpoint.keep)
+        self._store: CheckpointStore | None = None  # created in load(): it touches the disk
         self.data: DataProduct | None = None
         self.test: DataProduct | None = None
         self.learner: Learner | None = None
@@ -66,6 +66,12 @@ class Engine:
         self.sha256: str | None = None
 
     # --- start-up (worker thread) ------------------------------------------------------------------------
+
+    @property
+    def store(self) -> CheckpointStore:
+        if self._store is None:
+            self._store = CheckpointStore(self.cfg.node.state_dir / "checkpoints", keep=self.cfg.checkpoint.keep)
+        return self._store
 
     def load(self) -> list[str]:
         """Load the data product, build the model, restore the newest checkpoint; returns warnings."""

@@ -472,6 +472,9 @@ class Node:
             await asyncio.sleep(self.cfg.gossip.interval_s * 5)  # at most one catch-up pull per 5 rounds
 
     async def _initial_pull(self) -> None:
+        if not self._trusted:
+            log.info("join_alone", detail="no trusted peers configured")
+            return
         deadline = time.monotonic() + max(5.0, 3 * self.cfg.gossip.interval_s)
         while time.monotonic() < deadline:
             outcome = await self._pull_once(adopt=True)
