@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -9,6 +10,10 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import DaemonProc
+
+# Every daemon the suite starts runs with the blocking-call guard: a blocking call on its event loop
+# raises inside the daemon (and the `daemons` fixture fails the test that started it).
+os.environ["MESHD_BLOCKBUSTER"] = "1"
 
 
 @pytest.fixture
@@ -23,6 +28,8 @@ def daemons() -> Iterator[Callable[..., DaemonProc]]:
     yield start
     for d in started:
         d.stop()
+    for d in started:
+        assert "BlockingError" not in d.logs(), f"blocking call on the event loop of {d.config}:\n{d.logs()}"
 
 
 @pytest.fixture(autouse=True)

@@ -110,7 +110,8 @@ class DaemonProc:
         return wait_for(ready, timeout, what=f"{self.config} to be running")
 
     def logs(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def signal(self, sig: int) -> None:
