@@ -221,6 +221,7 @@ def _status_url(args: argparse.Namespace) -> str:
     if args.url:
         return str(args.url).rstrip("/")
     path = args.config or (Path(os.environ["MESHD_CONFIG"]) if os.environ.get("MESHD_CONFIG") else None)
+    explicit = path is not None
     if path is None and DEFAULT_CONFIG.is_file():
         path = DEFAULT_CONFIG
     addr = DEFAULT_STATUS
@@ -228,7 +229,8 @@ def _status_url(args: argparse.Namespace) -> str:
         try:
             addr = configmod.load(path).listen.status
         except ConfigError as exc:
-            raise MeshdError(f"cannot read the status address from {path}: {exc}") from None
+            if explicit:  # the default config may just be unreadable for this user: use the default address
+                raise MeshdError(f"cannot read the status address from {path}: {exc}") from None
     host, port = configmod.split_host_port(addr)
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
