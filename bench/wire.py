@@ -1,4 +1,4 @@
-"""Wire benchmark: cost of seal/open against raw NaCl Box, and (hook) a loopback daemon exchange.
+"""Wire benchmark: cost of seal/open against raw NaCl Box, and a loopback exchange with a real daemon.
 
 Run: ``.venv/bin/python bench/wire.py [--quick] [--out bench/results/wire.json]``.
 """
@@ -121,12 +121,175 @@ def _measure_size(size: int, repeat: int, max_message_bytes: int) -> dict[str, A
     return row
 
 
-# --- loopback daemon exchange (the lead implements this) ---------------------------------------------
+# --- loopback daemon exchange ---------------------------------------------------------------------------
+
+
+EXCHANGE_HEADROOM = 4 * MIB  # the daemons' limits.max_message_mib: the largest payload plus envelope overhead
+
+
+class _LoopbackPair:
+    """Two real `meshd run` daemons (A, B) on free loopback ports that trust each other and a client key.
+
+    No mDNS (loopback only), no data product (no model: only the wire and the transport are exercised);
+    each lists the other as a static peer, so they ping each other in the background as a mesh would.
+    """
+
+    def __init__(self, workdir: Path, max_message_bytes: int) -> None:
+        from meshd.config_template import render, set_key
+        from meshd.localmesh import free_port
+
+        self.workdir = workdir
+        self.client = identity.generate()
+        idents = {name: identity.generate() for name in ("a", "b")}
+        ports = {name: (free_port(), free_port()) for name in idents}
+        mib = max_message_bytes / MIB
+        self.nodes: dict[str, tuple[bytes, int, int, Path]] = {}
+        for name, ident in idents.items():
+            other = "b" if name == "a" else "a"
+            d = workdir / name
+            d.mkdir(mode=0o700, parents=True)
+            identity.save(ident, d / "identity.key")
+            peer_port, status_port = ports[name]
+            text = render(f"bench-{name}", peer_addr=f"127.0.0.1:{peer_port}",
+                          status_addr=f"127.0.0.1:{status_port}")
+            for section, key, value in (
+                ("discovery.mdns", "enabled", "false"),
+                ("log", "format", '"json"'),
+                ("trust", "peers", f'["{idents[other].peer_id}", "{self.client.peer_id}"]'),
+                ("limits", "max_message_mib", f"{mib:.3f}"),
+            ):
+                text = set_key(text, section, key, value)
+            text += (f'\n[[peers]]\ndomain = "bench-{other}"\naddress = "127.0.0.1:{ports[other][0]}"\n'
+                     f'peer_id = "{idents[other].peer_id}"\n')
+            (d / "meshd.toml").write_text(text)
+            self.nodes[name] = (ident.public_key, peer_port, status_port, d)
+        self.procs: list[Any] = []
+        self._logs: list[Any] = []
+
+    def start(self, timeout: float = 90.0) -> None:
+        import subprocess
+
+        from meshd.localmesh import get_status
+
+        for _pk, _peer, _status, d in self.nodes.values():
+            log = open(d / "daemon.log", "ab")  # noqa: SIM115 - closed in stop()
+            self._logs.append(log)
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "meshd.cli", "run", "--config", str(d / "meshd.toml")],
+                stdout=log, stderr=subprocess.STDOUT,
+            ))
+        deadline = time.monotonic() + timeout
+        for proc, (_pk, _peer, status_port, d) in zip(self.procs, self.nodes.values(), strict=True):
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"daemon exited with {proc.returncode}; see {d / 'daemon.log'}")
+                s = get_status(f"http://127.0.0.1:{status_port}")
+                if s and s.get("state") == "running":
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"daemon in {d} not running after {timeout}s")
+                time.sleep(0.1)  # polling interval of a deadline loop
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        for log in self._logs:
+            log.close()
+
+
+def _exchange_repeat(size: int, quick: bool) -> int:
+    n = max(8, min(100, (512 * MIB) // max(size, 1) // 8))  # 64 KiB: 100, 1 MiB: 64, 4 MiB: 16, 16 MiB: 8
+    return max(3, n // 4) if quick else n
+
+
+def _box_ms(size: int, repeat: int) -> tuple[float, float]:
+    """(best, median) ms of one raw NaCl Box encrypt + decrypt of ``size`` bytes."""
+    alice, bob = identity.generate(), identity.generate()
+    box_ab = Box(alice.box_private, identity.box_public_of(bob.public_key))
+    box_ba = Box(bob.box_private, identity.box_public_of(alice.public_key))
+    payload, nonce = os.urandom(size), os.urandom(24)
+    med: dict[str, float] = {}
+    best = _best_ms(lambda: box_ba.decrypt(box_ab.encrypt(payload, nonce)), repeat, med, "box")
+    return best, med["box"]
 
 
 def measure_exchange(sizes: Sequence[int], quick: bool = False) -> list[dict[str, Any]] | None:
-    """Time a real envelope exchange between two daemons over loopback HTTP; None until implemented."""
-    return None
+    """Time a real envelope exchange with a daemon over loopback HTTP, one row per payload size.
+
+    One exchange: the client seals a ``ping`` whose body carries ``size`` random bytes (field ``pad``,
+    ignored by the daemon), POSTs it on a kept-alive connection, the daemon checks, opens, decodes and
+    persists its replay state, and answers with a sealed ``pong`` that the client opens. The daemon's
+    side is everything a received share costs on the wire (the model merge is not included).
+    ``ratio_vs_box`` compares with one raw NaCl Box encrypt + decrypt of the payload, measured here.
+    """
+    import http.client
+    import tempfile
+
+    from meshd.wire import encode_body
+
+    max_bytes = max(sizes) + EXCHANGE_HEADROOM
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="meshd-bench-") as tmp:
+        pair = _LoopbackPair(Path(tmp), max_bytes)
+        try:
+            pair.start()
+            b_pk, b_port, _status, _dir = pair.nodes["b"]
+            client = Wire(pair.client, Limits(max_message_bytes=max_bytes))
+            guard = ReplayGuard()
+            seqs = iter(range(1, 2**62))
+            conn = http.client.HTTPConnection("127.0.0.1", b_port, timeout=120)
+            try:
+                for size in sizes:
+                    pad = os.urandom(size)
+
+                    def exchange(pad: bytes = pad) -> int:
+                        now = int(time.time() * 1000)
+                        env = client.seal(b_pk, "ping", encode_body({"pad": pad}), next(seqs), now)
+                        conn.request("POST", "/v1/envelope", body=env,
+                                     headers={"Content-Type": "application/x-meshd-envelope"})
+                        resp = conn.getresponse()
+                        reply = resp.read()
+                        if resp.status != 200:
+                            raise RuntimeError(f"exchange of {len(pad)} bytes: HTTP {resp.status} {reply[:200]!r}")
+                        opened = client.open(reply, int(time.time() * 1000), lambda pk: pk == b_pk, guard)
+                        if opened.kind != "pong":
+                            raise RuntimeError(f"expected a pong, got {opened.kind}")
+                        return len(env)
+
+                    envelope_len = exchange()
+                    repeat = _exchange_repeat(size, quick)
+                    med: dict[str, float] = {}
+                    best = _best_ms(exchange, repeat, med, "exchange")
+                    box_best, box_med = _box_ms(size, max(5, repeat))
+                    median = med["exchange"]
+                    rows.append({
+                        "size": size,
+                        "envelope_bytes": envelope_len,
+                        "repeat": repeat,
+                        "exchange_ms": best,
+                        "median_exchange_ms": median,
+                        "messages_per_s": 1000.0 / median,
+                        "mb_per_s": size / 1e6 / (median / 1000.0),
+                        "box_ms": box_best,
+                        "median_box_ms": box_med,
+                        "ratio_vs_box": median / box_med,
+                        "best_ratio_vs_box": best / box_best,
+                    })
+            finally:
+                conn.close()
+        finally:
+            pair.stop()
+    return rows
 
 
 # --- reporting ----------------------------------------------------------------------------------------
@@ -152,6 +315,15 @@ def print_crypto_table(rows: Sequence[dict[str, Any]]) -> None:
         )
 
 
+def print_exchange_table(rows: Sequence[dict[str, Any]]) -> None:
+    print("loopback exchange with a daemon (seal + POST + verify/open + pong + open); medians, best in ()")
+    print(f"{'size':>8} {'ms':>9} {'msg/s':>9} {'MB/s':>8} {'box ms':>8} {'x box':>7} {'(best ms)':>10} {'(x box)':>8}")
+    for r in rows:
+        print(f"{_fmt_size(r['size']):>8} {r['median_exchange_ms']:9.2f} {r['messages_per_s']:9.1f} "
+              f"{r['mb_per_s']:8.1f} {r['median_box_ms']:8.3f} {r['ratio_vs_box']:7.1f} "
+              f"{r['exchange_ms']:10.2f} {r['best_ratio_vs_box']:8.1f}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
@@ -168,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"4 MiB: (seal+open)/(Box enc+dec) = {at4['ratio_vs_box']:.2f}, {verdict} the target "
               f"≤ {TARGET_RATIO_4MIB} (BLAKE2b of the body on both sides: {2 * at4['blake2b_nacl_ms']:.2f} ms)")
     exchange = measure_exchange(SIZES, quick=args.quick)
+    if exchange is not None:
+        print_exchange_table(exchange)
     result: dict[str, Any] = {
         "quick": args.quick,
         "malloc_tuned": tuned,
