@@ -46,6 +46,7 @@ class Daemon:
         self._last_reload_ok = True
         self._last_reload_error: str | None = None
         self._pending_restart: list[str] = []
+        self._started_cfg = cfg  # what restart-only keys are running with, whatever reloads came since
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._config_sig = _config_signature(cfg)
@@ -167,7 +168,7 @@ class Daemon:
             log.error("config_reload_rejected", path=str(path), problems=exc.problems)
             self.notifier.ready("reload rejected; running on the previous config")
             return
-        self._pending_restart = configmod.pending_restart(self.cfg, new)
+        self._pending_restart = configmod.pending_restart(self._started_cfg, new)
         changed = configmod.diff(self.cfg, new)
         logs.set_level(new.log.level)
         try:

@@ -5,8 +5,10 @@ N domains on free loopback ports, and real `meshd run` processes for them. Used 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -52,10 +54,32 @@ class MeshLayout:
     seed: int
 
 
+_taken: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port BELOW the kernel's ephemeral range.
+
+    `bind(0)` ports come from the ephemeral range, where every outgoing connection on the machine takes
+    its local port: a port picked there can be taken before the daemon binds it. Nothing takes ports
+    below the range by itself.
+    """
+    low = 32768
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(max(1024, low - 12000), low)
+        if port in _taken:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _taken.add(port)
+        return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 def load_dataset(name: str, seed: int, num_samples: int = 40_000) -> tuple[np.ndarray, np.ndarray]:

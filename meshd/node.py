@@ -158,7 +158,7 @@ class Node:
 
     async def apply_config(self, new: Config) -> None:
         old = self.cfg
-        trusted, registry = self._load_trust(new)  # may raise ConfigError: then nothing changes
+        trusted, registry = await asyncio.to_thread(self._load_trust, new)  # ConfigError: nothing changes
         self.cfg = new
         self.table.timing = self._timing(new)
         await self._apply_trust(new, trusted, registry)
@@ -185,7 +185,7 @@ class Node:
         self, cfg: Config, trusted: frozenset[bytes] | None = None, registry: list[disc.StaticPeer] | None = None
     ) -> None:
         if trusted is None or registry is None:
-            trusted, registry = self._load_trust(cfg)
+            trusted, registry = await asyncio.to_thread(self._load_trust, cfg)  # reads the registry file
         removed = self._trusted - trusted
         self._trusted = trusted
         self.table.set_trusted(trusted)
@@ -417,7 +417,9 @@ class Node:
         self.stats.bytes_sent += len(envelope)
         if status == 503 and b"not_joined" in reply:
             self.table.left(peer_id, time.monotonic())  # it answered: it is there, but out of the mesh
-        elif status < 500 or status == 503:
+        elif 200 <= status < 300 or status in (409, 503):
+            # Accepted, or refused by a meshd that read our envelope (replayed/incompatible, busy). Any other
+            # 4xx is no sign of life: some other server at that address (404), or a peer refusing us (403).
             self.table.heard_from(peer_id, time.monotonic())
         quiet_key = ("send_refused", peer_id_of(peer_id), str(status))
         if status >= 400 and status != 503 and self._quiet.should_log(quiet_key)[0]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,16 +15,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from meshd.config_template import set_key
+from meshd.localmesh import free_port
 
 T = TypeVar("T")
 MESHD = [sys.executable, "-m", "meshd.cli"]
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(cond: Callable[[], T | None], timeout: float = 10.0, interval: float = 0.05, what: str = "") -> T:
@@ -37,6 +31,8 @@ def wait_for(cond: Callable[[], T | None], timeout: float = 10.0, interval: floa
             value = cond()
             if value:
                 return value
+        except Fatal:
+            raise
         except Exception as exc:  # the condition may fail until the thing is up
             last_exc = exc
         if time.monotonic() > deadline:
@@ -80,6 +76,10 @@ def set_toml(path: Path, section: str, key: str, value: str) -> None:
     path.write_text(set_key(path.read_text(), section, key, value))
 
 
+class Fatal(Exception):
+    """Raised by a `wait_for` condition to stop waiting at once (e.g. the process already exited)."""
+
+
 class DaemonProc:
     """A real `meshd run` subprocess; stop() is idempotent and always reaps it."""
 
@@ -104,7 +104,7 @@ class DaemonProc:
     def wait_ready(self, timeout: float = 30.0) -> Any:
         def ready() -> Any:
             if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.logs()}")
+                raise Fatal(f"daemon exited with {self.proc.returncode}:\n{self.logs()}")
             s = self.status()
             return s if s["state"] == "running" else None
         return wait_for(ready, timeout, what=f"{self.config} to be running")
