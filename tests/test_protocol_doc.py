@@ -81,3 +81,29 @@ def test_doc_lists_every_reason_with_its_status() -> None:
         row = next(line for line in text.splitlines() if line.startswith(f"| {status} |"))
         for reason in reasons:
             assert f"`{reason}`" in row, (status, reason)
+
+
+def test_doc_client_talks_to_a_running_daemon(client: dict[str, Any], tmp_path: Path, daemons: Any) -> None:
+    """The page alone is enough: its client pings a real daemon and opens the signed pong."""
+    import time
+
+    from tests.helpers import init_domain, set_toml
+
+    client_key = SigningKey.generate()
+    cfg, peer_id, peer_port, status_port = init_domain(tmp_path, "payments")
+    set_toml(cfg, "trust", "peers", f'["{bytes(client_key.verify_key).hex()}"]')
+    d = daemons(cfg, status_port)
+    d.wait_ready()
+    url = f"http://127.0.0.1:{peer_port}/v1/envelope"
+    node_pk = bytes.fromhex(peer_id)
+    status, reply = client["post"](url, client["seal"](client_key, node_pk, "ping", {}, 1, int(time.time() * 1000)))
+    assert status == 200
+    sender, kind, _seq, _ts, body = client["open_envelope"](client_key, reply)
+    assert (sender, kind, body.get("domain")) == (node_pk, "pong", "payments")
+    # the same envelope again is a replay; a share for a model this domain does not run is incompatible
+    again = client["seal"](client_key, node_pk, "ping", {}, 1, int(time.time() * 1000))
+    assert client["post"](url, again)[0] == 409
+    share = {"fp": "0" * 32, "version": 1, "weight": 0.5, "codec": "f32", "values": b"\0" * 16, "count": 4}
+    status, reply = client["post"](url, client["seal"](client_key, node_pk, "share", share, 2, int(time.time() * 1000)))
+    assert status == 409 and b"incompatible" in reply
+    assert d.status()["gossip"]["rejected"] == {"replayed": 1, "incompatible": 1}
