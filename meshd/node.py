@@ -224,8 +224,11 @@ class Node:
                 elif not want and self._mdns is not None:
                     await self._stop_discovery()
                 self._mesh_changed.clear()
+                # Not asyncio.wait_for: on 3.11 it swallows a cancel that lands as the event is set
+                # (CPython gh-86296), and this loop then never ends (a reload racing SIGTERM hung stop).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._mesh_changed.wait(), timeout=5.0)
+                    async with asyncio.timeout(5.0):
+                        await self._mesh_changed.wait()
         finally:
             await self._stop_discovery()
 
@@ -332,7 +335,9 @@ class Node:
 
     def _receive_share(self, sender: bytes, body: dict[str, Any]) -> Reply:
         ps = self.engine.pushsum
-        if not self.cfg.mesh.enabled:
+        if not self.cfg.mesh.enabled or self._closed:
+            # Leaving or shutting down: a merge now could land after the final checkpoint and be lost;
+            # refused, the sender keeps the mass.
             return Reply.error(503, "not_joined", "this domain has left the mesh")
         vec, weight, version = self._model_fields(body)
         assert ps is not None
@@ -353,7 +358,7 @@ class Node:
         ps = self.engine.pushsum
         if ps is None or body.get("fp") != self.engine.fingerprint:
             raise WireError("incompatible", 409, "model fingerprint differs")
-        if not self.cfg.mesh.enabled:
+        if not self.cfg.mesh.enabled or self._closed:
             return Reply.error(503, "not_joined", "this domain has left the mesh")
         if self.engine.fresh and not self._joined.is_set():
             return Reply.error(503, "not_ready", "joining the mesh too")
