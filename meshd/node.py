@@ -185,7 +185,8 @@ class Node:
         self, cfg: Config, trusted: frozenset[bytes] | None = None, registry: list[disc.StaticPeer] | None = None
     ) -> None:
         if trusted is None or registry is None:
-            trusted, registry = await asyncio.to_thread(self._load_trust, cfg)  # reads the registry file
+            loaded = await asyncio.to_thread(self._load_trust, cfg)  # reads the registry file
+            trusted, registry = loaded
         removed = self._trusted - trusted
         self._trusted = trusted
         self.table.set_trusted(trusted)
