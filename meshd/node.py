@@ -69,7 +69,6 @@ class Node:
         self._pull_wanted = asyncio.Event()
         self._closed = False
         self._pinging: set[bytes] = set()
-        self._model_lock = asyncio.Lock()  # serialises whole-state operations (adopt, checkpoint capture)
 
     # --- construction ----------------------------------------------------------------------------------
 
