@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--domains", type=int, default=8)
     s.add_argument("--dataset", choices=["digits", "mnist1d"], default="digits")
     s.add_argument("--alpha", type=float, default=0.1, help="Dirichlet concentration of the label split")
-    s.add_argument("--duration", type=float, default=60.0, help="seconds of gossip training")
+    s.add_argument("--duration", type=float, default=40.0, help="seconds of gossip training")
     s.add_argument("--workdir", type=Path, default=None, help="work directory (default: a new temp dir)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-live", action="store_true", help="no live view (plain progress lines)")

@@ -2,8 +2,10 @@
 
 Builds N domains on loopback (identities, configs, a governance registry and a non-IID Dirichlet split of
 a bundled dataset, see :mod:`meshd.localmesh`), runs one real ``meshd run`` process per domain, shows their
-progress live, and after ``--duration`` seconds compares, per domain, the mesh model with a model trained
-on the same local data alone, both scored on a shared test set that covers every class, next to the
+progress live, and after ``--duration`` seconds of gossip training switches training off (a hot config
+reload) and lets gossip alone run for :data:`SETTLE_S` seconds, so that every domain holds the mesh consensus
+model. It then compares, per domain, that mesh model with a model trained on the same local data and steps
+alone (the daemon's local-only baseline), both scored on a shared test set that covers every class, next to the
 centralized reference (the same model trained on the pooled data).  Writes ``report.json`` and
 ``accuracy.png`` into the work directory.  Every daemon is stopped (SIGTERM, exit codes checked) on the
 way out, also on Ctrl-C (exit 130) and on errors.
@@ -27,6 +29,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from meshd.config_template import set_key
 from meshd.localmesh import LocalMesh, MeshLayout, build_mesh, centralized_accuracy, get_status
 
 REQUIRED_GAIN_POINTS = 20.0  # mesh accuracy must beat local-only by this many percentage points, every domain
@@ -34,12 +37,16 @@ POLL_S = 1.0  # seconds between two status sweeps over all domains
 PROGRESS_EVERY_S = 5.0  # seconds between two plain progress lines (no live view)
 START_TIMEOUT_S = 90.0  # every daemon must report "running" within this many seconds
 EXIT_INTERRUPTED = 130
+# After --duration s of training, local training is switched off (a hot config reload) and gossip runs on
+# for SETTLE_S s: every domain's model converges to the mesh consensus, and its last evaluation (at most
+# eval_interval_s old) scores that model. The local-only baseline stops training at the same moment.
+SETTLE_S = 4.0
 
 # Mesh settings of the demo ({section: {key: TOML value}}), chosen so that the default run (8 domains,
 # digits, alpha 0.1) shows the gain clearly within a short run on a small machine.
 DEMO_SETTINGS: dict[str, dict[str, str]] = {
-    "gossip": {"interval_s": "0.5", "fanout": "2"},
-    "training": {"steps_per_round": "5", "lr": "0.1", "batch_size": "32", "eval_interval_s": "1.0"},
+    "gossip": {"interval_s": "0.25", "fanout": "3"},
+    "training": {"steps_per_round": "10", "lr": "0.1", "batch_size": "32", "eval_interval_s": "1.0"},
     "log": {"level": '"warning"'},
 }
 # The centralized reference trains the same model (the config's mlp, hidden [64]) with the same lr and batch.
@@ -63,11 +70,13 @@ def run_demo(args: argparse.Namespace) -> int:
     with _interrupts():
         mesh: LocalMesh | None = None
         try:
+            timings = {"_t0": time.monotonic()}
             layout = build_mesh(workdir, args.domains, dataset=args.dataset, alpha=args.alpha, seed=args.seed,
                                 settings=DEMO_SETTINGS)
+            timings["build"] = time.monotonic() - timings["_t0"]
             _print_layout(layout)
             mesh = LocalMesh(layout)
-            return _run(args, layout, mesh)
+            return _run(args, layout, mesh, timings)
         except (KeyboardInterrupt, _Terminated):
             print("\ninterrupted: stopping the daemons", flush=True)
             if mesh is not None:
@@ -88,14 +97,14 @@ def run_demo(args: argparse.Namespace) -> int:
 # --- the run ---------------------------------------------------------------------------------------------------
 
 
-def _run(args: argparse.Namespace, layout: MeshLayout, mesh: LocalMesh) -> int:
+def _run(args: argparse.Namespace, layout: MeshLayout, mesh: LocalMesh, timings: dict[str, float]) -> int:
     t_launch = time.monotonic()
     mesh.start()
     pids = {name: proc.pid for name, proc in mesh.procs.items()}
     print(f"starting {len(layout.domains)} daemons (each loads torch; this takes a while on a small machine)...",
           flush=True)
     mesh.wait_running(timeout=START_TIMEOUT_S)
-    startup_s = time.monotonic() - t_launch
+    startup_s = timings["startup"] = time.monotonic() - t_launch
     print(f"all {len(layout.domains)} daemons running after {startup_s:.1f} s; gossip training for "
           f"{args.duration:g} s", flush=True)
 
@@ -107,25 +116,41 @@ def _run(args: argparse.Namespace, layout: MeshLayout, mesh: LocalMesh) -> int:
         latest = _watch_live(layout, mesh, args.duration, t0, timeline)
     else:
         latest = _watch_plain(layout, mesh, args.duration, t0, timeline)
-    # One last sweep: the final figures are the daemons' newest evaluations.
-    latest = _sweep(layout, mesh, time.monotonic() - t0, timeline) or latest
-    run_s = time.monotonic() - t0
+    # Consensus phase: training off everywhere (hot reload), gossip on; then the final evaluations.
+    t_settle = time.monotonic()
+    _training_off(layout, mesh)
+    print(f"training stopped at {t_settle - t0:.1f} s; gossip alone for {SETTLE_S:g} s so every domain holds the "
+          "mesh consensus model", flush=True)
+    for _ in range(int(SETTLE_S / POLL_S) + 2):
+        now = time.monotonic()
+        if now - t_settle >= SETTLE_S:
+            break
+        time.sleep(min(POLL_S, SETTLE_S - (now - t_settle)))
+        latest = _sweep(layout, mesh, time.monotonic() - t0, timeline, phase="consensus") or latest
+    run_s = timings["run"] = time.monotonic() - t0
+    t_stop = time.monotonic()
     codes = _stop(mesh)
+    timings["stop"] = time.monotonic() - t_stop
     print(f"daemons stopped (exit codes {_codes_text(codes)})", flush=True)
 
-    print("training the centralized reference on the pooled data...", flush=True)
+    print("training the centralized reference (the same model on the pooled training data)...", flush=True)
+    t_central = time.monotonic()
     central = centralized_accuracy(layout, steps=CENTRAL_STEPS, lr=float(DEMO_SETTINGS["training"]["lr"]),
                                    batch_size=int(DEMO_SETTINGS["training"]["batch_size"]), seed=args.seed)
+    timings["centralized"] = time.monotonic() - t_central
     final = _final_figures(layout, latest)
     report = {
         "settings": {
             "domains": len(layout.domains), "dataset": layout.dataset, "alpha": layout.alpha, "seed": layout.seed,
             "duration_s": args.duration, "mesh": DEMO_SETTINGS, "model": "mlp", "hidden": [64],
             "required_gain_points": REQUIRED_GAIN_POINTS, "centralized_steps": CENTRAL_STEPS,
+            "consensus_phase_s": SETTLE_S,
         },
         "workdir": str(layout.workdir),
         "startup_s": round(startup_s, 3),
         "run_s": round(run_s, 3),
+        "training_stopped_at_s": round(t_settle - t0, 3),
+        "timings_s": timings,
         "centralized_accuracy": central,
         "domains": final,
         "timeline": timeline,
@@ -133,9 +158,14 @@ def _run(args: argparse.Namespace, layout: MeshLayout, mesh: LocalMesh) -> int:
     }
     verdict, ok = _verdict(final)
     report["verdict"] = {"pass": ok, "line": verdict}
+    timings["total"] = time.monotonic() - timings.pop("_t0")
+    report["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
     (layout.workdir / "report.json").write_text(json.dumps(report, indent=2))
     _plot(layout.workdir / "accuracy.png", report)
     _print_final(final, central)
+    print(f"timings: build {timings['build']:.1f} s, daemon start-up {startup_s:.1f} s, run {run_s:.1f} s, "
+          f"stop {timings['stop']:.1f} s, centralized reference {timings['centralized']:.1f} s, "
+          f"total {timings['total']:.1f} s")
     print(f"wrote {layout.workdir / 'report.json'} and {layout.workdir / 'accuracy.png'}")
     bad = {n: c for n, c in codes.items() if c != 0}
     if bad:
@@ -144,14 +174,23 @@ def _run(args: argparse.Namespace, layout: MeshLayout, mesh: LocalMesh) -> int:
     return 0 if ok and not bad else 1
 
 
-def _sweep(layout: MeshLayout, mesh: LocalMesh, t: float, timeline: list[dict[str, Any]]
-           ) -> dict[str, dict[str, Any] | None]:
+def _training_off(layout: MeshLayout, mesh: LocalMesh) -> None:
+    """Set training.enabled = false in every domain's config and SIGHUP the daemon (a hot reload)."""
+    for d in layout.domains:
+        d.config.write_text(set_key(d.config.read_text(), "training", "enabled", "false"))
+    for proc in mesh.procs.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGHUP)
+
+
+def _sweep(layout: MeshLayout, mesh: LocalMesh, t: float, timeline: list[dict[str, Any]],
+           phase: str = "training") -> dict[str, dict[str, Any] | None]:
     """Read every daemon's /status once and append a timeline point; a dead daemon is an error."""
     dead = {n: p.returncode for n, p in mesh.procs.items() if p.poll() is not None}
     if dead:
         raise RuntimeError(f"daemons exited during the demo: {_codes_text(dead)}; see their daemon.log")
     statuses = {d.name: get_status(d.status_url, timeout=2.0) for d in layout.domains}
-    point: dict[str, Any] = {"t": round(t, 3), "domains": {}}
+    point: dict[str, Any] = {"t": round(t, 3), "phase": phase, "domains": {}}
     for name, s in statuses.items():
         if s is not None:
             point["domains"][name] = _row(s)
@@ -167,6 +206,8 @@ def _row(s: dict[str, Any]) -> dict[str, Any]:
         "local_only_test_accuracy": tr.get("local_only_test_accuracy"),
         "holdout_accuracy": tr.get("holdout_accuracy"),
         "steps": tr.get("steps"),
+        "weight": g.get("weight"),
+        "consensus_distance": g.get("consensus_distance"),
         "version": s.get("model", {}).get("version"),
         "alive_peers": counts.get("alive", 0),
         "sent": g.get("sent", 0),
@@ -254,6 +295,7 @@ def _final_figures(layout: MeshLayout, latest: dict[str, dict[str, Any] | None])
             "mesh_test_accuracy": mesh_acc, "local_only_test_accuracy": local_acc,
             "holdout_accuracy": r.get("holdout_accuracy"), "gain_points": gain,
             "model_version": r.get("version"), "steps": r.get("steps"),
+            "consensus_distance": r.get("consensus_distance"),
             "messages_sent": r.get("sent"), "messages_received": r.get("received"),
             "bytes_sent": r.get("bytes_sent"), "bytes_received": r.get("bytes_received"),
         })
@@ -288,7 +330,7 @@ def _print_final(final: list[dict[str, Any]], central: float) -> None:
             for f in final]
     rows.append(("centralized", "all (pooled)", "", _pct(central), ""))
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    print("\nAccuracy on the shared test set (all classes):")
+    print("\nAccuracy on the shared test set (all classes); mesh = each domain's model after the consensus phase:")
     for r in [header, *rows]:
         print("  " + "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)
                                for i, (c, w) in enumerate(zip(r, widths, strict=True))))
@@ -311,6 +353,8 @@ def _plot(path: Path, report: dict[str, Any]) -> None:
         if f["local_only_test_accuracy"] is not None:
             ax.axhline(f["local_only_test_accuracy"], color=color, ls="--", lw=1, alpha=0.8)
     ax.axhline(report["centralized_accuracy"], color="black", lw=2, label="centralized (pooled data)")
+    ax.axvspan(report["training_stopped_at_s"], report["run_s"], color="grey", alpha=0.15,
+               label="training off, gossip on")
     ax.plot([], [], color="grey", ls="--", lw=1, label="local-only (final, per domain)")
     s = report["settings"]
     ax.set_title(f"meshd demo: {s['domains']} domains, {s['dataset']}, Dirichlet alpha {s['alpha']:g}")
