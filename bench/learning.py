@@ -145,7 +145,9 @@ def bench_model(model: str, plan: Plan, workdir: Path, data: tuple[np.ndarray, n
         "data": {"holdout": "0.0"},
         "gossip": {"interval_s": str(plan.mesh_interval_s), "fanout": str(plan.mesh_fanout), "codec": '"f32"'},
         "training": {"steps_per_round": str(K), "lr": str(LR), "batch_size": str(BATCH),
-                     "eval_interval_s": str(plan.mesh_eval_s)},
+                     "eval_interval_s": str(plan.mesh_eval_s),
+                     # (b) measures local-only training; the daemons need not train a second copy
+                     "local_baseline": "false"},
         "log": {"level": '"warning"'},
     }
     layout = build_mesh(workdir, N_DOMAINS, dataset="mnist1d", alpha=ALPHA, seed=SEED, min_per_domain=MIN_PER_DOMAIN,

@@ -220,6 +220,7 @@ class TrainingConfig:
     weight_decay: float = field(default=0.0, metadata=_opt(_non_negative))
     seed: int = field(default=0, metadata=_opt(_non_negative, restart=True))
     eval_interval_s: float = field(default=5.0, metadata=_opt(_positive))
+    local_baseline: bool = field(default=True, metadata=_opt(restart=True))
     threads: int = field(default=1, metadata=_opt(_between(1, 256), restart=True))
 
 

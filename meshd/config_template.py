@@ -91,6 +91,7 @@ momentum = 0.0
 weight_decay = 0.0
 seed = 0                         # [restart] seeds model init, holdout split and batches
 eval_interval_s = 5.0            # seconds between holdout evaluations
+local_baseline = true            # [restart] also train a never-averaged copy, to report local-only accuracy (2x CPU)
 threads = 1                      # [restart] torch CPU threads for training
 
 [checkpoint]

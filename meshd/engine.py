@@ -103,6 +103,7 @@ class Engine:
         )
         if self.data is not None:
             self.learner = Learner(self.module, self.data, tcfg)
+        if self.data is not None and cfg.training.local_baseline:
             base_module = models.build_model(self.spec, self.input_dim, cfg.training.seed)
             self.baseline = Learner(base_module, self.data, tcfg)
             self._baseline_flat = models.flatten(base_module)
