@@ -327,6 +327,11 @@ class Node:
                 or not isinstance(weight, float | int) or isinstance(weight, bool)
                 or not isinstance(version, int) or isinstance(version, bool)):
             raise WireError("bad_body", 400, "share fields missing or of the wrong type")
+        # Honest push-sum weights never exceed the mesh's total mass: one per domain that started. A larger
+        # one (a buggy or hostile trusted peer) would take over every model it reached, so it is refused.
+        max_weight = float(len(self._trusted) + 1)
+        if not 0.0 < float(weight) <= max_weight:
+            raise WireError("bad_values", 400, f"weight {float(weight)!r} outside (0, {max_weight:g}]")
         try:
             vec = codecmod.decode(values, count, codec)
         except codecmod.CodecError as exc:

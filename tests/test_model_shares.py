@@ -1,0 +1,110 @@
+"""Model shares against a real daemon that runs a model: bad shares are refused and change nothing."""
+
+from __future__ import annotations
+
+import math
+import struct
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+
+from meshd import datasets
+from meshd import identity as identitymod
+from meshd.replay import ReplayGuard
+from meshd.wire import Limits, Wire, decode_body, encode_body
+from tests.helpers import DaemonProc, init_domain, set_toml
+
+
+def _post(port: int, data: bytes) -> tuple[int, bytes]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/envelope", data=data, method="POST",
+                                 headers={"Content-Type": "application/x-meshd-envelope"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    tmp = tmp_path_factory.mktemp("shares")
+    x, y = datasets.load_digits_dataset()
+    datasets.write_npz_product(tmp / "data.npz", x[:300], y[:300])
+    client = identitymod.generate()
+    cfg, peer_id, peer_port, status_port = init_domain(tmp / "d", "payments", "--data", str(tmp / "data.npz"))
+    set_toml(cfg, "trust", "peers", f'["{client.peer_id}"]')
+    set_toml(cfg, "training", "enabled", "false")  # the model only changes by merges
+    set_toml(cfg, "gossip", "pull_on_join", "false")
+    d = DaemonProc(cfg, status_port)
+    try:
+        status = d.wait_ready()
+        yield {"d": d, "client": client, "to": bytes.fromhex(peer_id), "port": peer_port, "status": status,
+               "seq": iter(range(1, 10_000))}
+    finally:
+        d.stop()
+        assert "BlockingError" not in d.logs()
+
+
+def _share(node: Any, **overrides: Any) -> tuple[int, bytes]:
+    model = node["status"]["model"]
+    n = model["parameters"]
+    body = {"fp": model["fingerprint"], "version": 1, "weight": 0.5, "codec": "f32", "count": n,
+            "values": struct.pack(f"<{n}f", *([0.01] * n))}
+    body.update(overrides)
+    wire = Wire(node["client"], Limits())
+    env = wire.seal(node["to"], "share", encode_body(body), next(node["seq"]), int(time.time() * 1000))
+    return _post(node["port"], env)
+
+
+def _model_state(node: Any) -> tuple[Any, ...]:
+    s = node["d"].status()
+    return s["gossip"]["weight"], s["gossip"]["merged"], s["model"]["version"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"weight": 1e6}, "bad_values"),  # more than the whole mesh's mass: a takeover attempt
+        ({"weight": -1.0}, "bad_values"),
+        ({"weight": math.nan}, "bad_values"),
+        ({"values": struct.pack("<f", math.nan) * 4810}, "bad_values"),
+        ({"values": struct.pack("<f", math.inf) * 4810}, "bad_values"),
+        ({"values": struct.pack("<f", 3e7) * 4810}, "bad_values"),  # beyond limits.max_param_abs
+        ({"values": b"\0" * 12}, "bad_values"),  # length does not match count
+        ({"count": 7}, "bad_body"),  # not this model's size
+        ({"codec": "f8"}, "bad_body"),
+        ({"fp": "0" * 32}, "incompatible"),
+    ],
+)
+def test_bad_share_is_refused_and_changes_nothing(node: Any, overrides: dict[str, Any], reason: str) -> None:
+    assert node["status"]["model"]["parameters"] == 4810  # mlp(64) on 64 features, 10 classes
+    before = _model_state(node)
+    status, reply = _share(node, **overrides)
+    assert status in (400, 409), (status, reply)
+    assert reason.encode() in reply
+    assert _model_state(node) == before
+    assert node["d"].status()["gossip"]["rejected"][reason] >= 1
+
+
+def test_good_share_is_merged(node: Any) -> None:
+    weight, merged, _ = _model_state(node)
+    status, reply = _share(node, weight=0.5)
+    assert status == 204, reply
+    weight2, merged2, _ = _model_state(node)
+    assert merged2 == merged + 1 and weight2 == pytest.approx(weight + 0.5)
+
+
+def test_pull_answers_half_the_weight_sealed_to_the_requester(node: Any) -> None:
+    weight, *_ = _model_state(node)
+    wire = Wire(node["client"], Limits())
+    fp = node["status"]["model"]["fingerprint"]
+    env = wire.seal(node["to"], "pull", encode_body({"fp": fp}), next(node["seq"]), int(time.time() * 1000))
+    status, reply = _post(node["port"], env)
+    assert status == 200
+    opened = wire.open(reply, int(time.time() * 1000), lambda pk: pk == node["to"], ReplayGuard())
+    body = decode_body(opened.body, Limits())
+    assert opened.kind == "model" and body["fp"] == fp and body["weight"] == pytest.approx(weight / 2)
+    assert _model_state(node)[0] == pytest.approx(weight / 2)
