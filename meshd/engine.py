@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -35,7 +35,6 @@ class TrainingStats:
     test_accuracy: float | None = None
     local_only_test_accuracy: float | None = None
     evaluated_at_version: int | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Engine:
@@ -209,6 +208,7 @@ class Engine:
             "local_only_accuracy": s.local_only_accuracy,
             "test_accuracy": s.test_accuracy,
             "local_only_test_accuracy": s.local_only_test_accuracy,
+            "evaluated_at_version": s.evaluated_at_version,
             "train_rows": self.data.num_train if self.data else 0,
             "holdout_rows": self.data.num_holdout if self.data else 0,
         }

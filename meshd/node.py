@@ -630,8 +630,6 @@ class Node:
                 st.test_accuracy, st.local_only_test_accuracy = result["test"], result["local_only_test"]
                 st.evaluated_at_version = version
                 self.engine.sha256 = digest
-                st.history.append({"t": round(time.time(), 3), "version": version, **result})
-                del st.history[:-256]
             await asyncio.sleep(self.cfg.training.eval_interval_s)
 
     async def _checkpoint_loop(self) -> None:
@@ -687,6 +685,5 @@ class Node:
             "model": model,
             "training": training,
             "gossip": gossip,
-            "history": self.engine.stats.history[-1:] if self.engine.stats.history else [],
         }
 
