@@ -187,7 +187,7 @@ class LimitsConfig:
     max_message_mib: float = field(default=64.0, metadata=_opt(_between(0.01, 1024), restart=True))
     max_skew_s: float = field(default=60.0, metadata=_opt(_positive))
     replay_window: int = field(default=64, metadata=_opt(_between(1, 4096)))
-    max_connections_per_ip: int = field(default=8, metadata=_opt(_between(1, 1024), restart=True))
+    max_connections_per_ip: int = field(default=64, metadata=_opt(_between(1, 4096), restart=True))
     read_timeout_s: float = field(default=30.0, metadata=_opt(_positive, restart=True))
     max_param_abs: float = field(default=1e6, metadata=_opt(_positive))
 

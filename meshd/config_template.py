@@ -64,7 +64,8 @@ dead_after_s = 15.0              # silence after which a peer is 'dead' (no long
 max_message_mib = 64.0           # [restart] largest envelope accepted or sent, in MiB
 max_skew_s = 60.0                # accepted clock difference between peers, seconds
 replay_window = 64               # out-of-order sequence numbers accepted per sender
-max_connections_per_ip = 8       # [restart] concurrent peer connections from one address
+max_connections_per_ip = 64      # [restart] concurrent peer connections from one address; peers behind one
+                                 # NAT (or on one host) share it, and each peer keeps up to 2 open
 read_timeout_s = 30.0            # [restart] deadline to receive a request's headers and body
 max_param_abs = 1000000.0        # model values beyond this magnitude are refused, never merged
 

@@ -137,6 +137,8 @@ def build_mesh(
             "model": {"num_classes": str(num_classes)},
             "training": {"seed": str(seed + i), "eval_interval_s": "1.0"},
             "log": {"format": '"json"'},
+            # every domain of a local mesh connects from 127.0.0.1; each keeps up to 2 connections per peer
+            "limits": {"max_connections_per_ip": str(max(64, 4 * n_domains))},
         }
         for section, kv in (settings or {}).items():
             base.setdefault(section, {}).update(kv)

@@ -261,7 +261,9 @@ class PeerClient:
         timeout = aiohttp.ClientTimeout(
             total=self._limits.request_timeout_s, sock_connect=self._limits.connect_timeout_s
         )
-        connector = aiohttp.TCPConnector(limit=64, limit_per_host=4, ttl_dns_cache=60)
+        # At most 2 connections per peer: receivers cap connections per source address, and peers behind
+        # one NAT (or one host) share an address.
+        connector = aiohttp.TCPConnector(limit=64, limit_per_host=2, ttl_dns_cache=60)
         self._session = aiohttp.ClientSession(timeout=timeout, connector=connector, raise_for_status=False)
 
     async def stop(self) -> None:
