@@ -17,14 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import structlog
 from aiohttp import web
-
-from meshd.logs import QuietLog
 
 CONTENT_TYPE = "application/x-meshd-envelope"
 ENVELOPE_PATH = "/v1/envelope"
-log = structlog.get_logger("meshd.transport")
 
 
 @dataclass(frozen=True)
@@ -255,7 +251,6 @@ class PeerClient:
         self._limits = limits
         self._rng = rng or random.Random()
         self._session: aiohttp.ClientSession | None = None
-        self._quiet = QuietLog(30.0)
 
     async def start(self) -> None:
         timeout = aiohttp.ClientTimeout(
