@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +17,6 @@ from meshd.datasets import (
     train_test_split_indices,
     write_npz_product,
 )
-
-MY_MODULES = ["meshd.models", "meshd.data", "meshd.learner", "meshd.store", "meshd.datasets"]
 
 
 @pytest.fixture()
@@ -135,17 +131,3 @@ def test_write_npz_product_loads_as_data_product(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["digits.npz"]
     with pytest.raises(ValueError):
         write_npz_product(path, x, y[:-1])
-
-
-def test_modules_stay_out_of_the_event_loop() -> None:
-    # Blocking modules must not pull in the async stack; checked in a fresh interpreter.
-    code = (
-        "import sys\n"
-        + "".join(f"import {m}\n" for m in MY_MODULES)
-        + "print(','.join(m for m in ('aiohttp', 'zeroconf') if m in sys.modules))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == ""
-    for mod in MY_MODULES:
-        source = Path(__import__(mod, fromlist=["_"]).__file__ or "").read_text()
-        assert "import asyncio" not in source and "import aiohttp" not in source and "zeroconf" not in source
