@@ -40,29 +40,42 @@ free mass immediately (the response is one-shot: if it is lost, that mass is los
 checkpoint: its random init carries nothing the mesh should average in) calls ``adopt(values, weight,
 version)``, which replaces its state; a node with real state calls ``merge`` instead.
 
-Checkpoints: ``ps.state()`` -> ``PushSumState`` (numerator, weight, version), restored with
+Data weighting (FedAvg's "weighted by examples", without a central party): each domain's local update
+is applied with the scale ``rows_i / mean_rows`` (:func:`data_scale`), so that the mesh-wide mass moves by
+``sum_i (rows_i / mean_rows) * delta_i * w_i``; with ``w_i`` near 1 at consensus, the mean model moves by
+``sum_i (rows_i / sum_j rows_j) * delta_i``: each domain's update counts in proportion to its examples, as in
+FedAvg's weighted average, even though every domain takes the same number of steps per second. The mesh's
+mean number of rows is itself estimated by push-sum, in the same messages: every node also holds a *rows
+numerator* ``r`` (initially ``rows_i * w_i``); a share carries ``rows = r / w`` and moves ``rows * weight``
+exactly as the model's mass moves (added on merge, subtracted on confirm), so ``r_i / w_i`` converges to
+``sum(rows) / sum(w)``, the mean rows per domain, and no node learns another's row count once the first
+exchanges have mixed. ``inject_rows(n)`` adds a change of the domain's own rows (a data product that grew).
+
+Checkpoints: ``ps.state()`` -> ``PushSumState`` (numerator, weight, version, rows numerator), restored with
 ``PushSum.from_state(state)``. Pending shares are not part of it: a checkpoint counts their mass as
 still held (as if abandoned).
 
 Public API::
 
-    Share(id: int, values: Tensor, weight: float, version: int)          # frozen
-    PushSumState(numerator: Tensor, weight: float, version: int)         # frozen
+    Share(id: int, values: Tensor, weight: float, version: int, rows: float)       # frozen
+    PushSumState(numerator: Tensor, weight: float, version: int, rows: float)      # frozen
     RejectedUpdate(reason: str, detail: str = "")                        # MeshdError, ValueError
     consensus_distance(z_self, z_other, eps=1e-12) -> float              # relative L2
+    data_scale(own_rows, mean_rows) -> float                              # rows / mean, clamped
     PushSum(values, weight=1.0, version=0, *, max_abs=1e6, max_weight=1e9, codec="f32",
-            max_pending=64)
-        .dim .codec .weight .version .merges .rounds .pending .mean_distance  (read-only)
+            max_pending=64, rows=0.0)
+        .dim .codec .weight .version .merges .rounds .pending .mean_distance .mean_rows  (read-only)
         .estimate() -> Tensor                  # float64 copy of s / w
         .numerator() -> Tensor                 # float64 copy of s
         .prepare(k) -> list[Share]             # may return fewer than k (pending bound), or []
         .confirm(share_id) -> bool
         .abandon(share_id) -> bool
         .abandon_all() -> int
-        .merge(values, weight, version) -> float
-        .apply_update(delta) -> None
+        .merge(values, weight, version, rows=None) -> float
+        .apply_update(delta, scale=1.0) -> None
+        .inject_rows(rows) -> None
         .split_for_pull() -> Share
-        .adopt(values, weight, version) -> None
+        .adopt(values, weight, version, rows=None, keep_own_weight=False) -> None
         .is_far_behind(incoming_version, threshold) -> bool
         .state() -> PushSumState
         PushSum.from_state(state, **options) -> PushSum
@@ -81,6 +94,10 @@ from meshd.errors import MeshdError
 
 DISTANCE_WINDOW = 16
 _MIN_SHARE_WEIGHT = 1e-200  # below this a share is pointless (and s / w would lose precision)
+MAX_ROWS = 1e12  # a rows estimate beyond this is refused (no data product has a trillion rows per domain)
+# Bounds of the data-weighting scale: a domain never counts for more than 64 average domains, or for less
+# than 1/64 of one, whatever the estimate says (it is far off only before the first exchanges).
+SCALE_MIN, SCALE_MAX = 1.0 / 64, 64.0
 
 
 class RejectedUpdate(MeshdError, ValueError):
@@ -100,21 +117,39 @@ class Share:
     values: torch.Tensor
     weight: float
     version: int
+    rows: float = 0.0  # the sender's estimate of the mesh's mean rows per domain; moves rows * weight
 
 
 @dataclass(frozen=True)
 class PushSumState:
-    """What a checkpoint needs: numerator, weight and version."""
+    """What a checkpoint needs: numerator, weight, version and the rows numerator."""
 
     numerator: torch.Tensor
     weight: float
     version: int
+    rows: float = 0.0
 
 
 def consensus_distance(z_self: torch.Tensor, z_other: torch.Tensor, eps: float = 1e-12) -> float:
     """``||z_self - z_other|| / max(||z_other||, eps)``: relative L2 distance."""
     diff = float(torch.linalg.vector_norm(z_self - z_other))
     return diff / max(float(torch.linalg.vector_norm(z_other)), eps)
+
+
+def data_scale(own_rows: float, mean_rows: float) -> float:
+    """The scale of a domain's local update: ``own_rows / mean_rows``, clamped to ``[SCALE_MIN, SCALE_MAX]``.
+
+    1.0 when either is not positive (no estimate yet, or a domain with no rows): equal weighting.
+    """
+    if not (own_rows > 0 and mean_rows > 0 and math.isfinite(own_rows) and math.isfinite(mean_rows)):
+        return 1.0
+    return min(SCALE_MAX, max(SCALE_MIN, own_rows / mean_rows))
+
+
+def _check_rows(rows: object) -> float:
+    if not _is_real(rows) or not (0.0 <= float(rows) <= MAX_ROWS):  # type: ignore[arg-type]
+        raise RejectedUpdate("bad_values", f"rows must be a number in [0, {MAX_ROWS:g}], got {rows!r}")
+    return float(rows)  # type: ignore[arg-type]
 
 
 def _is_real(x: object) -> bool:
@@ -143,6 +178,7 @@ class PushSum:
         max_weight: float = 1e9,
         codec: CodecName = "f32",
         max_pending: int = 64,
+        rows: float = 0.0,
     ) -> None:
         if codec not in CODECS:
             raise ValueError(f"unknown codec {codec!r} (expected one of {', '.join(CODECS)})")
@@ -163,6 +199,7 @@ class PushSum:
         self._w = float(weight)
         self._s = vals * self._w
         self._version = version
+        self._r = _check_rows(rows) * self._w
         self._merges = 0
         self._rounds = 0
         self._pending: dict[int, Share] = {}
@@ -207,6 +244,11 @@ class PushSum:
         if not self._distances:
             return None
         return math.fsum(self._distances) / len(self._distances)
+
+    @property
+    def mean_rows(self) -> float:
+        """This node's push-sum estimate of the mesh's mean training rows per domain (``r / w``)."""
+        return self._r / self._w
 
     def estimate(self) -> torch.Tensor:
         """The model ``z = s / w`` (a float64 copy)."""
@@ -265,7 +307,8 @@ class PushSum:
         if not share_weight >= _MIN_SHARE_WEIGHT:
             return []
         values = quantize(self._s / self._w, self.codec)
-        shares = [Share(self._new_id(), values, share_weight, self._version) for _ in range(m)]
+        rows = self._r / self._w
+        shares = [Share(self._new_id(), values, share_weight, self._version, rows) for _ in range(m)]
         for share in shares:
             self._pending[share.id] = share
         self._rounds += 1
@@ -278,6 +321,7 @@ class PushSum:
             return False
         self._s.sub_(share.values * share.weight)
         self._w -= share.weight
+        self._r = max(0.0, self._r - share.rows * share.weight)
         return True
 
     def abandon(self, share_id: int) -> bool:
@@ -294,46 +338,64 @@ class PushSum:
         """Half of the free mass for a pulling peer, subtracted immediately (one-shot response)."""
         share_weight = self._free_weight() / 2
         values = quantize(self._s / self._w, self.codec)
+        rows = self._r / self._w
         self._s.sub_(values * share_weight)
         self._w -= share_weight
-        return Share(self._new_id(), values, share_weight, self._version)
+        self._r = max(0.0, self._r - rows * share_weight)
+        return Share(self._new_id(), values, share_weight, self._version, rows)
 
     # -- receiving ---------------------------------------------------------------------------------
 
-    def merge(self, values: torch.Tensor, weight: float, version: int) -> float:
+    def merge(self, values: torch.Tensor, weight: float, version: int, rows: float | None = None) -> float:
         """Add a peer's share; returns its consensus distance to our model before the merge.
 
-        Raises ``RejectedUpdate("bad_values")`` (state untouched) on bad values, weight or version.
+        ``rows`` is the share's mean-rows estimate; ``None`` (a peer that sends none) counts as our own
+        estimate, which leaves it unchanged. Raises ``RejectedUpdate("bad_values")`` (state untouched) on
+        bad values, weight, version or rows.
         """
         self._check(values, weight, "merge")
         version = _check_version(version)
+        share_rows = self.mean_rows if rows is None else _check_rows(rows)
         distance = consensus_distance(self._s / self._w, values)
         self._s.add_(values.detach() * float(weight))
         self._w += float(weight)
+        self._r += share_rows * float(weight)
         self._version = max(self._version, version)
         self._merges += 1
         self._distances.append(distance)
         return distance
 
-    def adopt(self, values: torch.Tensor, weight: float, version: int) -> None:
-        """Replace the state with a pulled share (fresh node only: its own init is discarded).
+    def adopt(
+        self, values: torch.Tensor, weight: float, version: int, rows: float | None = None,
+        *, keep_own_weight: bool = False,
+    ) -> None:
+        """Replace the model with a pulled share (fresh node only: its own init is discarded).
 
-        Raises ``RejectedUpdate("bad_values")`` on bad input and ``RejectedUpdate("pending_shares")``
-        while shares are pending (their confirmation would subtract from the adopted mass).
+        With ``keep_own_weight`` the node keeps its own weight too, now carrying the pulled model: the mesh's
+        total weight then still counts every domain (one each), which the mean-rows estimate relies on, and
+        the mesh average is unchanged (the added mass carries the mesh's own model). The node's own rows
+        (its share of ``r``) are kept either way. Raises ``RejectedUpdate("bad_values")`` on bad input and
+        ``RejectedUpdate("pending_shares")`` while shares are pending (their confirmation would subtract
+        from the adopted mass).
         """
         self._check(values, weight, "adopt")
         version = _check_version(version)
+        share_rows = self.mean_rows if rows is None else _check_rows(rows)
         if self._pending:
             raise RejectedUpdate("pending_shares", f"{len(self._pending)} shares still pending")
-        self._w = float(weight)
+        own_w, own_r = self._w, self._r
+        self._w = float(weight) + (own_w if keep_own_weight else 0.0)
         self._s = values.detach() * self._w
+        self._r = share_rows * float(weight) + (own_r if keep_own_weight else 0.0)
         self._version = version
         self._distances.clear()
 
     # -- training ----------------------------------------------------------------------------------
 
-    def apply_update(self, delta: torch.Tensor) -> None:
-        """Local training moved the model by ``delta``: ``s += delta * w``; ``version += 1``.
+    def apply_update(self, delta: torch.Tensor, scale: float = 1.0) -> None:
+        """Local training moved the model by ``delta``: ``s += scale * delta * w``; ``version += 1``.
+
+        ``scale`` is the data weighting (:func:`data_scale`); it must be finite and > 0.
 
         Raises ``RejectedUpdate("bad_update")`` (state untouched) for a non-finite or misshapen delta.
         ``w`` includes weight promised to pending shares, whose values predate the update: once they are
@@ -347,17 +409,25 @@ class PushSum:
             or not delta.is_floating_point()
         ):
             raise RejectedUpdate("bad_update", f"delta must be a 1-D float tensor of length {self._dim}")
-        step = delta.detach().to(device="cpu", dtype=torch.float64) * self._w
+        if not (_is_real(scale) and math.isfinite(scale) and scale > 0):
+            raise RejectedUpdate("bad_update", f"scale must be finite and > 0, got {scale!r}")
+        step = delta.detach().to(device="cpu", dtype=torch.float64) * (self._w * float(scale))
         if not bool(torch.isfinite(step).all()):
             raise RejectedUpdate("bad_update", "non-finite delta")
         self._s.add_(step)
         self._version += 1
 
+    def inject_rows(self, rows: float) -> None:
+        """Add ``rows`` (may be negative) to this domain's contribution to the mesh's sum of rows."""
+        if not (_is_real(rows) and math.isfinite(rows)):
+            raise ValueError(f"rows must be a finite number, got {rows!r}")
+        self._r = min(MAX_ROWS * self._w, max(0.0, self._r + float(rows)))
+
     # -- checkpoints -------------------------------------------------------------------------------
 
     def state(self) -> PushSumState:
-        """Numerator, weight and version (pending shares counted as still held)."""
-        return PushSumState(self._s.clone(), self._w, self._version)
+        """Numerator, weight, version and rows numerator (pending shares counted as still held)."""
+        return PushSumState(self._s.clone(), self._w, self._version, self._r)
 
     @classmethod
     def from_state(
@@ -385,4 +455,5 @@ class PushSum:
             max_pending=max_pending,
         )
         node._s = numerator.detach().to(device="cpu").clone()  # bit-exact numerator, not (s / w) * w
+        node._r = _check_rows(state.rows / float(weight)) * float(weight)
         return node

@@ -6,6 +6,13 @@ A model travels as one flat float64 vector, cast to the codec's dtype and laid o
 - ``"f32"``: 4 bytes per value, round-to-nearest.
 - ``"f16"``: 2 bytes per value, round-to-nearest; a value beyond the f16 range is refused (``CodecError``)
   instead of silently becoming ``inf``.
+- ``"q8"``: about 1.08 bytes per value: blocks of ``Q8_BLOCK`` (64) values, each sent as a header (int8
+  exponent ``k``, int32 offset ``m``, 5 bytes) and one uint8 ``q`` per value, decoded as
+  ``(m + q) * 2**k``. ``k`` is the smallest exponent whose 255 steps span the block (and keeps ``|m| < 2**31``),
+  so the error per value is at most ``2**(k-1)``: about 1/255 of the block's range, up to 1/127. The layout
+  is every header first (``nblocks * 5`` bytes), then ``count`` uint8 values. The quantization error is not
+  lost: push-sum subtracts exactly what the receiver decodes (``averaging``), so what a share did not carry
+  stays in the sender's numerator and goes out with a later share (error feedback by mass conservation).
 
 API:
 
@@ -30,8 +37,10 @@ import torch
 
 from meshd.errors import MeshdError
 
-CodecName = Literal["f64", "f32", "f16"]
+CodecName = Literal["f64", "f32", "f16", "q8"]
 CODECS: tuple[CodecName, ...] = get_args(CodecName)
+Q8_BLOCK = 64
+_Q8_HEADER = np.dtype([("k", "<i1"), ("m", "<i4")])  # packed: 5 bytes
 
 _DTYPES: dict[str, np.dtype[np.floating]] = {
     "f64": np.dtype("<f8"),
@@ -45,6 +54,8 @@ class CodecError(MeshdError, ValueError):
 
 
 def _dtype(codec: str) -> np.dtype[np.floating]:
+    if codec == "q8":
+        return np.dtype("u1")  # type: ignore[return-value]  # only its itemsize is used for q8
     try:
         return _DTYPES[codec]
     except (KeyError, TypeError):
@@ -52,8 +63,15 @@ def _dtype(codec: str) -> np.dtype[np.floating]:
 
 
 def itemsize(codec: CodecName) -> int:
-    """Bytes per value on the wire."""
+    """Bytes per value on the wire (q8: 1, plus a 5-byte header per block of 64)."""
     return _dtype(codec).itemsize
+
+
+def encoded_size(count: int, codec: CodecName) -> int:
+    """Exact payload length of ``count`` values."""
+    if codec == "q8":
+        return -(-count // Q8_BLOCK) * _Q8_HEADER.itemsize + count
+    return count * itemsize(codec)
 
 
 def _cast(vec: torch.Tensor, codec: str) -> npt.NDArray[np.floating]:
@@ -75,6 +93,9 @@ def _cast(vec: torch.Tensor, codec: str) -> npt.NDArray[np.floating]:
 
 def encode(vec: torch.Tensor, codec: CodecName) -> bytes:
     """Little-endian bytes of ``vec`` (1-D float64) in the codec's dtype."""
+    if codec == "q8":
+        header, q = _q8_encode(_cast(vec, "f64"))
+        return header.tobytes() + q.tobytes()
     return _cast(vec, codec).tobytes()
 
 
@@ -84,6 +105,15 @@ def decode(data: bytes | bytearray | memoryview, count: int, codec: CodecName) -
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise CodecError(f"count must be a non-negative int, got {count!r}")
     size = len(memoryview(data).cast("B"))
+    if codec == "q8":
+        if size != encoded_size(count, "q8"):
+            raise CodecError(f"q8 payload of {count} values needs {encoded_size(count, 'q8')} bytes, got {size}")
+        nblocks = -(-count // Q8_BLOCK)
+        header = np.frombuffer(data, dtype=_Q8_HEADER, count=nblocks)
+        q = np.frombuffer(data, dtype=np.uint8, count=count, offset=nblocks * _Q8_HEADER.itemsize)
+        if nblocks and (int(header["k"].min()) < _Q8_K_MIN or int(header["k"].max()) > _Q8_K_MAX):
+            raise CodecError(f"q8 block exponent outside [{_Q8_K_MIN}, {_Q8_K_MAX}]")
+        return torch.from_numpy(_q8_decode(header, q))
     if size != count * dtype.itemsize:
         raise CodecError(f"{codec} payload of {count} values needs {count * dtype.itemsize} bytes, got {size}")
     arr = np.frombuffer(data, dtype=dtype, count=count)  # a read-only view: no copy
@@ -92,7 +122,53 @@ def decode(data: bytes | bytearray | memoryview, count: int, codec: CodecName) -
 
 def quantize(vec: torch.Tensor, codec: CodecName) -> torch.Tensor:
     """``vec`` as the receiver will decode it (float64); raises ``CodecError`` where ``encode`` would."""
+    if codec == "q8":
+        header, q = _q8_encode(_cast(vec, "f64"))
+        return torch.from_numpy(_q8_decode(header, q))
     cast = _cast(vec, codec)
     if cast.dtype == np.float64 and cast.dtype.isnative:
         return vec.detach().cpu().clone()
     return torch.from_numpy(cast.astype(np.float64))
+
+
+# --- q8 -------------------------------------------------------------------------------------------------------
+
+_Q8_K_MIN, _Q8_K_MAX = -126, 100  # 2**-126: below any useful step; 2**100: far above any accepted value
+
+
+def _q8_encode(src: npt.NDArray[np.floating]) -> tuple[npt.NDArray[np.void], npt.NDArray[np.uint8]]:
+    """Headers and uint8 codes of finite float64 values; decoding then re-encoding gives the same values."""
+    n = int(src.shape[0])
+    nblocks = -(-n // Q8_BLOCK)
+    header = np.zeros(nblocks, dtype=_Q8_HEADER)
+    if n == 0:
+        return header, np.zeros(0, dtype=np.uint8)
+    padded = np.concatenate([src, np.full(nblocks * Q8_BLOCK - n, src[-1])]).reshape(nblocks, Q8_BLOCK)
+    lo, hi = padded.min(axis=1), padded.max(axis=1)
+    # The smallest k whose 255 steps span [floor(lo / 2**k) * 2**k, hi]; and |m| <= |lo| / 2**k < 2**31.
+    with np.errstate(divide="ignore"):
+        k = np.ceil(np.log2(np.maximum(hi - lo, 1e-300) / 255.0))
+        big = np.log2(np.maximum(np.abs(lo), 1e-300))
+    k = np.clip(np.maximum(k, np.floor(big) - 29), _Q8_K_MIN, _Q8_K_MAX).astype(np.int64)
+    for _ in range(3):  # the floor of lo can cost one more step: at most one bump is ever needed
+        m = np.floor(np.ldexp(lo, -k))
+        over = np.ldexp(hi, -k) - m > 255.0
+        if not over.any():
+            break
+        k = np.where(over, k + 1, k)
+    q = np.clip(np.rint(np.ldexp(padded, -k[:, None]) - m[:, None]), 0, 255)
+    header["k"] = k
+    header["m"] = m.astype(np.int64)
+    return header, q.astype(np.uint8).reshape(-1)[:n]
+
+
+def _q8_decode(header: npt.NDArray[np.void], q: npt.NDArray[np.uint8]) -> npt.NDArray[np.float64]:
+    n = int(q.shape[0])
+    nblocks = int(header.shape[0])
+    padded = np.zeros(nblocks * Q8_BLOCK, dtype=np.float64)
+    padded[:n] = q
+    blocks = padded.reshape(nblocks, Q8_BLOCK)
+    m = header["m"].astype(np.float64)[:, None]
+    k = header["k"].astype(np.int64)[:, None]
+    out: npt.NDArray[np.float64] = np.ldexp(blocks + m, k).reshape(-1)[:n]
+    return np.ascontiguousarray(out)

@@ -166,8 +166,9 @@ class DiscoveryConfig:
 class GossipConfig:
     interval_s: float = field(default=1.0, metadata=_opt(_positive))
     jitter: float = field(default=0.25, metadata=_opt(_between(0.0, 0.9)))
-    fanout: int = field(default=2, metadata=_opt(_between(1, 16)))
-    codec: str = field(default="f32", metadata=_opt(_one_of("f64", "f32", "f16")))
+    fanout: int = field(default=1, metadata=_opt(_between(1, 16)))
+    topology: str = field(default="exponential", metadata=_opt(_one_of("exponential", "random")))
+    codec: str = field(default="f16", metadata=_opt(_one_of("f64", "f32", "f16", "q8")))
     pull_on_join: bool = True
     far_behind_versions: int = field(default=0, metadata=_opt(_non_negative))
     connect_timeout_s: float = field(default=3.0, metadata=_opt(_positive))
@@ -199,6 +200,10 @@ class ModelConfig:
     channels: tuple[int, ...] = field(default=(16, 32), metadata=_opt(_positive_ints, restart=True))
     kernel_size: int = field(default=5, metadata=_opt(_between(1, 64), restart=True))
     num_classes: int = field(default=10, metadata=_opt(_between(2, 100_000), restart=True))
+    # Every domain of a mesh must start from the same weights: they depend only on the model spec and this
+    # mesh-wide seed, never on the domain (different starting points cost accuracy that gossip never recovers).
+    init_seed: int = field(default=0, metadata=_opt(_non_negative, "mesh-wide seed of the initial weights",
+                                                    restart=True))
 
 
 @dataclass(frozen=True)
@@ -214,6 +219,8 @@ class DataConfig:
 class TrainingConfig:
     enabled: bool = True
     steps_per_round: int = field(default=10, metadata=_opt(_between(0, 100_000)))
+    weighting: str = field(default="rows", metadata=_opt(_one_of("rows", "equal")))
+    pace: str = field(default="mesh", metadata=_opt(_one_of("mesh", "free")))
     batch_size: int = field(default=32, metadata=_opt(_between(1, 1_000_000)))
     lr: float = field(default=0.05, metadata=_opt(_positive))
     momentum: float = field(default=0.0, metadata=_opt(_between(0.0, 0.999)))

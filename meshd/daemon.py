@@ -23,6 +23,7 @@ from meshd import logs
 from meshd.config import Config
 from meshd.errors import ConfigError, MeshdError
 from meshd.identity import Identity
+from meshd.learner import limit_torch_threads
 from meshd.node import Node
 from meshd.sdnotify import Notifier
 from meshd.stats import GossipStats
@@ -83,6 +84,7 @@ class Daemon:
 
     async def _run(self) -> int:
         await asyncio.to_thread(_ensure_private_dir, self.cfg.node.state_dir)
+        limit_torch_threads(self.cfg.training.threads)  # process-wide; worker threads re-apply it (engine)
         self.node = Node(self.cfg, self.identity, self.stats)
         await self.node.open()
         host, port = configmod.split_host_port(self.cfg.listen.status)

@@ -15,11 +15,11 @@ import structlog
 import torch
 
 from meshd import models
-from meshd.averaging import PushSum
+from meshd.averaging import PushSum, data_scale
 from meshd.config import Config
-from meshd.data import DataProduct, load_data_product
+from meshd.data import DataProduct, load_data_product, schema_fingerprint
 from meshd.errors import DataError
-from meshd.learner import Learner, TrainConfig, TrainResult
+from meshd.learner import Learner, TrainConfig, TrainResult, limit_torch_threads
 from meshd.store import Checkpoint, CheckpointStore
 
 log = structlog.get_logger("meshd.engine")
@@ -35,6 +35,8 @@ class TrainingStats:
     test_accuracy: float | None = None
     local_only_test_accuracy: float | None = None
     evaluated_at_version: int | None = None
+    steps_dropped: int = 0  # steps of rounds whose update was refused (diverged)
+    paced_waits: int = 0  # times the domain waited for its peers (training.pace = "mesh")
 
 
 class Engine:
@@ -57,12 +59,15 @@ class Engine:
         self._baseline_flat: torch.Tensor | None = None
         self.module: torch.nn.Module | None = None
         self.input_dim = 0
+        self.schema = ""  # data schema fingerprint (names in order, label, dtype): part of compatibility
+        self.schema_set = ""  # the same over the sorted names: tells "same columns, other order" apart
         self.fingerprint = ""
         self.parameters = 0
         self.pushsum: PushSum | None = None
         self.fresh = True  # no checkpoint: the first model should come from the mesh (pull)
         self.stats = TrainingStats()
         self.sha256: str | None = None
+        self.threads_in_use: int | None = None
 
     # --- start-up (worker thread) ------------------------------------------------------------------------
 
@@ -90,10 +95,16 @@ class Engine:
             if self.data is not None and self.test.feature_names != self.data.feature_names:
                 raise DataError(f"{cfg.data.test_path}: its features differ from the data product's")
             self.input_dim = self.input_dim or self.test.input_dim
+        limit_torch_threads(cfg.training.threads)  # here too: this worker thread's own OpenMP setting
+        product = self.data if self.data is not None else self.test
+        if product is not None:
+            self.schema = product.schema_fingerprint
+            self.schema_set = schema_fingerprint(sorted(product.feature_names), product.label)
         if self.input_dim == 0:
             warnings.append("data.path is not set: this domain has no model and does not learn until it is set")
             return warnings
-        self.module = models.build_model(self.spec, self.input_dim, cfg.training.seed)
+        init_seed = models.initial_seed(self.spec, self.input_dim, cfg.model.init_seed)
+        self.module = models.build_model(self.spec, self.input_dim, init_seed)
         self.fingerprint = models.fingerprint(self.spec, self.module, self.input_dim)
         self.parameters = models.param_count(self.module)
         tcfg = TrainConfig(
@@ -103,7 +114,7 @@ class Engine:
         if self.data is not None:
             self.learner = Learner(self.module, self.data, tcfg)
         if self.data is not None and cfg.training.local_baseline:
-            base_module = models.build_model(self.spec, self.input_dim, cfg.training.seed)
+            base_module = models.build_model(self.spec, self.input_dim, init_seed)
             self.baseline = Learner(base_module, self.data, tcfg)
             self._baseline_flat = models.flatten(base_module)
         start = models.flatten(self.module)
@@ -114,10 +125,18 @@ class Engine:
                 f"checkpoint {ckpt.file_name} is for another model (fingerprint {ckpt.fingerprint[:12]}); ignored"
             )
             ckpt = None
+        rows = float(self.train_rows)
         if ckpt is not None and int(ckpt.values.shape[0]) == int(start.shape[0]):
-            self.pushsum = PushSum(ckpt.values, ckpt.weight, ckpt.version, **opts)
-            self.fresh = False
             extra = ckpt.extra
+            # The rows numerator and what this domain injected into it; a checkpoint from before data
+            # weighting has neither: start the estimate from this domain's own rows.
+            r_num = extra.get("rows_numerator")
+            injected = extra.get("rows_injected")
+            mean_rows = float(r_num) / ckpt.weight if isinstance(r_num, int | float) and r_num >= 0 else rows
+            self.pushsum = PushSum(ckpt.values, ckpt.weight, ckpt.version, rows=min(mean_rows, 1e12), **opts)
+            if isinstance(injected, int | float) and injected != rows:
+                self.pushsum.inject_rows(rows - float(injected))  # the data product grew or shrank
+            self.fresh = False
             self.stats.steps = int(extra.get("steps", 0))
             self.stats.samples_seen = int(extra.get("samples_seen", 0))
             base = extra.get("baseline")
@@ -125,13 +144,36 @@ class Engine:
                 self._baseline_flat = torch.frombuffer(bytearray(base), dtype=torch.float64).clone()
             log.info("checkpoint_loaded", version=ckpt.version, weight=ckpt.weight, file=ckpt.file_name)
         else:
-            self.pushsum = PushSum(start, 1.0, 0, **opts)
+            self.pushsum = PushSum(start, 1.0, 0, rows=rows, **opts)
         return warnings
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """SGD steps of one pass over this domain's training rows."""
+        return max(1, math.ceil(self.train_rows / max(1, self.cfg.training.batch_size)))
+
+    @property
+    def epochs(self) -> float:
+        """Passes over its own data this domain has trained (steps attempted / steps per epoch)."""
+        return (self.stats.steps + self.stats.steps_dropped) / self.steps_per_epoch
+
+    @property
+    def train_rows(self) -> int:
+        return self.data.num_train if self.data is not None else 0
+
+    def update_scale(self) -> float:
+        """How much this domain's local update counts (training.weighting): rows / the mesh's mean rows."""
+        if self.cfg.training.weighting != "rows" or self.pushsum is None:
+            return 1.0
+        return data_scale(float(self.train_rows), self.pushsum.mean_rows)
 
     # --- training (worker thread: pure function of its inputs) ---------------------------------------------
 
     def train(self, start: torch.Tensor, steps: int) -> tuple[torch.Tensor, TrainResult]:
         assert self.learner is not None
+        if torch.get_num_threads() != self.cfg.training.threads:  # a new worker thread: its own OpenMP setting
+            limit_torch_threads(self.cfg.training.threads)
+        self.threads_in_use = torch.get_num_threads()  # what the training thread runs with, for /status
         new, result = self.learner.train(start, steps)
         if self.baseline is not None and self._baseline_flat is not None:
             # The local-only baseline: the same data and steps, never averaged. "Is the mesh helping?"
@@ -165,7 +207,8 @@ class Engine:
         """Capture the state on the loop (cheap copies); `save_checkpoint` writes it in a thread."""
         assert self.pushsum is not None
         st = self.pushsum.state()
-        extra: dict[str, Any] = {"steps": self.stats.steps, "samples_seen": self.stats.samples_seen}
+        extra: dict[str, Any] = {"steps": self.stats.steps, "samples_seen": self.stats.samples_seen,
+                                 "rows_numerator": st.rows, "rows_injected": self.train_rows}
         if self._baseline_flat is not None:
             extra["baseline"] = self._baseline_flat.numpy().tobytes()
         return Checkpoint(
@@ -196,7 +239,7 @@ class Engine:
             "version": ps.version if ps else 0,
             "sha256": self.sha256,
             "codec": self.cfg.gossip.codec,
-            "data_schema": self.data.schema_fingerprint if self.data else None,
+            "data_schema": self.schema or None,
         }
         s = self.stats
         training = {
@@ -211,6 +254,14 @@ class Engine:
             "evaluated_at_version": s.evaluated_at_version,
             "train_rows": self.data.num_train if self.data else 0,
             "holdout_rows": self.data.num_holdout if self.data else 0,
+            "threads": self.threads_in_use,
+            "weighting": self.cfg.training.weighting,
+            "update_scale": round(self.update_scale(), 6),
+            "mesh_mean_rows": round(ps.mean_rows, 3) if ps else None,
+            "epochs": round(self.epochs, 4) if self.data else 0.0,
+            "pace": self.cfg.training.pace,
+            "paced_waits": s.paced_waits,
+            "steps_dropped": s.steps_dropped,
         }
         return model, training
 

@@ -21,6 +21,7 @@ next :meth:`PeerTable.tick`, so the caller sees every transition in one place.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ __all__ = [
 DISCOVERY_SOURCES = frozenset({"static", "mdns", "registry"})
 _INBOUND = "inbound"
 _LIST_SOURCES = frozenset({"static", "registry"})  # lists of peers; their "gone" means "delisted"
+INCOMPATIBLE_RETRY_S = 30.0  # an incompatible peer is offered no shares for this long, then tried again
 
 
 class PeerState(StrEnum):
@@ -81,7 +83,10 @@ class Peer:
     last_seen: float | None  # last valid message or ack
     failures: int = 0  # failed sends since the last contact
     model_fp: str | None = None
+    schema_fp: str | None = None  # the data schema fingerprint it advertises (mDNS TXT, pong, shares)
+    incompatible: str | None = None  # why our models cannot merge (e.g. schema_mismatch), until it changes
     # Bookkeeping (not part of the status contract):
+    incompatible_at: float | None = None  # when ``incompatible`` was last confirmed
     since: float | None = None  # when the current state began (None: set by the next tick)
     ping_due_at: float | None = None  # next time a ping may go out (one outstanding ping at a time)
     addresses: dict[str, str] = field(default_factory=dict)  # source -> address, oldest report first
@@ -204,6 +209,28 @@ class PeerTable:
         peer.touched = now
         self._set_address(peer, source, address)
 
+    def advertised(self, peer_id: bytes, model_fp: str | None, schema_fp: str | None) -> None:
+        """The peer told us (signed, in a pong or a share) which model and data schema it runs."""
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            return
+        if model_fp is not None:
+            peer.model_fp = model_fp
+        if schema_fp is not None:
+            peer.schema_fp = schema_fp
+
+    def set_incompatible(self, peer_id: bytes, reason: str | None, now: float) -> None:
+        """Models cannot be merged with this peer (``reason``), or can again (``None``).
+
+        An incompatible peer is no gossip target until ``INCOMPATIBLE_RETRY_S`` has passed: its shares would
+        only be refused, and the reason is shown in ``/status`` for the operator.
+        """
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            return
+        peer.incompatible = reason
+        peer.incompatible_at = now if reason is not None else None
+
     def gone(self, peer_id: bytes, source: str, now: float) -> None:
         """Discovery says the peer went away.
 
@@ -313,20 +340,49 @@ class PeerTable:
 
     # ----------------------------------------------------------------- choices
 
-    def gossip_targets(self, rng: random.Random, fanout: int) -> list[Peer]:
-        """Up to ``fanout`` distinct peers chosen uniformly among ALIVE and UNKNOWN ones with an address.
+    def gossip_targets(
+        self, rng: random.Random, fanout: int, now: float | None = None, *, topology: str = "random",
+        round_no: int = 0,
+    ) -> list[Peer]:
+        """Up to ``fanout`` distinct peers among ALIVE and UNKNOWN ones with an address.
 
         UNKNOWN peers are included so that a fresh mesh, where nobody has heard from anybody yet,
-        can start. Never DEAD, LEFT, SUSPECT or self.
+        can start. Never DEAD, LEFT, SUSPECT or self, nor (given ``now``) a peer found incompatible less
+        than ``INCOMPATIBLE_RETRY_S`` ago.
+
+        ``topology="random"``: chosen uniformly. ``topology="exponential"``: the one-peer exponential graph
+        (Ying et al. 2021): the eligible peers and this node sorted by id form a ring of ``n``; in round
+        ``r`` this node sends to the peers ``2**((r + j) mod ceil(log2 n))`` places after it (``j < fanout``).
+        When every node runs it in step, ``ceil(log2 n)`` rounds average exactly (``n`` a power of two); out
+        of step it still mixes far faster than random choices at the same bytes.
         """
         pool = [
             self._peers[k]
             for k in sorted(self._peers)
             if self._peers[k].state in (PeerState.ALIVE, PeerState.UNKNOWN) and self._peers[k].address
+            and not self._is_incompatible(self._peers[k], now)
         ]
         if fanout <= 0 or not pool:
             return []
-        return rng.sample(pool, min(fanout, len(pool)))
+        if topology != "exponential":
+            return rng.sample(pool, min(fanout, len(pool)))
+        ring = sorted([self.self_id, *(p.peer_id for p in pool)])
+        by_id = {p.peer_id: p for p in pool}
+        n, me = len(ring), ring.index(self.self_id)
+        hops = max(1, math.ceil(math.log2(n)))
+        out: list[Peer] = []
+        for j in range(hops):
+            peer = by_id[ring[(me + 2 ** ((round_no + j) % hops)) % n]]
+            if peer not in out:
+                out.append(peer)
+            if len(out) == min(fanout, len(pool)):
+                break
+        return out
+
+    @staticmethod
+    def _is_incompatible(peer: Peer, now: float | None) -> bool:
+        at = peer.incompatible_at
+        return now is not None and at is not None and now - at < INCOMPATIBLE_RETRY_S
 
     def pull_candidates(self) -> list[Peer]:
         """Peers to fetch the current model from: ALIVE ones (most recently heard first), then UNKNOWN."""
@@ -350,6 +406,9 @@ class PeerTable:
                     "state": p.state.value,
                     "source": p.source,
                     "last_seen_s": None if p.last_seen is None else max(0.0, now - p.last_seen),
+                    "model_fp": p.model_fp,
+                    "schema": p.schema_fp,
+                    "incompatible": p.incompatible,
                 }
             )
         return rows

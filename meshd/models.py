@@ -101,6 +101,17 @@ def build_model(spec: ModelSpec, input_dim: int, seed: int) -> nn.Module:
     return module
 
 
+def initial_seed(spec: ModelSpec, input_dim: int, mesh_seed: int) -> int:
+    """The seed of a mesh's initial weights: a function of the model spec, the input width and the mesh-wide
+    ``model.init_seed`` only, never of the domain, so every domain starts from the very same model."""
+    canonical = json.dumps(
+        {"name": spec.name, "input_dim": int(input_dim), "num_classes": spec.num_classes, "hidden": list(spec.hidden),
+         "channels": list(spec.channels), "kernel_size": spec.kernel_size, "mesh_seed": int(mesh_seed)},
+        sort_keys=True, separators=(",", ":"),
+    )
+    return int.from_bytes(hashlib.sha256(canonical.encode("utf-8")).digest()[:8], "little") >> 1
+
+
 def fingerprint(spec: ModelSpec, module: nn.Module, input_dim: int) -> str:
     """Architecture fingerprint: sha256 hex[:32] of the spec name, sizes and every shared entry's shape.
 

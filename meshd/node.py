@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import random
+import statistics
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +26,7 @@ from meshd import codec as codecmod
 from meshd import config as configmod
 from meshd import discovery as disc
 from meshd import store, wire
-from meshd.averaging import RejectedUpdate
+from meshd.averaging import RejectedUpdate, Share
 from meshd.config import Config
 from meshd.engine import Engine
 from meshd.errors import MeshdError, ModelError, WireError
@@ -39,6 +41,10 @@ log = structlog.get_logger("meshd.node")
 T = TypeVar("T")
 
 TICK_S = 0.25
+IDLE_S = 0.5  # the training loop's poll while training is off or impossible
+PACE_WAIT_S = 0.05  # a domain ahead of its peers re-checks this often
+PACE_SLACK_EPOCHS = 0.5  # how far (in passes over its own data) a domain may run ahead of its peers' median
+PACE_HORIZON_S = 30.0  # peers' epoch counts older than this (or than 2 x dead_after_s) are not waited for
 MAX_CONCURRENT_PINGS = 32
 REPLAY_FILE = "replay.json"
 SEQ_FILE = "sequence.json"
@@ -69,6 +75,8 @@ class Node:
         self._pull_wanted = asyncio.Event()
         self._closed = False
         self._pinging: set[bytes] = set()
+        self._gossip_round = 0
+        self._peer_epochs: dict[bytes, tuple[float, float]] = {}  # peer -> (epochs it trained, when heard)
 
     # --- construction ----------------------------------------------------------------------------------
 
@@ -304,7 +312,7 @@ class Node:
         if kind == "ping":
             if not self.cfg.mesh.enabled:
                 return Reply.error(503, "not_joined", "this domain has left the mesh")
-            return Reply(200, await self._seal(sender, "pong", self._hello_body()))
+            return Reply(200, await self._seal(sender, "pong", {**self._hello_body(), **self._model_ids()}))
         if kind == "leave":
             self.table.left(sender, time.monotonic())
             log.info("peer_left", peer_id=peer_id_of(sender), reason=str(body.get("reason", ""))[:64])
@@ -315,12 +323,32 @@ class Node:
             return await self._answer_pull(sender, body)
         raise WireError("unknown_kind", 400, f"kind {kind!r} is not served")
 
-    def _model_fields(self, body: dict[str, Any]) -> tuple[torch.Tensor, float, int]:
+    def _check_compatible(self, sender: bytes, body: dict[str, Any]) -> None:
+        """Same model and same data schema, or a 409 with its own reason (and the peer marked in /status)."""
+        why: WireError | None = None
+        if self.engine.pushsum is None:
+            why = WireError("incompatible", 409, "this domain has no model")
+        elif body.get("fp") != self.engine.fingerprint:
+            why = WireError("incompatible", 409, "model fingerprint differs")
+        elif body.get("schema") != self.engine.schema:
+            # Averaging models trained on different column meanings is silent corruption: refused.
+            detail = f"data schema differs (ours {self.engine.schema}, yours {str(body.get('schema'))[:32]})"
+            if body.get("schema_set") == self.engine.schema_set:
+                detail = ("same feature columns in a different order: list data.features in the mesh's order "
+                          "on one side")
+            why = WireError("schema_mismatch", 409, detail)
+        now = time.monotonic()
+        if why is not None:
+            if self.engine.pushsum is not None:
+                self.table.set_incompatible(sender, why.reason, now)
+            raise why
+        self.table.advertised(sender, self.engine.fingerprint, self.engine.schema)
+        self.table.set_incompatible(sender, None, now)
+
+    def _model_fields(self, sender: bytes, body: dict[str, Any]) -> tuple[torch.Tensor, float, int, float | None]:
+        self._check_compatible(sender, body)
         ps = self.engine.pushsum
-        if ps is None:
-            raise WireError("incompatible", 409, "this domain has no model")
-        if body.get("fp") != self.engine.fingerprint:
-            raise WireError("incompatible", 409, "model fingerprint differs")
+        assert ps is not None
         codec, count, weight, version = body.get("codec"), body.get("count"), body.get("weight"), body.get("version")
         values = body.get("values")
         if (codec not in codecmod.CODECS or not isinstance(values, bytes) or count != ps.dim
@@ -332,11 +360,19 @@ class Node:
         max_weight = float(len(self._trusted) + 1)
         if not 0.0 < float(weight) <= max_weight:
             raise WireError("bad_values", 400, f"weight {float(weight)!r} outside (0, {max_weight:g}]")
+        rows, epochs = body.get("rows"), body.get("epochs")
+        for name, x in (("rows", rows), ("epochs", epochs)):
+            if x is not None and (not isinstance(x, float | int) or isinstance(x, bool) or not 0 <= x <= 1e12):
+                raise WireError("bad_body", 400, f"{name} must be a number in [0, 1e12]")
+        if epochs is not None:
+            self._peer_epochs[sender] = (float(epochs), time.monotonic())
+        elif sender in self._peer_epochs:
+            del self._peer_epochs[sender]  # it stopped training: nobody waits for it
         try:
             vec = codecmod.decode(values, count, codec)
         except codecmod.CodecError as exc:
             raise WireError("bad_values", 400, str(exc)) from None
-        return vec, float(weight), version
+        return vec, float(weight), version, None if rows is None else float(rows)
 
     def _receive_share(self, sender: bytes, body: dict[str, Any]) -> Reply:
         ps = self.engine.pushsum
@@ -344,14 +380,14 @@ class Node:
             # Leaving or shutting down: a merge now could land after the final checkpoint and be lost;
             # refused, the sender keeps the mass.
             return Reply.error(503, "not_joined", "this domain has left the mesh")
-        vec, weight, version = self._model_fields(body)
+        vec, weight, version, rows = self._model_fields(sender, body)
         assert ps is not None
         if self.engine.fresh and not self._joined.is_set():
             # Still joining: merging now would be discarded by adopt(); refuse, the sender keeps its mass.
             return Reply.error(503, "not_ready", "joining the mesh")
         far = self.cfg.gossip.far_behind_versions
         try:
-            ps.merge(vec, weight, version)
+            ps.merge(vec, weight, version, rows)
         except RejectedUpdate as exc:
             raise WireError("bad_values", 400, exc.detail or exc.reason) from None
         self.stats.merged += 1
@@ -360,9 +396,9 @@ class Node:
         return Reply(204)
 
     async def _answer_pull(self, sender: bytes, body: dict[str, Any]) -> Reply:
+        self._check_compatible(sender, body)
         ps = self.engine.pushsum
-        if ps is None or body.get("fp") != self.engine.fingerprint:
-            raise WireError("incompatible", 409, "model fingerprint differs")
+        assert ps is not None
         if not self.cfg.mesh.enabled or self._closed:
             return Reply.error(503, "not_joined", "this domain has left the mesh")
         if self.engine.fresh and not self._joined.is_set():
@@ -370,7 +406,7 @@ class Node:
         share = ps.split_for_pull()
         self.stats.pulls += 1
         log.info("pull_answered", peer_id=peer_id_of(sender), weight=share.weight, version=share.version)
-        body = await asyncio.to_thread(self._share_body, share.values, share.weight, share.version)
+        body = await asyncio.to_thread(self._share_body, share)
         return Reply(200, await self._seal(sender, "model", body))
 
     # --- sending -----------------------------------------------------------------------------------------
@@ -389,16 +425,22 @@ class Node:
             return f"{self.listen_host}:{self.listen_port}"
         return None
 
-    def _share_body(self, values: torch.Tensor, weight: float, version: int) -> dict[str, Any]:
-        codec = self.cfg.gossip.codec
+    def _model_ids(self) -> dict[str, Any]:
+        """What a peer checks before combining models with ours: model and data schema fingerprints."""
+        return {"fp": self.engine.fingerprint, "schema": self.engine.schema, "schema_set": self.engine.schema_set}
+
+    def _share_body(self, share: Share) -> dict[str, Any]:
+        codec = self.engine.pushsum.codec if self.engine.pushsum is not None else self.cfg.gossip.codec
         return {
             **self._hello_body(),
-            "fp": self.engine.fingerprint,
-            "version": int(version),
-            "weight": float(weight),
+            **self._model_ids(),
+            "version": int(share.version),
+            "weight": float(share.weight),
+            "rows": float(share.rows),
+            **({"epochs": self.engine.epochs} if self._training_active() else {}),
             "codec": codec,
-            "count": int(values.shape[0]),
-            "values": codecmod.encode(values, codec),  # type: ignore[arg-type]
+            "count": int(share.values.shape[0]),
+            "values": codecmod.encode(share.values, codec),  # type: ignore[arg-type]
         }
 
     async def _next_seq(self) -> int:
@@ -464,6 +506,25 @@ class Node:
                     tg.create_task(self._ping(p.peer_id, p.address or ""))
         log.info("join_announced", peers=len(targets))
 
+    def _training_active(self) -> bool:
+        return self.cfg.training.enabled and self.engine.learner is not None and self.cfg.training.steps_per_round > 0
+
+    def _note_advertised(self, peer_id: bytes, body: dict[str, Any]) -> None:
+        """A pong says which model and schema the peer runs: flag a mismatch before any share is sent."""
+        fp, schema = body.get("fp"), body.get("schema")
+        fp = fp if isinstance(fp, str) and len(fp) <= 64 else None
+        schema = schema if isinstance(schema, str) and len(schema) <= 64 else None
+        self.table.advertised(peer_id, fp, schema)
+        if self.engine.pushsum is None or fp is None:
+            return
+        now = time.monotonic()
+        if fp != self.engine.fingerprint:
+            self.table.set_incompatible(peer_id, "incompatible", now)
+        elif schema is not None and schema != self.engine.schema:
+            self.table.set_incompatible(peer_id, "schema_mismatch", now)
+        else:
+            self.table.set_incompatible(peer_id, None, now)
+
     @staticmethod
     async def _quietly(coro: Coroutine[Any, Any, Any]) -> None:
         with contextlib.suppress(SendError, MeshdError):
@@ -505,9 +566,7 @@ class Node:
         not_ready = 0
         for p in candidates[:4]:
             try:
-                status, reply, _ = await self._exchange(
-                    p.peer_id, p.address or "", "pull", {"fp": self.engine.fingerprint}
-                )
+                status, reply, _ = await self._exchange(p.peer_id, p.address or "", "pull", self._model_ids())
             except SendError:
                 continue
             if status == 503:
@@ -519,11 +578,13 @@ class Node:
             if body is None:
                 continue
             try:
-                vec, weight, version = self._model_fields(body)
+                vec, weight, version, rows = self._model_fields(p.peer_id, body)
                 if adopt:
-                    ps.adopt(vec, weight, version)
+                    # Keep this domain's own weight (now carrying the mesh's model): the mesh's total weight
+                    # keeps counting every domain, which the mean-rows estimate of data weighting needs.
+                    ps.adopt(vec, weight, version, rows, keep_own_weight=True)
                 else:
-                    ps.merge(vec, weight, version)
+                    ps.merge(vec, weight, version, rows)
             except (WireError, RejectedUpdate) as exc:
                 self._reject("bad_pull_reply", p.address or "?", str(exc), p.peer_id)
                 continue
@@ -545,7 +606,9 @@ class Node:
             ps = self.engine.pushsum
             if ps is None or not self.cfg.mesh.enabled:
                 continue
-            targets = self.table.gossip_targets(self._rng, g.fanout)
+            targets = self.table.gossip_targets(self._rng, g.fanout, time.monotonic(), topology=g.topology,
+                                                round_no=self._gossip_round)
+            self._gossip_round += 1
             if not targets:
                 continue
             shares = ps.prepare(len(targets))
@@ -554,13 +617,16 @@ class Node:
                 for peer, share in zip(targets, shares, strict=False):
                     tg.create_task(self._send_share(peer.peer_id, peer.address or "", share))
 
-    async def _send_share(self, peer_id: bytes, address: str, share: Any) -> None:
+    async def _send_share(self, peer_id: bytes, address: str, share: Share) -> None:
         ps = self.engine.pushsum
         assert ps is not None
         delivered = False
         try:
-            body = await asyncio.to_thread(self._share_body, share.values, share.weight, share.version)
+            body = await asyncio.to_thread(self._share_body, share)
             status, reply, attempts = await self._exchange(peer_id, address, "share", body)
+            if status == 409 and (b'"schema_mismatch"' in reply or b'"incompatible"' in reply):
+                reason = "schema_mismatch" if b'"schema_mismatch"' in reply else "incompatible"
+                self.table.set_incompatible(peer_id, reason, time.monotonic())
             # A retry answered 'replayed' means an earlier attempt did arrive and was merged.
             delivered = status == 204 or (status == 409 and attempts > 1 and b'"replayed"' in reply)
         except (SendError, MeshdError):
@@ -589,33 +655,63 @@ class Node:
         try:
             status, reply, _ = await self._exchange(peer_id, address, "ping", self._hello_body())
             if status == 200:
-                await self._open_reply(peer_id, reply, "pong")
+                pong = await self._open_reply(peer_id, reply, "pong")
+                if pong is not None:
+                    self._note_advertised(peer_id, pong)
         except (SendError, MeshdError):
             pass
         finally:
             self._pinging.discard(peer_id)
 
     async def _train_loop(self) -> None:
+        """Local training back to back in the worker thread, in rounds of ``training.steps_per_round`` steps.
+
+        Each round's update is applied with the data weighting (``Engine.update_scale``). With
+        ``training.pace = "mesh"`` a domain that is more than ``PACE_SLACK_EPOCHS`` epochs ahead of the
+        median of its peers waits, so every domain makes about one pass over its own data per pass of the
+        others: a domain's steps are proportional to its rows, as in FedAvg's one epoch per round.
+        """
         await self._joined.wait()
         while True:
-            t0 = time.monotonic()
             ps, tr = self.engine.pushsum, self.cfg.training
-            if ps is not None and self.engine.learner is not None and tr.enabled and tr.steps_per_round > 0:
-                start = ps.estimate()
-                try:
-                    new, result = await asyncio.to_thread(self.engine.train, start, tr.steps_per_round)
-                    ps.apply_update(new - start)
-                except (RejectedUpdate, ModelError) as exc:
-                    # The model is kept as it was; a diverging step is dropped, never merged.
-                    if self._quiet.should_log(("training_diverged",))[0]:
-                        log.error("training_diverged", detail=str(exc), hint="lower training.lr")
-                else:
-                    st = self.engine.stats
-                    st.steps += result.steps
-                    st.samples_seen += result.samples
-                    st.loss = result.loss
-            elapsed = time.monotonic() - t0
-            await asyncio.sleep(max(0.01, self.cfg.gossip.interval_s - elapsed))
+            if ps is None or self.engine.learner is None or not tr.enabled or tr.steps_per_round == 0:
+                await asyncio.sleep(IDLE_S)
+                continue
+            steps = self._paced_steps(tr.steps_per_round, time.monotonic())
+            if steps == 0:
+                self.engine.stats.paced_waits += 1
+                await asyncio.sleep(PACE_WAIT_S)
+                continue
+            start = ps.estimate()
+            try:
+                new, result = await asyncio.to_thread(self.engine.train, start, steps)
+                ps.apply_update(new - start, self.engine.update_scale())
+            except (RejectedUpdate, ModelError) as exc:
+                # The model is kept as it was; a diverging step is dropped, never merged.
+                self.engine.stats.steps_dropped += steps
+                if self._quiet.should_log(("training_diverged",))[0]:
+                    log.error("training_diverged", detail=str(exc), hint="lower training.lr")
+                await asyncio.sleep(IDLE_S)
+            else:
+                st = self.engine.stats
+                st.steps += result.steps
+                st.samples_seen += result.samples
+                st.loss = result.loss
+            await asyncio.sleep(0)  # let gossip and the status API in between two rounds
+
+    def _paced_steps(self, wanted: int, now: float) -> int:
+        """How many steps this domain may take now: ``wanted``, or fewer (0 = wait) when it is ahead."""
+        if self.cfg.training.pace != "mesh":
+            return wanted
+        horizon = max(PACE_HORIZON_S, 2 * self.cfg.membership.dead_after_s)
+        alive = {p.peer_id for p in self.table.peers() if p.state == PeerState.ALIVE}
+        heard = sorted(e for pid, (e, at) in self._peer_epochs.items() if pid in alive and now - at <= horizon)
+        if not heard:
+            return wanted  # alone, or nobody trains: nothing to keep pace with
+        median = statistics.median(heard)
+        spe = self.engine.steps_per_epoch
+        allowed = (median + PACE_SLACK_EPOCHS - self.engine.epochs) * spe
+        return max(0, min(wanted, math.ceil(allowed))) if allowed > 0 else 0
 
     async def _evaluate_loop(self) -> None:
         while True:

@@ -7,7 +7,10 @@ import struct
 import pytest
 import torch
 
-from meshd.codec import CODECS, CodecError, CodecName, decode, encode, itemsize, quantize
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshd.codec import CODECS, Q8_BLOCK, CodecError, CodecName, decode, encode, encoded_size, itemsize, quantize
 from meshd.errors import MeshdError
 
 
@@ -20,12 +23,15 @@ def _vec(n: int = 257, seed: int = 0, scale: float = 10.0) -> torch.Tensor:
 def test_round_trip_matches_quantize(codec: CodecName) -> None:
     vec = _vec()
     data = encode(vec, codec)
-    assert len(data) == len(vec) * itemsize(codec)
+    assert len(data) == encoded_size(len(vec), codec)
     out = decode(data, len(vec), codec)
     assert out.dtype == torch.float64 and out.shape == vec.shape
     assert torch.equal(out, quantize(vec, codec))
-    # Quantized vectors re-encode exactly (what a Share carries is what the receiver gets).
-    assert encode(out, codec) == data
+    # Quantized vectors re-encode exactly (what a Share carries is what the receiver gets); q8 may pick a
+    # finer exponent for them (other bytes), but they decode to the very same values.
+    if codec != "q8":
+        assert encode(out, codec) == data
+    assert torch.equal(decode(encode(out, codec), len(vec), codec), out)
     assert torch.equal(quantize(out, codec), out)
 
 
@@ -106,3 +112,34 @@ def test_bad_inputs() -> None:
 def test_codec_error_is_value_error_and_meshd_error() -> None:
     assert issubclass(CodecError, ValueError)
     assert issubclass(CodecError, MeshdError)
+
+
+def test_q8_size_and_error_bound() -> None:
+    vec = _vec(1000, scale=0.3)
+    data = encode(vec, "q8")
+    assert len(data) == 1000 + 5 * -(-1000 // Q8_BLOCK)  # < 1.1 bytes per value, header included
+    err = (quantize(vec, "q8") - vec).abs()
+    for lo in range(0, 1000, Q8_BLOCK):
+        block = vec[lo : lo + Q8_BLOCK]
+        span = float(block.max() - block.min())
+        assert float(err[lo : lo + Q8_BLOCK].max()) <= span / 127 / 2 + 1e-12  # at most half of one step
+    const = torch.full((70,), 0.125, dtype=torch.float64)
+    assert torch.equal(quantize(const, "q8"), const)  # a constant block is exact
+
+
+def test_q8_refuses_absurd_exponents() -> None:
+    data = bytearray(encode(_vec(10), "q8"))
+    data[0] = 0x7F  # k = 127: far beyond any accepted value
+    with pytest.raises(CodecError, match="exponent"):
+        decode(bytes(data), 10, "q8")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(min_value=-1e6, max_value=1e6, allow_nan=False), min_size=0, max_size=300))
+def test_q8_round_trip_is_exact_for_any_vector(values: list[float]) -> None:
+    vec = torch.tensor(values, dtype=torch.float64)
+    data = encode(vec, "q8")
+    out = decode(data, len(values), "q8")
+    assert torch.equal(out, quantize(vec, "q8"))
+    # what a share carries (its quantized values, encoded again) is exactly what the receiver merges
+    assert torch.equal(decode(encode(out, "q8"), len(values), "q8"), out)

@@ -11,6 +11,7 @@ from meshd.membership import (
     PeerState,
     PeerTable,
     Ping,
+    INCOMPATIBLE_RETRY_S,
     StateChanged,
     Timing,
 )
@@ -507,6 +508,66 @@ def test_gossip_targets_roughly_uniform() -> None:
     assert all(850 < n < 1150 for n in counts.values()), counts
 
 
+def _alive_anywhere(t: PeerTable, pid: bytes) -> None:
+    t.discovered(pid, f"10.0.1.{pid[0]}:7946", f"dom-{pid[0]}", "static", 0.0)
+    t.heard_from(pid, 0.0)
+    t.tick(0.0)
+
+
+def test_exponential_topology_walks_the_ring_by_powers_of_two() -> None:
+    ids = [bytes([i]) * 32 for i in range(1, 9)]  # 8 nodes: self = ids[0]
+    t = PeerTable(ids[0], Timing())
+    t.set_trusted(ids[1:])
+    for k in ids[1:]:
+        _alive_anywhere(t, k)
+    rng = random.Random(0)
+    got = [t.gossip_targets(rng, 1, 0.0, topology="exponential", round_no=r)[0].peer_id for r in range(6)]
+    assert got == [ids[1], ids[2], ids[4], ids[1], ids[2], ids[4]]  # +1, +2, +4, then again
+    two = t.gossip_targets(rng, 2, 0.0, topology="exponential", round_no=2)
+    assert [p.peer_id for p in two] == [ids[4], ids[1]]
+
+
+def test_exponential_topology_averages_exactly_in_log2_n_rounds() -> None:
+    """In step, the one-peer exponential graph with push-sum halves averages 2**k nodes in k rounds."""
+    n = 8
+    ids = [bytes([i]) * 32 for i in range(1, n + 1)]
+    tables = []
+    for me in ids:
+        t = PeerTable(me, Timing())
+        t.set_trusted([k for k in ids if k != me])
+        for k in ids:
+            if k != me:
+                _alive_anywhere(t, k)
+        tables.append(t)
+    values = [float(i * i) for i in range(n)]
+    s, w = values[:], [1.0] * n
+    rng = random.Random(0)
+    for r in range(3):
+        sent = []
+        for i, t in enumerate(tables):
+            (target,) = t.gossip_targets(rng, 1, 0.0, topology="exponential", round_no=r)
+            sent.append((ids.index(target.peer_id), s[i] / 2, w[i] / 2))
+            s[i], w[i] = s[i] / 2, w[i] / 2
+        for j, ds, dw in sent:
+            s[j] += ds
+            w[j] += dw
+    mean = sum(values) / n
+    assert all(abs(s[i] / w[i] - mean) < 1e-12 for i in range(n))
+
+
+def test_incompatible_peers_are_no_gossip_target_for_a_while() -> None:
+    t = table(A, B)
+    alive(t, A, 0.0)
+    alive(t, B, 0.0)
+    t.set_incompatible(A, "schema_mismatch", 10.0)
+    rng = random.Random(1)
+    assert {p.peer_id for _ in range(20) for p in t.gossip_targets(rng, 1, 20.0)} == {B}
+    assert A in {p.peer_id for _ in range(40) for p in t.gossip_targets(rng, 1, 10.0 + INCOMPATIBLE_RETRY_S + 1)}
+    assert next(r for r in t.snapshot(20.0) if r["peer_id"] == A.hex())["incompatible"] == "schema_mismatch"
+    t.set_incompatible(A, None, 21.0)
+    assert next(r for r in t.snapshot(21.0) if r["peer_id"] == A.hex())["incompatible"] is None
+
+
 def test_pull_candidates_alive_most_recent_first_then_unknown() -> None:
     t = table(A, B, C, D)
     alive(t, A, 1.0)
@@ -533,6 +594,9 @@ def test_snapshot_rows() -> None:
             "state": "unknown",
             "source": "mdns",
             "last_seen_s": None,
+            "model_fp": None,
+            "schema": None,
+            "incompatible": None,
         },
         {
             "domain": "zeta",
@@ -541,6 +605,9 @@ def test_snapshot_rows() -> None:
             "state": "alive",
             "source": "static",
             "last_seen_s": 2.5,
+            "model_fp": None,
+            "schema": None,
+            "incompatible": None,
         },
     ]
 
