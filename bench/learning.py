@@ -1,42 +1,50 @@
-"""Time-to-accuracy and bytes-on-wire of meshd against centralized, local-only and FedAvg training.
+"""Learning parity: meshd (real daemons) against centralized, local-only and FedAvg on the same split.
 
-MNIST-1D (``meshd.datasets.load_mnist1d_dataset``, seed 0), a shared test set (2,000 rows), and the other rows
-split over 16 domains by a Dirichlet(alpha = 0.1) label split with at least 50 rows per domain
-(``meshd.localmesh.build_mesh``). For each model (``cnn1d``, ``mlp``) four methods train on exactly the same
-rows (``data.holdout = 0``), with the same SGD settings (batch 32, lr 0.1, K = 10 local steps per round):
+Two scenarios, each on one split that every method trains on, with the same optimizer (SGD lr 0.01,
+momentum 0.9, batch 32) and the same initial weights (``models.initial_seed``, mesh seed 0):
 
-(a) ``centralized``: one model on the pooled training rows of all domains (K steps per "round");
-(b) ``local_only``: every domain alone, never averaged;
-(c) ``fedavg``: synchronous FedAvg, simulated in process with :mod:`meshd.learner`: each round every domain
-    starts from the global model, runs K local steps, the server averages weighted by sample count; each
-    domain moves 2 x model bytes (down + up, f32) per round;
-(d) ``meshd``: real ``meshd run`` daemons on loopback (:class:`meshd.localmesh.LocalMesh`, codec f32), every
-    domain's own model polled from ``/status``; bytes per domain = gossip.bytes_sent + bytes_received (whole
-    signed, encrypted envelopes, pings and pulls included). After the training time, training is switched
-    off (hot reload) and gossip runs alone for a few seconds: the "after consensus" figures.
+- ``mnist1d``: MNIST-1D (``meshd.datasets.load_mnist1d_dataset``, 40,000 samples, seed 0), a shared test set of
+  8,000 rows, the rest split over 16 domains by a Dirichlet(0.1) label split (seed 0); model ``cnn1d``.
+- ``digits``: scikit-learn's digits, 20 % shared test set, 8 domains, Dirichlet(0.1); model ``mlp``.
 
-Accuracy is always on the shared test set (all classes); for (b) and (d) it is the mean and the worst over
-the domains' own models; for (a) and (c) one model. Wall time of (a)-(c) is the measured training time of
-the in-process simulation on this machine, run sequentially on one thread (evaluation excluded); (d) is the
-real elapsed time of 16 daemons sharing this machine's cores (evaluation, crypto and HTTP included).
-Wall-time figures depend on the machine and its load; rounds and bytes do not.
+Methods:
 
-    .venv/bin/python bench/learning.py [--quick] [--out DIR]
+(a) ``centralized``: one model on the pooled training rows. Its x position at S steps is S / domains (the same
+    total compute as S local steps in every domain).
+(b) ``local_only``: every domain alone, one local epoch per round, never averaged.
+(c) ``fedavg``: in process, a central server: each round every domain starts from the global model and runs
+    one local epoch; the server averages the results weighted by examples. Bytes per domain per round =
+    2 x the model at f32 (down + up). Time = the sequential training time on one thread (no evaluation).
+(d) ``meshd``: real ``meshd run`` daemons on loopback (:class:`meshd.localmesh.LocalMesh`), **default config**
+    apart from model, data, optimizer, evaluation interval and logging. The daemons start with training off;
+    when all run, one config reload turns it on everywhere (t = 0). Accuracy is each domain's own model (the
+    one ``/status`` and ``meshd export`` serve), scored by the daemon on the shared test set; its x position is
+    the mean over domains of the local SGD steps taken when that model was scored; bytes = the mean over
+    domains of whole envelopes sent + received (pings and pulls included). Time = elapsed wall time of all
+    daemons sharing this machine's cores (evaluation, crypto and HTTP included).
 
-Writes ``DIR/learning.json`` and ``DIR/learning.png`` (default ``bench/results``) and prints a summary.
+Comparisons, all from this one run: accuracy (mean and worst domain) at equal local steps per domain (linear
+interpolation between measured points), bytes per domain to reach the accuracy FedAvg has after its last
+round, and wall time to a target mean accuracy. The steps each daemon actually did are recorded.
+
+    .venv/bin/python bench/learning.py [--scenario mnist1d|digits|all] [--quick] [--out DIR]
+
+Writes ``DIR/learning.json`` and ``DIR/learning.png`` (default ``bench/results``) and prints tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
 import platform
 import signal
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,307 +54,318 @@ import torch
 from meshd import models
 from meshd.config_template import set_key
 from meshd.data import DataProduct, load_data_product
-from meshd.datasets import load_mnist1d_dataset
 from meshd.learner import Learner, TrainConfig
-from meshd.localmesh import LocalMesh, MeshLayout, build_mesh, get_status
+from meshd.localmesh import LocalMesh, MeshLayout, build_mesh, get_status, load_dataset
 
 RESULTS = Path(__file__).resolve().parent / "results"
-N_DOMAINS = 16
-ALPHA = 0.1
-MIN_PER_DOMAIN = 50
 SEED = 0
-BATCH = 32
-LR = 0.1
-K = 10  # local SGD steps per round, every method
-TARGET_FRACTION = 0.95  # "time to reach 95 % of the centralized final accuracy"
+BATCH, LR, MOMENTUM = 32, 0.01, 0.9
 F32 = 4
-SETTLE_S = 5.0  # meshd: seconds of gossip alone after training is switched off
+OVERRIDES: dict[str, dict[str, str]] = {}  # --set: daemon config keys that differ from the defaults
+SETTLE_S = 6.0  # meshd: seconds of gossip alone after training is switched off ("after consensus")
 
 
 @dataclass(frozen=True)
-class Plan:
+class Scenario:
+    name: str
+    dataset: str
     samples: int
-    models: tuple[str, ...]
-    rounds: int  # rounds of (a), (b), (c): K steps each
-    eval_every: int  # rounds between evaluations of (a) and (c)
-    local_eval_every: int  # rounds between evaluations of (b) (16 models each time)
-    mesh_seconds: float  # training time of (d)
-    mesh_interval_s: float  # gossip.interval_s of (d)
-    mesh_fanout: int
-    mesh_eval_s: float  # training.eval_interval_s of (d)
+    domains: int
+    alpha: float
+    model: str
+    test_fraction: float
+    min_per_domain: int
+    rounds: int  # FedAvg / local-only rounds (one local epoch each)
+    marks: tuple[int, ...]  # local SGD steps per domain at which methods are compared
+    target_accuracy: float | None  # wall time to this mean accuracy
+    mesh_max_s: float  # meshd stops training at FedAvg's last step count, or after this long
+    eval_interval_s: float
 
 
-QUICK = Plan(samples=10_000, models=("cnn1d",), rounds=150, eval_every=5, local_eval_every=25, mesh_seconds=90.0,
-             mesh_interval_s=0.5, mesh_fanout=2, mesh_eval_s=3.0)
-FULL = Plan(samples=40_000, models=("cnn1d", "mlp"), rounds=400, eval_every=10, local_eval_every=40,
-            mesh_seconds=240.0, mesh_interval_s=0.5, mesh_fanout=2, mesh_eval_s=5.0)
-# Every method is scored on the same shared test set of TEST_ROWS rows; each daemon evaluates its model and its
-# local-only baseline on it every mesh_eval_s, on the CPU the 16 daemons share, so it is kept small.
-TEST_ROWS = 2000
+MNIST1D = Scenario("mnist1d", "mnist1d", 40_000, 16, 0.1, "cnn1d", 0.2, 50, 100, (1000, 2000, 4000), 0.90,
+                   900.0, 3.0)
+DIGITS = Scenario("digits", "digits", 0, 8, 0.1, "mlp", 0.2, 20, 100, (100, 200, 400), None, 300.0, 1.0)
+QUICK = {"mnist1d": Scenario("mnist1d", "mnist1d", 10_000, 16, 0.1, "cnn1d", 0.2, 20, 60, (250, 500, 1000), 0.80,
+                             240.0, 2.0),
+         "digits": DIGITS}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="10,000 samples, cnn1d only, 150 rounds, 90 s of meshd (under 5 minutes)")
+    parser.add_argument("--scenario", choices=("mnist1d", "digits", "all"), default="all")
+    parser.add_argument("--quick", action="store_true", help="MNIST-1D with 10,000 samples and 60 rounds")
     parser.add_argument("--out", type=Path, default=RESULTS, help="output directory (default bench/results)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=TOML",
+                        help="override a daemon config key (recorded in the results); default: none")
     args = parser.parse_args()
-    plan = QUICK if args.quick else FULL
+    for item in args.set:
+        key, _, value = item.partition("=")
+        section, _, name = key.rpartition(".")
+        OVERRIDES.setdefault(section, {})[name] = value
     torch.set_num_threads(1)  # like every daemon (training.threads = 1)
+    names = ("mnist1d", "digits") if args.scenario == "all" else (args.scenario,)
+    scenarios = [QUICK[n] if args.quick else {"mnist1d": MNIST1D, "digits": DIGITS}[n] for n in names]
     started = time.monotonic()
-    mode = (f"QUICK: {plan.samples} samples, {', '.join(plan.models)} only, {plan.rounds} rounds"
-            if args.quick else "full")
-    print(f"learning bench ({mode}): MNIST-1D, {N_DOMAINS} domains, Dirichlet alpha {ALPHA}, "
-          f"K = {K} steps/round, lr {LR}, batch {BATCH}", flush=True)
-    x, y = load_mnist1d_dataset(num_samples=plan.samples, seed=SEED)
-    results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="meshd-bench-") as tmp:
-        for model in plan.models:
-            print(f"\n=== model {model} ===", flush=True)
-            results[model] = bench_model(model, plan, Path(tmp) / model, (x, y))
-    out = {
-        "bench": "learning",
-        "mode": "quick" if args.quick else "full",
-        "plan": plan.__dict__,
-        "settings": {"dataset": "mnist1d", "samples": plan.samples, "seed": SEED, "domains": N_DOMAINS,
-                     "alpha": ALPHA, "min_per_domain": MIN_PER_DOMAIN, "batch_size": BATCH, "lr": LR,
-                     "steps_per_round": K, "codec": "f32", "target": f"{TARGET_FRACTION:.0%} of centralized final",
-                     "holdout": 0.0, "test_rows": TEST_ROWS},
-        "wall_time_dependent": [
-            "*.curve[].t_s", "*.time_to_target_s", "*.summary.time_ratio_vs_fedavg", "*.meshd.startup_s",
-            "meshd accuracy at a given time (daemons share this machine's cores; the faster the machine, the "
-            "more rounds per second)",
-        ],
-        "wall_time_independent": ["*.curve[].rounds", "*.curve[].bytes_per_domain", "*.bytes_to_target",
-                                  "*.summary.bytes_ratio_vs_fedavg", "fedavg/centralized/local_only accuracy "
-                                  "per round"],
+    out: dict[str, Any] = {
+        "bench": "learning", "mode": "quick" if args.quick else "full",
+        "optimizer": {"lr": LR, "momentum": MOMENTUM, "batch_size": BATCH, "init": "models.initial_seed(mesh seed 0)"},
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
                     "cpus": os.cpu_count(), "load_average_at_start": _loadavg()},
-        "elapsed_s": round(time.monotonic() - started, 1),
-        "results": results,
+        "overrides": OVERRIDES,
+        "scenarios": {},
     }
+    with tempfile.TemporaryDirectory(prefix="meshd-bench-") as tmp:
+        for sc in scenarios:
+            print(f"\n=== {sc.name}: {sc.domains} domains, Dirichlet {sc.alpha}, {sc.model} ===", flush=True)
+            out["scenarios"][sc.name] = bench(sc, Path(tmp) / sc.name)
+            print(summary(sc.name, out["scenarios"][sc.name]), flush=True)
+    out["elapsed_s"] = round(time.monotonic() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "learning.json").write_text(json.dumps(out, indent=1))
     plot(args.out / "learning.png", out)
-    print()
-    print(summary_text(out))
-    print(f"\nwrote {args.out / 'learning.json'} and {args.out / 'learning.png'} "
-          f"({out['elapsed_s']:.0f} s in all)")
+    print(f"\nwrote {args.out / 'learning.json'} and {args.out / 'learning.png'} ({out['elapsed_s']:.0f} s in all)")
     return 0
 
 
-# --- one model, four methods -------------------------------------------------------------------------------------
+# --- one scenario ------------------------------------------------------------------------------------------------
 
 
-def bench_model(model: str, plan: Plan, workdir: Path, data: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
-    spec = models.ModelSpec(name=model, num_classes=10)
+def bench(sc: Scenario, workdir: Path) -> dict[str, Any]:
+    data = load_dataset(sc.dataset, SEED, sc.samples) if sc.samples else load_dataset(sc.dataset, SEED)
+    num_classes = int(data[1].max()) + 1
     settings = {
-        "model": {"name": f'"{model}"'},
+        "model": {"name": f'"{sc.model}"'},
         "data": {"holdout": "0.0"},
-        "gossip": {"interval_s": str(plan.mesh_interval_s), "fanout": str(plan.mesh_fanout), "codec": '"f32"'},
-        "training": {"steps_per_round": str(K), "lr": str(LR), "batch_size": str(BATCH),
-                     "eval_interval_s": str(plan.mesh_eval_s),
-                     # (b) measures local-only training; the daemons need not train a second copy
-                     "local_baseline": "false"},
+        "training": {"enabled": "false", "lr": str(LR), "momentum": str(MOMENTUM), "batch_size": str(BATCH),
+                     "eval_interval_s": str(sc.eval_interval_s), "local_baseline": "false"},
         "log": {"level": '"warning"'},
     }
-    layout = build_mesh(workdir, N_DOMAINS, dataset="mnist1d", alpha=ALPHA, seed=SEED, min_per_domain=MIN_PER_DOMAIN,
-                        settings=settings, data=data, test_fraction=TEST_ROWS / len(data[1]))
-    # The same rows the daemons train on: each domain's whole product (holdout 0), seeds as in build_mesh.
-    domains = [load_data_product(d.directory / "data.npz", "label", None, 0.0, 10, SEED + i)
+    for section, kv in OVERRIDES.items():
+        settings.setdefault(section, {}).update(kv)
+    layout = build_mesh(workdir, sc.domains, dataset=sc.dataset, alpha=sc.alpha, seed=SEED,
+                        min_per_domain=sc.min_per_domain, settings=settings, data=data,
+                        test_fraction=sc.test_fraction)
+    domains = [load_data_product(d.directory / "data.npz", "label", None, 0.0, num_classes, SEED + i)
                for i, d in enumerate(layout.domains)]
-    test = load_data_product(layout.test_path, "label", None, 0.0, 10, SEED)
-    pooled = _pool(domains)
-    model_bytes = models.param_count(models.build_model(spec, test.input_dim, SEED)) * F32
-    print(f"{len(domains)} domains, rows {min(d.num_train for d in domains)}..{max(d.num_train for d in domains)} "
-          f"(pooled {pooled.num_train}), test {test.num_train}; {model} has {model_bytes // F32} parameters "
-          f"({model_bytes} bytes at f32)", flush=True)
-    res: dict[str, Any] = {"parameters": model_bytes // F32, "model_bytes_f32": model_bytes,
-                           "domain_rows": [d.num_train for d in domains],
+    test = load_data_product(layout.test_path, "label", None, 0.0, num_classes, SEED)
+    spec = models.ModelSpec(name=sc.model, num_classes=num_classes)
+    init = models.flatten(models.build_model(spec, test.input_dim, models.initial_seed(spec, test.input_dim, 0)))
+    model_bytes = int(init.numel()) * F32
+    rows = [d.num_train for d in domains]
+    print(f"rows per domain {min(rows)}..{max(rows)} (pooled {sum(rows)}), test {test.num_train}; "
+          f"{sc.model}: {init.numel()} parameters", flush=True)
+    res: dict[str, Any] = {"scenario": asdict(sc), "parameters": int(init.numel()), "domain_rows": rows,
                            "domain_classes": [list(d.classes) for d in layout.domains]}
-    res["centralized"] = run_centralized(spec, pooled, test, plan)
-    print(_line("centralized", res["centralized"]), flush=True)
-    res["local_only"] = run_local_only(spec, domains, test, plan)
-    print(_line("local_only", res["local_only"]), flush=True)
-    res["fedavg"] = run_fedavg(spec, domains, test, plan, model_bytes)
+    res["fedavg"] = run_fedavg(spec, init, domains, test, sc, model_bytes)
     print(_line("fedavg", res["fedavg"]), flush=True)
-    res["meshd"] = run_meshd(layout, plan)
+    res["centralized"] = run_centralized(spec, init, domains, test, sc)
+    print(_line("centralized", res["centralized"]), flush=True)
+    res["local_only"] = run_local_only(spec, init, domains, test, sc)
+    print(_line("local_only", res["local_only"]), flush=True)
+    fed_steps = res["fedavg"]["curve"][-1]["steps"]
+    res["meshd"] = run_meshd(layout, sc, fed_steps)
     print(_line("meshd", res["meshd"]), flush=True)
-    central = res["centralized"]["final_mean"]
-    target = TARGET_FRACTION * central
-    for method in ("centralized", "local_only", "fedavg", "meshd"):
-        r = res[method]
-        hit = next((p for p in r["curve"] if p["mean"] >= target), None)
-        r["time_to_target_s"] = None if hit is None else hit["t_s"]
-        r["rounds_to_target"] = None if hit is None else hit["rounds"]
-        r["bytes_to_target"] = None if hit is None else hit["bytes_per_domain"]
-    res["target_accuracy"] = target
-    fed = res["fedavg"]
-    res["summary"] = {
-        method: {
-            "time_ratio_vs_fedavg": _ratio(res[method]["time_to_target_s"], fed["time_to_target_s"]),
-            "bytes_ratio_vs_fedavg": _ratio(res[method]["bytes_to_target"], fed["bytes_to_target"]),
-            "final_mean_vs_centralized": res[method]["final_mean"] / central,
-            "final_worst_vs_centralized": res[method]["final_worst"] / central,
-        }
-        for method in ("centralized", "local_only", "fedavg", "meshd")
-    }
+    res["comparison"] = compare(res, sc)
     return res
 
 
-def run_centralized(spec: models.ModelSpec, pooled: DataProduct, test: DataProduct, plan: Plan) -> dict[str, Any]:
-    learner, flat = _learner(spec, pooled, SEED)
-    curve = [_point(0.0, 0, 0, [_eval(learner, flat, test)])]
-    t_train = 0.0
-    for rnd in range(1, plan.rounds + 1):
-        t = time.perf_counter()
-        flat, _ = learner.train(flat, K)
-        t_train += time.perf_counter() - t
-        if rnd % plan.eval_every == 0 or rnd == plan.rounds:
-            curve.append(_point(t_train, rnd, 0, [_eval(learner, flat, test)]))
-    return _finish(curve, note="one model on the pooled rows; moving the raw data would cost "
-                               f"{pooled.num_train * pooled.input_dim * F32 // N_DOMAINS} bytes per domain on "
-                               "average (f32 features, once), not counted in bytes_per_domain")
+def _learners(spec: models.ModelSpec, domains: list[DataProduct]) -> list[Learner]:
+    cfgs = [TrainConfig(batch_size=BATCH, lr=LR, momentum=MOMENTUM, seed=SEED + i) for i in range(len(domains))]
+    return [Learner(models.build_model(spec, d.input_dim, 0), d, c) for d, c in zip(domains, cfgs, strict=True)]
 
 
-def run_local_only(spec: models.ModelSpec, domains: list[DataProduct], test: DataProduct, plan: Plan
-                   ) -> dict[str, Any]:
-    learners = [_learner(spec, d, SEED + i) for i, d in enumerate(domains)]
-    flats = [f for _, f in learners]
-    curve = [_point(0.0, 0, 0, [_eval(lr, f, test) for (lr, _), f in zip(learners, flats, strict=True)])]
-    t_train = 0.0
-    for rnd in range(1, plan.rounds + 1):
-        t = time.perf_counter()
-        flats = [lr.train(f, K)[0] for (lr, _), f in zip(learners, flats, strict=True)]
-        t_train += time.perf_counter() - t
-        if rnd % plan.local_eval_every == 0 or rnd == plan.rounds:
-            accs = [_eval(lr, f, test) for (lr, _), f in zip(learners, flats, strict=True)]
-            curve.append(_point(t_train, rnd, 0, accs))
-    return _finish(curve, note="16 domains trained one after another on one thread")
+def _epoch_steps(d: DataProduct) -> int:
+    return math.ceil(d.num_train / BATCH)
 
 
-def run_fedavg(spec: models.ModelSpec, domains: list[DataProduct], test: DataProduct, plan: Plan,
-               model_bytes: int) -> dict[str, Any]:
-    learners = [_learner(spec, d, SEED + i)[0] for i, d in enumerate(domains)]
+def run_fedavg(spec: models.ModelSpec, init: torch.Tensor, domains: list[DataProduct], test: DataProduct,
+               sc: Scenario, model_bytes: int) -> dict[str, Any]:
+    learners = _learners(spec, domains)
     weights = torch.tensor([d.num_train for d in domains], dtype=torch.float64)
     weights = weights / weights.sum()
-    global_flat = _learner(spec, domains[0], SEED)[1]
-    curve = [_point(0.0, 0, 0, [_eval(learners[0], global_flat, test)])]
+    steps = [_epoch_steps(d) for d in domains]
+    mean_steps = sum(steps) / len(steps)
+    g = init.clone()
+    curve = [_point(0.0, 0.0, 0, [_eval(learners[0], g, test)])]
     t_train = 0.0
-    for rnd in range(1, plan.rounds + 1):
+    for rnd in range(1, sc.rounds + 1):
         t = time.perf_counter()
-        local = [lr.train(global_flat, K)[0] for lr in learners]
-        global_flat = torch.stack(local).mul(weights.unsqueeze(1)).sum(dim=0)
+        local = [lr.train(g, k)[0] for lr, k in zip(learners, steps, strict=True)]
+        g = torch.stack(local).mul(weights.unsqueeze(1)).sum(dim=0)
         t_train += time.perf_counter() - t
-        if rnd % plan.eval_every == 0 or rnd == plan.rounds:
-            curve.append(_point(t_train, rnd, rnd * 2 * model_bytes, [_eval(learners[0], global_flat, test)]))
-    return _finish(curve, note="synchronous, simulated: domains one after another on one thread, no network; "
-                               "bytes = 2 x model bytes (f32) per domain per round")
+        curve.append(_point(t_train, rnd * mean_steps, rnd * 2 * model_bytes, [_eval(learners[0], g, test)], rnd))
+    return {"curve": curve, "steps_per_round_per_domain": steps,
+            "note": "central server, synchronous, one local epoch per round, weighted by examples; simulated on "
+                    "one thread; bytes = 2 x model (f32) per domain per round"}
 
 
-def run_meshd(layout: MeshLayout, plan: Plan) -> dict[str, Any]:
+def run_centralized(spec: models.ModelSpec, init: torch.Tensor, domains: list[DataProduct], test: DataProduct,
+                    sc: Scenario) -> dict[str, Any]:
+    import dataclasses
+
+    pooled = dataclasses.replace(domains[0], train_x=torch.cat([d.train_x for d in domains]),
+                                 train_y=torch.cat([d.train_y for d in domains]))
+    (learner,) = _learners(spec, [pooled])
+    per_round = sum(_epoch_steps(d) for d in domains)  # the same total compute as one FedAvg round
+    flat = init.clone()
+    curve = [_point(0.0, 0.0, 0, [_eval(learner, flat, test)])]
+    t_train = 0.0
+    for rnd in range(1, sc.rounds + 1):
+        t = time.perf_counter()
+        flat, _ = learner.train(flat, per_round)
+        t_train += time.perf_counter() - t
+        if rnd % 2 == 0 or rnd == sc.rounds:
+            curve.append(_point(t_train, rnd * per_round / len(domains), 0, [_eval(learner, flat, test)], rnd))
+    return {"curve": curve, "note": "one model on the pooled rows; x = its steps / domains (equal total compute); "
+                                    "moving the raw data is not counted in bytes"}
+
+
+def run_local_only(spec: models.ModelSpec, init: torch.Tensor, domains: list[DataProduct], test: DataProduct,
+                   sc: Scenario) -> dict[str, Any]:
+    learners = _learners(spec, domains)
+    steps = [_epoch_steps(d) for d in domains]
+    mean_steps = sum(steps) / len(steps)
+    flats = [init.clone() for _ in domains]
+    curve = [_point(0.0, 0.0, 0, [_eval(learners[0], init, test)] * len(domains))]
+    t_train = 0.0
+    every = max(1, sc.rounds // 10)
+    for rnd in range(1, sc.rounds + 1):
+        t = time.perf_counter()
+        flats = [lr.train(f, k)[0] for lr, f, k in zip(learners, flats, steps, strict=True)]
+        t_train += time.perf_counter() - t
+        if rnd % every == 0 or rnd == sc.rounds:
+            accs = [_eval(lr, f, test) for lr, f in zip(learners, flats, strict=True)]
+            curve.append(_point(t_train, rnd * mean_steps, 0, accs, rnd))
+    return {"curve": curve, "note": "every domain alone, one epoch per round, never averaged"}
+
+
+def run_meshd(layout: MeshLayout, sc: Scenario, stop_steps: float) -> dict[str, Any]:
     mesh = LocalMesh(layout)
-    codes: dict[str, int | None] = {}
     curve: list[dict[str, Any]] = []
     after: dict[str, Any] = {}
+    last: dict[str, dict[str, Any]] = {}
     try:
         t_launch = time.monotonic()
         mesh.start()
-        mesh.wait_running(timeout=240.0)
+        mesh.wait_running(timeout=300.0)
         startup = time.monotonic() - t_launch
-        print(f"  meshd: {len(layout.domains)} daemons running after {startup:.1f} s; training "
-              f"{plan.mesh_seconds:g} s", flush=True)
+        print(f"  meshd: {len(layout.domains)} daemons running after {startup:.1f} s; training on (reload)", flush=True)
+        _set_training(mesh, layout, True)
         t0 = time.monotonic()
-        poll = max(1.0, plan.mesh_eval_s)
-        for _ in range(int(plan.mesh_seconds / poll) + 2):  # bounded by the training time
-            now = time.monotonic() - t0
-            if now >= plan.mesh_seconds:
-                break
-            p = _mesh_point(mesh, layout, now)
-            if p is not None:
+        while time.monotonic() - t0 < sc.mesh_max_s:  # bounded by mesh_max_s; ends early at FedAvg's steps
+            time.sleep(1.0)  # polling interval of the measurement loop
+            statuses = {d.name: get_status(d.status_url, timeout=5.0) for d in layout.domains}
+            if any(s is None for s in statuses.values()):
+                continue
+            last = {n: s for n, s in statuses.items() if s is not None}
+            p = _mesh_point(last, time.monotonic() - t0)
+            if p is not None and (not curve or p["steps"] != curve[-1]["steps"]):
                 curve.append(p)
-            time.sleep(max(0.0, min(poll, plan.mesh_seconds - (time.monotonic() - t0))))
-        p = _mesh_point(mesh, layout, time.monotonic() - t0)
-        if p is not None:
-            curve.append(p)
-        # Training off (hot reload), gossip alone: every domain converges to the mesh consensus model.
-        for d in layout.domains:
-            d.config.write_text(set_key(d.config.read_text(), "training", "enabled", "false"))
-        for proc in mesh.procs.values():
-            proc.send_signal(signal.SIGHUP)  # reload
-        time.sleep(SETTLE_S + plan.mesh_eval_s)
-        end = _mesh_point(mesh, layout, time.monotonic() - t0)
-        if end is not None:
-            after = {"t_s": end["t_s"], "mean": end["mean"], "worst": end["worst"],
-                     "bytes_per_domain": end["bytes_per_domain"]}
+            if p is not None and p["steps"] >= stop_steps:
+                break
+        _set_training(mesh, layout, False)
+        time.sleep(SETTLE_S + sc.eval_interval_s)  # gossip alone, then one more evaluation
+        final = {d.name: get_status(d.status_url, timeout=5.0) for d in layout.domains}
+        accs = [float(s["training"]["test_accuracy"]) for s in final.values()
+                if s and s["training"].get("test_accuracy") is not None]
+        if accs:
+            after = {"mean": sum(accs) / len(accs), "worst": min(accs), "settle_s": SETTLE_S}
     finally:
-        codes = mesh.stop(timeout=20.0)
+        codes = mesh.stop(timeout=30.0)
     if not curve:
         raise RuntimeError("meshd: no daemon reported a test accuracy")
-    res = _finish(curve, note="real daemons on loopback sharing this machine; accuracy = each domain's own model")
-    res.update({"startup_s": round(startup, 1), "after_consensus": after, "exit_codes": codes,
-                "settle_s": SETTLE_S})
-    return res
+    per_domain = [{"domain": n, "rows": s["training"]["train_rows"], "steps": s["training"]["steps"],
+                   "epochs": s["training"]["epochs"], "paced_waits": s["training"]["paced_waits"],
+                   "gossip_rounds": s["gossip"]["rounds"],
+                   "bytes": s["gossip"]["bytes_sent"] + s["gossip"]["bytes_received"],
+                   "rejected": s["gossip"]["rejected"], "threads": s["training"]["threads"]}
+                  for n, s in last.items()]
+    return {"curve": curve, "after_consensus": after, "startup_s": round(startup, 1), "exit_codes": codes,
+            "per_domain": per_domain,
+            "note": "real daemons on loopback sharing this machine, default config; accuracy = each domain's own model"}
 
 
-def _mesh_point(mesh: LocalMesh, layout: MeshLayout, t: float) -> dict[str, Any] | None:
-    statuses = [get_status(d.status_url, timeout=5.0) for d in layout.domains]
+def _set_training(mesh: LocalMesh, layout: MeshLayout, on: bool) -> None:
+    for d in layout.domains:
+        d.config.write_text(set_key(d.config.read_text(), "training", "enabled", "true" if on else "false"))
+        mesh.procs[d.name].send_signal(signal.SIGHUP)
+
+
+def _mesh_point(statuses: dict[str, dict[str, Any]], t: float) -> dict[str, Any] | None:
     accs, steps, nbytes = [], [], []
-    for s in statuses:
-        if s is None:
-            continue
-        tr, g = s.get("training", {}), s.get("gossip", {})
-        if tr.get("test_accuracy") is not None:
-            accs.append(float(tr["test_accuracy"]))
-        steps.append(int(tr.get("steps") or 0))
+    for s in statuses.values():
+        tr, g = s["training"], s["gossip"]
+        if tr.get("test_accuracy") is None or tr.get("evaluated_at_steps") is None:
+            return None
+        accs.append(float(tr["test_accuracy"]))
+        steps.append(int(tr["evaluated_at_steps"]))
         nbytes.append(int(g.get("bytes_sent", 0)) + int(g.get("bytes_received", 0)))
-    if len(accs) < len(layout.domains):
-        return None
-    return _point(t, sum(steps) / len(steps) / K, sum(nbytes) / len(nbytes), accs)
+    return _point(t, sum(steps) / len(steps), sum(nbytes) / len(nbytes), accs)
 
 
-# --- helpers -----------------------------------------------------------------------------------------------------
+# --- comparisons ----------------------------------------------------------------------------------------------
 
 
-def _learner(spec: models.ModelSpec, data: DataProduct, seed: int) -> tuple[Learner, torch.Tensor]:
-    module = models.build_model(spec, data.input_dim, seed)
-    return Learner(module, data, TrainConfig(batch_size=BATCH, lr=LR, seed=seed)), models.flatten(module)
+def compare(res: dict[str, Any], sc: Scenario) -> dict[str, Any]:
+    methods = ("centralized", "fedavg", "meshd", "local_only")
+    at_steps = {str(m): {k: _at(res[k]["curve"], "steps", m) for k in methods} for m in sc.marks}
+    fed_last = res["fedavg"]["curve"][-1]
+    target = fed_last["mean"]
+    mesh_bytes = _first_reaching(res["meshd"]["curve"], target, "bytes_per_domain")
+    out: dict[str, Any] = {
+        "at_steps": at_steps,
+        "bytes": {"target": f"FedAvg's accuracy after {sc.rounds} rounds", "target_accuracy": target,
+                  "fedavg_bytes": fed_last["bytes_per_domain"], "meshd_bytes": mesh_bytes,
+                  "ratio": None if mesh_bytes is None else mesh_bytes / fed_last["bytes_per_domain"]},
+        "meshd_steps_done": {"mean": res["meshd"]["curve"][-1]["steps"],
+                             "per_domain": {d["domain"]: d["steps"] for d in res["meshd"]["per_domain"]}},
+    }
+    if sc.target_accuracy is not None:
+        fed_t = _first_reaching(res["fedavg"]["curve"], sc.target_accuracy, "t_s")
+        mesh_t = _first_reaching(res["meshd"]["curve"], sc.target_accuracy, "t_s")
+        out["time"] = {"target_accuracy": sc.target_accuracy, "fedavg_sequential_s": fed_t, "meshd_s": mesh_t,
+                       "ratio": None if fed_t is None or mesh_t is None else mesh_t / fed_t}
+    return out
+
+
+def _at(curve: list[dict[str, Any]], key: str, x: float) -> dict[str, float] | None:
+    """Mean and worst accuracy at ``x`` (linear interpolation between the two measured points around it)."""
+    for a, b in itertools.pairwise(curve):
+        if a[key] <= x <= b[key]:
+            f = 0.0 if b[key] == a[key] else (x - a[key]) / (b[key] - a[key])
+            return {k: a[k] + f * (b[k] - a[k]) for k in ("mean", "worst")}
+    return None
+
+
+def _first_reaching(curve: list[dict[str, Any]], accuracy: float, key: str) -> float | None:
+    """``key`` (bytes or time) where the mean accuracy first reaches ``accuracy``, interpolated."""
+    for a, b in itertools.pairwise(curve):
+        if b["mean"] >= accuracy:
+            if a["mean"] >= accuracy:
+                return float(a[key])
+            f = (accuracy - a["mean"]) / (b["mean"] - a["mean"])
+            return float(a[key] + f * (b[key] - a[key]))
+    return None
+
+
+# --- helpers ----------------------------------------------------------------------------------------------------
 
 
 def _eval(learner: Learner, flat: torch.Tensor, test: DataProduct) -> float:
     return learner.evaluate(flat, test.train_x, test.train_y)
 
 
-def _pool(domains: list[DataProduct]) -> DataProduct:
-    import dataclasses
-
-    first = domains[0]
-    return dataclasses.replace(
-        first,
-        train_x=torch.cat([d.train_x for d in domains]),
-        train_y=torch.cat([d.train_y for d in domains]),
-    )
-
-
-def _point(t: float, rounds: float, bytes_per_domain: float, accs: list[float]) -> dict[str, Any]:
-    return {"t_s": round(t, 3), "rounds": round(rounds, 2), "bytes_per_domain": int(bytes_per_domain),
-            "mean": sum(accs) / len(accs), "worst": min(accs)}
-
-
-def _finish(curve: list[dict[str, Any]], note: str) -> dict[str, Any]:
-    last = curve[-1]
-    return {"curve": curve, "final_mean": last["mean"], "final_worst": last["worst"], "note": note}
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or b == 0:
-        return None
-    return a / b
+def _point(t: float, steps: float, nbytes: float, accs: list[float], rnd: int | None = None) -> dict[str, Any]:
+    p = {"t_s": round(t, 3), "steps": round(steps, 1), "bytes_per_domain": int(nbytes),
+         "mean": float(np.mean(accs)), "worst": float(min(accs))}
+    if rnd is not None:
+        p["round"] = rnd
+    return p
 
 
 def _line(method: str, r: dict[str, Any]) -> str:
     last = r["curve"][-1]
-    return (f"  {method:<12} final mean {last['mean']:.3f} worst {last['worst']:.3f} after {last['rounds']:g} rounds, "
+    return (f"  {method:<12} mean {last['mean']:.3f} worst {last['worst']:.3f} at {last['steps']:.0f} steps/domain, "
             f"{last['t_s']:.1f} s, {last['bytes_per_domain'] / 1e6:.2f} MB/domain")
 
 
@@ -357,47 +376,36 @@ def _loadavg() -> list[float] | None:
         return None
 
 
-def _fmt(x: float | None, spec: str, none: str = "never") -> str:
-    return none if x is None else format(x, spec)
+def _f(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
 
 
-def summary_text(out: dict[str, Any]) -> str:
-    lines = []
-    if out["mode"] == "quick":
-        lines.append(f"QUICK MODE: {out['settings']['samples']} samples, {', '.join(out['plan']['models'])} only, "
-                     f"{out['plan']['rounds']} rounds, {out['plan']['mesh_seconds']:g} s of meshd; "
-                     "run without --quick for the full figures")
-    for model, res in out["results"].items():
-        c = res["centralized"]["final_mean"]
-        lines.append(f"\n{model} ({res['parameters']} parameters): centralized final {c:.3f}, target "
-                     f"{TARGET_FRACTION:.0%} of it = {res['target_accuracy']:.3f}")
-        header = ("method", "time to target", "x FedAvg", "MB/domain to target", "x FedAvg",
-                  "final mean / central", "final worst / central", "rounds", "MB/domain")
-        rows = []
-        for method in ("centralized", "local_only", "fedavg", "meshd"):
-            r, s = res[method], res["summary"][method]
-            tt = r["time_to_target_s"]
-            rows.append((method, _fmt(tt, ".1f") + (" s" if tt is not None else ""),
-                         _fmt(s["time_ratio_vs_fedavg"], ".2f", "-"),
-                         "0 (data moved)" if method == "centralized" and r["bytes_to_target"] is not None
-                         else _fmt(None if r["bytes_to_target"] is None else r["bytes_to_target"] / 1e6, ".2f"),
-                         _fmt(s["bytes_ratio_vs_fedavg"], ".2f", "-"),
-                         f"{s['final_mean_vs_centralized']:.3f}", f"{s['final_worst_vs_centralized']:.3f}",
-                         f"{r['curve'][-1]['rounds']:.0f}", f"{r['curve'][-1]['bytes_per_domain'] / 1e6:.2f}"))
-        after = res["meshd"].get("after_consensus") or {}
-        if after:
-            rows.append(("meshd+consensus", "", "", "", "", f"{after['mean'] / c:.3f}", f"{after['worst'] / c:.3f}",
-                         "", f"{after['bytes_per_domain'] / 1e6:.2f}"))
-        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-        for r in [header, *rows]:
-            lines.append("  " + "  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w)
-                                          for i, (v, w) in enumerate(zip(r, widths, strict=True))))
-        m = res["meshd"]
-        lines.append(f"  meshd: {m['curve'][-1]['rounds']:.0f} rounds per domain in {m['curve'][-1]['t_s']:.0f} s "
-                     f"({N_DOMAINS} daemons sharing {out['machine']['cpus']} cores, start-up {m['startup_s']} s "
-                     "not counted); FedAvg/centralized/local-only times are single-thread simulation times;\n"
-                     "  'never' = not reached within the run; meshd+consensus = every domain's model after "
-                     f"{SETTLE_S:g} s of gossip with training off")
+def summary(name: str, res: dict[str, Any]) -> str:
+    c = res["comparison"]
+    lines = [f"\n{name}: accuracy on the shared test set at equal local SGD steps per domain (mean / worst domain)"]
+    lines.append(f"  {'steps':>6}  {'centralized':>11}  {'FedAvg':>13}  {'meshd':>13}  {'local-only':>13}")
+    for mark, row in c["at_steps"].items():
+        cells = []
+        for k in ("centralized", "fedavg", "meshd", "local_only"):
+            v = row[k]
+            cells.append("-" if v is None else (f"{v['mean']:.3f}" if k == "centralized"
+                                                 else f"{v['mean']:.3f} / {v['worst']:.3f}"))
+        lines.append(f"  {mark:>6}  {cells[0]:>11}  {cells[1]:>13}  {cells[2]:>13}  {cells[3]:>13}")
+    b = c["bytes"]
+    mesh_mb = None if b["meshd_bytes"] is None else b["meshd_bytes"] / 1e6
+    lines.append(f"  bytes per domain to reach {b['target_accuracy']:.3f} ({b['target']}): FedAvg "
+                 f"{b['fedavg_bytes'] / 1e6:.2f} MB, meshd {_f(mesh_mb, '.2f')} MB (x {_f(b['ratio'], '.2f')})")
+    if "time" in c:
+        t = c["time"]
+        lines.append(f"  wall time to {t['target_accuracy']:.2f} mean accuracy: FedAvg (sequential, 1 thread) "
+                     f"{_f(t['fedavg_sequential_s'], '.1f')} s, meshd ({len(res['domain_rows'])} daemons) "
+                     f"{_f(t['meshd_s'], '.1f')} s (x {_f(t['ratio'], '.2f')})")
+    m = res["meshd"]
+    steps = [d["steps"] for d in m["per_domain"]]
+    lines.append(f"  meshd steps per domain: mean {np.mean(steps):.0f}, min {min(steps)}, max {max(steps)} "
+                 f"(rows {min(res['domain_rows'])}..{max(res['domain_rows'])}); after {SETTLE_S:g} s of gossip with "
+                 f"training off: mean {_f(m['after_consensus'].get('mean'))}, "
+                 f"worst {_f(m['after_consensus'].get('worst'))}")
     return "\n".join(lines)
 
 
@@ -407,40 +415,32 @@ def plot(path: Path, out: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    model_names = list(out["results"])
-    fig, axes = plt.subplots(len(model_names), 2, figsize=(12, 4.6 * len(model_names)), squeeze=False)
+    names = list(out["scenarios"])
+    fig, axes = plt.subplots(len(names), 3, figsize=(16, 4.6 * len(names)), squeeze=False)
     colors = {"centralized": "black", "local_only": "tab:red", "fedavg": "tab:blue", "meshd": "tab:green"}
-    for row, model in enumerate(model_names):
-        res = out["results"][model]
-        ax_t, ax_b = axes[row]
-        for method in ("centralized", "local_only", "fedavg", "meshd"):
-            curve = res[method]["curve"]
-            t = [p["t_s"] for p in curve]
-            mean = [p["mean"] for p in curve]
-            ax_t.plot(t, mean, color=colors[method], label=f"{method} (mean)")
-            if method in ("local_only", "meshd"):
-                ax_t.plot(t, [p["worst"] for p in curve], color=colors[method], ls=":", label=f"{method} (worst)")
-            if method in ("fedavg", "meshd"):
-                b = [p["bytes_per_domain"] / 1e6 for p in curve]
-                ax_b.plot(b, mean, color=colors[method], label=f"{method} (mean)")
-                if method == "meshd":
-                    ax_b.plot(b, [p["worst"] for p in curve], color=colors[method], ls=":", label="meshd (worst)")
-        for ax in (ax_t, ax_b):
-            ax.axhline(res["centralized"]["final_mean"], color="black", lw=0.8, ls="--", label="centralized final")
-            ax.axhline(res["target_accuracy"], color="grey", lw=0.8, ls="-.", label=f"target ({TARGET_FRACTION:.0%})")
-            ax.axhline(res["local_only"]["final_mean"], color="tab:red", lw=0.8, ls="--", label="local-only final")
+    for row, name in enumerate(names):
+        res = out["scenarios"][name]
+        for ax, key, label in zip(axes[row], ("steps", "bytes_per_domain", "t_s"),
+                                  ("local SGD steps per domain", "MB per domain (sent + received)",
+                                   "wall time, s (FedAvg/centralized: 1 thread; meshd: daemons sharing the cores)"),
+                                  strict=True):
+            for method in ("centralized", "fedavg", "meshd", "local_only"):
+                if key == "bytes_per_domain" and method in ("centralized", "local_only"):
+                    continue
+                curve = res[method]["curve"]
+                xs = [p[key] / (1e6 if key == "bytes_per_domain" else 1) for p in curve]
+                ax.plot(xs, [p["mean"] for p in curve], color=colors[method], label=f"{method} mean")
+                if method in ("meshd", "local_only"):
+                    ax.plot(xs, [p["worst"] for p in curve], color=colors[method], ls=":", label=f"{method} worst")
+            ax.set_xlabel(label)
+            ax.set_ylabel("accuracy, shared test set")
             ax.set_ylim(0, 1)
             ax.grid(alpha=0.3)
-            ax.set_ylabel("test accuracy (shared test set)")
-        ax_t.set_xlabel("wall time, s (simulations: one thread; meshd: 16 daemons on this machine)")
-        ax_b.set_xlabel("MB per domain (sent + received)")
-        ax_t.set_title(f"{model}: accuracy vs time")
-        ax_b.set_title(f"{model}: accuracy vs bytes per domain")
-        ax_t.legend(fontsize=7, loc="lower right")
-        ax_b.legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"MNIST-1D, {N_DOMAINS} domains, Dirichlet alpha {ALPHA} ({out['mode']} run)")
+            ax.legend(fontsize=7, loc="lower right")
+            ax.set_title(f"{name}: accuracy vs {label.split(',')[0].split(' (')[0]}")
+    fig.suptitle(f"meshd learning parity ({out['mode']} run, {out['machine']['cpus']} cores)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 

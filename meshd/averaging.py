@@ -51,6 +51,15 @@ exactly as the model's mass moves (added on merge, subtracted on confirm), so ``
 ``sum(rows) / sum(w)``, the mean rows per domain, and no node learns another's row count once the first
 exchanges have mixed. ``inject_rows(n)`` adds a change of the domain's own rows (a data product that grew).
 
+Serving (``ServedModel``): a domain's push-sum estimate right after local steps on its own (often 2-3-class)
+data leans towards its own classes; on a skewed split that costs tens of points on every class it lacks,
+although the mesh's average model (``S / W``) is good. The model a domain serves is therefore its estimate
+blended with an exponential moving average of the models its peers sent it (``window`` = the EMA's span in
+received shares): ``(z + window * ema) / (window + 1)``. Peers' leanings point to different classes and
+largely cancel, so the served model tracks the mesh average; it lags it by about ``window / 2`` exchanges.
+With training off it converges to the same consensus as the estimate. It is never sent: gossip and
+training use the estimate, so the averaging maths above is unchanged.
+
 Checkpoints: ``ps.state()`` -> ``PushSumState`` (numerator, weight, version, rows numerator), restored with
 ``PushSum.from_state(state)``. Pending shares are not part of it: a checkpoint counts their mass as
 still held (as if abandoned).
@@ -61,6 +70,8 @@ Public API::
     PushSumState(numerator: Tensor, weight: float, version: int, rows: float)      # frozen
     RejectedUpdate(reason: str, detail: str = "")                        # MeshdError, ValueError
     consensus_distance(z_self, z_other, eps=1e-12) -> float              # relative L2
+    ServedModel(window)                                                  # what a domain serves
+        .observe(values) .value(own) -> Tensor .reset() .window .observed
     data_scale(own_rows, mean_rows) -> float                              # rows / mean, clamped
     PushSum(values, weight=1.0, version=0, *, max_abs=1e6, max_weight=1e9, codec="f32",
             max_pending=64, rows=0.0)
@@ -160,6 +171,39 @@ def _check_version(version: object) -> int:
     if isinstance(version, bool) or not isinstance(version, int) or version < 0:
         raise RejectedUpdate("bad_values", f"version must be a non-negative int, got {version!r}")
     return version
+
+
+class ServedModel:
+    """The model a domain serves: its estimate blended with an EMA of the models peers sent (see above)."""
+
+    def __init__(self, window: int) -> None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise ValueError(f"window must be an int >= 0, got {window!r}")
+        self.window = window
+        self._beta = 2.0 / (window + 1)
+        self._ema: torch.Tensor | None = None
+        self.observed = 0
+
+    def observe(self, values: torch.Tensor) -> None:
+        """A peer's model arrived (already checked and merged): fold it into the average."""
+        if self.window == 0:
+            return
+        vals = values.detach().to(dtype=torch.float64)
+        if self._ema is None or self._ema.shape != vals.shape:
+            self._ema = vals.clone()
+        else:
+            self._ema.mul_(1.0 - self._beta).add_(vals, alpha=self._beta)
+        self.observed += 1
+
+    def value(self, own: torch.Tensor) -> torch.Tensor:
+        """The served model for the domain's current estimate ``own`` (``own`` itself before any share)."""
+        if self._ema is None or self._ema.shape != own.shape:
+            return own.clone()
+        return (own + self._ema * self.window) / (self.window + 1)
+
+    def reset(self) -> None:
+        self._ema = None
+        self.observed = 0
 
 
 class PushSum:

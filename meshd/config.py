@@ -95,6 +95,12 @@ def _positive_ints(v: Any) -> str | None:
     return None if all(x > 0 for x in v) else "every item must be > 0"
 
 
+def _steps_per_round(v: Any) -> str | None:
+    if v == "epoch" or (isinstance(v, int) and 0 <= v <= 100_000):
+        return None
+    return "must be \"epoch\" (one pass over this domain's rows) or a number of steps from 0 to 100000"
+
+
 def _model_name(v: Any) -> str | None:
     if v in ("logreg", "mlp", "cnn1d"):
         return None
@@ -167,8 +173,10 @@ class GossipConfig:
     interval_s: float = field(default=1.0, metadata=_opt(_positive))
     jitter: float = field(default=0.25, metadata=_opt(_between(0.0, 0.9)))
     fanout: int = field(default=1, metadata=_opt(_between(1, 16)))
+    per_round: int = field(default=8, metadata=_opt(_between(0, 1000)))
+    serve_window: int = field(default=8, metadata=_opt(_between(0, 1000)))
     topology: str = field(default="exponential", metadata=_opt(_one_of("exponential", "random")))
-    codec: str = field(default="f16", metadata=_opt(_one_of("f64", "f32", "f16", "q8")))
+    codec: str = field(default="q8", metadata=_opt(_one_of("f64", "f32", "f16", "q8")))
     pull_on_join: bool = True
     far_behind_versions: int = field(default=0, metadata=_opt(_non_negative))
     connect_timeout_s: float = field(default=3.0, metadata=_opt(_positive))
@@ -218,7 +226,9 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainingConfig:
     enabled: bool = True
-    steps_per_round: int = field(default=10, metadata=_opt(_between(0, 100_000)))
+    # "epoch": one pass over this domain's training rows per round (FedAvg's one local epoch per round),
+    # or a fixed number of SGD steps; 0 = no training.
+    steps_per_round: int | str = field(default="epoch", metadata=_opt(_steps_per_round))
     weighting: str = field(default="rows", metadata=_opt(_one_of("rows", "equal")))
     pace: str = field(default="mesh", metadata=_opt(_one_of("mesh", "free")))
     batch_size: int = field(default=32, metadata=_opt(_between(1, 1_000_000)))
@@ -380,6 +390,14 @@ def _convert(tp: Any, value: Any, key: str, base_dir: Path, problems: list[str])
         if value == "":
             return None
         return _convert(inner, value, key, base_dir, problems)
+    if origin in (types.UnionType, typing.Union):  # e.g. int | str: the first member that takes the value
+        for member in args:
+            trial: list[str] = []
+            conv = _convert(member, value, key, base_dir, trial)
+            if not trial:
+                return conv
+        problems.append(f"{key}: must be {' or '.join(_type_name(a) for a in args)} (got {value!r})")
+        return _BAD
     if _is_dc(tp):
         sub = _build(tp, value, key + ".", base_dir, problems)
         try:

@@ -45,10 +45,14 @@ enabled = true                   # advertise and browse _meshd._tcp.local. on th
 interfaces = []                  # IPv4 addresses of the interfaces to use; [] = all interfaces
 
 [gossip]
-interval_s = 1.0                 # seconds between gossip rounds (jittered)
+interval_s = 1.0                 # seconds between gossip rounds (jittered) while not training; training asks sooner
+per_round = 8                    # exchanges per training round: the round is trained in this many parts, each
+                                 # followed by one gossip round (0 = gossip by interval_s only)
 jitter = 0.25                    # fraction of interval_s added or removed at random
-fanout = 2                       # peers sent a share of the model each round
-codec = "f32"                    # f64 | f32 | f16: precision of model values on the wire
+fanout = 1                       # peers sent a share of the model each round
+topology = "exponential"         # exponential (peer 2^r places on in the ring of peer ids, round r) | random
+codec = "q8"                     # q8 (8-bit blocks, ~1.08 bytes/value) | f16 | f32 | f64: model values on the wire
+serve_window = 8                 # the served model blends in an average of the last ~N models peers sent (0 = off)
 pull_on_join = true              # a domain with no checkpoint first pulls the mesh model from a peer
 far_behind_versions = 0          # pull again when a peer's model version is this far ahead (0 = never)
 connect_timeout_s = 3.0          # seconds to open a connection to a peer
@@ -75,6 +79,7 @@ hidden = [64]                    # [restart] mlp hidden layer sizes
 channels = [16, 32]              # [restart] cnn1d convolution channels
 kernel_size = 5                  # [restart] cnn1d kernel size
 num_classes = 10                 # [restart] number of label values (labels are 0 .. num_classes-1)
+init_seed = 0                    # [restart] mesh-wide seed of the initial weights: the same on every domain
 
 [data]
 path = "{data_path}"             # [restart] the domain's data product: CSV with a header, or .npz; "" = none
@@ -84,13 +89,17 @@ holdout = 0.2                    # [restart] fraction kept for this domain's own
 test_path = ""                   # [restart] optional extra evaluation set (same format), e.g. a shared test set
 
 [training]
-enabled = true                   # local SGD steps between gossip rounds (needs data.path)
-steps_per_round = 10             # SGD minibatch steps per gossip round
+enabled = true                   # local SGD training, back to back in a worker thread (needs data.path)
+steps_per_round = "epoch"        # "epoch" (one pass over this domain's rows, as FedAvg) or a number of SGD steps
+weighting = "rows"               # rows: an update counts in proportion to this domain's rows (FedAvg's weighting,
+                                 # against the mesh's mean rows, estimated by gossip) | equal
+pace = "mesh"                    # mesh: wait when more than half an epoch ahead of the peers' median, so steps
+                                 # are proportional to rows, as in FedAvg | free: never wait
 batch_size = 32
 lr = 0.05                        # learning rate
 momentum = 0.0
 weight_decay = 0.0
-seed = 0                         # [restart] seeds model init, holdout split and batches
+seed = 0                         # [restart] seeds the holdout split and the minibatch order
 eval_interval_s = 5.0            # seconds between holdout evaluations
 local_baseline = true            # [restart] also train a never-averaged copy, to report local-only accuracy (2x CPU)
 threads = 1                      # [restart] torch CPU threads for training

@@ -15,7 +15,7 @@ import structlog
 import torch
 
 from meshd import models
-from meshd.averaging import PushSum, data_scale
+from meshd.averaging import PushSum, ServedModel, data_scale
 from meshd.config import Config
 from meshd.data import DataProduct, load_data_product, schema_fingerprint
 from meshd.errors import DataError
@@ -35,6 +35,7 @@ class TrainingStats:
     test_accuracy: float | None = None
     local_only_test_accuracy: float | None = None
     evaluated_at_version: int | None = None
+    evaluated_at_steps: int | None = None  # local SGD steps this domain had taken when that model was scored
     steps_dropped: int = 0  # steps of rounds whose update was refused (diverged)
     paced_waits: int = 0  # times the domain waited for its peers (training.pace = "mesh")
 
@@ -64,6 +65,7 @@ class Engine:
         self.fingerprint = ""
         self.parameters = 0
         self.pushsum: PushSum | None = None
+        self.served = ServedModel(cfg.gossip.serve_window)
         self.fresh = True  # no checkpoint: the first model should come from the mesh (pull)
         self.stats = TrainingStats()
         self.sha256: str | None = None
@@ -142,6 +144,11 @@ class Engine:
             base = extra.get("baseline")
             if isinstance(base, bytes) and self._baseline_flat is not None and len(base) == 8 * start.numel():
                 self._baseline_flat = torch.frombuffer(bytearray(base), dtype=torch.float64).clone()
+            served = extra.get("served")
+            if isinstance(served, bytes) and len(served) == 8 * start.numel():
+                vec = torch.frombuffer(bytearray(served), dtype=torch.float64).clone()
+                if bool(torch.isfinite(vec).all()) and not torch.equal(vec, ckpt.values):
+                    self.served.observe(vec)  # resume serving what was served, blended as before
             log.info("checkpoint_loaded", version=ckpt.version, weight=ckpt.weight, file=ckpt.file_name)
         else:
             self.pushsum = PushSum(start, 1.0, 0, rows=rows, **opts)
@@ -151,6 +158,18 @@ class Engine:
     def steps_per_epoch(self) -> int:
         """SGD steps of one pass over this domain's training rows."""
         return max(1, math.ceil(self.train_rows / max(1, self.cfg.training.batch_size)))
+
+    @property
+    def round_steps(self) -> int:
+        """SGD steps of one training round: one epoch (``training.steps_per_round = "epoch"``) or the number."""
+        spr = self.cfg.training.steps_per_round
+        return self.steps_per_epoch if spr == "epoch" else int(spr)
+
+    @property
+    def chunk_steps(self) -> int:
+        """Steps between two gossip rounds while training: a round split into ``gossip.per_round`` parts."""
+        per_round = self.cfg.gossip.per_round
+        return max(1, math.ceil(self.round_steps / per_round)) if per_round > 0 else max(1, self.round_steps)
 
     @property
     def epochs(self) -> float:
@@ -197,6 +216,11 @@ class Engine:
                 )
         return out
 
+    def served_model(self) -> torch.Tensor:
+        """The model this domain serves (``/status`` scores it, ``meshd export`` writes it)."""
+        assert self.pushsum is not None
+        return self.served.value(self.pushsum.estimate())
+
     @staticmethod
     def digest(flat: torch.Tensor) -> str:
         return hashlib.sha256(flat.to(torch.float32).numpy().tobytes()).hexdigest()
@@ -211,6 +235,7 @@ class Engine:
                                  "rows_numerator": st.rows, "rows_injected": self.train_rows}
         if self._baseline_flat is not None:
             extra["baseline"] = self._baseline_flat.numpy().tobytes()
+        extra["served"] = self.served_model().numpy().tobytes()
         return Checkpoint(
             version=st.version,
             weight=st.weight,
@@ -252,6 +277,7 @@ class Engine:
             "test_accuracy": s.test_accuracy,
             "local_only_test_accuracy": s.local_only_test_accuracy,
             "evaluated_at_version": s.evaluated_at_version,
+            "evaluated_at_steps": s.evaluated_at_steps,
             "train_rows": self.data.num_train if self.data else 0,
             "holdout_rows": self.data.num_holdout if self.data else 0,
             "threads": self.threads_in_use,

@@ -1,8 +1,10 @@
-"""`meshd export`: the newest valid checkpoint of a domain, written as a torch state_dict for serving."""
+"""`meshd export`: the model a domain serves, from its newest valid checkpoint, as a torch state_dict."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
 
 from meshd import config as configmod
 from meshd import models
@@ -25,6 +27,10 @@ def export_model(config_path: Path, out: Path) -> Path:
         raise MeshdError(f"no valid checkpoint under {store.directory}; run the daemon first")
     if ckpt.fingerprint != engine.fingerprint:
         raise MeshdError(f"the newest checkpoint is for another model (fingerprint {ckpt.fingerprint[:12]})")
-    models.load_flat(engine.module, ckpt.values)
+    served = ckpt.extra.get("served")
+    values = ckpt.values
+    if isinstance(served, bytes) and len(served) == 8 * int(values.numel()):
+        values = torch.frombuffer(bytearray(served), dtype=torch.float64).clone()  # the model the domain serves
+    models.load_flat(engine.module, values)
     export_state_dict(engine.module, out)
     return out

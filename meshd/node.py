@@ -41,7 +41,8 @@ log = structlog.get_logger("meshd.node")
 T = TypeVar("T")
 
 TICK_S = 0.25
-IDLE_S = 0.5  # the training loop's poll while training is off or impossible
+IDLE_S = 0.5
+GOSSIP_WAIT_S = 2.0  # longest a training part waits for the exchange it asked for  # the training loop's poll while training is off or impossible
 PACE_WAIT_S = 0.05  # a domain ahead of its peers re-checks this often
 PACE_SLACK_EPOCHS = 0.5  # how far (in passes over its own data) a domain may run ahead of its peers' median
 PACE_HORIZON_S = 30.0  # peers' epoch counts older than this (or than 2 x dead_after_s) are not waited for
@@ -76,6 +77,8 @@ class Node:
         self._closed = False
         self._pinging: set[bytes] = set()
         self._gossip_round = 0
+        self._gossip_now = asyncio.Event()  # set by training after each part of a round
+        self._gossip_done = asyncio.Event()  # set by gossip after each round
         self._peer_epochs: dict[bytes, tuple[float, float]] = {}  # peer -> (epochs it trained, when heard)
 
     # --- construction ----------------------------------------------------------------------------------
@@ -390,6 +393,7 @@ class Node:
             ps.merge(vec, weight, version, rows)
         except RejectedUpdate as exc:
             raise WireError("bad_values", 400, exc.detail or exc.reason) from None
+        self.engine.served.observe(vec)
         self.stats.merged += 1
         if far and version - ps.version > far:
             self._pull_wanted.set()
@@ -507,7 +511,8 @@ class Node:
         log.info("join_announced", peers=len(targets))
 
     def _training_active(self) -> bool:
-        return self.cfg.training.enabled and self.engine.learner is not None and self.cfg.training.steps_per_round > 0
+        tr = self.cfg.training
+        return tr.enabled and self.engine.learner is not None and tr.steps_per_round != 0
 
     def _note_advertised(self, peer_id: bytes, body: dict[str, Any]) -> None:
         """A pong says which model and schema the peer runs: flag a mismatch before any share is sent."""
@@ -583,8 +588,10 @@ class Node:
                     # Keep this domain's own weight (now carrying the mesh's model): the mesh's total weight
                     # keeps counting every domain, which the mean-rows estimate of data weighting needs.
                     ps.adopt(vec, weight, version, rows, keep_own_weight=True)
+                    self.engine.served.reset()
                 else:
                     ps.merge(vec, weight, version, rows)
+                    self.engine.served.observe(vec)
             except (WireError, RejectedUpdate) as exc:
                 self._reject("bad_pull_reply", p.address or "?", str(exc), p.peer_id)
                 continue
@@ -599,23 +606,32 @@ class Node:
 
     async def _gossip_loop(self) -> None:
         await self._joined.wait()
-        g = self.cfg.gossip
         while True:
             g = self.cfg.gossip
-            await asyncio.sleep(g.interval_s * (1 + g.jitter * (2 * self._rng.random() - 1)))
-            ps = self.engine.pushsum
-            if ps is None or not self.cfg.mesh.enabled:
-                continue
-            targets = self.table.gossip_targets(self._rng, g.fanout, time.monotonic(), topology=g.topology,
-                                                round_no=self._gossip_round)
-            self._gossip_round += 1
-            if not targets:
-                continue
-            shares = ps.prepare(len(targets))
-            self.stats.rounds += 1
-            async with asyncio.TaskGroup() as tg:
-                for peer, share in zip(targets, shares, strict=False):
-                    tg.create_task(self._send_share(peer.peer_id, peer.address or "", share))
+            # A round every interval_s (jittered), or sooner when training finished a part of its round.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(g.interval_s * (1 + g.jitter * (2 * self._rng.random() - 1))):
+                    await self._gossip_now.wait()
+            self._gossip_now.clear()
+            try:
+                await self._gossip_round_once(g)
+            finally:
+                self._gossip_done.set()
+
+    async def _gossip_round_once(self, g: configmod.GossipConfig) -> None:
+        ps = self.engine.pushsum
+        if ps is None or not self.cfg.mesh.enabled:
+            return
+        targets = self.table.gossip_targets(self._rng, g.fanout, time.monotonic(), topology=g.topology,
+                                            round_no=self._gossip_round)
+        self._gossip_round += 1
+        if not targets:
+            return
+        shares = ps.prepare(len(targets))
+        self.stats.rounds += 1
+        async with asyncio.TaskGroup() as tg:
+            for peer, share in zip(targets, shares, strict=False):
+                tg.create_task(self._send_share(peer.peer_id, peer.address or "", share))
 
     async def _send_share(self, peer_id: bytes, address: str, share: Share) -> None:
         ps = self.engine.pushsum
@@ -673,11 +689,11 @@ class Node:
         """
         await self._joined.wait()
         while True:
-            ps, tr = self.engine.pushsum, self.cfg.training
-            if ps is None or self.engine.learner is None or not tr.enabled or tr.steps_per_round == 0:
+            ps = self.engine.pushsum
+            if ps is None or not self._training_active():
                 await asyncio.sleep(IDLE_S)
                 continue
-            steps = self._paced_steps(tr.steps_per_round, time.monotonic())
+            steps = self._paced_steps(self.engine.chunk_steps, time.monotonic())
             if steps == 0:
                 self.engine.stats.paced_waits += 1
                 await asyncio.sleep(PACE_WAIT_S)
@@ -697,6 +713,14 @@ class Node:
                 st.steps += result.steps
                 st.samples_seen += result.samples
                 st.loss = result.loss
+                if self.cfg.gossip.per_round > 0 and self.cfg.mesh.enabled:
+                    # gossip.per_round exchanges per training round: the next part waits for this exchange
+                    # (bounded), so the steps between two exchanges do not depend on how fast this host is.
+                    self._gossip_done.clear()
+                    self._gossip_now.set()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(GOSSIP_WAIT_S):
+                            await self._gossip_done.wait()
             await asyncio.sleep(0)  # let gossip and the status API in between two rounds
 
     def _paced_steps(self, wanted: int, now: float) -> int:
@@ -717,14 +741,15 @@ class Node:
         while True:
             ps = self.engine.pushsum
             if ps is not None:
-                flat = ps.estimate()
-                version = ps.version
+                flat = self.engine.served_model()
+                version, steps = ps.version, self.engine.stats.steps
                 result = await asyncio.to_thread(self.engine.evaluate, flat)
                 digest = await asyncio.to_thread(self.engine.digest, flat)
                 st = self.engine.stats
                 st.holdout_accuracy, st.local_only_accuracy = result["holdout"], result["local_only"]
                 st.test_accuracy, st.local_only_test_accuracy = result["test"], result["local_only_test"]
                 st.evaluated_at_version = version
+                st.evaluated_at_steps = steps
                 self.engine.sha256 = digest
             await asyncio.sleep(self.cfg.training.eval_interval_s)
 

@@ -6,7 +6,6 @@ import struct
 
 import pytest
 import torch
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -7,11 +7,11 @@ import random
 import pytest
 
 from meshd.membership import (
+    INCOMPATIBLE_RETRY_S,
     Peer,
     PeerState,
     PeerTable,
     Ping,
-    INCOMPATIBLE_RETRY_S,
     StateChanged,
     Timing,
 )
