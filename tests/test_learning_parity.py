@@ -1,0 +1,161 @@
+"""Learning parity over real daemons: the data schema is part of compatibility, a domain's influence scales
+with its rows, and `training.threads` is honoured (issue: learn as well as a central server)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from meshd.config_template import set_key
+from meshd.datasets import write_npz_product
+from meshd.localmesh import DomainLayout, LocalMesh, MeshLayout, build_mesh, get_status
+from tests.helpers import wait_for
+
+
+def _status(d: DomainLayout) -> dict[str, Any]:
+    s = get_status(d.status_url, timeout=5.0)
+    assert s is not None, f"{d.name} does not answer /status"
+    return s
+
+
+def _set(d: DomainLayout, section: str, key: str, value: str) -> None:
+    d.config.write_text(set_key(d.config.read_text(), section, key, value))
+
+
+def _no_blocking_calls(layout: MeshLayout) -> None:
+    for d in layout.domains:
+        log = (d.directory / "daemon.log").read_text(errors="replace")
+        assert "BlockingError" not in log, f"blocking call on the event loop of {d.name}:\n{log[-4000:]}"
+
+
+def _write_csv(path: Path, columns: list[str], x: np.ndarray, y: np.ndarray) -> None:
+    order = {"a": 0, "b": 1, "c": 2}
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*columns, "label"])
+        for row, label in zip(x, y, strict=True):
+            w.writerow([*(f"{row[order[c]]:.6f}" for c in columns), int(label)])
+
+
+# --- the data schema -----------------------------------------------------------------------------------------
+
+
+def test_columns_in_another_order_are_refused_or_aligned_by_name(tmp_path: Path) -> None:
+    """Three domains whose CSVs hold the same three features: A in order a,b,c; B in order c,a,b with
+    `features = []` (its own file order); C in order c,b,a but `data.features = ["a","b","c"]`, the mesh's order.
+    A and C learn together; B is refused with `schema_mismatch` both ways and never merges a share."""
+    rng = np.random.default_rng(0)
+    layout = build_mesh(tmp_path / "schema", 3, settings={
+        "model": {"name": '"logreg"', "num_classes": "2"},
+        "data": {"test_path": '""', "holdout": "0.2"},
+        "training": {"lr": "0.1"},
+    })
+    a, b, c = layout.domains
+    for d, columns in ((a, ["a", "b", "c"]), (b, ["c", "a", "b"]), (c, ["c", "b", "a"])):
+        x = rng.normal(size=(300, 3))
+        y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(int)
+        _write_csv(d.directory / "data.csv", columns, x, y)
+        _set(d, "data", "path", '"data.csv"')
+    _set(c, "data", "features", '["a", "b", "c"]')
+    mesh = LocalMesh(layout)
+    try:
+        mesh.start()
+        mesh.wait_running(180)
+
+        def settled() -> dict[str, dict[str, Any]] | None:
+            ss = {d.name: _status(d) for d in layout.domains}
+            flags = {n: {p["domain"]: p["incompatible"] for p in s["mesh"]["peers"]} for n, s in ss.items()}
+            ok = (flags[a.name].get(b.name) == "schema_mismatch" and flags[c.name].get(b.name) == "schema_mismatch"
+                  and set(flags[b.name].values()) == {"schema_mismatch"}
+                  and ss[a.name]["gossip"]["merged"] > 5 and ss[c.name]["gossip"]["merged"] > 5)
+            return ss if ok else None
+
+        ss = wait_for(settled, timeout=180, interval=0.5, what="A and C merging, B flagged schema_mismatch by all")
+        schemas = {n: s["model"]["data_schema"] for n, s in ss.items()}
+        assert schemas[a.name] == schemas[c.name] != schemas[b.name]
+        assert ss[b.name]["gossip"]["merged"] == 0  # B never averaged a model trained on other column meanings
+        assert ss[b.name]["gossip"]["weight"] == 1.0  # nor did any of its shares reach A or C
+        refused = sum(s["gossip"]["rejected"].get("schema_mismatch", 0) for s in ss.values())
+        assert refused > 0, {n: s["gossip"]["rejected"] for n, s in ss.items()}
+        assert all(s["gossip"]["rejected"].get("bad_values", 0) == 0 for s in ss.values())
+    finally:
+        mesh.stop()
+    _no_blocking_calls(layout)
+
+
+# --- data weighting ------------------------------------------------------------------------------------------
+
+
+def _weighting_run(tmp: Path, big_rows: int, small_rows: int, overrides: dict[str, dict[str, str]]
+                   ) -> tuple[float, list[dict[str, Any]]]:
+    """Two domains with opposite labelling rules; returns the served models' accuracy on the big domain's rule."""
+    rng = np.random.default_rng(1)
+    layout = build_mesh(tmp, 2, settings={
+        "model": {"name": '"logreg"', "num_classes": "2"},
+        "data": {"holdout": "0.0"},
+        "training": {"lr": "0.05", "momentum": "0.9", "eval_interval_s": "0.5"},
+        **overrides,
+    })
+    big, small = layout.domains
+    for d, n, flip in ((big, big_rows, False), (small, small_rows, True)):
+        x = rng.normal(size=(n, 2)).astype(np.float32)
+        y = (x[:, 0] > 0).astype(np.int64)
+        write_npz_product(d.directory / "data.npz", x, 1 - y if flip else y)
+    x_test = rng.normal(size=(2000, 2)).astype(np.float32)
+    write_npz_product(layout.test_path, x_test, (x_test[:, 0] > 0).astype(np.int64))  # the big domain's rule
+    mesh = LocalMesh(layout)
+    try:
+        mesh.start()
+        mesh.wait_running(180)
+
+        def trained() -> list[dict[str, Any]] | None:
+            ss = [_status(d) for d in layout.domains]
+            done = all((s["training"]["evaluated_at_steps"] or 0) >= 400 for s in ss[1:]) and all(
+                s["training"]["test_accuracy"] is not None and s["gossip"]["merged"] > 20 for s in ss)
+            return ss if done else None
+
+        ss = wait_for(trained, timeout=240, interval=0.5, what="both domains trained and gossiping")
+    finally:
+        mesh.stop()
+    _no_blocking_calls(layout)
+    return sum(float(s["training"]["test_accuracy"]) for s in ss) / 2, ss
+
+
+@pytest.mark.slow
+def test_a_domain_with_ten_times_the_rows_pulls_the_mesh_towards_its_optimum(tmp_path: Path) -> None:
+    """Logistic regression; the big domain (2,000 rows) labels by x0 > 0, the small one (200 rows) by x0 < 0.
+    The weighted optimum (10:1, FedAvg's weighting) follows the big domain's rule; with equal influence the two
+    rules cancel and the mesh model is close to a coin toss on it. Default config (data-weighted updates,
+    steps paced to rows) against `weighting = "equal"`, `pace = "free"` (every domain counts the same)."""
+    weighted, ss = _weighting_run(tmp_path / "weighted", 2000, 200, {})
+    equal, _ = _weighting_run(tmp_path / "equal", 2000, 200,
+                              {"training": {"lr": "0.05", "momentum": "0.9", "eval_interval_s": "0.5",
+                                            "weighting": '"equal"', "pace": '"free"'}})
+    print(f"accuracy on the big domain's rule: data-weighted {weighted:.3f}, equal {equal:.3f}")
+    big, small = ss
+    assert big["training"]["update_scale"] > 1.5 > 0.5 > small["training"]["update_scale"]  # ~1.8 and ~0.18
+    assert 1000 < big["training"]["mesh_mean_rows"] < 1200  # (2000 + 200) / 2, estimated by gossip
+    assert weighted >= 0.85
+    assert weighted - equal >= 0.15
+
+
+# --- threads --------------------------------------------------------------------------------------------------
+
+
+def test_training_threads_is_honoured(tmp_path: Path) -> None:
+    layout = build_mesh(tmp_path / "threads", 2, settings={"gossip": {"pull_on_join": "false"}})
+    one, two = layout.domains
+    _set(two, "training", "threads", "2")
+    mesh = LocalMesh(layout)
+    try:
+        mesh.start()
+        mesh.wait_running(180)
+        threads = wait_for(lambda: (t := [_status(d)["training"]["threads"] for d in layout.domains])[0]
+                           and t[1] and t, timeout=120, interval=0.2, what="both domains training")
+        assert threads == [1, 2]
+    finally:
+        mesh.stop()
