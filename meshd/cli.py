@@ -301,7 +301,8 @@ def _format_status(s: dict[str, Any]) -> str:
         ("mesh", f"{joined}; peers: {peers}"),
         ("model", f"{model.get('name', '-')} v{_fmt(model.get('version'))} "
                   f"({_fmt(model.get('parameters'))} params, fp {str(model.get('fingerprint', '-'))[:12]})"),
-        ("training", f"steps {_fmt(tr.get('steps'))}, loss {_fmt(tr.get('loss'))}, "
+        ("training", f"steps {_fmt(tr.get('steps'))} ({_fmt(tr.get('epochs'))} epochs, scale "
+                     f"{_fmt(tr.get('update_scale'))}), loss {_fmt(tr.get('loss'))}, "
                      f"holdout acc {_fmt(tr.get('holdout_accuracy'))}, "
                      f"local-only {_fmt(tr.get('local_only_accuracy'))}"),
         ("gossip", f"rounds {_fmt(g.get('rounds'))}, sent {_fmt(g.get('sent'))}, received {_fmt(g.get('received'))}, "
@@ -319,10 +320,11 @@ def _format_peers(s: dict[str, Any]) -> str:
     peers = s.get("mesh", {}).get("peers", [])
     if not peers:
         return "no peers known"
-    header = ("DOMAIN", "STATE", "ADDRESS", "SOURCE", "LAST SEEN", "PEER ID")
+    header = ("DOMAIN", "STATE", "ADDRESS", "SOURCE", "LAST SEEN", "SCHEMA", "COMPATIBLE", "PEER ID")
     rows = [
         (p.get("domain", ""), p.get("state", ""), p.get("address") or "-", p.get("source", ""),
-         "-" if p.get("last_seen_s") is None else f"{p['last_seen_s']:.1f}s ago", p.get("peer_id", "")[:16] + "…")
+         "-" if p.get("last_seen_s") is None else f"{p['last_seen_s']:.1f}s ago", p.get("schema") or "-",
+         "no: " + p["incompatible"] if p.get("incompatible") else "yes", p.get("peer_id", "")[:16] + "…")
         for p in peers
     ]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]

@@ -49,6 +49,7 @@ class PeerSeen:
     domain: str
     source: str  # static | registry | mdns
     model_fp: str | None = None
+    schema_fp: str | None = None  # data schema fingerprint (TXT ``schema``)
 
 
 @dataclass(frozen=True)
@@ -263,6 +264,7 @@ def peer_seen_from_info(info: ServiceInfo, protocol_version: int) -> PeerSeen | 
         domain = (props.get(b"domain") or b"").decode("utf-8")
         version = (props.get(b"v") or b"").decode("ascii")
         fp = (props.get(b"fp") or b"").decode("utf-8")
+        schema = (props.get(b"schema") or b"").decode("utf-8")
     except UnicodeDecodeError:
         return "TXT values are not text"
     try:
@@ -275,12 +277,14 @@ def peer_seen_from_info(info: ServiceInfo, protocol_version: int) -> PeerSeen | 
         return f"protocol version {version!r}, we speak {protocol_version}"
     if len(fp) > MAX_FP_LEN or not fp.isprintable():
         return "bad fp"
+    if len(schema) > MAX_FP_LEN or not schema.isprintable():
+        return "bad schema"
     addresses = info.parsed_addresses(IPVersion.V4Only)
     if not addresses:
         return "no IPv4 address"
     if info.port is None or not 1 <= info.port <= 65535:
         return "bad port"
-    return PeerSeen(peer_id, f"{addresses[0]}:{info.port}", domain, "mdns", fp or None)
+    return PeerSeen(peer_id, f"{addresses[0]}:{info.port}", domain, "mdns", fp or None, schema or None)
 
 
 class MdnsDiscovery:
@@ -305,6 +309,7 @@ class MdnsDiscovery:
         interfaces: list[str] | None,
         model_fp: str | None,
         protocol_version: int,
+        schema_fp: str | None = None,
         on_event: EventHandler,
         instance_name: str | None = None,
     ) -> None:
@@ -314,6 +319,7 @@ class MdnsDiscovery:
         self._advertise_ips = list(advertise_ips)
         self._interfaces = list(interfaces) if interfaces else None
         self._model_fp = model_fp
+        self._schema_fp = schema_fp
         self._protocol_version = protocol_version
         self._on_event = on_event
         hex12 = peer_id_of(peer_id)[:12]
@@ -405,6 +411,7 @@ class MdnsDiscovery:
             "domain": self._domain,
             "v": str(self._protocol_version),
             "fp": self._model_fp or "",
+            "schema": self._schema_fp or "",
         }
         return ServiceInfo(
             self.SERVICE_TYPE,

@@ -41,8 +41,8 @@ log = structlog.get_logger("meshd.node")
 T = TypeVar("T")
 
 TICK_S = 0.25
-IDLE_S = 0.5
-GOSSIP_WAIT_S = 2.0  # longest a training part waits for the exchange it asked for  # the training loop's poll while training is off or impossible
+IDLE_S = 0.5  # the training loop's poll while training is off or impossible
+GOSSIP_WAIT_S = 2.0  # longest a training part waits for the exchange it asked for
 PACE_WAIT_S = 0.05  # a domain ahead of its peers re-checks this often
 PACE_SLACK_EPOCHS = 0.5  # how far (in passes over its own data) a domain may run ahead of its peers' median
 PACE_HORIZON_S = 30.0  # peers' epoch counts older than this (or than 2 x dead_after_s) are not waited for
@@ -222,6 +222,7 @@ class Node:
         now = time.monotonic()
         if isinstance(event, disc.PeerSeen):
             self.table.discovered(event.peer_id, event.address, event.domain, event.source, now, event.model_fp)
+            self.table.advertised(event.peer_id, None, event.schema_fp)
         else:
             self.table.gone(event.peer_id, event.source, now)
 
@@ -252,6 +253,7 @@ class Node:
         mdns = disc.MdnsDiscovery(
             domain=self.cfg.node.domain, peer_id=self.identity.public_key, port=self.listen_port,
             advertise_ips=advertise_ips, interfaces=ifaces or None, model_fp=self.engine.fingerprint or None,
+            schema_fp=self.engine.schema or None,
             protocol_version=wire.PROTOCOL_VERSION, on_event=self._on_discovery,
         )
         try:

@@ -14,8 +14,10 @@ from meshd.averaging import (
     PushSum,
     PushSumState,
     RejectedUpdate,
+    ServedModel,
     Share,
     consensus_distance,
+    data_scale,
 )
 from meshd.codec import CodecError, CodecName, decode, encode
 from meshd.errors import MeshdError
@@ -468,3 +470,82 @@ def test_constructor_validation() -> None:
         PushSum(torch.zeros(2, dtype=torch.float64), weight=0.0)
     node = PushSum(torch.zeros(2, dtype=torch.float32))  # float32 models are accepted and widened
     assert node.estimate().dtype == torch.float64 and node.dim == 2
+
+
+# -- data weighting --------------------------------------------------------------------------------------
+
+
+def test_mean_rows_is_estimated_by_push_sum_with_exact_mass() -> None:
+    rows = [60.0, 238.0, 772.0, 4462.0, 1000.0, 3.0, 0.0, 9180.0]
+    nodes = [PushSum(torch.zeros(4, dtype=torch.float64), rows=r) for r in rows]
+    rng = random.Random(3)
+    for _ in range(60):
+        for i, node in enumerate(nodes):
+            j = rng.choice([k for k in range(len(nodes)) if k != i])
+            (share,) = node.prepare(1)
+            if rng.random() < 0.2:  # lost: nothing moves
+                node.abandon(share.id)
+                continue
+            nodes[j].merge(share.values, share.weight, share.version, share.rows)
+            node.confirm(share.id)
+        total_r = math.fsum(n.mean_rows * n.weight for n in nodes)
+        assert total_r == pytest.approx(sum(rows), rel=1e-12)  # no rows mass lost or created
+    mean = sum(rows) / len(rows)
+    assert all(n.mean_rows == pytest.approx(mean, rel=1e-6) for n in nodes)
+    assert data_scale(rows[3], nodes[3].mean_rows) == pytest.approx(rows[3] / mean, rel=1e-6)
+
+
+def test_data_scale_is_clamped_and_neutral_without_an_estimate() -> None:
+    assert data_scale(100.0, 100.0) == 1.0
+    assert data_scale(1e9, 1.0) == 64.0 and data_scale(1.0, 1e9) == 1.0 / 64
+    assert data_scale(0.0, 100.0) == 1.0 and data_scale(100.0, 0.0) == 1.0 and data_scale(math.nan, 1.0) == 1.0
+
+
+def test_apply_update_scales_the_step_and_refuses_a_bad_scale() -> None:
+    node = PushSum(torch.zeros(3, dtype=torch.float64), 2.0)
+    node.apply_update(torch.ones(3, dtype=torch.float64), 0.5)
+    assert torch.equal(node.estimate(), torch.full((3,), 0.5, dtype=torch.float64))
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(RejectedUpdate, match="scale"):
+            node.apply_update(torch.ones(3, dtype=torch.float64), bad)
+    assert torch.equal(node.estimate(), torch.full((3,), 0.5, dtype=torch.float64))
+
+
+def test_bad_rows_are_refused_and_change_nothing() -> None:
+    node = PushSum(torch.zeros(3, dtype=torch.float64), rows=10.0)
+    for bad in (-1.0, math.inf, math.nan, 1e13, "3"):
+        with pytest.raises(RejectedUpdate):
+            node.merge(torch.ones(3, dtype=torch.float64), 0.5, 0, bad)  # type: ignore[arg-type]
+    assert node.weight == 1.0 and node.mean_rows == 10.0 and node.merges == 0
+
+
+def test_adopt_keeping_own_weight_counts_every_domain_once() -> None:
+    old = PushSum(torch.ones(3, dtype=torch.float64), 1.0, 7, rows=100.0)
+    new = PushSum(torch.zeros(3, dtype=torch.float64), 1.0, 0, rows=20.0)
+    share = old.split_for_pull()
+    new.adopt(share.values, share.weight, share.version, share.rows, keep_own_weight=True)
+    assert old.weight + new.weight == 2.0  # two domains, weight 2: the mesh's total still counts both
+    assert torch.equal(new.estimate(), torch.ones(3, dtype=torch.float64))  # the mesh's model, not its own init
+    assert old.mean_rows * old.weight + new.mean_rows * new.weight == pytest.approx(120.0)
+    assert new.version == 7
+
+
+def test_rows_numerator_survives_a_checkpoint() -> None:
+    node = PushSum(torch.ones(3, dtype=torch.float64), 1.0, rows=42.0)
+    node.inject_rows(8.0)
+    back = PushSum.from_state(node.state())
+    assert back.mean_rows == 50.0 and back.weight == 1.0
+
+
+def test_served_model_blends_peers_models_and_converges_with_the_estimate() -> None:
+    served = ServedModel(window=3)
+    own = torch.zeros(2, dtype=torch.float64)
+    assert torch.equal(served.value(own), own)  # nothing received yet: the estimate itself
+    served.observe(torch.tensor([4.0, 8.0], dtype=torch.float64))
+    assert torch.equal(served.value(own), torch.tensor([3.0, 6.0], dtype=torch.float64))  # (0 + 3 * 4) / 4
+    for _ in range(200):
+        served.observe(torch.tensor([1.0, 1.0], dtype=torch.float64))
+    assert torch.allclose(served.value(torch.ones(2, dtype=torch.float64)), torch.ones(2, dtype=torch.float64))
+    off = ServedModel(window=0)
+    off.observe(torch.ones(2, dtype=torch.float64))
+    assert torch.equal(off.value(own), own)

@@ -148,7 +148,7 @@ def test_a_domain_with_ten_times_the_rows_pulls_the_mesh_towards_its_optimum(tmp
 
 def test_training_threads_is_honoured(tmp_path: Path) -> None:
     layout = build_mesh(tmp_path / "threads", 2, settings={"gossip": {"pull_on_join": "false"}})
-    one, two = layout.domains
+    _, two = layout.domains
     _set(two, "training", "threads", "2")
     mesh = LocalMesh(layout)
     try:

@@ -51,8 +51,8 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def _share(node: Any, **overrides: Any) -> tuple[int, bytes]:
     model = node["status"]["model"]
     n = model["parameters"]
-    body = {"fp": model["fingerprint"], "version": 1, "weight": 0.5, "codec": "f32", "count": n,
-            "values": struct.pack(f"<{n}f", *([0.01] * n))}
+    body = {"fp": model["fingerprint"], "schema": model["data_schema"], "version": 1, "weight": 0.5,
+            "codec": "f32", "count": n, "values": struct.pack(f"<{n}f", *([0.01] * n)), "rows": 300.0}
     body.update(overrides)
     wire = Wire(node["client"], Limits())
     env = wire.seal(node["to"], "share", encode_body(body), next(node["seq"]), int(time.time() * 1000))
@@ -77,6 +77,12 @@ def _model_state(node: Any) -> tuple[Any, ...]:
         ({"count": 7}, "bad_body"),  # not this model's size
         ({"codec": "f8"}, "bad_body"),
         ({"fp": "0" * 32}, "incompatible"),
+        ({"schema": "0" * 16}, "schema_mismatch"),  # the same model trained on other columns: never averaged
+        ({"schema": None}, "schema_mismatch"),
+        ({"rows": -1.0}, "bad_body"),
+        ({"rows": "many"}, "bad_body"),
+        ({"epochs": math.inf}, "bad_body"),
+        ({"codec": "q8", "values": b"\x7f" + b"\0" * (5 * 76 - 1) + b"\0" * 4810}, "bad_values"),  # k = 127
     ],
 )
 def test_bad_share_is_refused_and_changes_nothing(node: Any, overrides: dict[str, Any], reason: str) -> None:
@@ -100,11 +106,23 @@ def test_good_share_is_merged(node: Any) -> None:
 def test_pull_answers_half_the_weight_sealed_to_the_requester(node: Any) -> None:
     weight, *_ = _model_state(node)
     wire = Wire(node["client"], Limits())
-    fp = node["status"]["model"]["fingerprint"]
-    env = wire.seal(node["to"], "pull", encode_body({"fp": fp}), next(node["seq"]), int(time.time() * 1000))
+    fp, schema = node["status"]["model"]["fingerprint"], node["status"]["model"]["data_schema"]
+    env = wire.seal(node["to"], "pull", encode_body({"fp": fp, "schema": schema}), next(node["seq"]),
+                    int(time.time() * 1000))
     status, reply = _post(node["port"], env)
     assert status == 200
     opened = wire.open(reply, int(time.time() * 1000), lambda pk: pk == node["to"], ReplayGuard())
     body = decode_body(opened.body, Limits())
     assert opened.kind == "model" and body["fp"] == fp and body["weight"] == pytest.approx(weight / 2)
+    assert body["schema"] == schema and body["rows"] > 0
     assert _model_state(node)[0] == pytest.approx(weight / 2)
+
+
+def test_pull_for_another_schema_is_refused(node: Any) -> None:
+    weight, *_ = _model_state(node)
+    wire = Wire(node["client"], Limits())
+    body = {"fp": node["status"]["model"]["fingerprint"], "schema": "f" * 16}
+    env = wire.seal(node["to"], "pull", encode_body(body), next(node["seq"]), int(time.time() * 1000))
+    status, reply = _post(node["port"], env)
+    assert status == 409 and b"schema_mismatch" in reply
+    assert _model_state(node)[0] == weight  # nothing given away

@@ -144,7 +144,7 @@ def test_missing_or_malformed_key_is_refused(tmp_path: Path) -> None:
 
 def test_misspelled_config_key_is_refused(tmp_path: Path) -> None:
     cfg, *_ = init_domain(tmp_path, "payments")
-    cfg.write_text(cfg.read_text().replace("fanout = 2", "fanuot = 2"))
+    cfg.write_text(cfg.read_text().replace("fanout = 1", "fanuot = 1"))
     r = run_cli("run", "--config", str(cfg), timeout=30)
     assert r.returncode == 2
     assert "gossip.fanuot: unknown key; did you mean 'gossip.fanout'?" in r.stderr
