@@ -339,7 +339,7 @@ def test_mesh_beats_local_only_and_resumes_after_kill9(learning_mesh: LocalMesh)
 
 
 @pytest.mark.slow
-def test_export_equals_the_checkpoint(learning_mesh: LocalMesh, tmp_path: Path) -> None:
+def test_export_equals_the_served_model_of_the_checkpoint(learning_mesh: LocalMesh, tmp_path: Path) -> None:
     mesh = learning_mesh
     domain = mesh.layout.domains[0]
     last = _status(domain)["training"]
@@ -354,8 +354,12 @@ def test_export_equals_the_checkpoint(learning_mesh: LocalMesh, tmp_path: Path) 
     spec = models.ModelSpec(name="mlp", hidden=(64,), num_classes=NUM_CLASSES)
     exported = models.build_model(spec, DIGITS_FEATURES, seed=1234)  # any init: every value is overwritten
     exported.load_state_dict(state)
+    # export writes the model the domain serves (docs/learning.md section 5), saved with the checkpoint
+    served = ckpt.extra.get("served")
+    assert isinstance(served, bytes) and len(served) == 8 * ckpt.values.numel()
+    served_values = torch.frombuffer(bytearray(served), dtype=torch.float64).clone()
     from_ckpt = models.build_model(spec, DIGITS_FEATURES, seed=4321)
-    models.load_flat(from_ckpt, ckpt.values)
+    models.load_flat(from_ckpt, served_values)
     for name, tensor in from_ckpt.state_dict().items():
         assert torch.equal(state[name], tensor), name
 
@@ -365,7 +369,7 @@ def test_export_equals_the_checkpoint(learning_mesh: LocalMesh, tmp_path: Path) 
     assert acc_exported == acc_ckpt
     # the daemon's own evaluation path agrees
     learner = Learner(models.build_model(spec, DIGITS_FEATURES, 0), test, TrainConfig())
-    assert learner.evaluate(ckpt.values, test.train_x, test.train_y) == acc_exported
+    assert learner.evaluate(served_values, test.train_x, test.train_y) == acc_exported
     print(f"{domain.name}: exported model test accuracy {acc_exported:.3f} (checkpoint version {ckpt.version}); "
           f"last reported while running {last['test_accuracy']} (local-only {last['local_only_test_accuracy']})")
     _assert_no_blocking_calls(mesh.layout)

@@ -130,11 +130,12 @@ def test_a_domain_with_ten_times_the_rows_pulls_the_mesh_towards_its_optimum(tmp
     """Logistic regression; the big domain (2,000 rows) labels by x0 > 0, the small one (200 rows) by x0 < 0.
     The weighted optimum (10:1, FedAvg's weighting) follows the big domain's rule; with equal influence the two
     rules cancel and the mesh model is close to a coin toss on it. Default config (data-weighted updates,
-    steps paced to rows) against `weighting = "equal"`, `pace = "free"` (every domain counts the same)."""
+    steps paced to rows) against `weighting = "equal"`, `pace = "free"` and a fixed `steps_per_round` (every
+    domain takes the same steps and counts the same)."""
     weighted, ss = _weighting_run(tmp_path / "weighted", 2000, 200, {})
     equal, _ = _weighting_run(tmp_path / "equal", 2000, 200,
                               {"training": {"lr": "0.05", "momentum": "0.9", "eval_interval_s": "0.5",
-                                            "weighting": '"equal"', "pace": '"free"'}})
+                                            "weighting": '"equal"', "pace": '"free"', "steps_per_round": "8"}})
     print(f"accuracy on the big domain's rule: data-weighted {weighted:.3f}, equal {equal:.3f}")
     big, small = ss
     assert big["training"]["update_scale"] > 1.5 > 0.5 > small["training"]["update_scale"]  # ~1.8 and ~0.18
