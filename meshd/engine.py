@@ -15,7 +15,7 @@ import structlog
 import torch
 
 from meshd import models
-from meshd.averaging import PushSum, ServedModel, data_scale
+from meshd.averaging import MAX_ROWS, PushSum, ServedModel, data_scale
 from meshd.config import Config
 from meshd.data import DataProduct, load_data_product, schema_fingerprint
 from meshd.errors import DataError
@@ -134,9 +134,12 @@ class Engine:
             # weighting has neither: start the estimate from this domain's own rows.
             r_num = extra.get("rows_numerator")
             injected = extra.get("rows_injected")
-            mean_rows = float(r_num) / ckpt.weight if isinstance(r_num, int | float) and r_num >= 0 else rows
-            self.pushsum = PushSum(ckpt.values, ckpt.weight, ckpt.version, rows=min(mean_rows, 1e12), **opts)
-            if isinstance(injected, int | float) and injected != rows:
+            mean_rows = float(r_num) / ckpt.weight if isinstance(r_num, int | float) else rows
+            if not (math.isfinite(mean_rows) and 0.0 <= mean_rows <= MAX_ROWS):
+                warnings.append(f"checkpoint {ckpt.file_name}: rows estimate {mean_rows!r} out of range; reset")
+                mean_rows = rows
+            self.pushsum = PushSum(ckpt.values, ckpt.weight, ckpt.version, rows=mean_rows, **opts)
+            if isinstance(injected, int | float) and math.isfinite(injected) and injected != rows:
                 self.pushsum.inject_rows(rows - float(injected))  # the data product grew or shrank
             self.fresh = False
             self.stats.steps = int(extra.get("steps", 0))

@@ -682,9 +682,10 @@ class Node:
             self._pinging.discard(peer_id)
 
     async def _train_loop(self) -> None:
-        """Local training back to back in the worker thread, in rounds of ``training.steps_per_round`` steps.
+        """Local training back to back in the worker thread: rounds of ``training.steps_per_round`` steps (one
+        epoch by default), each trained in ``gossip.per_round`` parts with one exchange after each part.
 
-        Each round's update is applied with the data weighting (``Engine.update_scale``). With
+        Each part's update is applied with the data weighting (``Engine.update_scale``). With
         ``training.pace = "mesh"`` a domain that is more than ``PACE_SLACK_EPOCHS`` epochs ahead of the
         median of its peers waits, so every domain makes about one pass over its own data per pass of the
         others: a domain's steps are proportional to its rows, as in FedAvg's one epoch per round.
@@ -731,7 +732,7 @@ class Node:
             return wanted
         horizon = max(PACE_HORIZON_S, 2 * self.cfg.membership.dead_after_s)
         alive = {p.peer_id for p in self.table.peers() if p.state == PeerState.ALIVE}
-        heard = sorted(e for pid, (e, at) in self._peer_epochs.items() if pid in alive and now - at <= horizon)
+        heard = [e for pid, (e, at) in self._peer_epochs.items() if pid in alive and now - at <= horizon]
         if not heard:
             return wanted  # alone, or nobody trains: nothing to keep pace with
         median = statistics.median(heard)
