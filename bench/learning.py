@@ -85,7 +85,7 @@ class Scenario:
 MNIST1D = Scenario("mnist1d", "mnist1d", 40_000, 16, 0.1, "cnn1d", 0.2, 50, 100, (1000, 2000, 4000), 0.90,
                    900.0, 3.0)
 DIGITS = Scenario("digits", "digits", 0, 8, 0.1, "mlp", 0.2, 20, 100, (100, 200, 400), None, 300.0, 1.0)
-QUICK = {"mnist1d": Scenario("mnist1d", "mnist1d", 10_000, 16, 0.1, "cnn1d", 0.2, 20, 60, (250, 500, 1000), 0.80,
+QUICK = {"mnist1d": Scenario("mnist1d", "mnist1d", 10_000, 16, 0.1, "cnn1d", 0.2, 20, 60, (200, 400, 800), 0.70,
                              240.0, 2.0),
          "digits": DIGITS}
 
