@@ -44,7 +44,7 @@ Data weighting (FedAvg's "weighted by examples", without a central party): each 
 is applied with the scale ``rows_i / mean_rows`` (:func:`data_scale`), so that the mesh-wide mass moves by
 ``sum_i (rows_i / mean_rows) * delta_i * w_i``; with ``w_i`` near 1 at consensus, the mean model moves by
 ``sum_i (rows_i / sum_j rows_j) * delta_i``: each domain's update counts in proportion to its examples, as in
-FedAvg's weighted average, even though every domain takes the same number of steps per second. The mesh's
+FedAvg's weighted average, whatever number of steps each domain takes. The mesh's
 mean number of rows is itself estimated by push-sum, in the same messages: every node also holds a *rows
 numerator* ``r`` (initially ``rows_i * w_i``); a share carries ``rows = r / w`` and moves ``rows * weight``
 exactly as the model's mass moves (added on merge, subtracted on confirm), so ``r_i / w_i`` converges to

@@ -331,11 +331,12 @@ class Node:
     def _check_compatible(self, sender: bytes, body: dict[str, Any]) -> None:
         """Same model and same data schema, or a 409 with its own reason (and the peer marked in /status)."""
         why: WireError | None = None
+        reason = self._incompatibility(body.get("fp"), body.get("schema"))
         if self.engine.pushsum is None:
             why = WireError("incompatible", 409, "this domain has no model")
-        elif body.get("fp") != self.engine.fingerprint:
+        elif reason == "incompatible":
             why = WireError("incompatible", 409, "model fingerprint differs")
-        elif body.get("schema") != self.engine.schema:
+        elif reason == "schema_mismatch":
             # Averaging models trained on different column meanings is silent corruption: refused.
             detail = f"data schema differs (ours {self.engine.schema}, yours {str(body.get('schema'))[:32]})"
             if body.get("schema_set") == self.engine.schema_set:
@@ -524,13 +525,17 @@ class Node:
         self.table.advertised(peer_id, fp, schema)
         if self.engine.pushsum is None or fp is None:
             return
-        now = time.monotonic()
+        # A pong without a schema (an older or minimal client) is judged by its model alone.
+        self.table.set_incompatible(peer_id, self._incompatibility(fp, schema or self.engine.schema),
+                                    time.monotonic())
+
+    def _incompatibility(self, fp: object, schema: object) -> str | None:
+        """Why a peer running model ``fp`` on data schema ``schema`` cannot merge with us, or None."""
         if fp != self.engine.fingerprint:
-            self.table.set_incompatible(peer_id, "incompatible", now)
-        elif schema is not None and schema != self.engine.schema:
-            self.table.set_incompatible(peer_id, "schema_mismatch", now)
-        else:
-            self.table.set_incompatible(peer_id, None, now)
+            return "incompatible"
+        if schema != self.engine.schema:
+            return "schema_mismatch"
+        return None
 
     @staticmethod
     async def _quietly(coro: Coroutine[Any, Any, Any]) -> None:

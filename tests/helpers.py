@@ -131,3 +131,10 @@ class DaemonProc:
     def kill9(self) -> None:
         self.proc.kill()
         self.proc.wait(10)
+
+
+def assert_no_blocking_calls(layout: Any) -> None:
+    """The suite runs daemons with MESHD_BLOCKBUSTER=1 (conftest): a blocking call on a loop is logged."""
+    for d in layout.domains:
+        log = (d.directory / "daemon.log").read_text(errors="replace")
+        assert "BlockingError" not in log, f"blocking call on the event loop of {d.name}:\n{log[-4000:]}"

@@ -12,8 +12,8 @@ import pytest
 
 from meshd.config_template import set_key
 from meshd.datasets import write_npz_product
-from meshd.localmesh import DomainLayout, LocalMesh, MeshLayout, build_mesh, get_status
-from tests.helpers import wait_for
+from meshd.localmesh import DomainLayout, LocalMesh, build_mesh, get_status
+from tests.helpers import assert_no_blocking_calls, wait_for
 
 
 def _status(d: DomainLayout) -> dict[str, Any]:
@@ -24,12 +24,6 @@ def _status(d: DomainLayout) -> dict[str, Any]:
 
 def _set(d: DomainLayout, section: str, key: str, value: str) -> None:
     d.config.write_text(set_key(d.config.read_text(), section, key, value))
-
-
-def _no_blocking_calls(layout: MeshLayout) -> None:
-    for d in layout.domains:
-        log = (d.directory / "daemon.log").read_text(errors="replace")
-        assert "BlockingError" not in log, f"blocking call on the event loop of {d.name}:\n{log[-4000:]}"
 
 
 def _write_csv(path: Path, columns: list[str], x: np.ndarray, y: np.ndarray) -> None:
@@ -84,7 +78,7 @@ def test_columns_in_another_order_are_refused_or_aligned_by_name(tmp_path: Path)
         assert all(s["gossip"]["rejected"].get("bad_values", 0) == 0 for s in ss.values())
     finally:
         mesh.stop()
-    _no_blocking_calls(layout)
+    assert_no_blocking_calls(layout)
 
 
 # --- data weighting ------------------------------------------------------------------------------------------
@@ -121,7 +115,7 @@ def _weighting_run(tmp: Path, big_rows: int, small_rows: int, overrides: dict[st
         ss = wait_for(trained, timeout=240, interval=0.5, what="both domains trained and gossiping")
     finally:
         mesh.stop()
-    _no_blocking_calls(layout)
+    assert_no_blocking_calls(layout)
     return sum(float(s["training"]["test_accuracy"]) for s in ss) / 2, ss
 
 
