@@ -1,4 +1,4 @@
-"""Rounds for push-sum gossip (meshd.averaging) to reach consensus on the exact mean.
+"""Rounds for push-sum gossip (meshd.core.averaging) to reach consensus on the exact mean.
 
 Simulated in memory, training off: every round each node prepares ``fanout`` shares to random peers,
 all messages are delivered (minus ``--loss``, which are abandoned), then acknowledged. A node has
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from meshd.averaging import PushSum, Share, consensus_distance
-from meshd.codec import CodecName
+from meshd.core.averaging import PushSum, Share, consensus_distance
+from meshd.core.codec import CodecName
 
 RESULTS = Path(__file__).resolve().parent / "results" / "consensus.json"
 

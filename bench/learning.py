@@ -3,7 +3,7 @@
 Two scenarios, each on one split that every method trains on, with the same optimizer (SGD lr 0.01,
 momentum 0.9, batch 32) and the same initial weights (``models.initial_seed``, mesh seed 0):
 
-- ``mnist1d``: MNIST-1D (``meshd.datasets.load_mnist1d_dataset``, 40,000 samples, seed 0), a shared test set of
+- ``mnist1d``: MNIST-1D (``meshd.task.datasets.load_mnist1d_dataset``, 40,000 samples, seed 0), a shared test set of
   8,000 rows, the rest split over 16 domains by a Dirichlet(0.1) label split (seed 0); model ``cnn1d``.
 - ``digits``: scikit-learn's digits, 20 % shared test set, 8 domains, Dirichlet(0.1); model ``mlp``.
 
@@ -15,7 +15,7 @@ Methods:
 (c) ``fedavg``: in process, a central server: each round every domain starts from the global model and runs
     one local epoch; the server averages the results weighted by examples. Bytes per domain per round =
     2 x the model at f32 (down + up). Time = the sequential training time on one thread (no evaluation).
-(d) ``meshd``: real ``meshd run`` daemons on loopback (:class:`meshd.localmesh.LocalMesh`), **default config**
+(d) ``meshd``: real ``meshd run`` daemons on loopback (:class:`meshd.ops.localmesh.LocalMesh`), **default config**
     apart from model, data, optimizer, evaluation interval and logging. The daemons start with training off;
     when all run, one config reload turns it on everywhere (t = 0). Accuracy is each domain's own model (the
     one ``/status`` and ``meshd export`` serve), scored by the daemon on the shared test set; its x position is
@@ -51,11 +51,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from meshd import models
-from meshd.config_template import set_key
-from meshd.data import DataProduct, load_data_product
-from meshd.learner import Learner, TrainConfig
-from meshd.localmesh import LocalMesh, MeshLayout, build_mesh, get_status, load_dataset
+from meshd.ops.config_template import set_key
+from meshd.ops.localmesh import LocalMesh, MeshLayout, build_mesh, get_status, load_dataset
+from meshd.task import models
+from meshd.task.data import DataProduct, load_data_product
+from meshd.task.learner import Learner, TrainConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 0

@@ -23,8 +23,8 @@ import nacl.bindings as sodium
 from nacl.public import Box
 
 from meshd import identity
-from meshd.replay import ReplayGuard
-from meshd.wire import Limits, Wire
+from meshd.core.replay import ReplayGuard
+from meshd.core.wire import Limits, Wire
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -135,8 +135,8 @@ class _LoopbackPair:
     """
 
     def __init__(self, workdir: Path, max_message_bytes: int) -> None:
-        from meshd.config_template import render, set_key
-        from meshd.localmesh import free_port
+        from meshd.ops.config_template import render, set_key
+        from meshd.ops.localmesh import free_port
 
         self.workdir = workdir
         self.client = identity.generate()
@@ -169,13 +169,13 @@ class _LoopbackPair:
     def start(self, timeout: float = 90.0) -> None:
         import subprocess
 
-        from meshd.localmesh import get_status
+        from meshd.ops.localmesh import get_status
 
         for _pk, _peer, _status, d in self.nodes.values():
             log = open(d / "daemon.log", "ab")  # noqa: SIM115 - closed in stop()
             self._logs.append(log)
             self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "meshd.cli", "run", "--config", str(d / "meshd.toml")],
+                [sys.executable, "-m", "meshd", "run", "--config", str(d / "meshd.toml")],
                 stdout=log, stderr=subprocess.STDOUT,
             ))
         deadline = time.monotonic() + timeout
@@ -235,7 +235,7 @@ def measure_exchange(sizes: Sequence[int], quick: bool = False) -> list[dict[str
     import http.client
     import tempfile
 
-    from meshd.wire import encode_body
+    from meshd.core.wire import encode_body
 
     max_bytes = max(sizes) + EXCHANGE_HEADROOM
     rows: list[dict[str, Any]] = []

@@ -231,10 +231,11 @@ class TrainingConfig:
     steps_per_round: int | str = field(default="epoch", metadata=_opt(_steps_per_round))
     weighting: str = field(default="rows", metadata=_opt(_one_of("rows", "equal")))
     pace: str = field(default="mesh", metadata=_opt(_one_of("mesh", "free")))
-    batch_size: int = field(default=32, metadata=_opt(_between(1, 1_000_000)))
-    lr: float = field(default=0.05, metadata=_opt(_positive))
-    momentum: float = field(default=0.0, metadata=_opt(_between(0.0, 0.999)))
-    weight_decay: float = field(default=0.0, metadata=_opt(_non_negative))
+    # The optimizer is built when a task opens: a change to these restarts the task (from its final checkpoint).
+    batch_size: int = field(default=32, metadata=_opt(_between(1, 1_000_000), restart=True))
+    lr: float = field(default=0.05, metadata=_opt(_positive, restart=True))
+    momentum: float = field(default=0.0, metadata=_opt(_between(0.0, 0.999), restart=True))
+    weight_decay: float = field(default=0.0, metadata=_opt(_non_negative, restart=True))
     seed: int = field(default=0, metadata=_opt(_non_negative, restart=True))
     eval_interval_s: float = field(default=5.0, metadata=_opt(_positive))
     local_baseline: bool = field(default=True, metadata=_opt(restart=True))
@@ -245,6 +246,47 @@ class TrainingConfig:
 class CheckpointConfig:
     interval_s: float = field(default=30.0, metadata=_opt(_positive))
     keep: int = field(default=2, metadata=_opt(_between(1, 100)))
+
+
+#: Gossip keys that belong to the mesh (its transport), not to a task: a ``[task.gossip]`` table may not set them.
+MESH_GOSSIP_KEYS = ("connect_timeout_s", "request_timeout_s", "retries")
+#: The sections a ``[[task]]`` table may hold; the top-level sections of the same name are their defaults.
+TASK_SECTIONS = ("model", "data", "training", "gossip", "checkpoint")
+#: The name of the one task of a config without ``[[task]]`` tables (today's single-model form).
+DEFAULT_TASK = "default"
+MAX_TASKS = 32
+
+
+def _task_name(v: Any) -> str | None:
+    if _DOMAIN_RE.match(v):
+        return None
+    return "must be 1-63 characters of a-z, 0-9, '-' or '_', starting with a letter or digit"
+
+
+def _cohort(v: Any) -> str | None:
+    if not v:
+        return "is empty; list domain names or peer ids, or [\"*\"] for every trusted peer that runs this task"
+    for i, item in enumerate(v):
+        if item != "*" and not _PEER_ID_RE.match(item) and not _DOMAIN_RE.match(item):
+            return f"item {i} is neither '*', a domain name nor a peer id (64 lowercase hex characters)"
+    if "*" in v and len(v) > 1:
+        return "'*' already means every trusted peer; list either '*' or names and ids"
+    return None
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """One learning task: its own model, data product, training, gossip and checkpoints, and its cohort."""
+
+    name: str = field(default=DEFAULT_TASK, metadata=_opt(_task_name, "this task's name, unique in the domain"))
+    # The domains this task learns with: domain names or peer ids (of trusted peers), or "*": every trusted
+    # peer that runs a task of this name with the same model and schema fingerprints.
+    cohort: tuple[str, ...] = field(default=("*",), metadata=_opt(_cohort, "domains this task learns with"))
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    training: TrainingConfig = TrainingConfig()
+    gossip: GossipConfig = GossipConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
 
 @dataclass(frozen=True)
@@ -263,7 +305,17 @@ class Config:
     data: DataConfig = DataConfig()
     training: TrainingConfig = TrainingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    # [[task]] tables; none = one implicit task named "default" made of the top-level sections above.
+    task: tuple[TaskConfig, ...] = ()
     source: Path | None = field(default=None, compare=False)
+
+    @property
+    def tasks(self) -> tuple[TaskConfig, ...]:
+        """The tasks this domain runs: the ``[[task]]`` tables, or the implicit single task."""
+        if self.task:
+            return self.task
+        return (TaskConfig(name=DEFAULT_TASK, cohort=("*",), model=self.model, data=self.data,
+                           training=self.training, gossip=self.gossip, checkpoint=self.checkpoint),)
 
 
 # --- public API -----------------------------------------------------------------------------------------
@@ -299,6 +351,7 @@ def load(path: Path) -> Config:
 
 def from_dict(raw: Mapping[str, Any], *, base_dir: Path, source: Path | None = None) -> Config:
     problems: list[str] = []
+    raw = _with_task_defaults(raw, problems)
     values = _build(Config, raw, "", base_dir, problems)
     if not problems:
         cfg = Config(**values, source=source)
@@ -321,9 +374,18 @@ def diff(old: Config, new: Config) -> list[str]:
 
 
 def pending_restart(old: Config, new: Config) -> list[str]:
-    """Changed keys that a reload cannot apply."""
+    """Changed keys that a reload cannot apply. A task's own keys are not among them: a change to one of its
+    restart-only keys (model, data...) restarts that task alone (:func:`task_needs_restart`)."""
     rk = restart_keys()
-    return [k for k in diff(old, new) if k in rk or k.split(".")[0] in rk]
+    own = (*TASK_SECTIONS, "task")
+    return [k for k in diff(old, new) if (k in rk or k.split(".")[0] in rk) and k.split(".")[0] not in own]
+
+
+def task_needs_restart(old: TaskConfig, new: TaskConfig) -> list[str]:
+    """A task's changed keys that only a restart of the task applies (its model, data product, seed...)."""
+    keys: set[str] = set()
+    _walk_restart(TaskConfig, "", keys)
+    return [k for k in sorted(_diff(old, new, "")) if k in keys]
 
 
 def field_docs() -> dict[str, str]:
@@ -334,6 +396,33 @@ def field_docs() -> dict[str, str]:
 
 
 # --- helpers --------------------------------------------------------------------------------------------
+
+
+def _with_task_defaults(raw: Mapping[str, Any], problems: list[str]) -> Mapping[str, Any]:
+    """Each ``[[task]]`` table, with the top-level model/data/training/gossip/checkpoint keys it does not set."""
+    tasks = raw.get("task")
+    if not isinstance(tasks, list):
+        return raw
+    merged = []
+    for i, task in enumerate(tasks):
+        if not isinstance(task, Mapping):
+            merged.append(task)
+            continue
+        task = dict(task)
+        for section in TASK_SECTIONS:
+            base, own = raw.get(section, {}), task.get(section, {})
+            if not isinstance(base, Mapping) or not isinstance(own, Mapping):
+                continue
+            if section == "gossip":
+                for key in MESH_GOSSIP_KEYS:
+                    if key in own:
+                        problems.append(f"task[{i}].gossip.{key}: is mesh-wide (the transport is shared by every "
+                                        f"task); set it in the top-level [gossip] table")
+                own = {k: v for k, v in own.items() if k not in MESH_GOSSIP_KEYS}
+            if base or own:
+                task[section] = {**base, **own}
+        merged.append(task)
+    return {**raw, "task": merged}
 
 
 def _type_name(tp: Any) -> str:
@@ -458,8 +547,14 @@ def _cross_checks(cfg: Config) -> list[str]:
             if p.peer_id in seen:
                 problems.append(f"peers[{i}].peer_id: listed twice (got {p.peer_id!r})")
             seen.add(p.peer_id)
-    if cfg.training.enabled and cfg.data.path is None:
-        pass  # a domain without a data product just averages; the daemon reports training as idle
+    names: set[str] = set()
+    if len(cfg.task) > MAX_TASKS:
+        problems.append(f"task: at most {MAX_TASKS} tasks per domain (got {len(cfg.task)})")
+    for i, task in enumerate(cfg.task):
+        if task.name in names:
+            problems.append(f"task[{i}].name: another task is named {task.name!r}; task names are unique in a domain")
+        names.add(task.name)
+    # A domain without a data product just averages; the daemon reports that task's training as idle.
     return problems
 
 

@@ -1,5 +1,6 @@
-"""The composition root: builds every part from the config, runs the long-lived loops in one TaskGroup,
-and handles SIGTERM/SIGINT (graceful stop), SIGHUP and config-file changes (reload) and sd_notify.
+"""The composition root: builds the mesh and one learning task per ``[[task]]`` from the config, runs their
+long-lived loops in one TaskGroup, and handles SIGTERM/SIGINT (graceful stop), SIGHUP and config-file
+changes (reload: tasks added, removed, changed or restarted without stopping the others) and sd_notify.
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ import structlog
 import meshd
 from meshd import config as configmod
 from meshd import logs
-from meshd.config import Config
-from meshd.errors import ConfigError, MeshdError
+from meshd.config import DEFAULT_TASK, Config, TaskConfig
+from meshd.core.stats import GossipStats
+from meshd.errors import ConfigError, DataError, MeshdError, ModelError
 from meshd.identity import Identity
-from meshd.learner import limit_torch_threads
-from meshd.node import Node
-from meshd.sdnotify import Notifier
-from meshd.stats import GossipStats
-from meshd.status import StatusServer
+from meshd.mesh.node import Mesh
+from meshd.ops.sdnotify import Notifier
+from meshd.ops.status import StatusServer
+from meshd.task.learner import limit_torch_threads
+from meshd.task.runtime import LearningTask
 
 log = structlog.get_logger("meshd.daemon")
 
@@ -52,7 +54,10 @@ class Daemon:
         self._reload = asyncio.Event()
         self._config_sig = _config_signature(cfg)
         self.status_server: StatusServer | None = None
-        self.node: Node | None = None
+        self.mesh: Mesh | None = None
+        self.tasks: dict[str, LearningTask] = {}
+        self._runners: dict[str, asyncio.Task[None]] = {}
+        self._tg: asyncio.TaskGroup | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
@@ -84,13 +89,21 @@ class Daemon:
 
     async def _run(self) -> int:
         await asyncio.to_thread(_ensure_private_dir, self.cfg.node.state_dir)
-        limit_torch_threads(self.cfg.training.threads)  # process-wide; worker threads re-apply it (engine)
-        self.node = Node(self.cfg, self.identity, self.stats)
-        await self.node.open()
+        # Process-wide; each task's worker threads re-apply their own training.threads (engine).
+        limit_torch_threads(min(t.training.threads for t in self.cfg.tasks))
+        self.mesh = Mesh(self.cfg, self.identity, self.stats)
+        await self.mesh.open()
+        for tcfg in self.cfg.tasks:
+            await self._open_task(tcfg)
+        failed = [t for t in self.tasks.values() if t.state == "failed"]
+        if failed and len(failed) == len(self.tasks):
+            # Nothing could start: fail loudly, as a single-model daemon with a bad data product always did.
+            await self._close()
+            raise DataError("; ".join(f"task {t.name!r}: {t.error}" for t in failed))
         host, port = configmod.split_host_port(self.cfg.listen.status)
         self.status_server = StatusServer(host, port, self.snapshot)
         try:
-            await self.node.start_listening()
+            await self.mesh.start_listening()
             await self.status_server.start()
         except OSError as exc:
             await self._close()
@@ -99,44 +112,112 @@ class Daemon:
             "daemon_started",
             domain=self.cfg.node.domain,
             peer_id=self.identity.peer_id,
-            peer_listen=f"{self.node.listen_host}:{self.node.listen_port}",
+            peer_listen=f"{self.mesh.listen_host}:{self.mesh.listen_port}",
             status_listen=f"{host}:{self.status_server.port}",
             version=meshd.__version__,
+            tasks=sorted(self.tasks),
         )
         self.state = "running"
         self.notifier.ready(f"serving {self.cfg.node.domain}")
         exit_code = 0
         try:
             async with asyncio.TaskGroup() as tg:
+                self._tg = tg
                 loops: dict[str, Coroutine[Any, Any, None]] = {
                     "reload": self._reload_loop(),
                     "watch_config": self._watch_config_loop(),
                     "watchdog": self.notifier.watchdog_loop(),
-                    **self.node.loops(),
+                    **self.mesh.loops(),
                 }
                 tasks = [tg.create_task(coro, name=name) for name, coro in loops.items()]
+                for task in list(self.tasks.values()):
+                    self._start_task(task)
                 await self._stop.wait()
                 self.state = "stopping"
                 self.notifier.stopping()
                 log.info("daemon_stopping")
-                for task in tasks:
-                    task.cancel()
+                for runner in [*tasks, *self._runners.values()]:
+                    runner.cancel()
         except* MeshdError as eg:
             for err in eg.exceptions:
                 log.error("daemon_failed", error=str(err))
             exit_code = 1
         finally:
             self.state = "stopping"
+            self._tg = None
             await self._close()
         log.info("daemon_stopped", exit_code=exit_code)
         return exit_code
 
     async def _close(self) -> None:
+        """Leave the mesh (no merge lands after this), write every task's final checkpoint, close the mesh."""
+        if self.mesh is not None:
+            with contextlib.suppress(Exception):
+                await self.mesh.leave()
+        for task in list(self.tasks.values()):
+            await task.close()
         with contextlib.suppress(Exception):
-            if self.node is not None:
-                await self.node.close()
+            if self.mesh is not None:
+                await self.mesh.close()
         if self.status_server is not None:
             await self.status_server.stop()
+
+    # --- tasks -------------------------------------------------------------------------------------------
+
+    async def _open_task(self, tcfg: TaskConfig) -> LearningTask:
+        """Build and open a task (data product, model, checkpoint); a failure is the task's, not the daemon's."""
+        assert self.mesh is not None
+        task = LearningTask(tcfg, self.mesh, state_dir=self.cfg.node.state_dir,
+                            max_param_abs=self.cfg.limits.max_param_abs)
+        self.tasks[tcfg.name] = task
+        try:
+            await task.open()
+        except (DataError, ModelError, MeshdError, OSError, ValueError) as exc:
+            task.fail(exc)
+        return task
+
+    def _start_task(self, task: LearningTask) -> None:
+        """Route the task's envelopes to it and run its loops in the daemon's TaskGroup."""
+        assert self.mesh is not None and self._tg is not None
+        if task.state == "failed":
+            return
+        self.mesh.attach(task)
+        self._runners[task.name] = self._tg.create_task(task.run(), name=f"task:{task.name}")
+
+    async def _stop_task(self, name: str, why: str) -> None:
+        """Stop one task: no more envelopes routed to it, loops cancelled, final checkpoint written."""
+        assert self.mesh is not None
+        self.mesh.detach(name)
+        runner = self._runners.pop(name, None)
+        if runner is not None:
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+        task = self.tasks.pop(name, None)
+        if task is not None:
+            await task.close()
+        log.info("task_stopped", task=name, reason=why)
+
+    async def _apply_tasks(self, old: Config, new: Config) -> None:
+        """Reload: start added tasks, stop removed ones, restart those whose model or data changed (and failed
+        ones), apply the other changes in place. Tasks that did not change are never interrupted."""
+        before = {t.name: t for t in old.tasks}
+        after = {t.name: t for t in new.tasks}
+        for name in [n for n in before if n not in after]:
+            await self._stop_task(name, "removed from config")
+        for name, tcfg in after.items():
+            task = self.tasks.get(name)
+            restart = configmod.task_needs_restart(before[name], tcfg) if name in before else []
+            if task is not None and (restart or task.state == "failed"):
+                await self._stop_task(name, "restart: " + (", ".join(restart) or "it had failed"))
+                task = None
+            if task is None:
+                started = await self._open_task(tcfg)
+                if self._tg is not None:
+                    self._start_task(started)
+                log.info("task_added" if name not in before else "task_restarted", task=name, state=started.state)
+            elif before.get(name) != tcfg:
+                task.apply(tcfg)
 
     # --- reload ------------------------------------------------------------------------------------------
 
@@ -174,8 +255,9 @@ class Daemon:
         changed = configmod.diff(self.cfg, new)
         logs.set_level(new.log.level)
         try:
-            if self.node is not None:
-                await self.node.apply_config(new)
+            if self.mesh is not None:
+                await self.mesh.apply_config(new)
+            await self._apply_tasks(self.cfg, new)
         except MeshdError as exc:
             self._last_reload_ok = False
             self._last_reload_error = str(exc)
@@ -193,8 +275,15 @@ class Daemon:
     # --- status ------------------------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        node = self.node.snapshot() if self.node is not None else {}
-        gossip = {**self.stats.snapshot(), **node.get("gossip", {})}
+        mesh = self.mesh.snapshot() if self.mesh is not None else {}
+        tasks = {name: task.snapshot() for name, task in sorted(self.tasks.items())}
+        # A single-model config's status reads as it always did: its one task's model, training and gossip.
+        primary = tasks.get(DEFAULT_TASK) or (next(iter(tasks.values())) if len(tasks) == 1 else {})
+        totals = {k: sum(int(ts["gossip"].get(k, 0)) for ts in tasks.values()) for k in ("rounds", "merged", "pulls")}
+        primary_gossip = {k: v for k, v in primary.get("gossip", {}).items() if k not in totals and k != "rejected"}
+        gossip = {**self.stats.snapshot(), **totals, **primary_gossip}
+        mesh_part = mesh.get("mesh", {"joined": False, "peers": [], "counts": {}, "untrusted_seen": []})
+        mesh_part["joined"] = bool(mesh_part.get("enabled")) and all(ts["joined"] for ts in tasks.values())
         return {
             "domain": self.cfg.node.domain,
             "peer_id": self.identity.peer_id,
@@ -209,10 +298,11 @@ class Daemon:
                 "last_reload_error": self._last_reload_error,
                 "pending_restart": self._pending_restart,
             },
-            "listen": node.get("listen", {"peer": self.cfg.listen.peer}),
-            "mesh": node.get("mesh", {"joined": False, "peers": [], "counts": {}, "untrusted_seen": []}),
-            "model": node.get("model", {}),
-            "training": node.get("training", {}),
+            "listen": mesh.get("listen", {"peer": self.cfg.listen.peer}),
+            "mesh": mesh_part,
+            "tasks": tasks,
+            "model": primary.get("model", {}),
+            "training": primary.get("training", {}),
             "gossip": gossip,
         }
 

@@ -14,11 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from meshd.config_template import set_key
-from meshd.localmesh import free_port
+from meshd.ops.config_template import set_key
+from meshd.ops.localmesh import free_port
 
 T = TypeVar("T")
-MESHD = [sys.executable, "-m", "meshd.cli"]
+MESHD = [sys.executable, "-m", "meshd"]
 REPO = Path(__file__).resolve().parent.parent
 
 

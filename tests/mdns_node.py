@@ -14,8 +14,8 @@ import sys
 
 import structlog
 
-from meshd.discovery import DiscoveryEvent, MdnsDiscovery, PeerSeen
 from meshd.identity import parse_peer_id
+from meshd.mesh.discovery import DiscoveryEvent, MdnsDiscovery, PeerSeen
 
 
 def _print(obj: dict[str, object]) -> None:

@@ -1,4 +1,4 @@
-"""meshd.averaging: push-sum with acknowledged shares, simulated in memory (no network, no sleeps)."""
+"""meshd.core.averaging: push-sum with acknowledged shares, simulated in memory (no network, no sleeps)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from meshd.averaging import (
+from meshd.core.averaging import (
     DISTANCE_WINDOW,
     PushSum,
     PushSumState,
@@ -19,7 +19,7 @@ from meshd.averaging import (
     consensus_distance,
     data_scale,
 )
-from meshd.codec import CodecError, CodecName, decode, encode
+from meshd.core.codec import CodecError, CodecName, decode, encode
 from meshd.errors import MeshdError
 
 DIM = 100

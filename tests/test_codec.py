@@ -1,4 +1,4 @@
-"""meshd.codec: flat float64 vector <-> little-endian bytes."""
+"""meshd.core.codec: flat float64 vector <-> little-endian bytes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshd.codec import CODECS, Q8_BLOCK, CodecError, CodecName, decode, encode, encoded_size, itemsize, quantize
+from meshd.core.codec import CODECS, Q8_BLOCK, CodecError, CodecName, decode, encode, encoded_size, itemsize, quantize
 from meshd.errors import MeshdError
 
 

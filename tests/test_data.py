@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from meshd.data import DataProduct, load_data_product, schema_fingerprint
-from meshd.datasets import write_npz_product
 from meshd.errors import DataError
+from meshd.task.data import DataProduct, load_data_product, schema_fingerprint
+from meshd.task.datasets import write_npz_product
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[object]]) -> Path:

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from meshd.data import load_data_product
-from meshd.datasets import (
+from meshd.task.data import load_data_product
+from meshd.task.datasets import (
     dirichlet_split,
     load_digits_dataset,
     load_mnist1d_dataset,

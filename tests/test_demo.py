@@ -16,10 +16,10 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from meshd.localmesh import get_status
+from meshd.ops.localmesh import get_status
 from tests.helpers import REPO, wait_for
 
-DEMO = [sys.executable, "-m", "meshd.cli", "demo", "--no-live"]
+DEMO = [sys.executable, "-m", "meshd", "demo", "--no-live"]
 
 
 def _status_ports(workdir: Path) -> dict[str, int]:

@@ -8,7 +8,9 @@ import pytest
 from nacl.signing import SigningKey
 from zeroconf import ServiceInfo
 
-from meshd.discovery import (
+from meshd.errors import ConfigError
+from meshd.mesh.discovery import (
+    TXT_TASKS_MAX,
     DiscoveryEvent,
     MdnsDiscovery,
     PeerGone,
@@ -16,10 +18,11 @@ from meshd.discovery import (
     StaticDiscovery,
     StaticPeer,
     check_address,
+    decode_tasks_txt,
+    encode_tasks_txt,
     load_registry,
     peer_seen_from_info,
 )
-from meshd.errors import ConfigError
 
 
 def key() -> bytes:
@@ -233,10 +236,29 @@ def good_props() -> dict[str, str]:
 
 
 def test_txt_valid() -> None:
-    assert peer_seen_from_info(info(good_props()), 1) == PeerSeen(A, "10.1.2.3:7946", "sales", "mdns", "abc123")
+    # No `tasks` key: a single-model meshd, whose one task is the default one.
+    assert peer_seen_from_info(info(good_props()), 1) == PeerSeen(
+        A, "10.1.2.3:7946", "sales", "mdns", "abc123", tasks={"default": ("abc123", None)})
     assert peer_seen_from_info(info({**good_props(), "fp": ""}), 1) == PeerSeen(
         A, "10.1.2.3:7946", "sales", "mdns", None
     )
+    tasks = {"fraud": ("0123456789abcdef", "fedcba9876543210"), "churn": ("aa", "bb")}
+    text, count = encode_tasks_txt(tasks)
+    assert (text, count) == ("churn:aa:bb,fraud:0123456789ab:fedcba987654", 2)
+    seen = peer_seen_from_info(info({**good_props(), "tasks": text}), 1)
+    assert isinstance(seen, PeerSeen)
+    assert seen.tasks == {"churn": ("aa", "bb"), "fraud": ("0123456789ab", "fedcba987654")}
+
+
+def test_txt_tasks_are_bounded_and_checked() -> None:
+    many = {f"task-{i:02d}-{'x' * 40}": ("f" * 64, "e" * 64) for i in range(10)}
+    text, count = encode_tasks_txt(many)
+    assert len(text) <= TXT_TASKS_MAX and count == 10 and 0 < text.count(",") + 1 < 10
+    assert decode_tasks_txt(text) is not None
+    assert decode_tasks_txt("a:00:00," * 40) is None  # longer than any sender writes
+    for bad in ("x", "a:b", "Bad:00:00", "a:zz:00", "a:" + "0" * 13 + ":00"):
+        assert decode_tasks_txt(bad) is None, bad
+        assert peer_seen_from_info(info({**good_props(), "tasks": bad}), 1) == "bad tasks"
 
 
 @pytest.mark.parametrize(

@@ -10,11 +10,11 @@ import msgpack
 import pytest
 import torch
 
-from meshd.data import DataProduct, load_data_product
-from meshd.datasets import load_digits_dataset, write_npz_product
 from meshd.errors import ModelError
-from meshd.learner import Learner, TrainConfig, limit_torch_threads
-from meshd.models import ModelSpec, build_model, flatten, param_count
+from meshd.task.data import DataProduct, load_data_product
+from meshd.task.datasets import load_digits_dataset, write_npz_product
+from meshd.task.learner import Learner, TrainConfig, limit_torch_threads
+from meshd.task.models import ModelSpec, build_model, flatten, param_count
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,7 @@ import random
 
 import pytest
 
-from meshd.membership import (
-    INCOMPATIBLE_RETRY_S,
-    Peer,
+from meshd.core.membership import (
     PeerState,
     PeerTable,
     Ping,
@@ -67,15 +65,15 @@ def test_timing_validation() -> None:
 
 def test_discovered_trusted_peer_is_unknown_with_address() -> None:
     t = table(A)
-    t.discovered(A, "10.0.0.1:7946", "sales", "mdns", 100.0, model_fp="fp1")
+    t.discovered(A, "10.0.0.1:7946", "sales", "mdns", 100.0, tasks={"fraud": ("fp1", "s1")})
     p = t.get(A)
     assert p is not None
-    assert (p.state, p.address, p.domain, p.source, p.model_fp) == (
+    assert (p.state, p.address, p.domain, p.source, p.tasks) == (
         PeerState.UNKNOWN,
         "10.0.0.1:7946",
         "sales",
         "mdns",
-        "fp1",
+        {"fraud": ("fp1", "s1")},
     )
     assert p.last_seen is None and p.failures == 0
     assert t.untrusted_snapshot() == []
@@ -102,14 +100,26 @@ def test_self_is_never_a_peer() -> None:
     assert t.untrusted_snapshot() == []
 
 
-def test_model_fp_kept_when_a_source_does_not_know_it() -> None:
+def test_advertised_tasks_kept_when_a_source_does_not_know_them() -> None:
     t = table(A)
-    t.discovered(A, ADDR[A], "d", "mdns", 1.0, model_fp="fp1")
+    t.discovered(A, ADDR[A], "d", "mdns", 1.0, tasks={"default": ("fp1", None)})
     t.discovered(A, ADDR[A], "d", "static", 2.0)
     p = t.get(A)
-    assert p is not None and p.model_fp == "fp1"
-    t.discovered(A, ADDR[A], "d", "mdns", 3.0, model_fp="fp2")
-    assert p.model_fp == "fp2"
+    assert p is not None and p.tasks == {"default": ("fp1", None)}
+    t.discovered(A, ADDR[A], "d", "mdns", 3.0, tasks={"default": ("fp2", None)})
+    assert p.tasks == {"default": ("fp2", None)}
+    t.advertised(A, {"churn": ("fp3", "s3")})  # a signed pong replaces what discovery guessed
+    assert p.tasks == {"churn": ("fp3", "s3")}
+    assert next(r for r in t.snapshot(3.0) if r["peer_id"] == A.hex())["tasks"] == {
+        "churn": {"fp": "fp3", "schema": "s3"}}
+
+
+def test_advertised_tasks_are_bounded() -> None:
+    t = table(A)
+    t.discovered(A, ADDR[A], "d", "mdns", 1.0)
+    t.advertised(A, {f"t{i}": ("fp", "s") for i in range(100)})
+    p = t.get(A)
+    assert p is not None and len(p.tasks) == 32
 
 
 def test_untrusting_a_peer_drops_it_and_keeps_the_sighting() -> None:
@@ -521,9 +531,9 @@ def test_exponential_topology_walks_the_ring_by_powers_of_two() -> None:
     for k in ids[1:]:
         _alive_anywhere(t, k)
     rng = random.Random(0)
-    got = [t.gossip_targets(rng, 1, 0.0, topology="exponential", round_no=r)[0].peer_id for r in range(6)]
+    got = [t.gossip_targets(rng, 1, topology="exponential", round_no=r)[0].peer_id for r in range(6)]
     assert got == [ids[1], ids[2], ids[4], ids[1], ids[2], ids[4]]  # +1, +2, +4, then again
-    two = t.gossip_targets(rng, 2, 0.0, topology="exponential", round_no=2)
+    two = t.gossip_targets(rng, 2, topology="exponential", round_no=2)
     assert [p.peer_id for p in two] == [ids[4], ids[1]]
 
 
@@ -545,7 +555,7 @@ def test_exponential_topology_averages_exactly_in_log2_n_rounds() -> None:
     for r in range(3):
         sent = []
         for i, t in enumerate(tables):
-            (target,) = t.gossip_targets(rng, 1, 0.0, topology="exponential", round_no=r)
+            (target,) = t.gossip_targets(rng, 1, topology="exponential", round_no=r)
             sent.append((ids.index(target.peer_id), s[i] / 2, w[i] / 2))
             s[i], w[i] = s[i] / 2, w[i] / 2
         for j, ds, dw in sent:
@@ -555,74 +565,11 @@ def test_exponential_topology_averages_exactly_in_log2_n_rounds() -> None:
     assert all(abs(s[i] / w[i] - mean) < 1e-12 for i in range(n))
 
 
-def test_incompatible_peers_are_no_gossip_target_for_a_while() -> None:
+def test_gossip_targets_only_among_a_tasks_eligible_peers() -> None:
     t = table(A, B)
     alive(t, A, 0.0)
     alive(t, B, 0.0)
-    t.set_incompatible(A, "schema_mismatch", 10.0)
     rng = random.Random(1)
-    assert {p.peer_id for _ in range(20) for p in t.gossip_targets(rng, 1, 20.0)} == {B}
-    assert A in {p.peer_id for _ in range(40) for p in t.gossip_targets(rng, 1, 10.0 + INCOMPATIBLE_RETRY_S + 1)}
-    assert next(r for r in t.snapshot(20.0) if r["peer_id"] == A.hex())["incompatible"] == "schema_mismatch"
-    t.set_incompatible(A, None, 21.0)
-    assert next(r for r in t.snapshot(21.0) if r["peer_id"] == A.hex())["incompatible"] is None
-
-
-def test_pull_candidates_alive_most_recent_first_then_unknown() -> None:
-    t = table(A, B, C, D)
-    alive(t, A, 1.0)
-    alive(t, B, 3.0)
-    disc(t, C, 0.0)  # unknown
-    alive(t, D, 2.0)
-    t.left(D, 4.0)
-    assert [p.peer_id for p in t.pull_candidates()] == [B, A, C]
-
-
-# ------------------------------------------------------------------ reports
-
-
-def test_snapshot_rows() -> None:
-    t = table(A, B)
-    t.discovered(A, ADDR[A], "zeta", "static", 0.0)
-    t.heard_from(A, 10.0)
-    t.discovered(B, ADDR[B], "alpha", "mdns", 0.0)
-    assert t.snapshot(12.5) == [
-        {
-            "domain": "alpha",
-            "peer_id": B.hex(),
-            "address": ADDR[B],
-            "state": "unknown",
-            "source": "mdns",
-            "last_seen_s": None,
-            "model_fp": None,
-            "schema": None,
-            "incompatible": None,
-        },
-        {
-            "domain": "zeta",
-            "peer_id": A.hex(),
-            "address": ADDR[A],
-            "state": "alive",
-            "source": "static",
-            "last_seen_s": 2.5,
-            "model_fp": None,
-            "schema": None,
-            "incompatible": None,
-        },
-    ]
-
-
-def test_counts_lists_every_state() -> None:
-    t = table(A, B, C)
-    assert t.counts() == {"alive": 0, "suspect": 0, "dead": 0, "left": 0, "unknown": 0}
-    alive(t, A, 0.0)
-    disc(t, B, 0.0)
-    alive(t, C, 0.0)
-    t.left(C, 0.0)
-    assert t.counts() == {"alive": 1, "suspect": 0, "dead": 0, "left": 1, "unknown": 1}
-
-
-def test_peer_type_is_exported() -> None:
-    t = table(A)
-    disc(t, A, 0.0)
-    assert isinstance(t.peers()[0], Peer)
+    assert {p.peer_id for _ in range(20) for p in t.gossip_targets(rng, 1, among={B})} == {B}
+    assert t.gossip_targets(rng, 1, among=set()) == []
+    assert {p.peer_id for _ in range(40) for p in t.gossip_targets(rng, 1)} == {A, B}

@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 
 from meshd import identity as identitymod
-from meshd.config_template import render, set_key
-from meshd.localmesh import free_port
+from meshd.ops.config_template import render, set_key
+from meshd.ops.localmesh import free_port
 from tests.helpers import DaemonProc, run_cli, set_toml, wait_for
 
 INTERVAL_S = 0.5

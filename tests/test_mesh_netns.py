@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 
 from meshd import identity as identitymod
-from meshd.config_template import render, set_key
+from meshd.ops.config_template import render, set_key
 from tests.helpers import REPO, wait_for
 from tests.netns import NetNs, make_mesh_namespaces  # noqa: F401  (pytest fixture)
 
@@ -142,7 +142,7 @@ def test_daemons_in_namespaces_find_each_other_by_mdns_and_see_a_leave(
         started.append(Daemon(ns, name, idents[i].peer_id, config, tmp_path / name / "daemon.log"))
     for d in started:
         with d.log_path.open("ab") as log:  # the child keeps its own descriptor
-            d.proc = d.ns.exec([sys.executable, "-m", "meshd.cli", "run", "--config", str(d.config)],
+            d.proc = d.ns.exec([sys.executable, "-m", "meshd", "run", "--config", str(d.config)],
                                stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                                env={**os.environ, "PYTHONPATH": str(REPO)})
 

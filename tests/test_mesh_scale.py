@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from meshd.localmesh import LocalMesh, build_mesh
+from meshd.ops.localmesh import LocalMesh, build_mesh
 from tests.helpers import wait_for
 
 N = 10

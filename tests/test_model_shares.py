@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from meshd import datasets
 from meshd import identity as identitymod
-from meshd.replay import ReplayGuard
-from meshd.wire import Limits, Wire, decode_body, encode_body
+from meshd.core.replay import ReplayGuard
+from meshd.core.wire import Limits, Wire, decode_body, encode_body
+from meshd.task import datasets
 from tests.helpers import DaemonProc, init_domain, set_toml
 
 

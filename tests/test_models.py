@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from meshd.errors import ModelError
-from meshd.models import BUILTIN_MODELS, ModelSpec, build_model, fingerprint, flatten, load_flat, param_count
+from meshd.task.models import BUILTIN_MODELS, ModelSpec, build_model, fingerprint, flatten, load_flat, param_count
 
 
 @pytest.mark.parametrize("name", BUILTIN_MODELS)

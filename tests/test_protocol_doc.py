@@ -1,4 +1,4 @@
-"""docs/protocol.md cannot rot: its independent client and its header example are run against meshd.wire."""
+"""docs/protocol.md cannot rot: its independent client and its header example are run against meshd.core.wire."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from nacl.signing import SigningKey
 
 from meshd import identity
+from meshd.core.replay import ReplayGuard
+from meshd.core.wire import Limits, Wire, decode_body, encode_body, signed_header
 from meshd.errors import WireError
-from meshd.replay import ReplayGuard
-from meshd.wire import Limits, Wire, decode_body, encode_body, signed_header
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
 NOW = 1_700_000_000_000

@@ -17,9 +17,12 @@ import pytest
 
 from tests.helpers import REPO
 
-PURE_CORE = ["meshd.errors", "meshd.config", "meshd.identity", "meshd.wire", "meshd.replay",
-             "meshd.codec", "meshd.membership", "meshd.averaging"]
-BLOCKING = ["meshd.models", "meshd.data", "meshd.learner", "meshd.store", "meshd.datasets"]
+PURE_CORE = ["meshd.errors", "meshd.config", "meshd.identity", "meshd.core.wire", "meshd.core.replay",
+             "meshd.core.codec", "meshd.core.membership", "meshd.core.averaging", "meshd.core.cohort",
+             "meshd.core.stats"]
+MESH = ["meshd.mesh.node", "meshd.mesh.link", "meshd.mesh.discovery", "meshd.mesh.transport"]
+BLOCKING = ["meshd.task.models", "meshd.task.data", "meshd.task.learner", "meshd.store", "meshd.task.datasets",
+            "meshd.task.checkpoints"]
 ASYNC_STACK = {"asyncio", "aiohttp", "zeroconf"}
 
 
@@ -46,3 +49,16 @@ def test_module_stays_out_of_the_async_stack(module: str) -> None:
     assert r.stdout.strip() == "[]"
     forbidden = ASYNC_STACK | ({"time", "socket"} if module in PURE_CORE else set())
     assert not _own_imports(module) & forbidden, (module, _own_imports(module) & forbidden)
+
+
+@pytest.mark.parametrize("module", MESH)
+def test_the_mesh_part_never_loads_torch_nor_a_task(module: str) -> None:
+    """The mesh exists once per daemon and carries every task: it must not depend on any task's model code."""
+    code = (
+        f"import sys, {module}\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'meshd.task'))))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout
+    assert not {n for n in _own_imports(module) if n == "torch"}

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from meshd.replay import SEQ_LIMIT, ReplayGuard, SequenceCounter
+from meshd.core.replay import SEQ_LIMIT, ReplayGuard, SequenceCounter
 
 A = b"\xaa" * 32
 B = b"\xbb" * 32

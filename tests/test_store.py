@@ -12,18 +12,17 @@ import pytest
 import torch
 
 import meshd.store
+import meshd.task.checkpoints
 from meshd.errors import StoreError
-from meshd.models import ModelSpec, build_model, flatten
-from meshd.store import (
+from meshd.store import atomic_write, read_json, write_json_atomic
+from meshd.task.checkpoints import (
     Checkpoint,
     CheckpointStore,
-    atomic_write,
     decode_checkpoint,
     encode_checkpoint,
     export_state_dict,
-    read_json,
-    write_json_atomic,
 )
+from meshd.task.models import ModelSpec, build_model, flatten
 
 
 def _mode(path: Path) -> int:
@@ -267,7 +266,7 @@ def _raw_file(store: CheckpointStore, name: str, payload: dict[str, object]) -> 
 
     body = msgpack.packb(payload, use_bin_type=True)
     path = store.directory / name
-    path.write_bytes(meshd.store.CHECKPOINT_MAGIC + hashlib.sha256(body).digest() + body)
+    path.write_bytes(meshd.task.checkpoints.CHECKPOINT_MAGIC + hashlib.sha256(body).digest() + body)
     return path
 
 
@@ -300,8 +299,8 @@ def test_decode_rejects_msgpack_bombs() -> None:
 
     # A map header claiming 2**31 entries in a tiny payload must fail fast, not allocate.
     body = b"\xdf\x80\x00\x00\x00"
-    blob = meshd.store.CHECKPOINT_MAGIC + hashlib.sha256(body).digest() + body
-    with pytest.raises(meshd.store.CorruptCheckpoint, match="undecodable payload"):
+    blob = meshd.task.checkpoints.CHECKPOINT_MAGIC + hashlib.sha256(body).digest() + body
+    with pytest.raises(meshd.task.checkpoints.CorruptCheckpoint, match="undecodable payload"):
         decode_checkpoint(blob)
 
 
@@ -335,5 +334,6 @@ def test_export_state_dict(tmp_path: Path) -> None:
 
 
 def test_store_does_not_use_pickle() -> None:
-    source = Path(meshd.store.__file__).read_text()
-    assert "import pickle" not in source and "pickle.load" not in source
+    for module in (meshd.store, meshd.task.checkpoints):
+        source = Path(module.__file__ or "").read_text()
+        assert "import pickle" not in source and "pickle.load" not in source

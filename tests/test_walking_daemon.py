@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from meshd import config as configmod
-from meshd.config_template import render
+from meshd.ops.config_template import render
 from tests.helpers import REPO, free_port, http_get, init_domain, run_cli, set_toml, wait_for
 
 
@@ -73,9 +73,10 @@ def test_config_check_lists_every_problem(tmp_path: Path) -> None:
     cfg.write_text(cfg.read_text().replace("interval_s = 1.0", "intervl_s = 1.0"))
     r = run_cli("config", "check", str(cfg))
     assert r.returncode == 2
-    assert "gossip.fanout: must be between 1 and 16 (got 0)" in r.stderr
+    # The per-task keys of `meshd init`'s config live in its one [[task]] table: errors name it.
+    assert "task[0].gossip.fanout: must be between 1 and 16 (got 0)" in r.stderr
     assert "listen.peer: must be HOST:PORT (got 'nohost')" in r.stderr
-    assert "gossip.intervl_s: unknown key; did you mean 'gossip.interval_s'?" in r.stderr
+    assert "task[0].gossip.intervl_s: unknown key; did you mean 'task[0].gossip.interval_s'?" in r.stderr
 
 
 def test_relative_paths_resolve_against_config_folder(tmp_path: Path) -> None:
@@ -147,7 +148,7 @@ def test_misspelled_config_key_is_refused(tmp_path: Path) -> None:
     cfg.write_text(cfg.read_text().replace("fanout = 1", "fanuot = 1"))
     r = run_cli("run", "--config", str(cfg), timeout=30)
     assert r.returncode == 2
-    assert "gossip.fanuot: unknown key; did you mean 'gossip.fanout'?" in r.stderr
+    assert "task[0].gossip.fanuot: unknown key; did you mean 'task[0].gossip.fanout'?" in r.stderr
 
 
 def test_sighup_with_broken_config_keeps_running(tmp_path: Path, daemons) -> None:
@@ -214,7 +215,7 @@ def test_stalled_loop_stops_watchdog_pings(tmp_path: Path) -> None:
     """The watchdog ping comes from the event loop, so a blocked loop stops it (systemd then restarts us)."""
     code = (
         "import asyncio, time\n"
-        "from meshd.sdnotify import Notifier\n"
+        "from meshd.ops.sdnotify import Notifier\n"
         "async def main():\n"
         f"    n = Notifier({{'NOTIFY_SOCKET': {str(tmp_path / 'wd.sock')!r}, 'WATCHDOG_USEC': '100000'}})\n"
         "    t = asyncio.create_task(n.watchdog_loop())\n"

@@ -12,10 +12,10 @@ import nacl.bindings as sodium
 import pytest
 
 from meshd import identity
+from meshd.core.replay import ReplayGuard
+from meshd.core.wire import PROTOCOL_VERSION, Limits, Opened, Wire, decode_body, encode_body
 from meshd.errors import WireError
 from meshd.identity import Identity
-from meshd.replay import ReplayGuard
-from meshd.wire import PROTOCOL_VERSION, Limits, Opened, Wire, decode_body, encode_body
 
 NOW = 1_700_000_000_000
 
@@ -49,7 +49,7 @@ def craft(
     drop: tuple[str, ...] = (),
     sign_key: Identity | None = None,
 ) -> bytes:
-    """An envelope built independently of meshd.wire (hashlib BLAKE2b, raw libsodium), so the test
+    """An envelope built independently of meshd.core.wire (hashlib BLAKE2b, raw libsodium), so the test
     also cross-checks the documented layout; ``body`` replaces the ciphertext, ``sign_key`` the signer."""
     if body is None:
         k = sodium.crypto_box_beforenm(

@@ -28,9 +28,9 @@ import nacl.bindings as sodium
 import pytest
 
 from meshd import identity
+from meshd.core.replay import ReplayGuard
+from meshd.core.wire import Limits, Wire, encode_body, signed_header
 from meshd.identity import Identity
-from meshd.replay import ReplayGuard
-from meshd.wire import Limits, Wire, encode_body, signed_header
 from tests.helpers import DaemonProc, http_get, init_domain, set_toml, wait_for
 
 MIB = 2**20
@@ -144,7 +144,7 @@ def still_open(s: socket.socket) -> bool:
 
 def craft(signer: Identity, sender_pk: bytes, to: bytes, *, seq: int, ts: int, v: int = 1, kind: str = "ping",
           plaintext: bytes = b"\x80") -> bytes:
-    """An envelope built without meshd.wire.Wire: encrypted with `signer`'s box key for `to`, and signed by
+    """An envelope built without meshd.core.wire.Wire: encrypted with `signer`'s box key for `to`, and signed by
     `signer` while claiming to come from `sender_pk` (a forgery when they differ)."""
     nonce = os.urandom(24)
     k = sodium.crypto_box_beforenm(sodium.crypto_sign_ed25519_pk_to_curve25519(to), bytes(signer.box_private))

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshd import identity
+from meshd.core.replay import ReplayGuard
+from meshd.core.wire import Limits, Wire, decode_body
 from meshd.errors import WireError
-from meshd.replay import ReplayGuard
-from meshd.wire import Limits, Wire, decode_body
 
 NOW = 1_700_000_000_000
 ALICE = identity.generate()

@@ -43,7 +43,7 @@ __all__ = [
 DISCOVERY_SOURCES = frozenset({"static", "mdns", "registry"})
 _INBOUND = "inbound"
 _LIST_SOURCES = frozenset({"static", "registry"})  # lists of peers; their "gone" means "delisted"
-INCOMPATIBLE_RETRY_S = 30.0  # an incompatible peer is offered no shares for this long, then tried again
+MAX_TASKS_PER_PEER = 32  # advertised tasks kept per peer (mDNS TXT and pongs are bounded too)
 
 
 class PeerState(StrEnum):
@@ -82,11 +82,9 @@ class Peer:
     state: PeerState
     last_seen: float | None  # last valid message or ack
     failures: int = 0  # failed sends since the last contact
-    model_fp: str | None = None
-    schema_fp: str | None = None  # the data schema fingerprint it advertises (mDNS TXT, pong, shares)
-    incompatible: str | None = None  # why our models cannot merge (e.g. schema_mismatch), until it changes
+    # The learning tasks it advertises (mDNS TXT, signed pongs): name -> (model fp, data schema fp).
+    tasks: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
     # Bookkeeping (not part of the status contract):
-    incompatible_at: float | None = None  # when ``incompatible`` was last confirmed
     since: float | None = None  # when the current state began (None: set by the next tick)
     ping_due_at: float | None = None  # next time a ping may go out (one outstanding ping at a time)
     addresses: dict[str, str] = field(default_factory=dict)  # source -> address, oldest report first
@@ -189,7 +187,7 @@ class PeerTable:
         domain: str,
         source: str,
         now: float,
-        model_fp: str | None = None,
+        tasks: dict[str, tuple[str | None, str | None]] | None = None,
     ) -> None:
         """A discovery source reports ``peer_id`` at ``address``."""
         if peer_id == self.self_id:
@@ -204,32 +202,23 @@ class PeerTable:
         elif peer.state in (PeerState.DEAD, PeerState.LEFT):
             self._change(peer, PeerState.UNKNOWN, now)
         peer.domain = domain
-        if model_fp is not None:
-            peer.model_fp = model_fp
+        if tasks:
+            self._set_tasks(peer, tasks)
         peer.touched = now
         self._set_address(peer, source, address)
 
-    def advertised(self, peer_id: bytes, model_fp: str | None, schema_fp: str | None) -> None:
-        """The peer told us (signed, in a pong or a share) which model and data schema it runs."""
+    def advertised(self, peer_id: bytes, tasks: dict[str, tuple[str | None, str | None]]) -> None:
+        """The peer told us (signed, in a pong) which tasks it runs: name -> (model fp, data schema fp)."""
         peer = self._peers.get(peer_id)
-        if peer is None:
-            return
-        if model_fp is not None:
-            peer.model_fp = model_fp
-        if schema_fp is not None:
-            peer.schema_fp = schema_fp
+        if peer is not None:
+            peer.tasks = {}
+            self._set_tasks(peer, tasks)
 
-    def set_incompatible(self, peer_id: bytes, reason: str | None, now: float) -> None:
-        """Models cannot be merged with this peer (``reason``), or can again (``None``).
-
-        An incompatible peer is no gossip target until ``INCOMPATIBLE_RETRY_S`` has passed: its shares would
-        only be refused, and the reason is shown in ``/status`` for the operator.
-        """
-        peer = self._peers.get(peer_id)
-        if peer is None:
-            return
-        peer.incompatible = reason
-        peer.incompatible_at = now if reason is not None else None
+    @staticmethod
+    def _set_tasks(peer: Peer, tasks: dict[str, tuple[str | None, str | None]]) -> None:
+        for name, ids in list(tasks.items())[:MAX_TASKS_PER_PEER]:
+            if name in peer.tasks or len(peer.tasks) < MAX_TASKS_PER_PEER:
+                peer.tasks[name] = ids
 
     def gone(self, peer_id: bytes, source: str, now: float) -> None:
         """Discovery says the peer went away.
@@ -341,14 +330,14 @@ class PeerTable:
     # ----------------------------------------------------------------- choices
 
     def gossip_targets(
-        self, rng: random.Random, fanout: int, now: float | None = None, *, topology: str = "random",
-        round_no: int = 0,
+        self, rng: random.Random, fanout: int, *, topology: str = "random",
+        round_no: int = 0, among: set[bytes] | None = None,
     ) -> list[Peer]:
         """Up to ``fanout`` distinct peers among ALIVE and UNKNOWN ones with an address.
 
         UNKNOWN peers are included so that a fresh mesh, where nobody has heard from anybody yet,
-        can start. Never DEAD, LEFT, SUSPECT or self, nor (given ``now``) a peer found incompatible less
-        than ``INCOMPATIBLE_RETRY_S`` ago.
+        can start. Never DEAD, LEFT, SUSPECT or self; given ``among`` (a learning task's eligible peers:
+        its cohort, minus those that cannot take its shares), only peers in it.
 
         ``topology="random"``: chosen uniformly. ``topology="exponential"``: the one-peer exponential graph
         (Ying et al. 2021): the eligible peers and this node sorted by id form a ring of ``n``; in round
@@ -360,7 +349,7 @@ class PeerTable:
             self._peers[k]
             for k in sorted(self._peers)
             if self._peers[k].state in (PeerState.ALIVE, PeerState.UNKNOWN) and self._peers[k].address
-            and not self._is_incompatible(self._peers[k], now)
+            and (among is None or k in among)
         ]
         if fanout <= 0 or not pool:
             return []
@@ -378,11 +367,6 @@ class PeerTable:
             if len(out) == min(fanout, len(pool)):
                 break
         return out
-
-    @staticmethod
-    def _is_incompatible(peer: Peer, now: float | None) -> bool:
-        at = peer.incompatible_at
-        return now is not None and at is not None and now - at < INCOMPATIBLE_RETRY_S
 
     def pull_candidates(self) -> list[Peer]:
         """Peers to fetch the current model from: ALIVE ones (most recently heard first), then UNKNOWN."""
@@ -406,9 +390,7 @@ class PeerTable:
                     "state": p.state.value,
                     "source": p.source,
                     "last_seen_s": None if p.last_seen is None else max(0.0, now - p.last_seen),
-                    "model_fp": p.model_fp,
-                    "schema": p.schema_fp,
-                    "incompatible": p.incompatible,
+                    "tasks": {name: {"fp": fp, "schema": schema} for name, (fp, schema) in sorted(p.tasks.items())},
                 }
             )
         return rows

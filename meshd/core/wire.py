@@ -17,9 +17,9 @@ import msgpack
 import nacl.bindings as sodium
 import nacl.utils
 
+from meshd.core.replay import ReplayGuard
 from meshd.errors import WireError
 from meshd.identity import Identity
-from meshd.replay import ReplayGuard
 
 __all__ = [
     "DOMAIN_TAG",

@@ -7,21 +7,30 @@ from pathlib import Path
 import torch
 
 from meshd import config as configmod
-from meshd import models
 from meshd.errors import MeshdError
-from meshd.store import CheckpointStore, export_state_dict
+from meshd.task import models
+from meshd.task.checkpoints import CheckpointStore, export_state_dict
 
 
-def export_model(config_path: Path, out: Path) -> Path:
-    """Rebuild the configured model, load the newest valid checkpoint into it, save its state_dict."""
-    from meshd.engine import Engine
+def export_model(config_path: Path, out: Path, task: str | None = None) -> Path:
+    """Rebuild a task's model, load its newest valid checkpoint into it, save its state_dict.
+
+    ``task`` names the task; it may be left out when the config runs exactly one.
+    """
+    from meshd.task.engine import Engine
 
     cfg = configmod.load(config_path.resolve())
-    engine = Engine(cfg)
+    names = [t.name for t in cfg.tasks]
+    if task is None and len(names) > 1:
+        raise MeshdError(f"this domain runs {len(names)} tasks ({', '.join(names)}); pick one with --task NAME")
+    chosen = next((t for t in cfg.tasks if task is None or t.name == task), None)
+    if chosen is None:
+        raise MeshdError(f"no task named {task!r} in {config_path}; its tasks: {', '.join(names)}")
+    engine = Engine(chosen, cfg.node.state_dir, max_param_abs=cfg.limits.max_param_abs)
     warnings = engine.load()  # builds the model from the data product's schema and restores the checkpoint
     if engine.module is None or engine.pushsum is None:
         raise MeshdError("; ".join(warnings) or "no model configured")
-    store = CheckpointStore(cfg.node.state_dir / "checkpoints", keep=cfg.checkpoint.keep)
+    store = CheckpointStore(engine.state_dir / "checkpoints", keep=chosen.checkpoint.keep)
     ckpt, _ = store.load_latest()
     if ckpt is None:
         raise MeshdError(f"no valid checkpoint under {store.directory}; run the daemon first")

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from meshd import identity as identitymod
-from meshd.config_template import render, set_key
+from meshd.ops.config_template import render, set_key
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def free_port() -> int:
 
 
 def load_dataset(name: str, seed: int, num_samples: int = 40_000) -> tuple[np.ndarray, np.ndarray]:
-    from meshd import datasets
+    from meshd.task import datasets
 
     if name == "digits":
         return datasets.load_digits_dataset()
@@ -105,7 +105,7 @@ def build_mesh(
     data: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> MeshLayout:
     """Write everything N domains need under `workdir`; `settings` = {section: {key: toml value}}."""
-    from meshd import datasets
+    from meshd.task import datasets
 
     workdir.mkdir(parents=True, exist_ok=True)
     x, y = data if data is not None else load_dataset(dataset, seed)
@@ -180,7 +180,7 @@ class LocalMesh:
             log = open(d.directory / "daemon.log", "ab")  # noqa: SIM115 - closed in stop()
             self._logs[d.name] = log
             self.procs[d.name] = subprocess.Popen(
-                [sys.executable, "-m", "meshd.cli", "run", "--config", str(d.config)],
+                [sys.executable, "-m", "meshd", "run", "--config", str(d.config)],
                 stdout=log, stderr=subprocess.STDOUT, env=self._env,
             )
 
@@ -238,9 +238,9 @@ class LocalMesh:
 def centralized_accuracy(layout: MeshLayout, model: str = "mlp", steps: int = 2000, lr: float = 0.05,
                          batch_size: int = 32, hidden: tuple[int, ...] = (64,), seed: int = 0) -> float:
     """The reference line: the same model trained on the pooled training data, scored on the shared test."""
-    from meshd import models
-    from meshd.data import load_data_product
-    from meshd.learner import Learner, TrainConfig
+    from meshd.task import models
+    from meshd.task.data import load_data_product
+    from meshd.task.learner import Learner, TrainConfig
 
     num_classes = int(np.load(layout.test_path)["label"].max()) + 1
     num_classes = max(num_classes, int(np.load(layout.train_path)["label"].max()) + 1)

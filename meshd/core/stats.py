@@ -1,4 +1,5 @@
-"""Plain counters shared by the shell components; /status and /metrics read them."""
+"""The mesh's plain counters (envelopes, bytes, rejections); /status and /metrics read them. Each learning
+task counts its own rounds, merges and pulls."""
 
 from __future__ import annotations
 
@@ -13,9 +14,6 @@ class GossipStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     send_failures: int = 0
-    rounds: int = 0
-    merged: int = 0
-    pulls: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
 
     def snapshot(self) -> dict[str, object]:
@@ -25,8 +23,5 @@ class GossipStats:
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
             "send_failures": self.send_failures,
-            "rounds": self.rounds,
-            "merged": self.merged,
-            "pulls": self.pulls,
             "rejected": dict(sorted(self.rejected.items())),
         }

@@ -1,7 +1,7 @@
 """`meshd demo`: a whole mesh on one machine, and the figure that says whether the mesh helps.
 
 Builds N domains on loopback (identities, configs, a governance registry and a non-IID Dirichlet split of
-a bundled dataset, see :mod:`meshd.localmesh`), runs one real ``meshd run`` process per domain, shows their
+a bundled dataset, see :mod:`meshd.ops.localmesh`), runs one real ``meshd run`` process per domain, shows their
 progress live, and after ``--duration`` seconds of gossip training switches training off (a hot config
 reload) and lets gossip alone run for :data:`SETTLE_S` seconds, so that every domain holds the mesh consensus
 model. It then compares, per domain, that mesh model with a model trained on the same local data and steps
@@ -29,8 +29,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from meshd.config_template import set_key
-from meshd.localmesh import LocalMesh, MeshLayout, build_mesh, centralized_accuracy, get_status
+from meshd.ops.config_template import set_key
+from meshd.ops.localmesh import LocalMesh, MeshLayout, build_mesh, centralized_accuracy, get_status
 
 REQUIRED_GAIN_POINTS = 20.0  # mesh accuracy must beat local-only by this many percentage points, every domain
 POLL_S = 1.0  # seconds between two status sweeps over all domains

@@ -8,10 +8,11 @@ trusted is not decided here: the peer table puts untrusted keys aside.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import tomllib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -36,7 +37,7 @@ __all__ = [
     "peer_seen_from_info",
 ]
 
-log = structlog.get_logger("meshd.discovery")
+log = structlog.get_logger("meshd.mesh.discovery")
 
 MAX_DOMAIN_LEN = 64
 MAX_FP_LEN = 128
@@ -50,6 +51,42 @@ class PeerSeen:
     source: str  # static | registry | mdns
     model_fp: str | None = None
     schema_fp: str | None = None  # data schema fingerprint (TXT ``schema``)
+    # The tasks it runs (TXT ``tasks``): name -> (model fp prefix, schema fp prefix). Display and a first
+    # guess only: the signed pong is what a task trusts.
+    tasks: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+
+
+TXT_TASKS_MAX = 240  # bytes of the TXT ``tasks`` value (one TXT string holds 255 with its key)
+TXT_FP_CHARS = 12  # fingerprint prefix length in TXT ``tasks``
+_TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # as config's task.name
+
+
+def encode_tasks_txt(tasks: dict[str, tuple[str, str]]) -> tuple[str, int]:
+    """``name:fp12:schema12`` entries joined by ``,``, as many as fit in TXT_TASKS_MAX; and the total count."""
+    out: list[str] = []
+    size = 0
+    for name, (fp, schema) in sorted(tasks.items()):
+        entry = f"{name}:{fp[:TXT_FP_CHARS]}:{schema[:TXT_FP_CHARS]}"
+        if size + len(entry) + (1 if out else 0) > TXT_TASKS_MAX:
+            break
+        out.append(entry)
+        size += len(entry) + (1 if len(out) > 1 else 0)
+    return ",".join(out), len(tasks)
+
+
+def decode_tasks_txt(text: str) -> dict[str, tuple[str | None, str | None]] | None:
+    """The inverse of :func:`encode_tasks_txt`; None when malformed (the service is then ignored)."""
+    if len(text) > TXT_TASKS_MAX + 15:
+        return None
+    out: dict[str, tuple[str | None, str | None]] = {}
+    for entry in filter(None, text.split(",")):
+        parts = entry.split(":")
+        if len(parts) != 3 or not _TASK_NAME_RE.match(parts[0]):
+            return None
+        if any(len(x) > TXT_FP_CHARS or not all(c in "0123456789abcdef" for c in x) for x in parts[1:]):
+            return None
+        out[parts[0]] = (parts[1] or None, parts[2] or None)
+    return out
 
 
 @dataclass(frozen=True)
@@ -265,6 +302,8 @@ def peer_seen_from_info(info: ServiceInfo, protocol_version: int) -> PeerSeen | 
         version = (props.get(b"v") or b"").decode("ascii")
         fp = (props.get(b"fp") or b"").decode("utf-8")
         schema = (props.get(b"schema") or b"").decode("utf-8")
+        tasks_txt = props.get(b"tasks")
+        tasks_text = None if tasks_txt is None else tasks_txt.decode("ascii")
     except UnicodeDecodeError:
         return "TXT values are not text"
     try:
@@ -279,12 +318,18 @@ def peer_seen_from_info(info: ServiceInfo, protocol_version: int) -> PeerSeen | 
         return "bad fp"
     if len(schema) > MAX_FP_LEN or not schema.isprintable():
         return "bad schema"
+    if tasks_text is None:  # a single-model meshd: its one task is the default one
+        tasks = {"default": (fp[:TXT_FP_CHARS] or None, schema[:TXT_FP_CHARS] or None)} if fp else {}
+    elif (decoded := decode_tasks_txt(tasks_text)) is None:
+        return "bad tasks"
+    else:
+        tasks = decoded
     addresses = info.parsed_addresses(IPVersion.V4Only)
     if not addresses:
         return "no IPv4 address"
     if info.port is None or not 1 <= info.port <= 65535:
         return "bad port"
-    return PeerSeen(peer_id, f"{addresses[0]}:{info.port}", domain, "mdns", fp or None, schema or None)
+    return PeerSeen(peer_id, f"{addresses[0]}:{info.port}", domain, "mdns", fp or None, schema or None, tasks)
 
 
 class MdnsDiscovery:
@@ -310,6 +355,7 @@ class MdnsDiscovery:
         model_fp: str | None,
         protocol_version: int,
         schema_fp: str | None = None,
+        tasks: dict[str, tuple[str, str]] | None = None,
         on_event: EventHandler,
         instance_name: str | None = None,
     ) -> None:
@@ -320,6 +366,7 @@ class MdnsDiscovery:
         self._interfaces = list(interfaces) if interfaces else None
         self._model_fp = model_fp
         self._schema_fp = schema_fp
+        self._tasks = dict(tasks) if tasks is not None else None
         self._protocol_version = protocol_version
         self._on_event = on_event
         hex12 = peer_id_of(peer_id)[:12]
@@ -393,12 +440,23 @@ class MdnsDiscovery:
         """Advertise a new model fingerprint (TXT ``fp``); takes effect now if running."""
         async with self._lock:
             self._model_fp = fp
-            if self._aiozc is None or self._info is None:
+            await self._update_locked()
+
+    async def set_tasks(self, tasks: dict[str, tuple[str, str]], model_fp: str | None, schema_fp: str | None) -> None:
+        """Advertise another set of tasks (TXT ``tasks``, and ``fp``/``schema`` of the default one)."""
+        async with self._lock:
+            if (self._tasks, self._model_fp, self._schema_fp) == (tasks, model_fp, schema_fp):
                 return
-            info = self._service_info(name=self._info.name)
-            await (await self._aiozc.async_update_service(info))
-            self._info = info
-            log.info("mdns_updated", name=info.name, fp=fp)
+            self._tasks, self._model_fp, self._schema_fp = dict(tasks), model_fp, schema_fp
+            await self._update_locked()
+
+    async def _update_locked(self) -> None:
+        if self._aiozc is None or self._info is None:
+            return
+        info = self._service_info(name=self._info.name)
+        await (await self._aiozc.async_update_service(info))
+        self._info = info
+        log.info("mdns_updated", name=info.name, fp=self._model_fp, tasks=sorted(self._tasks or {}))
 
     # ------------------------------------------------------------------ internals
 
@@ -413,6 +471,9 @@ class MdnsDiscovery:
             "fp": self._model_fp or "",
             "schema": self._schema_fp or "",
         }
+        if self._tasks is not None:
+            props["tasks"], count = encode_tasks_txt(self._tasks)
+            props["ntasks"] = str(count)
         return ServiceInfo(
             self.SERVICE_TYPE,
             name or self._name,

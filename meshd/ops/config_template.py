@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from meshd.config import MESH_GOSSIP_KEYS, TASK_SECTIONS
+
 TEMPLATE = """\
 # meshd configuration for domain '{domain}'.
 # Every key is optional except node.domain; the values below are the defaults unless noted.
 # Relative paths resolve against the folder of this file.
 # Reload without restart: `systemctl reload meshd` (SIGHUP) or just save the file.
-# Keys marked [restart] only take effect after a restart; /status lists them under config.pending_restart.
+# Keys marked [restart] only take effect after a restart; /status lists them under config.pending_restart
+# (except in a [[task]]: see below).
 
 [node]
 domain = "{domain}"              # [restart] this domain's name (a-z, 0-9, '-', '_'; at most 63)
@@ -45,16 +48,8 @@ enabled = true                   # advertise and browse _meshd._tcp.local. on th
 interfaces = []                  # IPv4 addresses of the interfaces to use; [] = all interfaces
 
 [gossip]
-interval_s = 1.0                 # seconds between gossip rounds (jittered) while not training; training asks sooner
-per_round = 8                    # exchanges per training round: the round is trained in this many parts, each
-                                 # followed by one gossip round (0 = gossip by interval_s only)
-jitter = 0.25                    # fraction of interval_s added or removed at random
-fanout = 1                       # peers sent a share of the model each round
-topology = "exponential"         # exponential (peer 2^r places on in the ring of peer ids, round r) | random
-codec = "q8"                     # q8 (8-bit blocks, ~1.08 bytes/value) | f16 | f32 | f64: model values on the wire
-serve_window = 8                 # the served model blends in an average of the last ~N models peers sent (0 = off)
-pull_on_join = true              # a domain with no checkpoint first pulls the mesh model from a peer
-far_behind_versions = 0          # pull again when a peer's model version is this far ahead (0 = never)
+# The mesh's transport, shared by every task. The other gossip keys are per task: see [task.gossip] below
+# (set here, they would be defaults for every task).
 connect_timeout_s = 3.0          # seconds to open a connection to a peer
 request_timeout_s = 20.0         # seconds for one whole exchange
 retries = 2                      # retries of one exchange (same envelope; a replay answer means delivered)
@@ -73,7 +68,23 @@ max_connections_per_ip = 64      # [restart] concurrent peer connections from on
 read_timeout_s = 30.0            # [restart] deadline to receive a request's headers and body
 max_param_abs = 1000000.0        # model values beyond this magnitude are refused, never merged
 
-[model]
+# --- learning tasks -----------------------------------------------------------------------------------------------
+# Each [[task]] table is one model this domain learns with a cohort of peers: its own model, data product,
+# training, gossip and checkpoints (in <state_dir>/tasks/<name>). Tasks run independently: one that fails or
+# restarts leaves the mesh and the other tasks running; /status shows each under "tasks".
+# Top-level [model], [data], [training], [gossip] and [checkpoint] tables (none are written here) act as defaults
+# for every task, key by key: a key set in a task's own [task.*] table wins. A config without [[task]] tables runs
+# one task named "default" made of those top-level tables.
+# In a task, a change to a [restart] key restarts that task alone on reload.
+
+[[task]]
+name = "default"                 # this task's name, unique in the domain (a-z, 0-9, '-', '_'); peers gossip per
+                                 # task name. "default" is the task of single-model configs and keeps their
+                                 # checkpoints; a renamed task starts afresh
+cohort = ["*"]                   # domains this task learns with: ["*"] = every trusted peer that runs a task of
+                                 # this name with the same model and data schema; or domain names and peer ids
+
+[task.model]
 name = "mlp"                     # [restart] logreg | mlp | cnn1d | package.module:factory
 hidden = [64]                    # [restart] mlp hidden layer sizes
 channels = [16, 32]              # [restart] cnn1d convolution channels
@@ -81,32 +92,61 @@ kernel_size = 5                  # [restart] cnn1d kernel size
 num_classes = 10                 # [restart] number of label values (labels are 0 .. num_classes-1)
 init_seed = 0                    # [restart] mesh-wide seed of the initial weights: the same on every domain
 
-[data]
+[task.data]
 path = "{data_path}"             # [restart] the domain's data product: CSV with a header, or .npz; "" = none
 label = "label"                  # [restart] label column (CSV) or array (.npz)
 features = []                    # [restart] feature columns; [] = every column but the label
 holdout = 0.2                    # [restart] fraction kept for this domain's own evaluation, never sent
 test_path = ""                   # [restart] optional extra evaluation set (same format), e.g. a shared test set
 
-[training]
+[task.training]
 enabled = true                   # local SGD training, back to back in a worker thread (needs data.path)
 steps_per_round = "epoch"        # "epoch" (one pass over this domain's rows, as FedAvg) or a number of SGD steps
 weighting = "rows"               # rows: an update counts in proportion to this domain's rows (FedAvg's weighting,
                                  # against the mesh's mean rows, estimated by gossip) | equal
 pace = "mesh"                    # mesh: wait when more than half an epoch ahead of the peers' median, so steps
                                  # are proportional to rows, as in FedAvg | free: never wait
-batch_size = 32
-lr = 0.05                        # learning rate
-momentum = 0.0
-weight_decay = 0.0
+batch_size = 32                  # [restart] rows per SGD step
+lr = 0.05                        # [restart] learning rate
+momentum = 0.0                   # [restart] SGD momentum
+weight_decay = 0.0               # [restart] L2 penalty
 seed = 0                         # [restart] seeds the holdout split and the minibatch order
 eval_interval_s = 5.0            # seconds between holdout evaluations
 local_baseline = true            # [restart] also train a never-averaged copy, to report local-only accuracy (2x CPU)
 threads = 1                      # [restart] torch CPU threads for training
 
-[checkpoint]
+[task.gossip]
+interval_s = 1.0                 # seconds between gossip rounds (jittered) while not training; training asks sooner
+per_round = 8                    # exchanges per training round: the round is trained in this many parts, each
+                                 # followed by one gossip round (0 = gossip by interval_s only)
+jitter = 0.25                    # fraction of interval_s added or removed at random
+fanout = 1                       # peers sent a share of the model each round
+topology = "exponential"         # exponential (peer 2^r places on in the ring of peer ids, round r) | random
+codec = "q8"                     # q8 (8-bit blocks, ~1.08 bytes/value) | f16 | f32 | f64: model values on the wire
+serve_window = 8                 # the served model blends in an average of the last ~N models peers sent (0 = off)
+pull_on_join = true              # a task with no checkpoint first pulls the mesh model from a peer
+far_behind_versions = 0          # pull again when a peer's model version is this far ahead (0 = never)
+
+[task.checkpoint]
 interval_s = 30.0                # seconds between checkpoints (also written at shutdown)
 keep = 2                         # checkpoints kept; a corrupt newest one falls back to the previous
+
+# A second task: another model on another data product, learned with two domains only. A task's [task.*] tables
+# follow its [[task]] line; keys it leaves out come from the top-level tables, then from the defaults.
+# [[task]]
+# name = "churn"
+# cohort = ["sales", "support"]  # domain names or peer ids (of trusted peers)
+#
+# [task.model]
+# name = "logreg"
+# num_classes = 2
+#
+# [task.data]
+# path = "/srv/data/churn.csv"
+# label = "churned"
+#
+# [task.training]
+# lr = 0.1
 """
 
 
@@ -131,9 +171,29 @@ def render(
 
 def set_key(text: str, section: str, key: str, value: str) -> str:
     """Set `key = value` (value is TOML text) inside `[section]` of a rendered template, keeping comments;
-    appends the key to the section (or a new section) if it is not there."""
+    appends the key to the section (or a new section) if it is not there.
+
+    A task's own section (model, data, training, per-task gossip keys, checkpoint) is set where it takes
+    effect: in every ``[task.SECTION]`` sub-table of the text (a key set there beats the top-level default),
+    and also in the top-level ``[SECTION]`` when some ``[[task]]`` has no such sub-table (it inherits from it).
+    Without ``[[task]]`` tables, or for the mesh-wide gossip keys, the top-level section is set as before."""
+    if section in TASK_SECTIONS and not (section == "gossip" and key in MESH_GOSSIP_KEYS):
+        headers = [line.strip() for line in text.splitlines()]
+        n_tasks = headers.count("[[task]]")
+        n_sub = headers.count(f"[task.{section}]")
+        if n_tasks and n_sub:
+            for index in range(n_sub):
+                text = _set_in(text, f"task.{section}", key, value, occurrence=index)
+            if n_sub >= n_tasks:
+                return text
+    return _set_in(text, section, key, value)
+
+
+def _set_in(text: str, section: str, key: str, value: str, occurrence: int = 0) -> str:
+    """Set the key in the ``occurrence``-th table headed ``[section]`` (0: the first)."""
     lines = text.splitlines()
     current = None
+    seen = -1
     section_end: int | None = None
     for i, line in enumerate(lines):
         stripped = line.strip()
@@ -141,6 +201,10 @@ def set_key(text: str, section: str, key: str, value: str) -> str:
             if current == section and section_end is None:
                 section_end = i
             current = stripped.strip("[]").strip()
+            if current == section:
+                seen += 1
+                if seen != occurrence:
+                    current = None
         elif stripped.startswith("[["):
             if current == section and section_end is None:
                 section_end = i
@@ -153,7 +217,8 @@ def set_key(text: str, section: str, key: str, value: str) -> str:
         section_end = len(lines)
     if section_end is None:
         return text.rstrip("\n") + f"\n\n[{section}]\n{key} = {value}\n"
-    while section_end > 0 and not lines[section_end - 1].strip():
+    # before the blank lines and column-0 comments (examples, notes) that close the table
+    while section_end > 0 and (not lines[section_end - 1].strip() or lines[section_end - 1].startswith("#")):
         section_end -= 1
     lines.insert(section_end, f"{key} = {value}")
     return "\n".join(lines) + "\n"

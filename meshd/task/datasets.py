@@ -122,7 +122,7 @@ def train_test_split_indices(n: int, test_fraction: float, seed: int) -> tuple[n
 def write_npz_product(path: Path, x: np.ndarray, y: np.ndarray) -> None:
     """Write a data product ``.npz`` with arrays ``x`` (float32 [N, D]) and ``label`` (int64 [N]), atomically.
 
-    Load it with ``meshd.data.load_data_product(path, label="label", features=None, ...)``.
+    Load it with ``meshd.task.data.load_data_product(path, label="label", features=None, ...)``.
     """
     x = np.asarray(x)
     y = np.asarray(y)

@@ -100,7 +100,7 @@ from dataclasses import dataclass
 
 import torch
 
-from meshd.codec import CODECS, CodecName, quantize
+from meshd.core.codec import CODECS, CodecName, quantize
 from meshd.errors import MeshdError
 
 DISTANCE_WINDOW = 16

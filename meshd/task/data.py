@@ -8,14 +8,14 @@ Formats:
 * **NumPy** (``.npz``): ``label`` names a 1-D label array; the features are ONE 2-D array
   ``[N, D]``.  ``features``, if given, is a single-item list naming that array (e.g. ``["x"]``); by
   default it is the only array in the file besides the label.  Feature names are ``"<array>[j]"``.
-  Files are opened with ``allow_pickle=False``.  :func:`meshd.datasets.write_npz_product` writes this
+  Files are opened with ``allow_pickle=False``.  :func:`meshd.task.datasets.write_npz_product` writes this
   layout (arrays ``x`` and ``label``).
 
 Labels must be integers (``3`` or ``3.0``) in ``[0, num_classes)``.
 
 No feature scaling is done here, on purpose: a scaler fitted on one domain's data would differ from every
 other domain's, and the shared model would see differently scaled inputs in each domain.  Data products
-must be pre-scaled to a common, agreed scale (the demo datasets in :mod:`meshd.datasets` are).
+must be pre-scaled to a common, agreed scale (the demo datasets in :mod:`meshd.task.datasets` are).
 """
 
 from __future__ import annotations

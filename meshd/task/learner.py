@@ -1,7 +1,7 @@
 """Local SGD training and evaluation of the shared model on this domain's data product.
 
 Everything here blocks (torch on CPU); the daemon calls it through ``asyncio.to_thread``.  The model is
-always entered and left as a flat float64 vector (:func:`meshd.models.flatten` layout), so gossip can
+always entered and left as a flat float64 vector (:func:`meshd.task.models.flatten` layout), so gossip can
 replace the weights between two training calls.
 
 Minibatches are reproducible and resumable: step ``k`` (counted over the learner's life) draws its batch
@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from meshd.data import DataProduct
 from meshd.errors import ModelError
-from meshd.models import flatten, load_flat
+from meshd.task.data import DataProduct
+from meshd.task.models import flatten, load_flat
 
 __all__ = ["Learner", "TrainConfig", "TrainResult", "limit_torch_threads"]
 

@@ -7,22 +7,24 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
 import torch
 
-from meshd import models
-from meshd.averaging import MAX_ROWS, PushSum, ServedModel, data_scale
-from meshd.config import Config
-from meshd.data import DataProduct, load_data_product, schema_fingerprint
+from meshd.config import DEFAULT_TASK, TaskConfig
+from meshd.core.averaging import MAX_ROWS, PushSum, ServedModel, data_scale
 from meshd.errors import DataError
-from meshd.learner import Learner, TrainConfig, TrainResult, limit_torch_threads
-from meshd.store import Checkpoint, CheckpointStore
+from meshd.task import models
+from meshd.task.checkpoints import Checkpoint, CheckpointStore
+from meshd.task.data import DataProduct, load_data_product, schema_fingerprint
+from meshd.task.learner import Learner, TrainConfig, TrainResult, limit_torch_threads
 
-log = structlog.get_logger("meshd.engine")
+log = structlog.get_logger("meshd.task.engine")
 
 
 @dataclass
@@ -43,8 +45,12 @@ class TrainingStats:
 class Engine:
     """Built by `load()` in a worker thread; afterwards push-sum methods are called on the loop only."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: TaskConfig, state_dir: Path, *, max_param_abs: float = 1e6) -> None:
         self.cfg = cfg
+        self.name = cfg.name
+        self.state_dir = task_state_dir(state_dir, cfg.name)
+        self._legacy_dir = state_dir / "checkpoints" if cfg.name == DEFAULT_TASK else None
+        self._max_param_abs = max_param_abs
         self.spec = models.ModelSpec(
             name=cfg.model.name,
             hidden=cfg.model.hidden,
@@ -76,13 +82,16 @@ class Engine:
     @property
     def store(self) -> CheckpointStore:
         if self._store is None:
-            self._store = CheckpointStore(self.cfg.node.state_dir / "checkpoints", keep=self.cfg.checkpoint.keep)
+            self._store = CheckpointStore(self.state_dir / "checkpoints", keep=self.cfg.checkpoint.keep)
         return self._store
 
     def load(self) -> list[str]:
         """Load the data product, build the model, restore the newest checkpoint; returns warnings."""
         cfg = self.cfg
         warnings: list[str] = []
+        moved = self._adopt_legacy_checkpoints()
+        if moved:
+            warnings.append(moved)
         if cfg.data.path is not None:
             self.data = load_data_product(
                 cfg.data.path, cfg.data.label, cfg.data.features or None, cfg.data.holdout,
@@ -121,7 +130,7 @@ class Engine:
             self._baseline_flat = models.flatten(base_module)
         start = models.flatten(self.module)
         ckpt, warnings = self.store.load_latest()
-        opts: dict[str, Any] = {"max_abs": cfg.limits.max_param_abs, "codec": cfg.gossip.codec}
+        opts: dict[str, Any] = {"max_abs": self._max_param_abs, "codec": cfg.gossip.codec}
         if ckpt is not None and ckpt.fingerprint != self.fingerprint:
             warnings.append(
                 f"checkpoint {ckpt.file_name} is for another model (fingerprint {ckpt.fingerprint[:12]}); ignored"
@@ -156,6 +165,15 @@ class Engine:
         else:
             self.pushsum = PushSum(start, 1.0, 0, rows=rows, **opts)
         return warnings
+
+    def _adopt_legacy_checkpoints(self) -> str | None:
+        """A single-model state dir (``STATE/checkpoints``) becomes the default task's (``STATE/tasks/default``)."""
+        legacy, target = self._legacy_dir, self.state_dir / "checkpoints"
+        if legacy is None or not legacy.is_dir() or target.exists():
+            return None
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.replace(legacy, target)
+        return f"moved the single-model checkpoints {legacy} to {target} (the task '{self.name}')"
 
     @property
     def steps_per_epoch(self) -> int:
@@ -293,6 +311,11 @@ class Engine:
             "steps_dropped": s.steps_dropped,
         }
         return model, training
+
+
+def task_state_dir(state_dir: Path, name: str) -> Path:
+    """Where a task keeps its checkpoints: ``STATE/tasks/NAME``."""
+    return state_dir / "tasks" / name
 
 
 def _finite(x: float | None) -> float | None:

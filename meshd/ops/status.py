@@ -78,8 +78,6 @@ class _Collector(Collector):
     def collect(self) -> Iterator[Any]:
         s = self._snapshot()
         g = s.get("gossip", {})
-        m = s.get("model", {})
-        t = s.get("training", {})
         c = s.get("config", {})
 
         def gauge(name: str, doc: str, value: Any) -> Iterator[Any]:
@@ -100,8 +98,6 @@ class _Collector(Collector):
         yield from counter("meshd_bytes_sent", "Envelope bytes sent", g.get("bytes_sent"))
         yield from counter("meshd_bytes_received", "Envelope bytes accepted", g.get("bytes_received"))
         yield from counter("meshd_send_failures", "Sends that got no answer after retries", g.get("send_failures"))
-        yield from counter("meshd_gossip_rounds", "Gossip rounds run", g.get("rounds"))
-        yield from counter("meshd_merges", "Model shares merged", g.get("merged"))
         rejected = CounterMetricFamily(
             "meshd_messages_rejected", "Incoming messages rejected, by reason", labels=["reason"]
         )
@@ -113,15 +109,43 @@ class _Collector(Collector):
         for state in PEER_STATES:
             peers.add_metric([state], float(counts.get(state, 0)))
         yield peers
-        yield from gauge("meshd_gossip_weight", "Push-sum weight of this domain", g.get("weight"))
-        yield from gauge("meshd_consensus_distance", "Mean relative L2 distance to models received",
-                         g.get("consensus_distance"))
-        yield from gauge("meshd_model_version", "Model version", m.get("version"))
-        yield from gauge("meshd_model_parameters", "Model parameter count", m.get("parameters"))
-        yield from counter("meshd_training_steps", "Local SGD steps", t.get("steps"))
-        yield from counter("meshd_training_samples", "Samples seen by local training", t.get("samples_seen"))
-        yield from gauge("meshd_training_loss", "Latest training loss", t.get("loss"))
-        yield from gauge("meshd_holdout_accuracy", "Accuracy of the mesh model on this domain's holdout",
-                         t.get("holdout_accuracy"))
+        yield from _task_metrics(s.get("tasks", {}))
         yield from gauge("meshd_config_last_reload_ok", "1 if the last config reload succeeded",
                          c.get("last_reload_ok"))
+
+
+# Per-task series: (metric, help, section of the task's status, key, counter?)
+_TASK_SERIES = [
+    ("meshd_gossip_rounds", "Gossip rounds run", "gossip", "rounds", True),
+    ("meshd_merges", "Model shares merged", "gossip", "merged", True),
+    ("meshd_pulls_answered", "Pulls of this task's model answered", "gossip", "pulls", True),
+    ("meshd_gossip_weight", "Push-sum weight of this domain", "gossip", "weight", False),
+    ("meshd_consensus_distance", "Mean relative L2 distance to models received", "gossip", "consensus_distance", False),
+    ("meshd_model_version", "Model version", "model", "version", False),
+    ("meshd_model_parameters", "Model parameter count", "model", "parameters", False),
+    ("meshd_training_steps", "Local SGD steps", "training", "steps", True),
+    ("meshd_training_samples", "Samples seen by local training", "training", "samples_seen", True),
+    ("meshd_training_loss", "Latest training loss", "training", "loss", False),
+    ("meshd_holdout_accuracy", "Accuracy of the mesh model on this domain's holdout", "training", "holdout_accuracy",
+     False),
+    ("meshd_training_epochs", "Passes over this domain's data", "training", "epochs", False),
+]
+
+
+def _task_metrics(tasks: dict[str, Any]) -> Iterator[Any]:
+    """One family per series, one sample per task (label ``task``); ``meshd_task_up`` is 1 while it runs."""
+    up = GaugeMetricFamily("meshd_task_up", "1 while the learning task runs (0: starting, failed or stopped)",
+                           labels=["task", "state"])
+    for name, ts in sorted(tasks.items()):
+        up.add_metric([name, str(ts.get("state"))], 1.0 if ts.get("state") == "running" else 0.0)
+    yield up
+    for metric, doc, section, key, is_counter in _TASK_SERIES:
+        family_cls = CounterMetricFamily if is_counter else GaugeMetricFamily
+        fam = family_cls(metric, doc, labels=["task"])
+        for name, ts in sorted(tasks.items()):
+            v = ts.get(section, {}).get(key)
+            if is_counter:
+                fam.add_metric([name], float(v or 0))
+            elif isinstance(v, int | float) and not isinstance(v, bool):
+                fam.add_metric([name], float(v))
+        yield fam

@@ -12,6 +12,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", help="write the current model (newest checkpoint) as a torch state_dict")
     s.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     s.add_argument("--out", type=Path, required=True, help="output file, e.g. model.pt")
+    s.add_argument("--task", default=None, help="the task whose model to write (needed when the domain runs several)")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("demo", help="run several domains on loopback and compare mesh vs local-only accuracy")
@@ -108,7 +110,7 @@ def _err(msg: str) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from meshd.config_template import render
+    from meshd.ops.config_template import render
 
     problems = []
     if configmod._domain(args.domain):
@@ -261,10 +263,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
-    print(_format_status(s))
+    print(format_status(s))
     if args.peers:
         print()
-        print(_format_peers(s))
+        print(format_peers(s))
     return 0
 
 
@@ -275,7 +277,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(s.get("mesh", {}).get("peers", []), indent=2))
         return 0
-    print(_format_peers(s))
+    print(format_peers(s))
     return 0
 
 
@@ -287,8 +289,23 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
-def _format_status(s: dict[str, Any]) -> str:
-    cfg, mesh, model, tr, g = (s.get(k, {}) for k in ("config", "mesh", "model", "training", "gossip"))
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+            for r in [header, *rows]]
+
+
+def _compatible_peers(task: dict[str, Any]) -> str:
+    """'ok/known': peers known to run this task with our model and schema, of the peers the task knows of."""
+    views = [v for v in (task.get("peers") or {}).values() if isinstance(v, dict)]
+    ok = sum(1 for v in views if v.get("runs") and not v.get("incompatible"))
+    return f"{ok}/{len(views)}"
+
+
+def format_status(s: dict[str, Any]) -> str:
+    """`meshd status`: the daemon, the mesh, and one row per task, from a /status snapshot."""
+    cfg, mesh, model, tr, g = (s.get(k) or {} for k in ("config", "mesh", "model", "training", "gossip"))
+    tasks: dict[str, Any] = s.get("tasks") or {}
     counts = mesh.get("counts", {})
     joined = "joined" if mesh.get("joined") else "not joined"
     peers = ", ".join(f"{k} {v}" for k, v in counts.items() if v) or "none"
@@ -299,37 +316,80 @@ def _format_status(s: dict[str, Any]) -> str:
         ("state", f"{s.get('state')} (up {_fmt(s.get('uptime_s'))} s, meshd {s.get('version')})"),
         ("config", f"{cfg.get('path')} loaded {cfg.get('loaded_at')}{reload_note}"),
         ("mesh", f"{joined}; peers: {peers}"),
-        ("model", f"{model.get('name', '-')} v{_fmt(model.get('version'))} "
-                  f"({_fmt(model.get('parameters'))} params, fp {str(model.get('fingerprint', '-'))[:12]})"),
-        ("training", f"steps {_fmt(tr.get('steps'))} ({_fmt(tr.get('epochs'))} epochs, scale "
-                     f"{_fmt(tr.get('update_scale'))}), loss {_fmt(tr.get('loss'))}, "
-                     f"holdout acc {_fmt(tr.get('holdout_accuracy'))}, "
-                     f"local-only {_fmt(tr.get('local_only_accuracy'))}"),
+    ]
+    # The top-level model/training mirror the default (or only) task; with several tasks the table says it all.
+    if model or not tasks:
+        rows += [
+            ("model", f"{model.get('name', '-')} v{_fmt(model.get('version'))} "
+                      f"({_fmt(model.get('parameters'))} params, fp {str(model.get('fingerprint', '-'))[:12]})"),
+            ("training", f"steps {_fmt(tr.get('steps'))} ({_fmt(tr.get('epochs'))} epochs, scale "
+                         f"{_fmt(tr.get('update_scale'))}), loss {_fmt(tr.get('loss'))}, "
+                         f"holdout acc {_fmt(tr.get('holdout_accuracy'))}, "
+                         f"local-only {_fmt(tr.get('local_only_accuracy'))}"),
+        ]
+    rows += [
         ("gossip", f"rounds {_fmt(g.get('rounds'))}, sent {_fmt(g.get('sent'))}, received {_fmt(g.get('received'))}, "
                    f"merged {_fmt(g.get('merged'))}, weight {_fmt(g.get('weight'))}, "
                    f"consensus dist {_fmt(g.get('consensus_distance'))}"),
-        ("rejected", ", ".join(f"{k} {v}" for k, v in g.get("rejected", {}).items()) or "none"),
+        ("rejected", ", ".join(f"{k} {v}" for k, v in (g.get("rejected") or {}).items()) or "none"),
     ]
     if cfg.get("pending_restart"):
         rows.append(("pending restart", ", ".join(cfg["pending_restart"])))
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    if tasks:
+        header = ("TASK", "STATE", "JOINED", "MODEL", "VERSION", "STEPS", "EPOCHS", "HOLDOUT ACC", "LOCAL-ONLY",
+                  "MERGED", "PEERS OK", "COHORT")
+        table: list[tuple[str, ...]] = []
+        for name, t in tasks.items():
+            tm, tt, tg = (t.get(k) or {} for k in ("model", "training", "gossip"))
+            version = tm.get("version")
+            table.append((
+                name, str(t.get("state") or "-"), "yes" if t.get("joined") else "no", str(tm.get("name") or "-"),
+                "-" if version is None else f"v{version}", _fmt(tt.get("steps")), _fmt(tt.get("epochs")),
+                _fmt(tt.get("holdout_accuracy")), _fmt(tt.get("local_only_accuracy")), _fmt(tg.get("merged")),
+                _compatible_peers(t), ",".join(t.get("cohort") or []) or "-",
+            ))
+        lines += ["", *_table(header, table)]
+        lines += [f"task {name} {t.get('state')}: {t['error']}" for name, t in tasks.items() if t.get("error")]
+    return "\n".join(lines)
 
 
-def _format_peers(s: dict[str, Any]) -> str:
-    peers = s.get("mesh", {}).get("peers", [])
+def _compatibility(s: dict[str, Any], peer: dict[str, Any]) -> str:
+    """For each of our tasks: whether this peer can learn with it (yes, no: why, or ? while not known)."""
+    tasks: dict[str, Any] = s.get("tasks") or {}
+    pid, domain = peer.get("peer_id", ""), peer.get("domain")
+    cells = []
+    for name, t in tasks.items():
+        cohort = t.get("cohort") or ["*"]
+        view = (t.get("peers") or {}).get(pid)
+        if "*" not in cohort and pid not in cohort and domain not in cohort:
+            cell = "not in cohort"
+        elif isinstance(view, dict) and view.get("incompatible"):
+            cell = f"no: {view['incompatible']}"
+        elif isinstance(view, dict) and view.get("runs") is False:
+            cell = "no: unknown_task"
+        elif isinstance(view, dict) and view.get("runs"):
+            cell = "yes"
+        else:
+            cell = "?"
+        cells.append(cell if len(tasks) == 1 else f"{name} {cell}")
+    return ", ".join(cells) or "-"
+
+
+def format_peers(s: dict[str, Any]) -> str:
+    """`meshd peers`: one row per peer the mesh knows, the tasks it runs and, for ours, whether it can join."""
+    peers = (s.get("mesh") or {}).get("peers") or []
     if not peers:
         return "no peers known"
-    header = ("DOMAIN", "STATE", "ADDRESS", "SOURCE", "LAST SEEN", "SCHEMA", "COMPATIBLE", "PEER ID")
+    header = ("DOMAIN", "STATE", "ADDRESS", "SOURCE", "LAST SEEN", "TASKS", "COMPATIBLE", "PEER ID")
     rows = [
         (p.get("domain", ""), p.get("state", ""), p.get("address") or "-", p.get("source", ""),
-         "-" if p.get("last_seen_s") is None else f"{p['last_seen_s']:.1f}s ago", p.get("schema") or "-",
-         "no: " + p["incompatible"] if p.get("incompatible") else "yes", p.get("peer_id", "")[:16] + "…")
+         "-" if p.get("last_seen_s") is None else f"{p['last_seen_s']:.1f}s ago",
+         ",".join(sorted(p.get("tasks") or {})) or "-", _compatibility(s, p), p.get("peer_id", "")[:16] + "…")
         for p in peers
     ]
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in [header, *rows])
+    return "\n".join(_table(header, rows))
 
 
 # --- export / demo ----------------------------------------------------------------------------------------------
@@ -337,9 +397,9 @@ def _format_peers(s: dict[str, Any]) -> str:
 
 def cmd_export(args: argparse.Namespace) -> int:
     try:
-        from meshd.export import export_model
+        from meshd.task.export import export_model
 
-        path = export_model(args.config, args.out)
+        path = export_model(args.config, args.out, args.task)
     except (ConfigError, MeshdError) as exc:
         _err(str(exc))
         return 2
@@ -348,7 +408,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from meshd.demo import run_demo
+    from meshd.ops.demo import run_demo
 
     return int(run_demo(args))
 

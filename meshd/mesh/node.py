@@ -1,0 +1,593 @@
+"""The mesh: one per daemon. Identity, trust, discovery, the peer table and liveness, the transport and
+replay protection, around the pure core (wire, replay guard, peer table).
+
+It receives envelopes from the peer transport, answers pings and leaves itself, and routes ``share`` and
+``pull`` envelopes to the learning task they name (:mod:`meshd.mesh.link` is the whole interface; the mesh
+never imports a task's model code, nor torch). Wire work (signing, sealing, opening, replay state) runs on
+one dedicated worker thread, so the loop never does crypto over megabytes and the replay guard is never
+touched by two threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import time
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import structlog
+
+from meshd import config as configmod
+from meshd import store
+from meshd.config import DEFAULT_TASK, Config
+from meshd.core import wire
+from meshd.core.membership import Peer, PeerState, PeerTable, Ping, StateChanged, Timing
+from meshd.core.replay import ReplayGuard, SequenceCounter
+from meshd.core.stats import GossipStats
+from meshd.errors import MeshdError, WireError
+from meshd.identity import Identity, parse_peer_id, peer_id_of
+from meshd.logs import QuietLog
+from meshd.mesh import discovery as disc
+from meshd.mesh.link import TaskEndpoint
+from meshd.mesh.transport import ClientLimits, PeerClient, PeerServer, Reply, SendError, ServerLimits
+
+log = structlog.get_logger("meshd.mesh")
+T = TypeVar("T")
+
+TICK_S = 0.25
+PERSIST_S = 30.0  # replay state is fsynced this often (it is written, without fsync, on every message)
+MAX_CONCURRENT_PINGS = 32
+MAX_PONG_TASKS = 32  # tasks listed in a pong; a domain runs at most config.MAX_TASKS
+REPLAY_FILE = "replay.json"
+SEQ_FILE = "sequence.json"
+
+
+class Mesh:
+    """The part of a daemon that exists once: who we are, whom we trust, who is there, and the wire."""
+
+    def __init__(self, cfg: Config, identity: Identity, stats: GossipStats) -> None:
+        self.cfg = cfg
+        self.identity = identity
+        self.stats = stats
+        self.listen_host, self.listen_port = configmod.split_host_port(cfg.listen.peer)
+        self._quiet = QuietLog(60.0)
+        self._rng = random.Random(int.from_bytes(os.urandom(8), "big"))
+        self._state_dir = cfg.node.state_dir
+        self._wire_exec = ThreadPoolExecutor(1, thread_name_prefix="meshd-wire")
+        self._wire = wire.Wire(identity, self._wire_limits(cfg))
+        self._replay = ReplayGuard(cfg.limits.replay_window)
+        self._seq = SequenceCounter(1)
+        self.table = PeerTable(identity.public_key, self._timing(cfg))
+        self._trusted: frozenset[bytes] = frozenset()
+        self._tasks: dict[str, TaskEndpoint] = {}
+        self._server: PeerServer | None = None
+        self._client: PeerClient | None = None
+        self._static: disc.StaticDiscovery | None = None
+        self._mdns: disc.MdnsDiscovery | None = None
+        self._mesh_changed = asyncio.Event()
+        self._closed = False
+        self._pinging: set[bytes] = set()
+        self._announce_wanted = False  # the set of tasks changed: ping every peer, the ping lists them
+
+    # --- construction ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _wire_limits(cfg: Config) -> wire.Limits:
+        return wire.Limits(
+            max_message_bytes=int(cfg.limits.max_message_mib * 2**20),
+            max_skew_ms=int(cfg.limits.max_skew_s * 1000),
+        )
+
+    @staticmethod
+    def _timing(cfg: Config) -> Timing:
+        m = cfg.membership
+        return Timing(suspect_after_s=m.suspect_after_s, dead_after_s=m.dead_after_s, ping_after_s=m.ping_after_s)
+
+    async def open(self) -> None:
+        """Load persistent protocol state (replay window, sequence reservation) and the trust list."""
+        replay_state = await asyncio.to_thread(store.read_json, self._state_dir / REPLAY_FILE, None)
+        if replay_state is not None:
+            try:
+                self._replay = ReplayGuard.from_state(replay_state, self.cfg.limits.replay_window)
+            except ValueError as exc:
+                raise MeshdError(f"{self._state_dir / REPLAY_FILE} is corrupt ({exc}); "
+                                 "move it away to start with an empty replay state") from None
+        seq_state = await asyncio.to_thread(store.read_json, self._state_dir / SEQ_FILE, None)
+        start = 1
+        if isinstance(seq_state, dict) and isinstance(seq_state.get("reserved"), int):
+            start = max(1, int(seq_state["reserved"]))
+        self._seq = SequenceCounter(start)
+        await self._apply_trust(self.cfg)
+
+    async def start_listening(self) -> None:
+        limits = ServerLimits(
+            max_body_bytes=int(self.cfg.limits.max_message_mib * 2**20),
+            read_timeout_s=self.cfg.limits.read_timeout_s,
+            max_connections_per_ip=self.cfg.limits.max_connections_per_ip,
+        )
+        self._server = PeerServer(self.listen_host, self.listen_port, limits, self._handle, self._transport_reject)
+        await self._server.start()
+        self.listen_port = self._server.port
+        g = self.cfg.gossip
+        self._client = PeerClient(
+            ClientLimits(g.connect_timeout_s, g.request_timeout_s, g.retries, limits.max_body_bytes), self._rng
+        )
+        await self._client.start()
+
+    def loops(self) -> dict[str, Coroutine[Any, Any, None]]:
+        return {
+            "membership": self._membership_loop(),
+            "discovery": self._discovery_loop(),
+            "persist": self._persist_loop(),
+        }
+
+    async def leave(self) -> None:
+        """First step of a stop: refuse model traffic from now on, announce departure, stop advertising.
+
+        The daemon writes the tasks' final checkpoints after this (no merge can land after them), then closes.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self.cfg.mesh.enabled:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._send_leave("shutdown"), timeout=2.0)
+        await self._stop_discovery()
+
+    async def close(self) -> None:
+        """Persist protocol state and close the sockets (after :meth:`leave`)."""
+        await self.leave()
+        if self._server is None and self._client is None:
+            return
+        with contextlib.suppress(Exception):
+            await self._persist_protocol_state(fsync=True)
+        server, client, self._server, self._client = self._server, self._client, None, None
+        if server is not None:
+            await server.stop()
+        if client is not None:
+            await client.stop()
+        self._wire_exec.shutdown(wait=True)
+
+    # --- tasks -------------------------------------------------------------------------------------------
+
+    def attach(self, task: TaskEndpoint) -> None:
+        """Route the envelopes naming ``task.name`` to it, and advertise it (pongs, mDNS)."""
+        self._tasks[task.name] = task
+        self._mesh_changed.set()
+        self._announce_wanted = True
+
+    def detach(self, name: str) -> None:
+        """Stop routing to a task: its envelopes are refused as ``unknown_task`` from now on."""
+        self._tasks.pop(name, None)
+        self._mesh_changed.set()
+        self._announce_wanted = True
+
+    def task_ids(self) -> dict[str, tuple[str, str]]:
+        """What this domain advertises: task name -> (model fingerprint, data schema fingerprint)."""
+        out: dict[str, tuple[str, str]] = {}
+        for name, task in sorted(self._tasks.items()):
+            ids = task.advertised()
+            if ids is not None:
+                out[name] = ids
+        return out
+
+    # --- what a task may use (meshd.mesh.link.MeshLink) -----------------------------------------------------
+
+    @property
+    def joined(self) -> bool:
+        return self.cfg.mesh.enabled and not self._closed
+
+    @property
+    def trusted_count(self) -> int:
+        return len(self._trusted)
+
+    @property
+    def rng(self) -> random.Random:
+        return self._rng
+
+    @property
+    def dead_after_s(self) -> float:
+        return self.cfg.membership.dead_after_s
+
+    def peers(self) -> list[Peer]:
+        return self.table.peers()
+
+    def gossip_targets(self, fanout: int, *, topology: str, round_no: int, among: set[bytes]) -> list[Peer]:
+        return self.table.gossip_targets(self._rng, fanout, topology=topology, round_no=round_no, among=among)
+
+    def hello_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"domain": self.cfg.node.domain}
+        addr = self._advertised_address()
+        if addr:
+            body["addr"] = addr
+        return body
+
+    # --- config reload -----------------------------------------------------------------------------------
+
+    async def apply_config(self, new: Config) -> None:
+        old = self.cfg
+        trusted, registry = await asyncio.to_thread(self._load_trust, new)  # ConfigError: nothing changes
+        self.cfg = new
+        self.table.timing = self._timing(new)
+        await self._apply_trust(new, trusted, registry)
+        if old.mesh.enabled and not new.mesh.enabled:
+            log.info("mesh_leaving")
+            await self._send_leave("config")
+            await self._stop_discovery()
+        elif not old.mesh.enabled and new.mesh.enabled:
+            log.info("mesh_joining")
+            await self._announce()
+        elif old.discovery != new.discovery and new.mesh.enabled:
+            await self._stop_discovery()
+        self._mesh_changed.set()
+
+    def _load_trust(self, cfg: Config) -> tuple[frozenset[bytes], list[disc.StaticPeer]]:
+        keys = {parse_peer_id(p) for p in cfg.trust.peers}
+        registry: list[disc.StaticPeer] = []
+        if cfg.trust.registry is not None:
+            registry = disc.load_registry(cfg.trust.registry)
+            keys |= {p.peer_id for p in registry}
+        return frozenset(keys), registry
+
+    async def _apply_trust(
+        self, cfg: Config, trusted: frozenset[bytes] | None = None, registry: list[disc.StaticPeer] | None = None
+    ) -> None:
+        if trusted is None or registry is None:
+            loaded = await asyncio.to_thread(self._load_trust, cfg)  # reads the registry file
+            trusted, registry = loaded
+        removed = self._trusted - trusted
+        self._trusted = trusted
+        self.table.set_trusted(trusted)
+        for key in removed:
+            self._wire.forget_peer(key)
+            log.info("peer_distrusted", peer_id=peer_id_of(key))
+        entries = [
+            disc.StaticPeer(domain=p.domain, address=p.address, peer_id=parse_peer_id(p.peer_id), source="static")
+            for p in cfg.peers
+        ] + [p for p in registry if p.address]
+        if self._static is None:
+            self._static = disc.StaticDiscovery(entries, self._on_discovery)
+            await self._static.start()
+        else:
+            self._static.update(entries)
+
+    def _is_trusted(self, key: bytes) -> bool:
+        return key in self._trusted
+
+    # --- discovery -----------------------------------------------------------------------------------------
+
+    def _on_discovery(self, event: disc.DiscoveryEvent) -> None:
+        now = time.monotonic()
+        if isinstance(event, disc.PeerSeen):
+            self.table.discovered(event.peer_id, event.address, event.domain, event.source, now, event.tasks)
+        else:
+            self.table.gone(event.peer_id, event.source, now)
+
+    async def _discovery_loop(self) -> None:
+        """Keeps mDNS registered while the mesh is enabled (stops it, with goodbye packets, otherwise), and
+        its TXT record listing the tasks this domain runs."""
+        try:
+            while True:
+                want = self.cfg.mesh.enabled and self.cfg.discovery.mdns.enabled
+                if want and self._mdns is None:
+                    await self._start_mdns()
+                elif not want and self._mdns is not None:
+                    await self._stop_discovery()
+                elif self._mdns is not None:
+                    await self._mdns.set_tasks(self.task_ids(), *self._default_ids())
+                self._mesh_changed.clear()
+                # Not asyncio.wait_for: on 3.11 it swallows a cancel that lands as the event is set
+                # (CPython gh-86296), and this loop then never ends (a reload racing SIGTERM hung stop).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(5.0):
+                        await self._mesh_changed.wait()
+        finally:
+            await self._stop_discovery()
+
+    def _default_ids(self) -> tuple[str | None, str | None]:
+        """TXT/pong ``fp`` and ``schema``: the default task's, or the only task's (what a single-model peer reads)."""
+        ids = self.task_ids()
+        one = ids.get(DEFAULT_TASK) or (next(iter(ids.values())) if len(ids) == 1 else None)
+        return (one[0], one[1]) if one else (None, None)
+
+    async def _start_mdns(self) -> None:
+        ifaces = list(self.cfg.discovery.mdns.interfaces)
+        advertise_ips = ifaces or ([self.listen_host] if self.listen_host not in ("0.0.0.0", "::") else [])
+        adv = self.cfg.listen.advertise
+        if adv:
+            advertise_ips = [configmod.split_host_port(adv)[0]]
+        fp, schema = self._default_ids()
+        mdns = disc.MdnsDiscovery(
+            domain=self.cfg.node.domain, peer_id=self.identity.public_key, port=self.listen_port,
+            advertise_ips=advertise_ips, interfaces=ifaces or None, model_fp=fp, schema_fp=schema,
+            tasks=self.task_ids(), protocol_version=wire.PROTOCOL_VERSION, on_event=self._on_discovery,
+        )
+        try:
+            await mdns.start()
+        except (OSError, MeshdError) as exc:
+            if self._quiet.should_log(("mdns_start_failed",))[0]:
+                log.error("mdns_start_failed", error=str(exc))
+            with contextlib.suppress(Exception):
+                await mdns.stop()
+            return
+        self._mdns = mdns
+        log.info("mdns_started", interfaces=ifaces or "all")
+
+    async def _stop_discovery(self) -> None:
+        mdns, self._mdns = self._mdns, None
+        if mdns is not None:
+            with contextlib.suppress(Exception):
+                await mdns.stop()
+            log.info("mdns_stopped")
+
+    # --- receiving ---------------------------------------------------------------------------------------
+
+    async def _in_wire(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._wire_exec, fn, *args)
+
+    def _open_and_persist(self, data: bytes, now_ms: int) -> wire.Opened:
+        """Wire thread: verify and open; persist the replay state before the message takes effect, so
+        a kill -9 right after cannot make the same envelope acceptable again."""
+        opened = self._wire.open(data, now_ms, self._is_trusted, self._replay)
+        self._write_replay_state(fsync=False)
+        return opened
+
+    def _write_replay_state(self, fsync: bool) -> None:
+        store.write_json_atomic(self._state_dir / REPLAY_FILE, self._replay.to_state(), fsync=fsync)
+
+    async def _handle(self, data: bytes, remote: str) -> Reply:
+        now_ms = int(time.time() * 1000)
+        try:
+            opened = await self._in_wire(self._open_and_persist, data, now_ms)
+            body = wire.decode_body(opened.body, self._wire_limits(self.cfg))
+        except WireError as exc:
+            self.reject(exc.reason, remote, exc.detail)
+            return Reply.error(exc.status, exc.reason, exc.detail)
+        except OSError as exc:  # persisting replay state failed: refuse rather than risk a replay later
+            log.error("replay_state_write_failed", error=str(exc))
+            return Reply.error(503, "unavailable", "cannot persist replay state")
+        self.stats.received += 1
+        self.stats.bytes_received += len(data)
+        sender = opened.sender
+        addr = body.get("addr")
+        addr = addr if isinstance(addr, str) and disc.check_address(addr) is None else None
+        self.table.heard_from(sender, time.monotonic(), address=addr)
+        try:
+            return await self._dispatch(opened, body)
+        except WireError as exc:
+            self.reject(exc.reason, remote, exc.detail, sender)
+            return Reply.error(exc.status, exc.reason, exc.detail)
+
+    async def _dispatch(self, opened: wire.Opened, body: dict[str, Any]) -> Reply:
+        kind, sender = opened.kind, opened.sender
+        if kind == "ping":
+            if not self.cfg.mesh.enabled:
+                return Reply.error(503, "not_joined", "this domain has left the mesh")
+            if "tasks" in body:  # a ping lists the sender's tasks too: a task it just added is known at once
+                self._note_tasks(sender, body)
+            return Reply(200, await self._seal(sender, "pong", self._pong_body()))
+        if kind == "leave":
+            self.table.left(sender, time.monotonic())
+            log.info("peer_left", peer_id=peer_id_of(sender), reason=str(body.get("reason", ""))[:64])
+            return Reply(204)
+        if kind in ("share", "pull"):
+            if not self.cfg.mesh.enabled or self._closed:
+                # Leaving or shutting down: refused, the sender keeps the mass.
+                return Reply.error(503, "not_joined", "this domain has left the mesh")
+            task = self._route(sender, body)
+            answer = await task.receive(kind, sender, body)
+            if answer.error is not None:
+                return Reply.error(answer.status, answer.error, answer.detail)
+            if answer.kind is None or answer.body is None:
+                return Reply(answer.status)
+            return Reply(answer.status, await self._seal(sender, answer.kind, answer.body))
+        raise WireError("unknown_kind", 400, f"kind {kind!r} is not served")
+
+    def _route(self, sender: bytes, body: dict[str, Any]) -> TaskEndpoint:
+        """The task an envelope names (``task``; absent = the default task), if the sender is in its cohort."""
+        name = body.get("task", DEFAULT_TASK)
+        if not isinstance(name, str) or len(name) > 64:
+            raise WireError("bad_body", 400, "task must be a task name")
+        task = self._tasks.get(name)
+        if task is None:
+            raise WireError("unknown_task", 409, f"this domain runs no task {name!r}")
+        peer = self.table.get(sender)
+        domain = body.get("domain") if isinstance(body.get("domain"), str) else (peer.domain if peer else None)
+        if not task.admits(sender, domain):
+            raise WireError("not_in_cohort", 409, f"task {name!r} here does not learn with domain {domain!r}")
+        return task
+
+    # --- sending -----------------------------------------------------------------------------------------
+
+    def _pong_body(self) -> dict[str, Any]:
+        """A ping or a pong: who we are, and the tasks we run (name, model and data schema fingerprints)."""
+        ids = self.task_ids()
+        fp, schema = self._default_ids()
+        body: dict[str, Any] = {
+            **self.hello_body(),
+            "tasks": [{"name": n, "fp": f, "schema": s} for n, (f, s) in list(ids.items())[:MAX_PONG_TASKS]],
+        }
+        if fp is not None:
+            body |= {"fp": fp, "schema": schema}
+        return body
+
+    def _advertised_address(self) -> str | None:
+        if self.cfg.listen.advertise:
+            return self.cfg.listen.advertise
+        if self.listen_host not in ("0.0.0.0", "::", ""):
+            return f"{self.listen_host}:{self.listen_port}"
+        return None
+
+    async def _next_seq(self) -> int:
+        seq, reservation = self._seq.next()
+        if reservation is not None:
+            # Persist the reservation before any number from it goes out: no reuse after kill -9.
+            await asyncio.to_thread(store.write_json_atomic, self._state_dir / SEQ_FILE, {"reserved": reservation})
+        return seq
+
+    async def _seal(self, recipient: bytes, kind: str, body: dict[str, Any]) -> bytes:
+        seq = await self._next_seq()
+        now_ms = int(time.time() * 1000)
+        return await self._in_wire(lambda: self._wire.seal(recipient, kind, wire.encode_body(body), seq, now_ms))
+
+    async def exchange(self, peer_id: bytes, address: str, kind: str, body: dict[str, Any]) -> tuple[int, bytes, int]:
+        """Seal, send, account. Returns (status, body, attempts); raises SendError if nobody answered."""
+        assert self._client is not None
+        envelope = await self._seal(peer_id, kind, body)
+        try:
+            status, reply, attempts = await self._client.post(address, envelope)
+        except SendError:
+            self.stats.send_failures += 1
+            self.table.send_failed(peer_id, time.monotonic())
+            raise
+        self.stats.sent += 1
+        self.stats.bytes_sent += len(envelope)
+        if status == 503 and b'"not_joined"' in reply:
+            self.table.left(peer_id, time.monotonic())  # it answered: it is there, but out of the mesh
+        elif 200 <= status < 300 or status in (409, 503):
+            # Accepted, or refused by a meshd that read our envelope (replayed/incompatible, busy). Any other
+            # 4xx is no sign of life: some other server at that address (404), or a peer refusing us (403).
+            self.table.heard_from(peer_id, time.monotonic())
+        quiet_key = ("send_refused", peer_id_of(peer_id), str(status))
+        if status >= 400 and status != 503 and self._quiet.should_log(quiet_key)[0]:
+            log.warning("send_refused", peer_id=peer_id_of(peer_id), kind=kind, status=status,
+                        task=body.get("task"), reply=reply[:200].decode(errors="replace"))
+        return status, reply, attempts
+
+    async def open_reply(self, peer_id: bytes, reply: bytes, want_kind: str) -> dict[str, Any] | None:
+        try:
+            opened = await self._in_wire(self._open_and_persist, reply, int(time.time() * 1000))
+            if opened.sender != peer_id or opened.kind != want_kind:
+                raise WireError("bad_reply", 400, "unexpected reply")
+            return wire.decode_body(opened.body, self._wire_limits(self.cfg))
+        except WireError as exc:
+            self.reject("reply_" + exc.reason, peer_id_of(peer_id)[:16], exc.detail, peer_id)
+            return None
+
+    async def _send_leave(self, reason: str) -> None:
+        targets = [p for p in self.table.peers() if p.address and p.state != PeerState.LEFT]
+        async with asyncio.TaskGroup() as tg:
+            for p in targets:
+                tg.create_task(self._quietly(self.exchange(p.peer_id, p.address or "", "leave", {"reason": reason})))
+        log.info("leave_sent", peers=len(targets), reason=reason)
+
+    async def _announce(self) -> None:
+        """Ping every known peer now: after a leave, our own table aged them to dead, and they marked us
+        left; a signed ping makes both sides alive again without waiting for the dead-peer probe."""
+        targets = [p for p in self.table.peers() if p.address]
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.cfg.gossip.request_timeout_s), asyncio.TaskGroup() as tg:
+                for p in targets:
+                    tg.create_task(self._ping(p.peer_id, p.address or ""))
+        log.info("join_announced", peers=len(targets))
+
+    def _note_tasks(self, peer_id: bytes, body: dict[str, Any]) -> None:
+        """A ping or pong lists the tasks the peer runs: the table shows them, each task of ours learns whether
+        the peer runs it too (and with which model and schema) before any share is sent."""
+        ids = _pong_tasks(body)
+        self.table.advertised(peer_id, ids)
+        now = time.monotonic()
+        for name, task in self._tasks.items():
+            task.peer_advertised(peer_id, ids.get(name), now)
+
+    @staticmethod
+    async def _quietly(coro: Coroutine[Any, Any, Any]) -> None:
+        with contextlib.suppress(SendError, MeshdError):
+            await coro
+
+    # --- loops -------------------------------------------------------------------------------------------
+
+    async def _membership_loop(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            while True:
+                now = time.monotonic()
+                if self._announce_wanted and self.cfg.mesh.enabled:
+                    self._announce_wanted = False
+                    for p in self.table.peers():
+                        if p.address and p.state != PeerState.LEFT and p.peer_id not in self._pinging:
+                            self._pinging.add(p.peer_id)
+                            tg.create_task(self._ping(p.peer_id, p.address))
+                for effect in self.table.tick(now):
+                    if isinstance(effect, StateChanged):
+                        log.info("peer_state", peer_id=peer_id_of(effect.peer_id),
+                                 old=str(effect.old), new=str(effect.new))
+                    elif (isinstance(effect, Ping) and self.cfg.mesh.enabled
+                          and effect.peer_id not in self._pinging and len(self._pinging) < MAX_CONCURRENT_PINGS):
+                        self._pinging.add(effect.peer_id)
+                        tg.create_task(self._ping(effect.peer_id, effect.address))
+                await asyncio.sleep(TICK_S)
+
+    async def _ping(self, peer_id: bytes, address: str) -> None:
+        try:
+            status, reply, _ = await self.exchange(peer_id, address, "ping", self._pong_body())
+            if status == 200:
+                pong = await self.open_reply(peer_id, reply, "pong")
+                if pong is not None:
+                    self._note_tasks(peer_id, pong)
+        except (SendError, MeshdError):
+            pass
+        finally:
+            self._pinging.discard(peer_id)
+
+    async def _persist_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PERSIST_S)
+            try:
+                await self._persist_protocol_state(fsync=True)
+            except OSError as exc:
+                log.error("replay_state_write_failed", error=str(exc))
+
+    async def _persist_protocol_state(self, fsync: bool) -> None:
+        await self._in_wire(self._write_replay_state, fsync)
+
+    # --- rejections and status -----------------------------------------------------------------------------
+
+    def _transport_reject(self, reason: str, remote: str) -> None:
+        self.reject(reason, remote, "")
+
+    def reject(self, reason: str, remote: str, detail: str, sender: bytes | None = None) -> None:
+        self.stats.rejected[reason] += 1
+        who = peer_id_of(sender) if sender else remote
+        ok, suppressed = self._quiet.should_log(("rejected", reason, who))
+        if ok:
+            log.warning("message_rejected", reason=reason, remote=remote, detail=detail[:200],
+                        **({"peer_id": peer_id_of(sender)} if sender else {}), suppressed=suppressed)
+
+    def snapshot(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "listen": {"peer": f"{self.listen_host}:{self.listen_port}", "advertise": self._advertised_address()},
+            "mesh": {
+                "joined": self.cfg.mesh.enabled,
+                "enabled": self.cfg.mesh.enabled,
+                "peers": self.table.snapshot(now),
+                "counts": self.table.counts(),
+                "untrusted_seen": self.table.untrusted_snapshot(),
+                "trusted": len(self._trusted),
+                "mdns": self._mdns is not None,
+            },
+        }
+
+
+def _pong_tasks(body: dict[str, Any]) -> dict[str, tuple[str | None, str | None]]:
+    """The tasks a pong lists; a pong without ``tasks`` (a single-model or minimal peer) runs the default task."""
+    tasks = body.get("tasks")
+    out: dict[str, tuple[str | None, str | None]] = {}
+    if not isinstance(tasks, list):
+        fp, schema = body.get("fp"), body.get("schema")
+        if isinstance(fp, str) and len(fp) <= 64:
+            out[DEFAULT_TASK] = (fp, schema if isinstance(schema, str) and len(schema) <= 64 else None)
+        return out
+    for item in tasks[:MAX_PONG_TASKS]:
+        if not isinstance(item, dict):
+            continue
+        name, fp, schema = item.get("name"), item.get("fp"), item.get("schema")
+        if not isinstance(name, str) or len(name) > 64:
+            continue
+        out[name] = (fp if isinstance(fp, str) and len(fp) <= 64 else None,
+                     schema if isinstance(schema, str) and len(schema) <= 64 else None)
+    return out

@@ -1,0 +1,545 @@
+"""One learning task of a domain: its model, push-sum state, training, evaluation and checkpoints.
+
+A task runs its own loops (join, gossip, train, evaluate, checkpoint) under :meth:`LearningTask.run`, and
+talks to the rest of the daemon only through :class:`meshd.mesh.link.MeshLink`: it sends bodies to peers,
+answers the ``share`` and ``pull`` envelopes the mesh routes to it, and gossips with the peers of its cohort
+that run the same task with the same model and data schema. A failure inside a task (a data product that
+disappears at start, an unexpected error in one of its loops) is reported in its status and stops only that
+task; a diverging step is dropped and a failed checkpoint write is logged and retried, without stopping it.
+The mesh and the other tasks carry on either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import statistics
+import time
+from collections import Counter
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import structlog
+import torch
+
+from meshd.config import DEFAULT_TASK, TaskConfig
+from meshd.core import codec as codecmod
+from meshd.core.averaging import RejectedUpdate, Share
+from meshd.core.codec import CodecName
+from meshd.core.cohort import Cohort, TaskPeers
+from meshd.core.membership import PeerState
+from meshd.errors import MeshdError, ModelError, WireError
+from meshd.identity import peer_id_of
+from meshd.logs import QuietLog
+from meshd.mesh.link import Answer, MeshLink
+from meshd.mesh.transport import SendError
+from meshd.task.engine import Engine
+
+log = structlog.get_logger("meshd.task")
+
+IDLE_S = 0.5  # the training loop's poll while training is off or impossible
+GOSSIP_WAIT_S = 2.0  # longest a training part waits for the exchange it asked for
+PACE_WAIT_S = 0.05  # a domain ahead of its peers re-checks this often
+PACE_SLACK_EPOCHS = 0.5  # how far (in passes over its own data) a domain may run ahead of its peers' median
+PACE_HORIZON_S = 30.0  # peers' epoch counts older than this (or than 2 x dead_after_s) are not waited for
+REFUSALS = ("schema_mismatch", "incompatible", "unknown_task", "not_in_cohort")  # 409 reasons that block a peer
+
+
+@dataclass
+class TaskStats:
+    rounds: int = 0
+    merged: int = 0
+    pulls: int = 0
+    shares_sent: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+
+
+class LearningTask:
+    """One ``[[task]]``: built from its config, run by :meth:`run`, stopped by cancelling that and :meth:`close`."""
+
+    def __init__(self, cfg: TaskConfig, link: MeshLink, *, state_dir: Path, max_param_abs: float) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.link = link
+        self.engine = Engine(cfg, state_dir, max_param_abs=max_param_abs)
+        self.cohort = Cohort(cfg.cohort)
+        self.peers = TaskPeers("", "")
+        self.stats = TaskStats()
+        self.state = "starting"  # starting | running | failed | stopped
+        self.error: str | None = None
+        self._quiet = QuietLog(60.0)
+        self._opened = False
+        self._joined = asyncio.Event()  # set once the first model is settled (pulled, or none to pull)
+        self._pull_wanted = asyncio.Event()
+        self._gossip_round = 0
+        self._gossip_now = asyncio.Event()  # set by training after each part of a round
+        self._gossip_done = asyncio.Event()  # set by gossip after each round
+        self._closed = False
+        self._log = log.bind(task=self.name)
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Load the data product, the model and its newest checkpoint (in a worker thread)."""
+        for warning in await asyncio.to_thread(self.engine.load):
+            self._log.warning("engine_warning", detail=warning)
+        self.peers = TaskPeers(self.engine.fingerprint, self.engine.schema)
+        self._opened = True
+        if self.engine.pushsum is None or not self.engine.fresh or not self.cfg.gossip.pull_on_join:
+            self._joined.set()
+
+    async def run(self) -> None:
+        """Open (unless done), then run the task's loops until cancelled. A failure is reported, not raised."""
+        try:
+            if not self._opened:
+                await self.open()
+            self.state = "running"
+            self._log.info("task_started", model=self.engine.spec.name, fingerprint=self.engine.fingerprint[:12],
+                           cohort=self.cohort.describe())
+            async with asyncio.TaskGroup() as tg:
+                for name, coro in self.loops().items():
+                    tg.create_task(coro, name=f"{self.name}:{name}")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.fail(exc)
+
+    def fail(self, exc: BaseException) -> None:
+        errors = exc.exceptions if isinstance(exc, BaseExceptionGroup) else (exc,)
+        self.state = "failed"
+        self.error = "; ".join(f"{type(e).__name__}: {e}" for e in errors)[:500]
+        self._log.error("task_failed", error=self.error, hint="fix the cause, then reload the config to restart it")
+
+    def loops(self) -> dict[str, Coroutine[Any, Any, None]]:
+        return {
+            "join": self._join_loop(),
+            "gossip": self._gossip_loop(),
+            "train": self._train_loop(),
+            "evaluate": self._evaluate_loop(),
+            "checkpoint": self._checkpoint_loop(),
+        }
+
+    async def close(self) -> None:
+        """After its loops were cancelled: return unconfirmed shares' mass and write a final checkpoint."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.state != "failed":
+            self.state = "stopped"
+        if self.engine.pushsum is not None:
+            self.engine.pushsum.abandon_all()
+            try:
+                await self._save_checkpoint()
+            except Exception as exc:
+                self._log.error("checkpoint_failed", error=str(exc))
+
+    def apply(self, cfg: TaskConfig) -> None:
+        """A reload changed keys that apply in place (training pace and weighting, gossip cadence and codec,
+        cohort...); the daemon restarts the task instead when a ``[restart]`` key of it changed."""
+        self.cfg = cfg
+        self.engine.cfg = cfg
+        if self.engine.pushsum is not None:
+            self.engine.pushsum.codec = cast(CodecName, cfg.gossip.codec)
+        if cfg.cohort != self.cohort.members:
+            self.cohort = Cohort(cfg.cohort)
+            self._log.info("task_cohort_changed", cohort=self.cohort.describe())
+
+    # --- what the mesh asks ------------------------------------------------------------------------------
+
+    def advertised(self) -> tuple[str, str] | None:
+        if self.engine.pushsum is None or self.state == "failed":
+            return None
+        return self.engine.fingerprint, self.engine.schema
+
+    def admits(self, peer_id: bytes, domain: str | None) -> bool:
+        return self.cohort.admits(peer_id, domain)
+
+    def peer_advertised(self, peer_id: bytes, ids: tuple[str | None, str | None] | None, now: float) -> None:
+        if self.engine.pushsum is None:
+            return
+        if ids is None:
+            self.peers.advertised(peer_id, False, None, None, now)
+        else:
+            self.peers.advertised(peer_id, True, ids[0], ids[1], now)
+
+    async def receive(self, kind: str, sender: bytes, body: dict[str, Any]) -> Answer:
+        try:
+            if kind == "share":
+                return self._receive_share(sender, body)
+            return await self._answer_pull(sender, body)
+        except WireError as exc:
+            self.stats.rejected[exc.reason] += 1
+            raise
+
+    # --- receiving ---------------------------------------------------------------------------------------
+
+    def _check_compatible(self, sender: bytes, body: dict[str, Any]) -> None:
+        """Same model and same data schema, or a 409 with its own reason (and the peer marked in /status)."""
+        why: WireError | None = None
+        now = time.monotonic()
+        reason = self.peers.incompatibility(body.get("fp"), body.get("schema"))
+        if self.engine.pushsum is None:
+            why = WireError("incompatible", 409, "this domain has no model for this task")
+        elif reason == "incompatible":
+            why = WireError("incompatible", 409, "model fingerprint differs")
+        elif reason == "schema_mismatch":
+            # Averaging models trained on different column meanings is silent corruption: refused.
+            detail = f"data schema differs (ours {self.engine.schema}, yours {str(body.get('schema'))[:32]})"
+            if body.get("schema_set") == self.engine.schema_set:
+                detail = ("same feature columns in a different order: list data.features in the mesh's order "
+                          "on one side")
+            why = WireError("schema_mismatch", 409, detail)
+        if why is not None:
+            if self.engine.pushsum is not None:
+                self.peers.block(sender, why.reason, now)
+            raise why
+        self.peers.advertised(sender, True, self.engine.fingerprint, self.engine.schema, now)
+
+    def _model_fields(self, sender: bytes, body: dict[str, Any]) -> tuple[torch.Tensor, float, int, float | None]:
+        self._check_compatible(sender, body)
+        ps = self.engine.pushsum
+        assert ps is not None
+        codec, count, weight, version = body.get("codec"), body.get("count"), body.get("weight"), body.get("version")
+        values = body.get("values")
+        if (codec not in codecmod.CODECS or not isinstance(values, bytes) or count != ps.dim
+                or not isinstance(weight, float | int) or isinstance(weight, bool)
+                or not isinstance(version, int) or isinstance(version, bool)):
+            raise WireError("bad_body", 400, "share fields missing or of the wrong type")
+        # Honest push-sum weights never exceed the mesh's total mass: one per domain that started. A larger
+        # one (a buggy or hostile trusted peer) would take over every model it reached, so it is refused.
+        max_weight = float(self.link.trusted_count + 1)
+        if not 0.0 < float(weight) <= max_weight:
+            raise WireError("bad_values", 400, f"weight {float(weight)!r} outside (0, {max_weight:g}]")
+        rows, epochs = body.get("rows"), body.get("epochs")
+        for name, x in (("rows", rows), ("epochs", epochs)):
+            if x is not None and (not isinstance(x, float | int) or isinstance(x, bool) or not 0 <= x <= 1e12):
+                raise WireError("bad_body", 400, f"{name} must be a number in [0, 1e12]")
+        # No epochs: the sender stopped training, nobody waits for it.
+        self.peers.heard_epochs(sender, None if epochs is None else float(epochs), time.monotonic())
+        try:
+            vec = codecmod.decode(values, count, codec)
+        except codecmod.CodecError as exc:
+            raise WireError("bad_values", 400, str(exc)) from None
+        return vec, float(weight), version, None if rows is None else float(rows)
+
+    def _receive_share(self, sender: bytes, body: dict[str, Any]) -> Answer:
+        ps = self.engine.pushsum
+        if not self.link.joined or self._closed or self.state != "running":
+            # Leaving or stopping: a merge now could land after the final checkpoint and be lost;
+            # refused, the sender keeps the mass.
+            return Answer.refuse(503, "task_stopped", "this task is not running here")
+        vec, weight, version, rows = self._model_fields(sender, body)
+        assert ps is not None
+        if self.engine.fresh and not self._joined.is_set():
+            # Still joining: merging now would be discarded by adopt(); refuse, the sender keeps its mass.
+            return Answer.refuse(503, "not_ready", "joining the mesh")
+        far = self.cfg.gossip.far_behind_versions
+        try:
+            ps.merge(vec, weight, version, rows)
+        except RejectedUpdate as exc:
+            raise WireError("bad_values", 400, exc.detail or exc.reason) from None
+        self.engine.served.observe(vec)
+        self.stats.merged += 1
+        if far and version - ps.version > far:
+            self._pull_wanted.set()
+        return Answer(204)
+
+    async def _answer_pull(self, sender: bytes, body: dict[str, Any]) -> Answer:
+        self._check_compatible(sender, body)
+        ps = self.engine.pushsum
+        assert ps is not None
+        if not self.link.joined or self._closed or self.state != "running":
+            return Answer.refuse(503, "task_stopped", "this task is not running here")
+        if self.engine.fresh and not self._joined.is_set():
+            return Answer.refuse(503, "not_ready", "joining the mesh too")
+        share = ps.split_for_pull()
+        self.stats.pulls += 1
+        self._log.info("pull_answered", peer_id=peer_id_of(sender), weight=share.weight, version=share.version)
+        reply = await asyncio.to_thread(self._share_body, share)
+        return Answer(200, "model", reply)
+
+    # --- sending -----------------------------------------------------------------------------------------
+
+    def model_ids(self) -> dict[str, Any]:
+        """What a peer checks before combining models with ours: the task, model and data schema fingerprints."""
+        return {"task": self.name, "fp": self.engine.fingerprint, "schema": self.engine.schema,
+                "schema_set": self.engine.schema_set}
+
+    def _share_body(self, share: Share) -> dict[str, Any]:
+        codec = self.engine.pushsum.codec if self.engine.pushsum is not None else self.cfg.gossip.codec
+        return {
+            **self.link.hello_body(),
+            **self.model_ids(),
+            "version": int(share.version),
+            "weight": float(share.weight),
+            "rows": float(share.rows),
+            **({"epochs": self.engine.epochs} if self._training_active() else {}),
+            "codec": codec,
+            "count": int(share.values.shape[0]),
+            "values": codecmod.encode(share.values, codec),  # type: ignore[arg-type]
+        }
+
+    def _training_active(self) -> bool:
+        tr = self.cfg.training
+        return tr.enabled and self.engine.learner is not None and tr.steps_per_round != 0
+
+    def eligible(self, now: float) -> set[bytes]:
+        """Trusted peers this task may gossip with now: in its cohort, known to run this task (their signed ping,
+        pong or share said so; before that, their mDNS TXT), and not found unable to take its shares."""
+        out: set[bytes] = set()
+        for p in self.link.peers():
+            if not self.cohort.admits(p.peer_id, p.domain) or self.peers.is_blocked(p.peer_id, now):
+                continue
+            view = self.peers.get(p.peer_id)
+            runs = view.runs if view is not None and view.runs is not None else self.name in p.tasks
+            if runs:
+                out.add(p.peer_id)
+        return out
+
+    def _note_refusal(self, peer_id: bytes, status: int, reply: bytes) -> None:
+        if status != 409:
+            return
+        for reason in REFUSALS:
+            if f'"{reason}"'.encode() in reply:
+                self.peers.block(peer_id, reason, time.monotonic())
+                return
+
+    # --- loops -------------------------------------------------------------------------------------------
+
+    async def _join_loop(self) -> None:
+        """A fresh task pulls its cohort's model before it trains or gossips; a straggler pulls on demand."""
+        if not self._joined.is_set():
+            await self._initial_pull()
+            self._joined.set()
+        while True:
+            await self._pull_wanted.wait()
+            self._pull_wanted.clear()
+            if self.link.joined:
+                await self._pull_once(adopt=False)
+            await asyncio.sleep(self.cfg.gossip.interval_s * 5)  # at most one catch-up pull per 5 rounds
+
+    async def _initial_pull(self) -> None:
+        if not self.link.trusted_count:
+            self._log.info("join_alone", detail="no trusted peers configured")
+            return
+        deadline = time.monotonic() + max(5.0, 3 * self.cfg.gossip.interval_s)
+        while time.monotonic() < deadline:
+            outcome = await self._pull_once(adopt=True)
+            if outcome in ("adopted", "everyone_new"):
+                return
+            await asyncio.sleep(min(0.5, self.cfg.gossip.interval_s))
+        self._log.info("join_alone", detail="no peer answered a pull; starting from this domain's own model")
+
+    async def _pull_once(self, adopt: bool) -> str:
+        ps = self.engine.pushsum
+        eligible = self.eligible(time.monotonic())
+        candidates = [p for p in self.link.peers() if p.peer_id in eligible and p.address
+                      and p.state in (PeerState.ALIVE, PeerState.UNKNOWN, PeerState.SUSPECT)]
+        if ps is None or not candidates or not self.link.joined:
+            return "no_candidates"
+        self.link.rng.shuffle(candidates)
+        not_ready = 0
+        for p in candidates[:4]:
+            try:
+                status, reply, _ = await self.link.exchange(p.peer_id, p.address or "", "pull",
+                                                            {**self.link.hello_body(), **self.model_ids()})
+            except SendError:
+                continue
+            self._note_refusal(p.peer_id, status, reply)
+            if status == 503:
+                not_ready += 1
+                continue
+            if status != 200:
+                continue
+            body = await self.link.open_reply(p.peer_id, reply, "model")
+            if body is None:
+                continue
+            try:
+                if body.get("task", DEFAULT_TASK) != self.name:
+                    raise WireError("bad_reply", 400, f"a model of task {str(body.get('task'))[:64]!r}")
+                vec, weight, version, rows = self._model_fields(p.peer_id, body)
+                if adopt:
+                    # Keep this domain's own weight (now carrying the mesh's model): the mesh's total weight
+                    # keeps counting every domain, which the mean-rows estimate of data weighting needs.
+                    ps.adopt(vec, weight, version, rows, keep_own_weight=True)
+                    self.engine.served.reset()
+                else:
+                    ps.merge(vec, weight, version, rows)
+                    self.engine.served.observe(vec)
+            except (WireError, RejectedUpdate) as exc:
+                self.stats.rejected["bad_pull_reply"] += 1
+                self.link.reject("bad_pull_reply", p.address or "?", str(exc), p.peer_id)
+                continue
+            self.engine.fresh = False
+            self._log.info("model_pulled", peer_id=peer_id_of(p.peer_id), version=version, weight=weight,
+                           mode="adopt" if adopt else "merge")
+            return "adopted"
+        if not_ready and not_ready == min(4, len(candidates)):
+            self._log.info("join_everyone_new", peers=not_ready)
+            return "everyone_new"
+        return "nobody_answered"
+
+    async def _gossip_loop(self) -> None:
+        await self._joined.wait()
+        while True:
+            g = self.cfg.gossip
+            # A round every interval_s (jittered), or sooner when training finished a part of its round.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(g.interval_s * (1 + g.jitter * (2 * self.link.rng.random() - 1))):
+                    await self._gossip_now.wait()
+            self._gossip_now.clear()
+            try:
+                await self._gossip_round_once()
+            finally:
+                self._gossip_done.set()
+
+    async def _gossip_round_once(self) -> None:
+        g = self.cfg.gossip
+        ps = self.engine.pushsum
+        if ps is None or not self.link.joined:
+            return
+        targets = self.link.gossip_targets(g.fanout, topology=g.topology, round_no=self._gossip_round,
+                                           among=self.eligible(time.monotonic()))
+        self._gossip_round += 1
+        if not targets:
+            return
+        shares = ps.prepare(len(targets))
+        self.stats.rounds += 1
+        async with asyncio.TaskGroup() as tg:
+            for peer, share in zip(targets, shares, strict=False):
+                tg.create_task(self._send_share(peer.peer_id, peer.address or "", share))
+
+    async def _send_share(self, peer_id: bytes, address: str, share: Share) -> None:
+        ps = self.engine.pushsum
+        assert ps is not None
+        delivered = False
+        try:
+            body = await asyncio.to_thread(self._share_body, share)
+            status, reply, attempts = await self.link.exchange(peer_id, address, "share", body)
+            self._note_refusal(peer_id, status, reply)
+            # A retry answered 'replayed' means an earlier attempt did arrive and was merged.
+            delivered = status == 204 or (status == 409 and attempts > 1 and b'"replayed"' in reply)
+        except (SendError, MeshdError):
+            delivered = False
+        finally:
+            if delivered:
+                ps.confirm(share.id)
+                self.stats.shares_sent += 1
+            else:
+                ps.abandon(share.id)
+
+    async def _train_loop(self) -> None:
+        """Local training back to back in the worker thread: rounds of ``training.steps_per_round`` steps (one
+        epoch by default), each trained in ``gossip.per_round`` parts with one exchange after each part.
+
+        Each part's update is applied with the data weighting (``Engine.update_scale``). With
+        ``training.pace = "mesh"`` a domain that is more than ``PACE_SLACK_EPOCHS`` epochs ahead of the
+        median of its peers waits, so every domain makes about one pass over its own data per pass of the
+        others: a domain's steps are proportional to its rows, as in FedAvg's one epoch per round.
+        """
+        await self._joined.wait()
+        while True:
+            ps = self.engine.pushsum
+            if ps is None or not self._training_active():
+                await asyncio.sleep(IDLE_S)
+                continue
+            steps = self._paced_steps(self.engine.chunk_steps, time.monotonic())
+            if steps == 0:
+                self.engine.stats.paced_waits += 1
+                await asyncio.sleep(PACE_WAIT_S)
+                continue
+            start = ps.estimate()
+            try:
+                new, result = await asyncio.to_thread(self.engine.train, start, steps)
+                ps.apply_update(new - start, self.engine.update_scale())
+            except (RejectedUpdate, ModelError) as exc:
+                # The model is kept as it was; a diverging step is dropped, never merged.
+                self.engine.stats.steps_dropped += steps
+                if self._quiet.should_log(("training_diverged",))[0]:
+                    self._log.error("training_diverged", detail=str(exc), hint="lower training.lr")
+                await asyncio.sleep(IDLE_S)
+            else:
+                st = self.engine.stats
+                st.steps += result.steps
+                st.samples_seen += result.samples
+                st.loss = result.loss
+                if self.cfg.gossip.per_round > 0 and self.link.joined:
+                    # gossip.per_round exchanges per training round: the next part waits for this exchange
+                    # (bounded), so the steps between two exchanges do not depend on how fast this host is.
+                    self._gossip_done.clear()
+                    self._gossip_now.set()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(GOSSIP_WAIT_S):
+                            await self._gossip_done.wait()
+            await asyncio.sleep(0)  # let gossip and the status API in between two rounds
+
+    def _paced_steps(self, wanted: int, now: float) -> int:
+        """How many steps this domain may take now: ``wanted``, or fewer (0 = wait) when it is ahead."""
+        if self.cfg.training.pace != "mesh":
+            return wanted
+        horizon = max(PACE_HORIZON_S, 2 * self.link.dead_after_s)
+        alive = {p.peer_id for p in self.link.peers() if p.state == PeerState.ALIVE} & self.eligible(now)
+        heard = self.peers.epochs_heard(alive, now, horizon)
+        if not heard:
+            return wanted  # alone, or nobody trains: nothing to keep pace with
+        median = statistics.median(heard)
+        spe = self.engine.steps_per_epoch
+        allowed = (median + PACE_SLACK_EPOCHS - self.engine.epochs) * spe
+        return max(0, min(wanted, math.ceil(allowed))) if allowed > 0 else 0
+
+    async def _evaluate_loop(self) -> None:
+        while True:
+            self.peers.forget_except({p.peer_id for p in self.link.peers()})  # distrusted peers leave the view
+            ps = self.engine.pushsum
+            if ps is not None:
+                flat = self.engine.served_model()
+                version, steps = ps.version, self.engine.stats.steps
+                result = await asyncio.to_thread(self.engine.evaluate, flat)
+                digest = await asyncio.to_thread(self.engine.digest, flat)
+                st = self.engine.stats
+                st.holdout_accuracy, st.local_only_accuracy = result["holdout"], result["local_only"]
+                st.test_accuracy, st.local_only_test_accuracy = result["test"], result["local_only_test"]
+                st.evaluated_at_version = version
+                st.evaluated_at_steps = steps
+                self.engine.sha256 = digest
+            await asyncio.sleep(self.cfg.training.eval_interval_s)
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.checkpoint.interval_s)
+            try:
+                await self._save_checkpoint()
+            except (OSError, MeshdError) as exc:
+                self._log.error("checkpoint_failed", error=str(exc))
+
+    async def _save_checkpoint(self) -> None:
+        if self.engine.pushsum is None:
+            return
+        ckpt = self.engine.checkpoint_now()
+        name = await asyncio.to_thread(self.engine.save_checkpoint, ckpt)
+        self._log.debug("checkpoint_saved", file=name, version=ckpt.version)
+
+    # --- status ------------------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        model, training = self.engine.snapshot() if self.engine.fingerprint else ({}, {})
+        ps = self.engine.pushsum
+        gossip: dict[str, Any] = {
+            "rounds": self.stats.rounds, "merged": self.stats.merged, "pulls": self.stats.pulls,
+            "shares_sent": self.stats.shares_sent, "rejected": dict(sorted(self.stats.rejected.items())),
+        }
+        if ps is not None:
+            gossip |= {"weight": ps.weight, "consensus_distance": ps.mean_distance, "pending_shares": ps.pending}
+        return {
+            "state": self.state,
+            "error": self.error,
+            "cohort": self.cohort.describe(),
+            "joined": self._joined.is_set(),
+            "peers": self.peers.snapshot(),
+            "model": model,
+            "training": training,
+            "gossip": gossip,
+        }
