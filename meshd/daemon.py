@@ -145,22 +145,29 @@ class Daemon:
         finally:
             self.state = "stopping"
             self._tg = None
-            await self._close()
+            saved = await self._close()
+        if not saved and exit_code == 0:
+            log.error("daemon_stop_incomplete", detail="a final checkpoint could not be written (see "
+                      "final_checkpoint_failed); those tasks resume from their previous checkpoint")
+            exit_code = 1
         log.info("daemon_stopped", exit_code=exit_code)
         return exit_code
 
-    async def _close(self) -> None:
-        """Leave the mesh (no merge lands after this), write every task's final checkpoint, close the mesh."""
+    async def _close(self) -> bool:
+        """Leave the mesh (no merge lands after this), write every task's final checkpoint, close the mesh.
+        Returns False when some task's final checkpoint could not be written."""
         if self.mesh is not None:
             with contextlib.suppress(Exception):
                 await self.mesh.leave()
+        saved = True
         for task in list(self.tasks.values()):
-            await task.close()
+            saved = await task.close() and saved
         with contextlib.suppress(Exception):
             if self.mesh is not None:
                 await self.mesh.close()
         if self.status_server is not None:
             await self.status_server.stop()
+        return saved
 
     # --- tasks -------------------------------------------------------------------------------------------
 
@@ -304,6 +311,7 @@ class Daemon:
             "model": primary.get("model", {}),
             "training": primary.get("training", {}),
             "gossip": gossip,
+            "checkpoint": primary.get("checkpoint", {}),
         }
 
 

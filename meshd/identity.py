@@ -96,6 +96,12 @@ def load(path: Path) -> Identity:
             f"identity key {path} does not exist; create one with `meshd keygen --out {path}` "
             "or `meshd init`"
         ) from None
+    if st.st_uid != os.geteuid():
+        # As OpenSSH does: a key someone else owns may have been planted or swapped by them.
+        raise IdentityError(
+            f"identity key {path} is owned by uid {st.st_uid}, not by the user running meshd (uid {os.geteuid()}); "
+            f"fix with `chown {os.geteuid()} {path}` (or run meshd as its owner)"
+        )
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise IdentityError(
             f"identity key {path} is readable by group/others (mode {stat.S_IMODE(st.st_mode):04o}); "

@@ -11,6 +11,8 @@ import torch
 
 from meshd.core.averaging import (
     DISTANCE_WINDOW,
+    MAX_VERSION,
+    MAX_VERSION_STEP,
     PushSum,
     PushSumState,
     RejectedUpdate,
@@ -288,6 +290,8 @@ _GOOD = torch.ones(4, dtype=torch.float64)
         pytest.param(_GOOD, "0.5", 1, id="str-weight"),
         pytest.param(_GOOD, 0.5, -1, id="negative-version"),
         pytest.param(_GOOD, 0.5, 1.5, id="float-version"),
+        pytest.param(_GOOD, 0.5, 2**64 - 1, id="version-2**64-1"),
+        pytest.param(_GOOD, 0.5, MAX_VERSION + 1, id="version-above-max"),
     ],
 )
 def test_rejected_updates_leave_state_bitwise_unchanged(values: object, weight: object, version: object) -> None:
@@ -425,6 +429,15 @@ def test_version_rules() -> None:
     assert node.is_far_behind(51, threshold=10)
     assert not node.is_far_behind(50, threshold=10)
     assert not node.is_far_behind(2, threshold=10)
+
+
+def test_a_merge_cannot_fast_forward_the_version_and_updates_saturate() -> None:
+    node = PushSum(torch.zeros(2, dtype=torch.float64), version=10)
+    node.merge(torch.zeros(2, dtype=torch.float64), 0.5, MAX_VERSION)  # a hostile (or far-ahead) peer
+    assert node.version == 10 + MAX_VERSION_STEP
+    node = PushSum(torch.zeros(2, dtype=torch.float64), version=MAX_VERSION)
+    node.apply_update(torch.zeros(2, dtype=torch.float64))
+    assert node.version == MAX_VERSION  # saturates: every encoder downstream stays in range
 
 
 def test_consensus_distance_and_running_mean() -> None:

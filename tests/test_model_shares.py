@@ -83,6 +83,10 @@ def _model_state(node: Any) -> tuple[Any, ...]:
         ({"rows": "many"}, "bad_body"),
         ({"epochs": math.inf}, "bad_body"),
         ({"codec": "q8", "values": b"\x7f" + b"\0" * (5 * 76 - 1) + b"\0" * 4810}, "bad_values"),  # k = 127
+        ({"version": 2**64 - 1}, "bad_values"),  # once merged, the next step overflowed and killed the daemon
+        ({"version": 2**53 + 1}, "bad_values"),
+        ({"task": "fraud"}, "unknown_task"),  # a task this domain does not run
+        ({"task": 7}, "bad_body"),
     ],
 )
 def test_bad_share_is_refused_and_changes_nothing(node: Any, overrides: dict[str, Any], reason: str) -> None:
@@ -101,6 +105,15 @@ def test_good_share_is_merged(node: Any) -> None:
     assert status == 204, reply
     weight2, merged2, _ = _model_state(node)
     assert merged2 == merged + 1 and weight2 == pytest.approx(weight + 0.5)
+
+
+def test_a_far_ahead_version_moves_ours_by_a_bounded_step_and_the_daemon_lives_on(node: Any) -> None:
+    _, merged, version = _model_state(node)
+    status, reply = _share(node, version=2**53)  # the largest accepted: a hostile peer's fast-forward
+    assert status == 204, reply
+    _, merged2, version2 = _model_state(node)
+    assert merged2 == merged + 1 and version < version2 <= version + 1024
+    assert node["d"].proc.poll() is None
 
 
 def test_pull_answers_half_the_weight_sealed_to_the_requester(node: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 from collections.abc import Callable
@@ -127,7 +128,7 @@ def test_store_directory_and_file_modes(tmp_path: Path) -> None:
     assert _mode(store.directory) == 0o700
     path = store.save(_ckpt(1))
     assert _mode(path) == 0o600
-    assert path.name == "ckpt-000000000001-1700000000001.mdck"
+    assert path.name == "ckpt-s000000000001-v000000000001.mdck"
 
 
 def test_existing_directory_is_tightened(tmp_path: Path) -> None:
@@ -167,7 +168,7 @@ def test_keep_prunes_to_newest(tmp_path: Path) -> None:
     for v in range(1, 6):
         store.save(_ckpt(v))
     names = sorted(p.name for p in store.directory.iterdir())
-    assert names == ["ckpt-000000000004-1700000000004.mdck", "ckpt-000000000005-1700000000005.mdck"]
+    assert names == ["ckpt-s000000000004-v000000000004.mdck", "ckpt-s000000000005-v000000000005.mdck"]
     loaded, _ = store.load_latest()
     assert loaded is not None and loaded.version == 5
 
@@ -179,13 +180,40 @@ def test_keep_prunes_to_newest(tmp_path: Path) -> None:
 
 def test_order_comes_from_content_not_names(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path / "c", keep=5)
-    newest = store.save(_ckpt(9))
-    store.save(_ckpt(2))
-    # A misleading name: the version-9 content under a version-0 name is still the newest.
+    store.save(_ckpt(9))
+    newest = store.save(_ckpt(2))
+    # A misleading name: the content written last, under an old-style version-0 name, is still the newest.
     newest.rename(store.directory / "ckpt-000000000000-1.mdck")
     loaded, warnings = store.load_latest()
-    assert loaded is not None and loaded.version == 9
+    assert loaded is not None and loaded.version == 2
     assert warnings == []
+
+
+def test_newest_is_the_last_written_whatever_the_clock_and_version_say(tmp_path: Path) -> None:
+    """The wall clock steps back 10 minutes and the version does not move (training off): each new checkpoint
+    must still be the newest, kept by pruning and loaded on restart. The store's own write counter orders."""
+    store = CheckpointStore(tmp_path / "c", keep=2)
+    store.save(_ckpt(7, created_ms=1_700_000_600_000))
+    for i in range(3):
+        stepped_back = _ckpt(7, created_ms=1_700_000_000_000 + i)  # same version, older clock
+        path = store.save(stepped_back)
+        assert path.exists(), "a new checkpoint was pruned right after it was written"
+    reopened = CheckpointStore(tmp_path / "c", keep=2)  # a restart: the counter continues from the names
+    loaded, _ = reopened.load_latest()
+    assert loaded is not None and loaded.created_ms == 1_700_000_000_002 + 7 and loaded.seq == 4  # _ckpt adds v
+    assert reopened.save(_ckpt(7, created_ms=5)).name == "ckpt-s000000000005-v000000000007.mdck"
+
+
+def test_checkpoints_of_an_older_meshd_count_as_older(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "c", keep=5)
+    legacy = dataclasses.replace(_ckpt(99), seq=0)
+    (store.directory / legacy.file_name).write_bytes(encode_checkpoint(legacy))
+    assert legacy.file_name == "ckpt-000000000099-1700000000099.mdck"
+    loaded, _ = store.load_latest()
+    assert loaded is not None and loaded.version == 99  # still loads
+    store.save(_ckpt(3))
+    loaded, _ = store.load_latest()
+    assert loaded is not None and loaded.version == 3 and loaded.seq == 1
 
 
 def _flip_byte(path: Path) -> None:
@@ -278,11 +306,11 @@ def test_semantically_bad_payloads_are_skipped(tmp_path: Path) -> None:
         "count": 2, "values": b"\x00" * 16, "extra": {},
     }  # fmt: skip
     cases = {
-        "ckpt-000000000005-1.mdck": {**good, "values": b"\x00" * 15},
-        "ckpt-000000000006-1.mdck": {**good, "version": "6"},
-        "ckpt-000000000007-1.mdck": {**good, "format": 2},
-        "ckpt-000000000008-1.mdck": {**good, "values": b"\x00" * 8 + b"\x00\x00\x00\x00\x00\x00\xf8\x7f"},
-        "ckpt-000000000009-1.mdck": {k: v for k, v in good.items() if k != "extra"},
+        "ckpt-s000000000005-v000000000005.mdck": {**good, "values": b"\x00" * 15},
+        "ckpt-s000000000006-v000000000006.mdck": {**good, "version": "6"},
+        "ckpt-s000000000007-v000000000007.mdck": {**good, "format": 2},
+        "ckpt-s000000000008-v000000000008.mdck": {**good, "values": b"\x00" * 8 + b"\x00\x00\x00\x00\x00\x00\xf8\x7f"},
+        "ckpt-s000000000009-v000000000009.mdck": {k: v for k, v in good.items() if k != "extra"},
     }
     for name, payload in cases.items():
         _raw_file(store, name, payload)

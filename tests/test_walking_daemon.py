@@ -132,6 +132,18 @@ def test_key_readable_by_others_is_refused(tmp_path: Path) -> None:
     assert str(key) in r.stderr and "chmod 600" in r.stderr
 
 
+def test_key_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    """As OpenSSH does: a 0600 key that another user owns is refused, the file named (needs root to chown)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the key file another owner")
+    cfg, *_ = init_domain(tmp_path, "payments")
+    key = tmp_path / "identity.key"
+    os.chown(key, 65534, 65534)  # nobody
+    r = run_cli("run", "--config", str(cfg), timeout=30)
+    assert r.returncode == 2
+    assert str(key) in r.stderr and "owned by uid 65534" in r.stderr and "chown" in r.stderr
+
+
 def test_missing_or_malformed_key_is_refused(tmp_path: Path) -> None:
     cfg, *_ = init_domain(tmp_path, "payments")
     key = tmp_path / "identity.key"

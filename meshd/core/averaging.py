@@ -32,8 +32,9 @@ the last ``DISTANCE_WINDOW`` of them (``mean_distance``).
 
 Training: the caller trains a copy of ``ps.estimate()`` (in a worker thread) and then calls
 ``ps.apply_update(z_trained - z_start)``, which adds ``delta * w`` to ``s``: the local model moves by
-``delta`` and merges that happened during training are kept. ``version`` counts updates (+1 each); a
-merge takes ``max(version, incoming)``; ``is_far_behind(v, threshold)`` tells a node to pull.
+``delta`` and merges that happened during training are kept. ``version`` counts updates (+1 each, up to
+``MAX_VERSION`` = 2**53); a merge takes ``max(version, incoming)`` but raises it by at most ``MAX_VERSION_STEP``
+(versions above ``MAX_VERSION`` are refused); ``is_far_behind(v, threshold)`` tells a node to pull.
 
 Pull (late joiner): the responder calls ``share = ps.split_for_pull()``, which subtracts half of its
 free mass immediately (the response is one-shot: if it is lost, that mass is lost). A fresh node (no
@@ -109,6 +110,12 @@ MAX_ROWS = 1e12  # a rows estimate beyond this is refused (no data product has a
 # Bounds of the data-weighting scale: a domain never counts for more than 64 average domains, or for less
 # than 1/64 of one, whatever the estimate says (it is far off only before the first exchanges).
 SCALE_MIN, SCALE_MAX = 1.0 / 64, 64.0
+# Versions count local updates. They stay far below 2**63 (msgpack's int range, checkpoint encoding): a
+# version above MAX_VERSION is refused, a merge raises the local version by at most MAX_VERSION_STEP (an
+# honest peer is at most a few rounds of updates ahead; a hostile one cannot fast-forward us), and local
+# updates stop counting at MAX_VERSION (2**53: a thousand updates a second for 285,000 years).
+MAX_VERSION = 2**53
+MAX_VERSION_STEP = 1024
 
 
 class RejectedUpdate(MeshdError, ValueError):
@@ -168,8 +175,8 @@ def _is_real(x: object) -> bool:
 
 
 def _check_version(version: object) -> int:
-    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-        raise RejectedUpdate("bad_values", f"version must be a non-negative int, got {version!r}")
+    if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= MAX_VERSION:
+        raise RejectedUpdate("bad_values", f"version must be an int in [0, 2**53], got {version!r}")
     return version
 
 
@@ -404,7 +411,7 @@ class PushSum:
         self._s.add_(values.detach() * float(weight))
         self._w += float(weight)
         self._r += share_rows * float(weight)
-        self._version = max(self._version, version)
+        self._version = max(self._version, min(version, self._version + MAX_VERSION_STEP))
         self._merges += 1
         self._distances.append(distance)
         return distance
@@ -459,7 +466,7 @@ class PushSum:
         if not bool(torch.isfinite(step).all()):
             raise RejectedUpdate("bad_update", "non-finite delta")
         self._s.add_(step)
-        self._version += 1
+        self._version = min(MAX_VERSION, self._version + 1)
 
     def inject_rows(self, rows: float) -> None:
         """Add ``rows`` (may be negative) to this domain's contribution to the mesh's sum of rows."""

@@ -26,9 +26,9 @@ from meshd import store
 from meshd.config import DEFAULT_TASK, Config
 from meshd.core import wire
 from meshd.core.membership import Peer, PeerState, PeerTable, Ping, StateChanged, Timing
-from meshd.core.replay import ReplayGuard, SequenceCounter
+from meshd.core.replay import SEQ_LIMIT, ReplayGuard, SequenceCounter
 from meshd.core.stats import GossipStats
-from meshd.errors import MeshdError, WireError
+from meshd.errors import MeshdError, StoreError, WireError
 from meshd.identity import Identity, parse_peer_id, peer_id_of
 from meshd.logs import QuietLog
 from meshd.mesh import discovery as disc
@@ -97,9 +97,16 @@ class Mesh:
                 raise MeshdError(f"{self._state_dir / REPLAY_FILE} is corrupt ({exc}); "
                                  "move it away to start with an empty replay state") from None
         seq_state = await asyncio.to_thread(store.read_json, self._state_dir / SEQ_FILE, None)
-        start = 1
+        reserved = 1
         if isinstance(seq_state, dict) and isinstance(seq_state.get("reserved"), int):
-            start = max(1, int(seq_state["reserved"]))
+            reserved = max(1, int(seq_state["reserved"]))
+        # Each start continues from the persisted reservation, or from the clock (microseconds since the epoch)
+        # if that is higher: a state directory restored from a backup (an older reservation) never reuses a
+        # sequence number its peers have seen, so it is accepted at once instead of being refused as replayed
+        # until it catches up. (A run would need 1,000 envelopes per millisecond to outrun the clock.)
+        start = min(max(reserved, time.time_ns() // 1000), SEQ_LIMIT - 1)
+        if start > reserved + 1024:
+            log.info("sequence_from_clock", reserved=reserved, start=start)
         self._seq = SequenceCounter(start)
         await self._apply_trust(self.cfg)
 
@@ -347,8 +354,11 @@ class Mesh:
         except WireError as exc:
             self.reject(exc.reason, remote, exc.detail)
             return Reply.error(exc.status, exc.reason, exc.detail)
-        except OSError as exc:  # persisting replay state failed: refuse rather than risk a replay later
-            log.error("replay_state_write_failed", error=str(exc))
+        except (OSError, StoreError) as exc:  # persisting replay state failed (disk full...): refuse rather
+            # than risk a replay later; the sender keeps its mass and retries.
+            if self._quiet.should_log(("replay_state_write_failed",))[0]:
+                log.error("replay_state_write_failed", error=str(exc))
+            self.stats.rejected["unavailable"] += 1
             return Reply.error(503, "unavailable", "cannot persist replay state")
         self.stats.received += 1
         self.stats.bytes_received += len(data)
@@ -361,6 +371,15 @@ class Mesh:
         except WireError as exc:
             self.reject(exc.reason, remote, exc.detail, sender)
             return Reply.error(exc.status, exc.reason, exc.detail)
+        except (OSError, StoreError) as exc:  # sealing the answer needs the sequence file: disk full...
+            if self._quiet.should_log(("reply_failed", type(exc).__name__))[0]:
+                log.error("reply_failed", error=str(exc))
+            return Reply.error(503, "unavailable", "cannot persist protocol state")
+        except Exception as exc:  # one message never takes the daemon down
+            self.stats.rejected["internal"] += 1
+            if self._quiet.should_log(("request_failed", type(exc).__name__))[0]:
+                log.exception("request_failed", kind=opened.kind, peer_id=peer_id_of(sender))
+            return Reply.error(500, "internal", "the receiver failed on this message")
 
     async def _dispatch(self, opened: wire.Opened, body: dict[str, Any]) -> Reply:
         kind, sender = opened.kind, opened.sender

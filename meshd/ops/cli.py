@@ -12,7 +12,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -206,14 +206,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.configure(cfg.log.level, cfg.log.format)
     from meshd.daemon import Daemon
 
+    code = 1
     try:
-        return asyncio.run(Daemon(cfg, ident).run())
+        code = _run_loop(Daemon(cfg, ident).run())
     except (ConfigError, DataError, ModelError) as exc:  # bad input found at start: data, model, registry
         _err(str(exc))
-        return 2
+        code = 2
     except MeshdError as exc:
         _err(str(exc))
-        return 1
+        code = 1
+    # Exit now. The daemon has written every final checkpoint and the replay state, and joined its own writer
+    # threads; what may still run is a worker thread inside a torch step or another blocking call whose result
+    # nobody wants. asyncio.run (and interpreter exit) would join it, and a stopped daemon could then hang on
+    # for as long as that step takes on a loaded host: systemd would have to SIGKILL it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _run_loop(main: Coroutine[Any, Any, int]) -> int:
+    """Run the daemon's coroutine on a new event loop, without joining the default executor afterwards."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(main)
+    finally:
+        asyncio.set_event_loop(None)
 
 
 # --- status ----------------------------------------------------------------------------------------------------

@@ -129,6 +129,10 @@ _TASK_SERIES = [
     ("meshd_holdout_accuracy", "Accuracy of the mesh model on this domain's holdout", "training", "holdout_accuracy",
      False),
     ("meshd_training_epochs", "Passes over this domain's data", "training", "epochs", False),
+    ("meshd_checkpoint_failures", "Checkpoint writes that failed (disk full, I/O error)", "checkpoint", "failures",
+     True),
+    ("meshd_checkpoint_version", "Model version of the last checkpoint written", "checkpoint", "last_version",
+     False),
 ]
 
 

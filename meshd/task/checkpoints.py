@@ -3,7 +3,9 @@
 A corrupt newest checkpoint is skipped with a warning and the previous one is used. Writes go through
 :func:`meshd.store.atomic_write` (temporary file, fsync, rename, fsync of the directory).
 
-Checkpoint file (``ckpt-<version:012d>-<created_ms>.mdck``)::
+Checkpoint file (``ckpt-s<seq:012d>-v<version:012d>.mdck``; ``seq`` is the store's own write counter, so
+the newest checkpoint is the last one written whatever the clock did; files of older meshd versions are
+named ``ckpt-<version:012d>-<created_ms>.mdck``, carry no ``seq`` and count as older than any new one)::
 
     b"MDCK1\\n" | sha256(payload) (32 bytes) | payload
     payload = msgpack map {"format": 1, "version": int, "weight": float, "fingerprint": str,
@@ -14,6 +16,7 @@ Checkpoint file (``ckpt-<version:012d>-<created_ms>.mdck``)::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import math
@@ -44,7 +47,8 @@ CHECKPOINT_MAGIC = b"MDCK1\n"
 _FORMAT = 1
 _DIGEST_LEN = 32
 _SUFFIX = ".mdck"
-_NAME_RE = re.compile(r"^ckpt-(\d+)-(\d+)\.mdck$")
+_NAME_RE = re.compile(r"^ckpt-(\d+)-(\d+)\.mdck$")  # before the store's write counter: ckpt-VERSION-MS
+_SEQ_NAME_RE = re.compile(r"^ckpt-s(\d+)-v(\d+)\.mdck$")
 
 # Limits for decoding checkpoint payloads: a checkpoint holds one flat vector and a small "extra" map.
 _MAX_STR = 1 << 16
@@ -64,18 +68,21 @@ def export_state_dict(module: nn.Module, path: Path, *, mode: int = 0o600) -> No
 class Checkpoint:
     """A saved model: flat values, averaging weight, version, architecture fingerprint and small extras."""
 
-    version: int  # monotonically increasing per domain; orders checkpoints together with created_ms
+    version: int  # the model version (updates counted); not what orders checkpoints (``seq`` does)
     weight: float  # averaging (push-sum) weight that goes with ``values``
     values: torch.Tensor  # float64 1-D, the meshd.task.models.flatten layout
     fingerprint: str  # meshd.task.models.fingerprint of the model the values belong to
     created_ms: int  # wall-clock milliseconds at creation
     extra: dict[str, Any] = field(default_factory=dict)  # small msgpack-able map (step counters, ...)
+    seq: int = 0  # set by CheckpointStore.save: its write counter (0: not saved yet, or an older format)
 
     def __post_init__(self) -> None:
         if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 0:
             raise StoreError(f"checkpoint version must be a non-negative integer, got {self.version!r}")
         if isinstance(self.created_ms, bool) or not isinstance(self.created_ms, int) or self.created_ms < 0:
             raise StoreError(f"checkpoint created_ms must be a non-negative integer, got {self.created_ms!r}")
+        if isinstance(self.seq, bool) or not isinstance(self.seq, int) or self.seq < 0:
+            raise StoreError(f"checkpoint seq must be a non-negative integer, got {self.seq!r}")
         if not isinstance(self.values, torch.Tensor) or self.values.dim() != 1:
             raise StoreError("checkpoint values must be a 1-D tensor")
         if not isinstance(self.fingerprint, str):
@@ -86,11 +93,14 @@ class Checkpoint:
         object.__setattr__(self, "values", self.values.detach().to("cpu", torch.float64).contiguous())
 
     @property
-    def sort_key(self) -> tuple[int, int]:
-        return (self.version, self.created_ms)
+    def sort_key(self) -> tuple[int, int, int]:
+        """Newest = written last by the store; for files of older versions, by version then wall clock."""
+        return (self.seq, self.version, self.created_ms)
 
     @property
     def file_name(self) -> str:
+        if self.seq:
+            return f"ckpt-s{self.seq:012d}-v{self.version:012d}{_SUFFIX}"
         return f"ckpt-{self.version:012d}-{self.created_ms}{_SUFFIX}"
 
 
@@ -108,6 +118,7 @@ def encode_checkpoint(ckpt: Checkpoint) -> bytes:
                 "count": int(ckpt.values.numel()),
                 "values": values,
                 "extra": ckpt.extra,
+                "seq": ckpt.seq,
             },
             use_bin_type=True,
         )
@@ -163,6 +174,9 @@ def decode_checkpoint(blob: bytes) -> Checkpoint:
     for key, typ in expected_types.items():
         if not isinstance(doc.get(key), typ) or isinstance(doc.get(key), bool):
             raise CorruptCheckpoint(f"field {key!r} is missing or has the wrong type")
+    seq = doc.get("seq", 0)
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+        raise CorruptCheckpoint("field 'seq' has the wrong type")
     raw: bytes = doc["values"]
     count: int = doc["count"]
     if count < 0 or len(raw) != 8 * count:
@@ -178,6 +192,7 @@ def decode_checkpoint(blob: bytes) -> Checkpoint:
             fingerprint=doc["fingerprint"],
             created_ms=doc["created_ms"],
             extra=doc["extra"],
+            seq=seq,
         )
     except StoreError as exc:
         raise CorruptCheckpoint(str(exc)) from exc
@@ -200,6 +215,7 @@ class CheckpointStore:
         self._keep = keep
         self._fsync = fsync
         self._max_bytes = max_file_bytes
+        self._last_seq = 0
         try:
             self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             # mkdir's mode is filtered by the umask, and an existing directory keeps its mode: set it.
@@ -217,10 +233,21 @@ class CheckpointStore:
         Pruning also removes corrupt checkpoint files and temporary files left by an interrupted write:
         once a fresh valid checkpoint exists they can only produce repeated warnings.
         """
+        seq = max(self._last_seq, self._highest_seq_on_disk()) + 1
+        ckpt = dataclasses.replace(ckpt, seq=seq)
         path = self._dir / ckpt.file_name
         atomic_write(path, encode_checkpoint(ckpt), fsync=self._fsync)
+        self._last_seq = seq
         self._prune()
         return path
+
+    def _highest_seq_on_disk(self) -> int:
+        """The store's write counter lives in the file names: the highest one there (0 if none)."""
+        try:
+            names = [p.name for p in self._dir.iterdir()]
+        except OSError:
+            return 0
+        return max((int(m.group(1)) for n in names if (m := _SEQ_NAME_RE.match(n))), default=0)
 
     def load_latest(self) -> tuple[Checkpoint | None, list[str]]:
         """The newest valid checkpoint by (version, created_ms) read from content, and warnings.
@@ -233,7 +260,7 @@ class CheckpointStore:
         warnings: list[str] = []
         fallback = f"falling back to {best[0].name}" if best else "no valid checkpoint to fall back to"
         best_key = best[1].sort_key if best else None
-        for path, reason in sorted(invalid, key=lambda item: _name_key(item[0]) or (-1, -1), reverse=True):
+        for path, reason in sorted(invalid, key=lambda item: _name_key(item[0]) or (-1, -1, -1), reverse=True):
             key = _name_key(path)
             if best_key is None or key is None or key > best_key:
                 warnings.append(f"checkpoint {path.name} is corrupt ({reason}); {fallback}")
@@ -278,6 +305,9 @@ class CheckpointStore:
                 fsync_dir(self._dir)
 
 
-def _name_key(path: Path) -> tuple[int, int] | None:
+def _name_key(path: Path) -> tuple[int, int, int] | None:
+    """A file name's place in :attr:`Checkpoint.sort_key` order, or None when it is not a checkpoint name."""
+    if m := _SEQ_NAME_RE.match(path.name):
+        return (int(m.group(1)), int(m.group(2)), 0)
     m = _NAME_RE.match(path.name)
-    return (int(m.group(1)), int(m.group(2))) if m else None
+    return (0, int(m.group(1)), int(m.group(2))) if m else None

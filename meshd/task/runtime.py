@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import math
 import statistics
 import time
 from collections import Counter
 from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -78,6 +80,11 @@ class LearningTask:
         self._gossip_now = asyncio.Event()  # set by training after each part of a round
         self._gossip_done = asyncio.Event()  # set by gossip after each round
         self._closed = False
+        self._final_ok = True
+        # Checkpoint writes run on this one thread, in order: a final write never races a periodic one.
+        self._ckpt_exec = ThreadPoolExecutor(1, thread_name_prefix=f"meshd-ckpt-{self.name}"[:15])
+        self.checkpoints: dict[str, Any] = {"last_file": None, "last_version": None, "last_at": None,
+                                            "last_error": None, "last_error_at": None, "failures": 0}
         self._log = log.bind(task=self.name)
 
     # --- lifecycle ---------------------------------------------------------------------------------------
@@ -122,19 +129,27 @@ class LearningTask:
             "checkpoint": self._checkpoint_loop(),
         }
 
-    async def close(self) -> None:
-        """After its loops were cancelled: return unconfirmed shares' mass and write a final checkpoint."""
+    async def close(self) -> bool:
+        """After its loops were cancelled: return unconfirmed shares' mass and write a final checkpoint.
+
+        Returns False when the task had a model and its final checkpoint could not be written (the daemon
+        then exits non-zero and says so). The write queues behind one still in flight: one writer.
+        """
         if self._closed:
-            return
+            return self._final_ok
         self._closed = True
         if self.state != "failed":
             self.state = "stopped"
         if self.engine.pushsum is not None:
             self.engine.pushsum.abandon_all()
             try:
-                await self._save_checkpoint()
-            except Exception as exc:
-                self._log.error("checkpoint_failed", error=str(exc))
+                await self._save_checkpoint(final=True)
+            except Exception as exc:  # reported; the stop goes on
+                self._final_ok = False
+                self._log.error("final_checkpoint_failed", error=str(exc),
+                                hint="the task resumes from its previous checkpoint; check the state dir's disk")
+        self._ckpt_exec.shutdown(wait=False)  # its last write was awaited above: the thread is idle
+        return self._final_ok
 
     def apply(self, cfg: TaskConfig) -> None:
         """A reload changed keys that apply in place (training pace and weighting, gossip cadence and codec,
@@ -393,6 +408,9 @@ class LearningTask:
             self._gossip_now.clear()
             try:
                 await self._gossip_round_once()
+            except Exception as exc:  # one failed round never stops the task
+                if self._quiet.should_log(("gossip_round_failed", type(exc).__name__))[0]:
+                    self._log.exception("gossip_round_failed")
             finally:
                 self._gossip_done.set()
 
@@ -424,6 +442,10 @@ class LearningTask:
             delivered = status == 204 or (status == 409 and attempts > 1 and b'"replayed"' in reply)
         except (SendError, MeshdError):
             delivered = False
+        except Exception as exc:  # contained: this share's mass stays here
+            delivered = False
+            if self._quiet.should_log(("share_send_failed", type(exc).__name__))[0]:
+                self._log.exception("share_send_failed", peer_id=peer_id_of(peer_id))
         finally:
             if delivered:
                 ps.confirm(share.id)
@@ -512,15 +534,32 @@ class LearningTask:
             await asyncio.sleep(self.cfg.checkpoint.interval_s)
             try:
                 await self._save_checkpoint()
-            except (OSError, MeshdError) as exc:
-                self._log.error("checkpoint_failed", error=str(exc))
+            except Exception as exc:  # disk full, I/O error...: reported in status, retried next interval
+                if self._quiet.should_log(("checkpoint_failed", str(exc)[:80]))[0]:
+                    self._log.error("checkpoint_failed", error=str(exc))
 
-    async def _save_checkpoint(self) -> None:
+    async def _save_checkpoint(self, *, final: bool = False) -> None:
         if self.engine.pushsum is None:
             return
         ckpt = self.engine.checkpoint_now()
-        name = await asyncio.to_thread(self.engine.save_checkpoint, ckpt)
-        self._log.debug("checkpoint_saved", file=name, version=ckpt.version)
+        loop = asyncio.get_running_loop()
+        # Not cancellable half-way: the write is awaited even when the caller is cancelled (shielded), so
+        # the status and the next write always see where it ended.
+        future = loop.run_in_executor(self._ckpt_exec, self.engine.save_checkpoint, ckpt)
+        try:
+            name = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await future
+            raise
+        except Exception as exc:
+            c = self.checkpoints
+            c["last_error"], c["last_error_at"], c["failures"] = str(exc)[:300], _now_iso(), c["failures"] + 1
+            raise
+        c = self.checkpoints
+        c["last_file"], c["last_version"], c["last_at"] = name, ckpt.version, _now_iso()
+        (self._log.info if final else self._log.debug)("checkpoint_saved", file=name, version=ckpt.version,
+                                                       final=final)
 
     # --- status ------------------------------------------------------------------------------------------
 
@@ -542,4 +581,9 @@ class LearningTask:
             "model": model,
             "training": training,
             "gossip": gossip,
+            "checkpoint": dict(self.checkpoints),
         }
+
+
+def _now_iso() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
