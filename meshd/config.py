@@ -378,7 +378,8 @@ def pending_restart(old: Config, new: Config) -> list[str]:
     restart-only keys (model, data...) restarts that task alone (:func:`task_needs_restart`)."""
     rk = restart_keys()
     own = (*TASK_SECTIONS, "task")
-    return [k for k in diff(old, new) if (k in rk or k.split(".")[0] in rk) and k.split(".")[0] not in own]
+    return [k for k in diff(old, new)
+            if (k in rk or k.split(".")[0] in rk) and k.split(".")[0].split("[")[0] not in own]
 
 
 def task_needs_restart(old: TaskConfig, new: TaskConfig) -> list[str]:
@@ -575,6 +576,10 @@ def _diff(old: Any, new: Any, prefix: str) -> set[str]:
         a, b = getattr(old, f.name), getattr(new, f.name)
         if _is_dc(type(a)) and type(a) is type(b):
             out |= _diff(a, b, prefix + f.name + ".")
+        elif (isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b) and a != b
+              and all(_is_dc(type(x)) and type(x) is type(y) for x, y in zip(a, b, strict=True))):
+            for i, (x, y) in enumerate(zip(a, b, strict=True)):  # e.g. task[1].training.lr
+                out |= _diff(x, y, f"{prefix}{f.name}[{i}].")
         elif a != b:
             out.add(prefix + f.name)
     return out

@@ -52,6 +52,7 @@ class Daemon:
         self._started_cfg = cfg  # what restart-only keys are running with, whatever reloads came since
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
         self._config_sig = _config_signature(cfg)
         self.status_server: StatusServer | None = None
         self.mesh: Mesh | None = None
@@ -101,7 +102,7 @@ class Daemon:
             await self._close()
             raise DataError("; ".join(f"task {t.name!r}: {t.error}" for t in failed))
         host, port = configmod.split_host_port(self.cfg.listen.status)
-        self.status_server = StatusServer(host, port, self.snapshot)
+        self.status_server = StatusServer(host, port, self.snapshot, self.reload)
         try:
             await self.mesh.start_listening()
             await self.status_server.start()
@@ -245,7 +246,13 @@ class Daemon:
                 log.info("config_changed_on_disk", path=str(self.cfg.source))
                 self.request_reload()
 
-    async def reload(self) -> None:
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config file and apply it (SIGHUP, the file watcher, `meshd reload`). Returns the outcome:
+        ``ok``, and the ``problems`` that refused it or the keys ``changed`` and still ``pending_restart``."""
+        async with self._reload_lock:
+            return await self._reload_locked()
+
+    async def _reload_locked(self) -> dict[str, Any]:
         assert self.cfg.source is not None
         self.notifier.reloading()
         path = self.cfg.source
@@ -257,7 +264,7 @@ class Daemon:
             self._last_reload_error = "; ".join(exc.problems)
             log.error("config_reload_rejected", path=str(path), problems=exc.problems)
             self.notifier.ready("reload rejected; running on the previous config")
-            return
+            return {"ok": False, "path": str(path), "problems": list(exc.problems)}
         self._pending_restart = configmod.pending_restart(self._started_cfg, new)
         changed = configmod.diff(self.cfg, new)
         logs.set_level(new.log.level)
@@ -270,7 +277,7 @@ class Daemon:
             self._last_reload_error = str(exc)
             log.error("config_reload_failed", error=str(exc))
             self.notifier.ready()
-            return
+            return {"ok": False, "path": str(path), "problems": [str(exc)]}
         self.cfg = new
         self._config_sig = await asyncio.to_thread(_config_signature, new)
         self._loaded_at = _now_iso()
@@ -278,6 +285,9 @@ class Daemon:
         self._last_reload_error = None
         log.info("config_reloaded", changed=changed, pending_restart=self._pending_restart)
         self.notifier.ready()
+        failed = sorted(n for n, task in self.tasks.items() if task.state == "failed")
+        return {"ok": True, "path": str(path), "changed": changed, "pending_restart": self._pending_restart,
+                "tasks": {n: task.state for n, task in sorted(self.tasks.items())}, "failed_tasks": failed}
 
     # --- status ------------------------------------------------------------------------------------------
 

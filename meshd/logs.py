@@ -1,11 +1,15 @@
 """structlog set-up (JSON lines under systemd, a readable console on a terminal) and rate-limited logging.
 
-Configured once at start by the CLI; `set_level` applies a reloaded `log.level`.
+Configured once at start by the CLI; `set_level` applies a reloaded `log.level`. When stdout is journald's
+(systemd sets ``JOURNAL_STREAM``), each line starts with its syslog priority (``<4>`` for a warning, ...),
+which journald strips and records (``SyslogLevelPrefix=`` is on by default), so ``journalctl -p warning``
+works.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections import OrderedDict
@@ -15,6 +19,24 @@ import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 _state: dict[str, Any] = {"format": "auto", "stream": None}
+# syslog priorities (RFC 5424) of structlog's level names
+SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "exception": 3, "critical": 2}
+
+
+def _under_journald(out: TextIO) -> bool:
+    """systemd connected stdout to the journal: JOURNAL_STREAM is "device:inode" of that very stream."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    dev, _, ino = stream.partition(":")
+    try:
+        st = os.fstat(out.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return dev.isdigit() and ino.isdigit() and (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
+def _syslog_prefix(_logger: Any, method: str, event: Any) -> Any:
+    """Last processor: prefix the rendered line with ``<priority>`` for journald."""
+    return f"<{SYSLOG_PRIORITY.get(method, 6)}>{event}"
 
 
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
@@ -32,8 +54,9 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     renderer: Any = (
         structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
+    tail = [_syslog_prefix] if _under_journald(out) else []
     structlog.configure(
-        processors=[*processors, renderer],
+        processors=[*processors, renderer, *tail],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,

@@ -16,7 +16,7 @@ import pytest
 
 from meshd import config as configmod
 from meshd.ops.config_template import render
-from tests.helpers import REPO, free_port, http_get, init_domain, run_cli, set_toml, wait_for
+from tests.helpers import REPO, DaemonProc, free_port, http_get, init_domain, run_cli, set_toml, wait_for
 
 
 def test_init_writes_private_key_and_valid_config(tmp_path: Path) -> None:
@@ -259,7 +259,7 @@ def test_stalled_loop_stops_watchdog_pings(tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
     unit = (REPO / "systemd" / "meshd.service").read_text()
-    for needle in ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "WatchdogSec=", "Restart=on-failure",
+    for needle in ("Type=notify", "ExecReload=/opt/meshd/bin/meshd reload --config", "WatchdogSec=", "Restart=on-failure",
                    "StateDirectory=meshd", "ConfigurationDirectory=meshd", "NoNewPrivileges=yes",
                    "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes", "PrivateDevices=yes",
                    "RestrictAddressFamilies=", "SystemCallFilter=@system-service", "UMask=0077",
@@ -272,3 +272,29 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     r = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "meshd.service" not in r.stderr, r.stderr
+
+
+def test_meshd_reload_reports_a_refused_config_and_applies_a_good_one(tmp_path: Path) -> None:
+    """`meshd reload` (the unit's ExecReload) exits 1 naming the key when the daemon refuses the edit, and
+    the daemon keeps running on its previous config; a good edit is applied and reported."""
+    cfg, _, _, status_port = init_domain(tmp_path, "payments")
+    d = DaemonProc(cfg, status_port)
+    try:
+        d.wait_ready()
+        good = cfg.read_text()
+        set_toml(cfg, "gossip", "fanout", "0")
+        r = run_cli("reload", "--config", str(cfg))
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        assert "reload refused" in r.stderr and "task[0].gossip.fanout: must be between 1 and 16" in r.stderr
+        s = d.status()
+        assert s["state"] == "running" and s["config"]["last_reload_ok"] is False
+        cfg.write_text(good)
+        set_toml(cfg, "gossip", "interval_s", "0.7")
+        r = run_cli("reload", "--config", str(cfg))
+        assert r.returncode == 0, r.stderr
+        assert "reloaded" in r.stdout and "task[0].gossip.interval_s" in r.stdout, r.stdout
+        assert d.status()["config"]["last_reload_ok"] is True
+    finally:
+        assert d.stop() == 0
+    r = run_cli("reload", "--url", f"http://127.0.0.1:{status_port}")
+    assert r.returncode == 1 and "cannot reach" in r.stderr

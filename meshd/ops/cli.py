@@ -1,4 +1,4 @@
-"""Command line: `meshd init | keygen | id | config check | run | status | peers | export | demo`.
+"""Command line: `meshd init | keygen | id | config check | run | status | peers | reload | export | demo`.
 
 Exit codes: 0 ok, 1 runtime failure (daemon unreachable, daemon crashed), 2 bad input (config, key, usage).
 """
@@ -83,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
         if name == "status":
             s.add_argument("--peers", action="store_true", help="also print the peer table")
         s.set_defaults(func=cmd_status if name == "status" else cmd_peers)
+
+    s = sub.add_parser("reload", help="ask the running daemon to reload its config; exit 1 with the problems "
+                                      "when it refuses the new one (the unit's ExecReload)")
+    s.add_argument("--url", help=f"status API base URL (default: from --config, else http://{DEFAULT_STATUS})")
+    s.add_argument("--config", type=Path, help="config file to take the status address from")
+    s.set_defaults(func=cmd_reload)
 
     s = sub.add_parser("export", help="write the current model (newest checkpoint) as a torch state_dict")
     s.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
@@ -189,31 +195,36 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import structlog
+
     from meshd import logs
 
+    # Until the config is read, errors go to stderr through the same logger as the daemon's (JSON lines with
+    # a syslog priority under systemd, readable text on a terminal), so `journalctl -p err` shows them too.
+    logs.configure("info", "auto", stream=sys.stderr)
+    startup = structlog.get_logger("meshd.run")
     try:
         cfg = configmod.load(args.config.resolve())
     except ConfigError as exc:
-        print(f"meshd: error: invalid config {args.config}:", file=sys.stderr)
-        for line in exc.problems:
-            print(f"  {line}", file=sys.stderr)
+        startup.error("startup_failed", reason="invalid config", config=str(args.config), problems=exc.problems)
         return 2
     try:
         ident = identitymod.load(cfg.node.identity)
     except IdentityError as exc:
-        _err(str(exc))
+        startup.error("startup_failed", reason="identity", error=str(exc))
         return 2
     logs.configure(cfg.log.level, cfg.log.format)
     from meshd.daemon import Daemon
 
+    log = structlog.get_logger("meshd.run")
     code = 1
     try:
         code = _run_loop(Daemon(cfg, ident).run())
     except (ConfigError, DataError, ModelError) as exc:  # bad input found at start: data, model, registry
-        _err(str(exc))
+        log.error("startup_failed", reason="bad input", error=str(exc))
         code = 2
     except MeshdError as exc:
-        _err(str(exc))
+        log.error("startup_failed", reason="cannot start", error=str(exc))
         code = 1
     # Exit now. The daemon has written every final checkpoint and the replay state, and joined its own writer
     # threads; what may still run is a worker thread inside a torch step or another blocking call whose result
@@ -249,12 +260,34 @@ def _status_url(args: argparse.Namespace) -> str:
         try:
             addr = configmod.load(path).listen.status
         except ConfigError as exc:
-            if explicit:  # the default config may just be unreadable for this user: use the default address
+            # An edit the daemon would refuse must not stop us from reaching it (to reload, or to see its
+            # status): take listen.status from the TOML as it stands, if that one key is usable.
+            raw = _raw_status_address(path)
+            if raw is not None:
+                addr = raw
+            elif explicit:  # the default config may just be unreadable for this user: use the default address
                 raise MeshdError(f"cannot read the status address from {path}: {exc}") from None
     host, port = configmod.split_host_port(addr)
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
     return f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+
+
+def _raw_status_address(path: Path) -> str | None:
+    """``listen.status`` of a config file that does not validate (None if absent, unreadable or malformed)."""
+    import tomllib
+
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    listen = raw.get("listen")
+    addr = listen.get("status", DEFAULT_STATUS) if isinstance(listen, dict) else DEFAULT_STATUS
+    try:
+        configmod.split_host_port(addr)
+    except ValueError:
+        return None
+    return str(addr)
 
 
 def _fetch_status(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -272,6 +305,40 @@ def _fetch_status(args: argparse.Namespace) -> dict[str, Any] | None:
         _err(f"cannot reach the meshd status API at {url} ({reason}); is the daemon running? "
              "(`systemctl status meshd`, or pass --url / --config)")
         return None
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """POST /v1/reload: prints what changed, or every problem of a refused config (exit 1)."""
+    try:
+        url = _status_url(args)
+    except MeshdError as exc:
+        _err(str(exc))
+        return 1
+    req = urllib.request.Request(url + "/v1/reload", data=b"", method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            outcome: dict[str, Any] = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            outcome = json.loads(exc.read())
+        except ValueError:
+            outcome = {"ok": False, "problems": [f"HTTP {exc.code}"]}
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        _err(f"cannot reach the meshd status API at {url} ({getattr(exc, 'reason', exc)}); is the daemon running?")
+        return 1
+    if not outcome.get("ok"):
+        print(f"meshd: reload refused; the daemon keeps running on its previous config ({outcome.get('path', '?')}):",
+              file=sys.stderr)
+        for line in outcome.get("problems", []):
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    changed = outcome.get("changed") or []
+    print(f"reloaded {outcome.get('path')}: " + (", ".join(changed) if changed else "no change"))
+    if outcome.get("pending_restart"):
+        print("needs a restart to take effect: " + ", ".join(outcome["pending_restart"]))
+    if outcome.get("failed_tasks"):
+        print("failed tasks (see `meshd status`): " + ", ".join(outcome["failed_tasks"]))
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""The local status API: `/healthz`, `/status` (JSON) and `/metrics` (Prometheus), on the status listener.
+"""The local status API: `/healthz`, `/status` (JSON) and `/metrics` (Prometheus), on the status listener,
+and `POST /v1/reload` (what `meshd reload` and the unit's ExecReload call), answered from loopback only.
 
 Everything is derived from one snapshot function, so `/status` and `/metrics` can never disagree.
 Field by field documentation: docs/status.md.
@@ -6,7 +7,8 @@ Field by field documentation: docs/status.md.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import ipaddress
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from aiohttp import web
@@ -15,13 +17,15 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 Snapshot = Callable[[], dict[str, Any]]
+Reload = Callable[[], Awaitable[dict[str, Any]]]
 PEER_STATES = ("alive", "suspect", "dead", "left", "unknown")
 
 
 class StatusServer:
-    def __init__(self, host: str, port: int, snapshot: Snapshot) -> None:
+    def __init__(self, host: str, port: int, snapshot: Snapshot, reload: Reload | None = None) -> None:
         self._host, self._port = host, port
         self._snapshot = snapshot
+        self._reload = reload
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(_Collector(snapshot))
         self._runner: web.AppRunner | None = None
@@ -36,6 +40,8 @@ class StatusServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/status", self._status)
         app.router.add_get("/metrics", self._metrics)
+        if self._reload is not None:
+            app.router.add_post("/v1/reload", self._reload_handler)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, self._host, self._port, shutdown_timeout=1.0, reuse_address=True)
@@ -52,6 +58,17 @@ class StatusServer:
         if state == "stopping":
             return web.Response(status=503, text="stopping\n")
         return web.Response(text="ok\n")
+
+    async def _reload_handler(self, request: web.Request) -> web.Response:
+        """Reload the config now; 200 with the outcome when applied, 422 with the problems when refused."""
+        try:
+            local = ipaddress.ip_address(request.remote or "").is_loopback
+        except ValueError:
+            local = False
+        if not local or self._reload is None:  # listen.allow_public_status exposes /status, never reload
+            return web.json_response({"ok": False, "problems": ["reload is only served on loopback"]}, status=403)
+        outcome = await self._reload()
+        return web.json_response(outcome, status=200 if outcome.get("ok") else 422, dumps=_dumps)
 
     async def _status(self, request: web.Request) -> web.Response:
         return web.json_response(self._snapshot(), dumps=_dumps)
