@@ -52,10 +52,10 @@ def _checkpoints(domain: DomainLayout) -> CheckpointStore:
 
 
 def _checkpoint_files(domain: DomainLayout) -> list[Path]:
-    """Checkpoint files, oldest first by (version, created_ms) as encoded in their names."""
+    """Checkpoint files, oldest first by the store's write counter (``ckpt-s<seq>-v<version>.mdck``)."""
     directory = domain.directory / "state" / "tasks" / "default" / "checkpoints"
-    files = [p for p in directory.glob("ckpt-*.mdck")] if directory.is_dir() else []
-    return sorted(files, key=lambda p: tuple(int(part) for part in p.stem.split("-")[1:3]))
+    files = [p for p in directory.glob("ckpt-s*-v*.mdck")] if directory.is_dir() else []
+    return sorted(files, key=lambda p: int(p.stem.split("-")[1][1:]))
 
 
 def _events(domain: DomainLayout, offset: int = 0) -> list[dict[str, Any]]:
