@@ -229,3 +229,37 @@ def _get(d: DomainLayout) -> dict[str, Any]:
     s = get_status(d.status_url, timeout=5.0)
     assert s is not None, f"{d.name} does not answer /status"
     return s
+
+
+def test_a_clock_stepped_back_ten_minutes_does_not_change_which_checkpoint_loads(tmp_path: Path) -> None:
+    """Run 1 checkpoints with the real clock; run 2, under a clock 10 minutes back (libfaketime) and with training
+    off (the version does not move: ties), writes newer checkpoints dated in the past; run 3 (real clock) must
+    load run 2's final checkpoint, the one written last, not run 1's future-dated one."""
+    lib = next((p for p in (Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"),
+                            Path("/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1")) if p.is_file()), None)
+    if lib is None:
+        pytest.skip("libfaketime is not installed (Debian: apt-get install faketime)")
+    cfg, _, _, status_port = init_domain(tmp_path / "d", "payments", "--data", str(_data(tmp_path)))
+    set_toml(cfg, "gossip", "pull_on_join", "false")
+    set_toml(cfg, "checkpoint", "interval_s", "0.3")
+
+    def run(env: dict[str, str] | None) -> list[dict[str, Any]]:
+        d = DaemonProc(cfg, status_port, env=env)  # preloaded, not wrapped: SIGTERM reaches the daemon itself
+        try:
+            d.wait_ready(120)
+            wait_for(lambda: d.status()["checkpoint"]["last_file"], timeout=60, what="a checkpoint")
+        finally:
+            assert d.stop(30) == 0
+        events = [json.loads(ln) for ln in d.logs().splitlines() if ln.startswith("{")]
+        d.log_path.unlink()
+        return events
+
+    first = run(None)
+    set_toml(cfg, "training", "enabled", "false")
+    second = run({"LD_PRELOAD": str(lib), "FAKETIME": "-10m", "FAKETIME_DONT_FAKE_MONOTONIC": "1"})
+    final = [e["file"] for e in second if e.get("event") == "checkpoint_saved" and e.get("final")][-1]
+    assert second[0]["timestamp"] < first[0]["timestamp"]  # the clock really was 10 minutes back
+    assert any(e.get("event") == "checkpoint_loaded" for e in second)
+    third = run(None)
+    loaded = [e["file"] for e in third if e.get("event") == "checkpoint_loaded"]
+    assert loaded == [final], (loaded, final)

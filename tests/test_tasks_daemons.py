@@ -164,6 +164,20 @@ def test_two_tasks_with_their_own_cohorts_and_a_task_added_and_removed_by_reload
         merged_c = _status(c)["tasks"]["churn"]["gossip"]["merged"]
         wait_for(lambda: _status(c)["tasks"]["churn"]["gossip"]["merged"] > merged_c + 5, timeout=60,
                  what="C to keep merging churn shares (from A)")
+
+        # --- C changes churn's cohort to leave A out: from that reload on, C refuses A's churn shares as
+        # not_in_cohort (counted at C), and A sees why; nothing restarts.
+        c.config.write_text(base[c.name] + _task("churn", [b.name, c.name], "logreg", 2, "churn.npz",
+                                                 "../shared/churn-test.npz") + broken)
+
+        def c_refuses_a() -> dict[str, Any] | None:
+            s = _status(c)
+            view = _status(a)["tasks"]["churn"]["peers"].get(c.peer_id, {})
+            refused = s["gossip"]["rejected"].get("not_in_cohort", 0) > 0
+            return s if refused and view.get("incompatible") == "not_in_cohort" else None
+
+        sc = wait_for(c_refuses_a, timeout=60, what="C to refuse A's churn shares once A is out of its cohort")
+        assert sc["pid"] == pids[c.name] and sc["tasks"]["churn"]["cohort"] == [b.name, c.name]
         assert mesh.alive() == [d.name for d in layout.domains]
         assert_no_blocking_calls(layout)
     finally:

@@ -259,7 +259,8 @@ def test_stalled_loop_stops_watchdog_pings(tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
     unit = (REPO / "systemd" / "meshd.service").read_text()
-    for needle in ("Type=notify", "ExecReload=/opt/meshd/bin/meshd reload --config", "WatchdogSec=", "Restart=on-failure",
+    for needle in ("Type=notify", "ExecReload=/opt/meshd/bin/meshd reload --config", "WatchdogSec=",
+                   "Restart=on-failure",
                    "StateDirectory=meshd", "ConfigurationDirectory=meshd", "NoNewPrivileges=yes",
                    "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes", "PrivateDevices=yes",
                    "RestrictAddressFamilies=", "SystemCallFilter=@system-service", "UMask=0077",
@@ -298,3 +299,58 @@ def test_meshd_reload_reports_a_refused_config_and_applies_a_good_one(tmp_path: 
         assert d.stop() == 0
     r = run_cli("reload", "--url", f"http://127.0.0.1:{status_port}")
     assert r.returncode == 1 and "cannot reach" in r.stderr
+
+
+def test_a_single_model_config_of_the_previous_form_runs_unchanged(tmp_path: Path) -> None:
+    """A config without [[task]] tables (model, data and training at the top level, as every config before
+    the many-tasks daemon) runs as one task named "default"; its single-model checkpoint folder is moved to
+    STATE/tasks/default on the first start."""
+    from meshd import identity as identitymod
+    from meshd.task import datasets
+
+    x, y = datasets.load_digits_dataset()
+    datasets.write_npz_product(tmp_path / "data.npz", x[:200], y[:200])
+    identitymod.save(identitymod.generate(), tmp_path / "identity.key")
+    peer_port, status_port = free_port(), free_port()
+    cfg = tmp_path / "meshd.toml"
+    cfg.write_text(f"""
+[node]
+domain = "payments"
+identity = "identity.key"
+state_dir = "state"
+
+[listen]
+peer = "127.0.0.1:{peer_port}"
+status = "127.0.0.1:{status_port}"
+
+[discovery.mdns]
+enabled = false
+
+[model]
+name = "mlp"
+hidden = [32]
+
+[data]
+path = "data.npz"
+
+[training]
+lr = 0.05
+eval_interval_s = 0.5
+
+[gossip]
+interval_s = 0.5
+""")
+    legacy = tmp_path / "state" / "checkpoints"
+    legacy.mkdir(parents=True)
+    (legacy / "note.txt").write_text("a file of the single-model state dir")
+    d = DaemonProc(cfg, status_port)
+    try:
+        s = d.wait_ready()
+        assert list(s["tasks"]) == ["default"] and s["tasks"]["default"]["state"] == "running"
+        s = wait_for(lambda: (st := d.status())["training"]["steps"] > 0 and st, timeout=60, what="training")
+        assert s["model"]["name"] == "mlp" and s["model"]["parameters"] == 64 * 32 + 32 + 32 * 10 + 10
+    finally:
+        assert d.stop() == 0
+    assert (tmp_path / "state" / "tasks" / "default" / "checkpoints" / "note.txt").is_file()
+    assert not legacy.exists()
+    assert "moved the single-model checkpoints" in d.logs()

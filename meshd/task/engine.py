@@ -129,7 +129,8 @@ class Engine:
             self.baseline = Learner(base_module, self.data, tcfg)
             self._baseline_flat = models.flatten(base_module)
         start = models.flatten(self.module)
-        ckpt, warnings = self.store.load_latest()
+        ckpt, store_warnings = self.store.load_latest()
+        warnings += store_warnings
         opts: dict[str, Any] = {"max_abs": self._max_param_abs, "codec": cfg.gossip.codec}
         if ckpt is not None and ckpt.fingerprint != self.fingerprint:
             warnings.append(
