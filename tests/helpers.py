@@ -48,6 +48,17 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
+def post_envelope(port: int, data: bytes) -> tuple[int, bytes]:
+    """POST an envelope to a daemon's peer listener on loopback; (HTTP status, body)."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/envelope", data=data, method="POST",
+                                 headers={"Content-Type": "application/x-meshd-envelope"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
 def http_json(url: str) -> Any:
     status, body = http_get(url)
     assert status == 200, (status, body)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import math
 import struct
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 import pytest
@@ -15,17 +13,7 @@ from meshd import identity as identitymod
 from meshd.core.replay import ReplayGuard
 from meshd.core.wire import Limits, Wire, decode_body, encode_body
 from meshd.task import datasets
-from tests.helpers import DaemonProc, init_domain, set_toml
-
-
-def _post(port: int, data: bytes) -> tuple[int, bytes]:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/envelope", data=data, method="POST",
-                                 headers={"Content-Type": "application/x-meshd-envelope"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read()
+from tests.helpers import DaemonProc, init_domain, post_envelope, set_toml
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +44,7 @@ def _share(node: Any, **overrides: Any) -> tuple[int, bytes]:
     body.update(overrides)
     wire = Wire(node["client"], Limits())
     env = wire.seal(node["to"], "share", encode_body(body), next(node["seq"]), int(time.time() * 1000))
-    return _post(node["port"], env)
+    return post_envelope(node["port"], env)
 
 
 def _model_state(node: Any) -> tuple[Any, ...]:
@@ -122,7 +110,7 @@ def test_pull_answers_half_the_weight_sealed_to_the_requester(node: Any) -> None
     fp, schema = node["status"]["model"]["fingerprint"], node["status"]["model"]["data_schema"]
     env = wire.seal(node["to"], "pull", encode_body({"fp": fp, "schema": schema}), next(node["seq"]),
                     int(time.time() * 1000))
-    status, reply = _post(node["port"], env)
+    status, reply = post_envelope(node["port"], env)
     assert status == 200
     opened = wire.open(reply, int(time.time() * 1000), lambda pk: pk == node["to"], ReplayGuard())
     body = decode_body(opened.body, Limits())
@@ -136,6 +124,6 @@ def test_pull_for_another_schema_is_refused(node: Any) -> None:
     wire = Wire(node["client"], Limits())
     body = {"fp": node["status"]["model"]["fingerprint"], "schema": "f" * 16}
     env = wire.seal(node["to"], "pull", encode_body(body), next(node["seq"]), int(time.time() * 1000))
-    status, reply = _post(node["port"], env)
+    status, reply = post_envelope(node["port"], env)
     assert status == 409 and b"schema_mismatch" in reply
     assert _model_state(node)[0] == weight  # nothing given away

@@ -30,20 +30,7 @@ from meshd.core.wire import Limits, Wire, decode_body, encode_body
 from meshd.ops.localmesh import DomainLayout, LocalMesh, build_mesh, get_status
 from meshd.task import datasets
 from meshd.task.checkpoints import CheckpointStore
-from tests.helpers import DaemonProc, http_get, init_domain, set_toml, wait_for
-
-
-def _post(port: int, data: bytes) -> tuple[int, bytes]:
-    import urllib.error
-    import urllib.request
-
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/envelope", data=data, method="POST",
-                                 headers={"Content-Type": "application/x-meshd-envelope"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read()
+from tests.helpers import DaemonProc, http_get, init_domain, post_envelope, set_toml, wait_for
 
 
 @contextlib.contextmanager
@@ -97,7 +84,7 @@ def test_full_disk_answers_503_unavailable_shows_in_status_and_recovers(tmp_path
 
         def ping() -> tuple[int, bytes]:
             env = wire.seal(bytes.fromhex(peer_id), "ping", encode_body({}), next(seq), int(time.time() * 1000))
-            return _post(peer_port, env)
+            return post_envelope(peer_port, env)
 
         try:
             d.wait_ready(60)
