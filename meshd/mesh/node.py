@@ -285,7 +285,8 @@ class Mesh:
                 elif not want and self._mdns is not None:
                     await self._stop_discovery()
                 elif self._mdns is not None:
-                    await self._mdns.set_tasks(self.task_ids(), *self._default_ids())
+                    ids = self.task_ids()
+                    await self._mdns.set_tasks(ids, *_default_ids(ids))
                 self._mesh_changed.clear()
                 # Not asyncio.wait_for: on 3.11 it swallows a cancel that lands as the event is set
                 # (CPython gh-86296), and this loop then never ends (a reload racing SIGTERM hung stop).
@@ -295,23 +296,18 @@ class Mesh:
         finally:
             await self._stop_discovery()
 
-    def _default_ids(self) -> tuple[str | None, str | None]:
-        """TXT/pong ``fp`` and ``schema``: the default task's, or the only task's (what a single-model peer reads)."""
-        ids = self.task_ids()
-        one = ids.get(DEFAULT_TASK) or (next(iter(ids.values())) if len(ids) == 1 else None)
-        return (one[0], one[1]) if one else (None, None)
-
     async def _start_mdns(self) -> None:
         ifaces = list(self.cfg.discovery.mdns.interfaces)
         advertise_ips = ifaces or ([self.listen_host] if self.listen_host not in ("0.0.0.0", "::") else [])
         adv = self.cfg.listen.advertise
         if adv:
             advertise_ips = [configmod.split_host_port(adv)[0]]
-        fp, schema = self._default_ids()
+        ids = self.task_ids()
+        fp, schema = _default_ids(ids)
         mdns = disc.MdnsDiscovery(
             domain=self.cfg.node.domain, peer_id=self.identity.public_key, port=self.listen_port,
             advertise_ips=advertise_ips, interfaces=ifaces or None, model_fp=fp, schema_fp=schema,
-            tasks=self.task_ids(), protocol_version=wire.PROTOCOL_VERSION, on_event=self._on_discovery,
+            tasks=ids, protocol_version=wire.PROTOCOL_VERSION, on_event=self._on_discovery,
         )
         try:
             await mdns.start()
@@ -425,7 +421,7 @@ class Mesh:
     def _pong_body(self) -> dict[str, Any]:
         """A ping or a pong: who we are, and the tasks we run (name, model and data schema fingerprints)."""
         ids = self.task_ids()
-        fp, schema = self._default_ids()
+        fp, schema = _default_ids(ids)
         body: dict[str, Any] = {
             **self.hello_body(),
             "tasks": [{"name": n, "fp": f, "schema": s} for n, (f, s) in list(ids.items())[:MAX_PONG_TASKS]],
@@ -610,3 +606,9 @@ def _pong_tasks(body: dict[str, Any]) -> dict[str, tuple[str | None, str | None]
         out[name] = (fp if isinstance(fp, str) and len(fp) <= 64 else None,
                      schema if isinstance(schema, str) and len(schema) <= 64 else None)
     return out
+
+
+def _default_ids(ids: dict[str, tuple[str, str]]) -> tuple[str | None, str | None]:
+    """TXT/pong ``fp`` and ``schema``: the default task's, or the only task's (what a single-model peer reads)."""
+    one = ids.get(DEFAULT_TASK) or (next(iter(ids.values())) if len(ids) == 1 else None)
+    return (one[0], one[1]) if one else (None, None)
