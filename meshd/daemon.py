@@ -291,6 +291,21 @@ class Daemon:
 
     # --- status ------------------------------------------------------------------------------------------
 
+    def _health(self, mesh: dict[str, Any], tasks: dict[str, Any]) -> dict[str, Any]:
+        """Ready, or the problems an operator (`meshd status` exits 1) or a probe (`/readyz` 503) must know of."""
+        problems: list[str] = []
+        if self.state != "running":
+            problems.append(f"daemon is {self.state}")
+        if not self._last_reload_ok:
+            problems.append(f"last config reload failed: {self._last_reload_error}")
+        for name, ts in tasks.items():
+            if ts["state"] == "failed":
+                problems.append(f"task {name} failed: {ts['error']}")
+        alive = mesh.get("counts", {}).get("alive", 0)
+        if mesh.get("enabled") and mesh.get("trusted", 0) > 0 and alive == 0:
+            problems.append(f"mesh enabled with {mesh.get('trusted')} trusted peers, none alive")
+        return {"ready": not problems, "problems": problems}
+
     def snapshot(self) -> dict[str, Any]:
         mesh = self.mesh.snapshot() if self.mesh is not None else {}
         tasks = {name: task.snapshot() for name, task in sorted(self.tasks.items())}
@@ -302,6 +317,7 @@ class Daemon:
         mesh_part = mesh.get("mesh", {"joined": False, "peers": [], "counts": {}, "untrusted_seen": []})
         mesh_part["joined"] = bool(mesh_part.get("enabled")) and all(ts["joined"] for ts in tasks.values())
         return {
+            "health": self._health(mesh_part, tasks),
             "domain": self.cfg.node.domain,
             "peer_id": self.identity.peer_id,
             "version": meshd.__version__,

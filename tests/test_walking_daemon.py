@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -354,3 +355,34 @@ interval_s = 0.5
     assert (tmp_path / "state" / "tasks" / "default" / "checkpoints" / "note.txt").is_file()
     assert not legacy.exists()
     assert "moved the single-model checkpoints" in d.logs()
+
+
+def test_status_exits_1_and_readyz_503_when_degraded(tmp_path: Path) -> None:
+    """Scriptable health: a domain alone by design is ready; one whose trusted peers are all unreachable, or
+    whose last reload was refused, is degraded (`meshd status` exits 1 and says why; /readyz answers 503)."""
+    from meshd import identity as identitymod
+
+    cfg, _, _, status_port = init_domain(tmp_path, "payments")
+    d = DaemonProc(cfg, status_port)
+    try:
+        d.wait_ready()
+        status, body = http_get(d.url + "/readyz")
+        assert status == 200 and json.loads(body) == {"ready": True, "problems": []}
+        assert run_cli("status", "--url", d.url).returncode == 0
+        ghost = identitymod.generate().peer_id  # trusted, at an address where nobody listens
+        nowhere = f"127.0.0.1:{free_port()}"
+        cfg.write_text(cfg.read_text() + f'\n[[peers]]\ndomain = "sales"\naddress = "{nowhere}"\npeer_id = "{ghost}"\n')
+        set_toml(cfg, "trust", "peers", f'["{ghost}"]')
+        assert run_cli("reload", "--config", str(cfg)).returncode == 0
+        r = wait_for(lambda: (r := run_cli("status", "--url", d.url)).returncode == 1 and r, timeout=30,
+                     what="status to report the mesh degraded")
+        assert "degraded: mesh enabled with 1 trusted peers, none alive" in r.stderr
+        status, body = http_get(d.url + "/readyz")
+        assert status == 503 and "none alive" in json.loads(body)["problems"][0]
+        set_toml(cfg, "gossip", "fanout", "0")
+        assert run_cli("reload", "--config", str(cfg)).returncode == 1
+        r = run_cli("status", "--json", "--url", d.url)
+        assert r.returncode == 1 and "last config reload failed" in r.stderr
+        assert json.loads(r.stdout)["health"]["ready"] is False
+    finally:
+        assert d.stop() == 0

@@ -345,13 +345,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     s = _fetch_status(args)
     if s is None:
         return 1
+    problems = s.get("health", {}).get("problems", [])
     if args.json:
         print(json.dumps(s, indent=2))
-        return 0
-    print(format_status(s))
-    if args.peers:
-        print()
-        print(format_peers(s))
+    else:
+        print(format_status(s))
+        if args.peers:
+            print()
+            print(format_peers(s))
+    if problems:  # scriptable: exit 1 when the domain is degraded
+        print("meshd: degraded: " + "; ".join(problems), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The local status API: `/healthz`, `/status` (JSON) and `/metrics` (Prometheus), on the status listener,
+"""The local status API: `/healthz`, `/readyz`, `/status` (JSON) and `/metrics` (Prometheus), on the status listener,
 and `POST /v1/reload` (what `meshd reload` and the unit's ExecReload call), answered from loopback only.
 
 Everything is derived from one snapshot function, so `/status` and `/metrics` can never disagree.
@@ -38,6 +38,7 @@ class StatusServer:
     async def start(self) -> None:
         app = web.Application(client_max_size=64 * 1024)
         app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/status", self._status)
         app.router.add_get("/metrics", self._metrics)
         if self._reload is not None:
@@ -58,6 +59,11 @@ class StatusServer:
         if state == "stopping":
             return web.Response(status=503, text="stopping\n")
         return web.Response(text="ok\n")
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        """200 when the domain does its job; 503 with the problems when it is degraded (for probes)."""
+        health = self._snapshot().get("health", {"ready": False, "problems": ["no health information"]})
+        return web.json_response(health, status=200 if health.get("ready") else 503, dumps=_dumps)
 
     async def _reload_handler(self, request: web.Request) -> web.Response:
         """Reload the config now; 200 with the outcome when applied, 422 with the problems when refused."""
