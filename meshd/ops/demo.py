@@ -250,11 +250,18 @@ def _watch_live(layout: MeshLayout, mesh: LocalMesh, duration: float, t0: float,
     return latest
 
 
+# What each column measures: a domain holds a few classes only, so its own holdout looks easy.
+LIVE_LEGEND = ("holdout acc: the mesh model on the domain's own held-out rows (only the classes it holds); "
+               "mesh / local-only test acc: the mesh model / a model trained on the domain's data alone, "
+               "on the shared test set (all classes)")
+
+
 def _live_table(layout: MeshLayout, rows: dict[str, dict[str, Any]], now: float, duration: float) -> Any:
     from rich.table import Table
 
     table = Table(title=f"meshd demo: {len(layout.domains)} domains, {layout.dataset}, alpha {layout.alpha:g} "
-                        f"- {now:.0f} / {duration:g} s")
+                        f"- {now:.0f} / {duration:g} s",
+                  caption=LIVE_LEGEND)
     for col in ("domain", "classes held", "holdout acc", "mesh test acc", "local-only test acc",
                 "alive peers", "msgs sent / recv", "model version"):
         table.add_column(col, justify="left" if col in ("domain", "classes held") else "right")
