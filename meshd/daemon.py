@@ -23,7 +23,7 @@ from meshd import config as configmod
 from meshd import logs
 from meshd.config import DEFAULT_TASK, Config, TaskConfig
 from meshd.core.stats import GossipStats
-from meshd.errors import ConfigError, DataError, MeshdError, ModelError
+from meshd.errors import ConfigError, DataError, MeshdError
 from meshd.identity import Identity
 from meshd.mesh.node import Mesh
 from meshd.ops.sdnotify import Notifier
@@ -180,7 +180,7 @@ class Daemon:
         self.tasks[tcfg.name] = task
         try:
             await task.open()
-        except (DataError, ModelError, MeshdError, OSError, ValueError) as exc:
+        except (MeshdError, OSError, ValueError) as exc:  # DataError, ModelError... are MeshdErrors
             task.fail(exc)
         return task
 

@@ -368,14 +368,6 @@ class PeerTable:
                 break
         return out
 
-    def pull_candidates(self) -> list[Peer]:
-        """Peers to fetch the current model from: ALIVE ones (most recently heard first), then UNKNOWN."""
-        alive = [p for p in self._peers.values() if p.state == PeerState.ALIVE and p.address]
-        unknown = [p for p in self._peers.values() if p.state == PeerState.UNKNOWN and p.address]
-        alive.sort(key=lambda p: (-(p.last_seen or 0.0), p.peer_id))
-        unknown.sort(key=lambda p: p.peer_id)
-        return alive + unknown
-
     # ----------------------------------------------------------------- reports
 
     def snapshot(self, now: float) -> list[dict[str, object]]:
