@@ -20,6 +20,11 @@ class ReplayGuard:
     Bit ``i`` of ``bits`` set means seq ``hw - i`` was accepted. A seq at or below ``hw - window`` is
     refused outright. At most ``max_senders`` senders are tracked; the least recently committed is
     evicted first (only trusted peers with valid signatures ever reach ``commit``).
+
+    ``not_before_ms`` (0: off) is set when the persisted windows may be behind what was accepted (an unclean
+    stop: power loss can roll the file back to its last fsync, or leave it empty): the wire then refuses any
+    envelope sealed before that instant (the restart), whatever its seq, so nothing captured before the crash
+    can be replayed into the gap.
     """
 
     def __init__(self, window: int = 64, max_senders: int = 4096) -> None:
@@ -32,6 +37,7 @@ class ReplayGuard:
         self._mask = (1 << window) - 1
         self._peers: OrderedDict[bytes, tuple[int, int]] = OrderedDict()  # sender -> (hw, bits)
         self.dirty = False  # set by commit/forget; the caller clears it after persisting to_state()
+        self.not_before_ms = 0  # envelopes with an older ts are refused as replayed (see the class docstring)
 
     def __len__(self) -> int:
         return len(self._peers)

@@ -166,6 +166,9 @@ class Wire:
             raise WireError("bad_signature", 401, "signature does not verify") from None
         if not replay.check(env.sender, env.seq):
             raise WireError("replayed", 409, f"seq {env.seq} already seen or below the window")
+        if env.ts < replay.not_before_ms:
+            raise WireError("replayed", 409, "sealed before this node's restart after an unclean stop "
+                                             f"({replay.not_before_ms - env.ts} ms earlier); send a fresh one")
         if abs(env.ts - now_ms) > limits.max_skew_ms:
             raise WireError("stale", 409, f"timestamp {env.ts - now_ms:+d} ms from now, "
                                           f"allowed ±{limits.max_skew_ms}")

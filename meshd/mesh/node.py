@@ -43,6 +43,7 @@ PERSIST_S = 30.0  # replay state is fsynced this often (it is written, without f
 MAX_CONCURRENT_PINGS = 32
 MAX_PONG_TASKS = 32  # tasks listed in a pong; a domain runs at most config.MAX_TASKS
 REPLAY_FILE = "replay.json"
+REPLAY_FORMAT = 2  # {"format": 2, "clean": bool, "peers": {...}}; format 1 was the bare peers map
 SEQ_FILE = "sequence.json"
 
 
@@ -89,14 +90,8 @@ class Mesh:
 
     async def open(self) -> None:
         """Load persistent protocol state (replay window, sequence reservation) and the trust list."""
-        replay_state = await asyncio.to_thread(store.read_json, self._state_dir / REPLAY_FILE, None)
-        if replay_state is not None:
-            try:
-                self._replay = ReplayGuard.from_state(replay_state, self.cfg.limits.replay_window)
-            except ValueError as exc:
-                raise MeshdError(f"{self._state_dir / REPLAY_FILE} is corrupt ({exc}); "
-                                 "move it away to start with an empty replay state") from None
         seq_state = await asyncio.to_thread(store.read_json, self._state_dir / SEQ_FILE, None)
+        await self._load_replay_state(had_state=seq_state is not None)
         reserved = 1
         if isinstance(seq_state, dict) and isinstance(seq_state.get("reserved"), int):
             reserved = max(1, int(seq_state["reserved"]))
@@ -109,6 +104,37 @@ class Mesh:
             log.info("sequence_from_clock", reserved=reserved, start=start)
         self._seq = SequenceCounter(start)
         await self._apply_trust(self.cfg)
+
+    async def _load_replay_state(self, *, had_state: bool) -> None:
+        """The replay windows of the last run. Only a clean stop leaves them exact: after kill -9 they are
+        exact too, but after a power cut the file may be up to ``PERSIST_S`` old, or empty (its rename
+        reached the disk, its data did not). So unless the last stop was clean, envelopes sealed before
+        this start are refused as replayed (``ReplayGuard.not_before_ms``); peers' fresh ones pass."""
+        path = self._state_dir / REPLAY_FILE
+        window = self.cfg.limits.replay_window
+        problem: str | None = None
+        try:
+            state = await asyncio.to_thread(store.read_json, path, None)
+        except StoreError as exc:
+            state, problem = None, str(exc)
+        clean = False
+        if isinstance(state, dict) and state.get("format") == REPLAY_FORMAT:
+            clean = state.get("clean") is True
+            state = state.get("peers")
+        if state is not None:
+            try:
+                self._replay = ReplayGuard.from_state(state, window)
+            except ValueError as exc:
+                problem = f"{path} is corrupt ({exc})"
+        elif had_state and problem is None:
+            problem = f"{path} is missing"
+        if problem is not None:
+            self._replay = ReplayGuard(window)
+            log.warning("replay_state_lost", error=problem, action="starting with empty replay windows")
+        if (state is not None or had_state) and not clean:
+            self._replay.not_before_ms = int(time.time() * 1000)
+            log.info("replay_after_unclean_stop", not_before_ms=self._replay.not_before_ms,
+                     detail="envelopes sealed before this start are refused as replayed")
 
     async def start_listening(self) -> None:
         limits = ServerLimits(
@@ -150,11 +176,11 @@ class Mesh:
         await self.leave()
         if self._server is None and self._client is None:
             return
-        with contextlib.suppress(Exception):
-            await self._persist_protocol_state(fsync=True)
         server, client, self._server, self._client = self._server, self._client, None, None
         if server is not None:
             await server.stop()
+        with contextlib.suppress(Exception):  # after the server: nothing is accepted after this write
+            await self._in_wire(self._write_replay_state, True, True)
         if client is not None:
             await client.stop()
         self._wire_exec.shutdown(wait=True)
@@ -339,8 +365,10 @@ class Mesh:
         self._write_replay_state(fsync=False)
         return opened
 
-    def _write_replay_state(self, fsync: bool) -> None:
-        store.write_json_atomic(self._state_dir / REPLAY_FILE, self._replay.to_state(), fsync=fsync)
+    def _write_replay_state(self, fsync: bool, clean: bool = False) -> None:
+        """``clean`` only for the last write of a graceful stop: the next start can trust the windows."""
+        state = {"format": REPLAY_FORMAT, "clean": clean, "peers": self._replay.to_state()}
+        store.write_json_atomic(self._state_dir / REPLAY_FILE, state, fsync=fsync)
 
     async def _handle(self, data: bytes, remote: str) -> Reply:
         now_ms = int(time.time() * 1000)
