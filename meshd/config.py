@@ -176,7 +176,7 @@ class GossipConfig:
     per_round: int = field(default=8, metadata=_opt(_between(0, 1000)))
     serve_window: int = field(default=8, metadata=_opt(_between(0, 1000)))
     topology: str = field(default="exponential", metadata=_opt(_one_of("exponential", "random")))
-    codec: str = field(default="q8", metadata=_opt(_one_of("f64", "f32", "f16", "q8")))
+    codec: str = field(default="q8", metadata=_opt(_one_of("f64", "f32", "f16", "q8", "q4")))
     pull_on_join: bool = True
     far_behind_versions: int = field(default=0, metadata=_opt(_non_negative))
     connect_timeout_s: float = field(default=3.0, metadata=_opt(_positive))

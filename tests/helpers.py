@@ -20,10 +20,16 @@ from meshd.ops.localmesh import free_port
 T = TypeVar("T")
 MESHD = [sys.executable, "-m", "meshd"]
 REPO = Path(__file__).resolve().parent.parent
+# Deadlines say when to give up, never how fast something must be: on a loaded machine (CI once ran at load
+# average 12, and this suite passes at 20) every deadline of wait_for is this many times longer.
+TIMEOUT_SCALE = float(os.environ.get("MESHD_TEST_TIMEOUT_SCALE", "3"))
 
 
 def wait_for(cond: Callable[[], T | None], timeout: float = 10.0, interval: float = 0.05, what: str = "") -> T:
-    """Poll `cond` until it returns a truthy value or the deadline passes (then fail with `what`)."""
+    """Poll `cond` until it returns a truthy value or the deadline passes (then fail with `what`).
+
+    The deadline is ``timeout x TIMEOUT_SCALE``: only a failing test waits that long."""
+    timeout *= TIMEOUT_SCALE
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None
     while True:

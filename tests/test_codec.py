@@ -26,9 +26,9 @@ def test_round_trip_matches_quantize(codec: CodecName) -> None:
     out = decode(data, len(vec), codec)
     assert out.dtype == torch.float64 and out.shape == vec.shape
     assert torch.equal(out, quantize(vec, codec))
-    # Quantized vectors re-encode exactly (what a Share carries is what the receiver gets); q8 may pick a
-    # finer exponent for them (other bytes), but they decode to the very same values.
-    if codec != "q8":
+    # Quantized vectors re-encode exactly (what a Share carries is what the receiver gets); q8 and q4 may pick
+    # a finer exponent for them (other bytes), but they decode to the very same values.
+    if codec not in ("q8", "q4"):
         assert encode(out, codec) == data
     assert torch.equal(decode(encode(out, codec), len(vec), codec), out)
     assert torch.equal(quantize(out, codec), out)
@@ -134,11 +134,32 @@ def test_q8_refuses_absurd_exponents() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.floats(min_value=-1e6, max_value=1e6, allow_nan=False), min_size=0, max_size=300))
-def test_q8_round_trip_is_exact_for_any_vector(values: list[float]) -> None:
+@given(st.lists(st.floats(min_value=-1e6, max_value=1e6, allow_nan=False), min_size=0, max_size=300),
+       st.sampled_from(["q8", "q4"]))
+def test_block_codecs_round_trip_exactly_for_any_vector(values: list[float], codec: CodecName) -> None:
     vec = torch.tensor(values, dtype=torch.float64)
-    data = encode(vec, "q8")
-    out = decode(data, len(values), "q8")
-    assert torch.equal(out, quantize(vec, "q8"))
+    data = encode(vec, codec)
+    assert len(data) == encoded_size(len(values), codec)
+    out = decode(data, len(values), codec)
+    assert torch.equal(out, quantize(vec, codec))
     # what a share carries (its quantized values, encoded again) is exactly what the receiver merges
-    assert torch.equal(decode(encode(out, "q8"), len(values), "q8"), out)
+    assert torch.equal(decode(encode(out, codec), len(values), codec), out)
+
+
+def test_q4_size_error_bound_and_nibble_layout() -> None:
+    vec = _vec(1001, scale=0.3)
+    data = encode(vec, "q4")
+    assert len(data) == 501 + 5 * -(-1001 // Q8_BLOCK)  # < 0.6 bytes per value, header included
+    err = (quantize(vec, "q4") - vec).abs()
+    for lo in range(0, 1001, Q8_BLOCK):
+        block = vec[lo : lo + Q8_BLOCK]
+        span = float(block.max() - block.min())
+        assert float(err[lo : lo + Q8_BLOCK].max()) <= span / 7 / 2 + 1e-12  # at most half of one step
+    # The layout of docs/protocol.md: value 2j in the low nibble of byte j, then the high nibble.
+    three = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)  # k = -2 (15 steps of 1/4 span 0..2), m = 0
+    raw = encode(three, "q4")
+    assert raw[5:] == bytes([0x40, 0x08])
+    padded = bytearray(raw)
+    padded[-1] |= 0x10  # the unused high nibble of an odd count must be 0
+    with pytest.raises(CodecError, match="padding"):
+        decode(bytes(padded), 3, "q4")

@@ -144,7 +144,7 @@ def test_power_cuts_keep_the_newest_fsynced_checkpoint_and_the_sequence_reservat
                     # The cut may have lost the replay windows: the last envelope before it, still fresh
                     # (< 60 s), must not be accepted a second time.
                     status, reply = post_envelope(peer_port, last_env)
-                    assert status == 409 and json.loads(reply)["error"] == "replayed", (status, reply)
+                    assert status == 409 and json.loads(reply)["error"] == "stale", (status, reply)
                 ping()  # its pong's seq is above every seq of the runs before (checked in ping)
                 if cut == CUTS:
                     assert d.stop(30) == 0, d.logs()[-3000:]

@@ -12,6 +12,7 @@ from meshd.core.replay import SEQ_LIMIT, ReplayGuard, SequenceCounter
 
 A = b"\xaa" * 32
 B = b"\xbb" * 32
+C = b"\xcc" * 32
 
 
 def accept(guard: ReplayGuard, sender: bytes, seq: int) -> bool:
@@ -104,14 +105,30 @@ def test_bounded_senders_evict_least_recently_committed() -> None:
     assert g.high_water(peers[0]) == 2 and g.high_water(peers[3]) == 1
 
 
+def test_a_dropped_window_raises_the_timestamp_floor_past_everything_its_sender_sent() -> None:
+    """Issue #10 item 3: after its window is evicted (or forgotten), nothing a sender had sent passes again."""
+    g = ReplayGuard(max_senders=2)
+    g.commit(A, 5, 1_000)
+    g.commit(A, 6, 1_200)
+    g.commit(B, 1, 1_500)
+    assert g.not_before_ms == 0
+    g.commit(C, 1, 1_600)  # A, the least recently committed, is evicted
+    assert g.high_water(A) == 0 and g.not_before_ms == 1_201
+    g.forget(B)
+    assert g.not_before_ms == 1_501
+    g.forget(B)  # unknown now: nothing changes
+    assert g.not_before_ms == 1_501
+
+
 def test_state_round_trip_through_json() -> None:
     g = ReplayGuard()
     for s in (100, 98, 60, 2**62):
         accept(g, A, s)
-    g.commit(B, 3)
+    g.commit(B, 3, 1_700)
     state = json.loads(json.dumps(g.to_state()))
     assert set(state) == {A.hex(), B.hex()}
-    assert state[B.hex()] == {"hw": 3, "bits": 1}
+    assert state[B.hex()] == {"hw": 3, "bits": 1, "ts": 1_700}
+    assert ReplayGuard.from_state({B.hex(): {"hw": 3, "bits": 1}}).high_water(B) == 3  # files before "ts"
     r = ReplayGuard.from_state(state)
     assert not r.dirty
     for s in (2**62, 2**62 - 1, 100, 3):

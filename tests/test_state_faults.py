@@ -82,8 +82,9 @@ def test_full_disk_answers_503_unavailable_shows_in_status_and_recovers(tmp_path
         guard = ReplayGuard(64)
         seq = iter(range(1, 1000))
 
-        def ping() -> tuple[int, bytes]:
-            env = wire.seal(bytes.fromhex(peer_id), "ping", encode_body({}), next(seq), int(time.time() * 1000))
+        def ping(ahead_ms: int = 0) -> tuple[int, bytes]:
+            ts = int(time.time() * 1000) + ahead_ms
+            env = wire.seal(bytes.fromhex(peer_id), "ping", encode_body({}), next(seq), ts)
             return post_envelope(peer_port, env)
 
         try:
@@ -95,7 +96,7 @@ def test_full_disk_answers_503_unavailable_shows_in_status_and_recovers(tmp_path
             wait_for(lambda: d.status()["checkpoint"]["last_file"], timeout=60, what="a first checkpoint")
 
             ballast = _fill(state)
-            status, reply = ping()
+            status, reply = ping(ahead_ms=10_000)  # beyond the replay lease: accepting it needs a write
             assert status == 503 and json.loads(reply)["error"] == "unavailable", (status, reply)
             failing = wait_for(lambda: (c := d.status()["checkpoint"])["failures"] > 0 and c, timeout=60,
                                what="a failed checkpoint in /status")

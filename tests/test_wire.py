@@ -400,14 +400,15 @@ def test_replay_survives_a_restart_of_the_receiver(alice: Identity, bob: Identit
     assert reason_of(Wire(bob, Limits()), data, restored) == ("replayed", 409)
 
 
-def test_after_an_unclean_restart_envelopes_sealed_before_it_are_replayed(alice: Identity, bob: Identity) -> None:
-    """A power cut can lose the replay windows; the restarted receiver refuses anything sealed before it."""
+def test_envelopes_sealed_before_the_replay_floor_are_stale(alice: Identity, bob: Identity) -> None:
+    """A power cut can lose the replay windows; the restarted receiver refuses anything sealed before its floor
+    as stale (not replayed: a sender reads a retry's 'replayed' as delivered)."""
     wa, wb = Wire(alice, Limits()), Wire(bob, Limits())
     old = wa.seal(bob.public_key, "share", b"m", 7, NOW - 1)
     fresh = wa.seal(bob.public_key, "share", b"m", 8, NOW)
     guard = ReplayGuard()  # the windows were lost
     guard.not_before_ms = NOW
-    assert reason_of(wb, old, guard) == ("replayed", 409)
+    assert reason_of(wb, old, guard) == ("stale", 409)
     assert wb.open(fresh, NOW, trust_all, guard).seq == 8
     assert ReplayGuard.from_state(guard.to_state()).not_before_ms == 0  # not persisted: one start's rule
 

@@ -13,6 +13,11 @@ A model travels as one flat float64 vector, cast to the codec's dtype and laid o
   is every header first (``nblocks * 5`` bytes), then ``count`` uint8 values. The quantization error is not
   lost: push-sum subtracts exactly what the receiver decodes (``averaging``), so what a share did not carry
   stays in the sender's numerator and goes out with a later share (error feedback by mass conservation).
+- ``"q4"``: about 0.58 bytes per value: the same blocks and headers with 15 steps per block, ``q`` in 0..15,
+  two values per byte (value ``2j`` in the low nibble of byte ``j``, ``2j + 1`` in the high nibble; the last
+  high nibble is 0 when ``count`` is odd). Coarser per share (up to 1/15 of the block's range), and the same
+  error feedback carries the rest: on the learning bench it costs no accuracy against q8 at equal exchanges,
+  so the bytes it saves buy twice the exchanges.
 
 API:
 
@@ -37,7 +42,7 @@ import torch
 
 from meshd.errors import MeshdError
 
-CodecName = Literal["f64", "f32", "f16", "q8"]
+CodecName = Literal["f64", "f32", "f16", "q8", "q4"]
 CODECS: tuple[CodecName, ...] = get_args(CodecName)
 Q8_BLOCK = 64
 _Q8_HEADER = np.dtype([("k", "<i1"), ("m", "<i4")])  # packed: 5 bytes
@@ -53,9 +58,12 @@ class CodecError(MeshdError, ValueError):
     """A vector cannot be encoded, or bytes do not decode to the announced vector."""
 
 
+_LEVELS = {"q8": 255, "q4": 15}  # block codecs: steps per block
+
+
 def _dtype(codec: str) -> np.dtype[np.floating]:
-    if codec == "q8":
-        return np.dtype("u1")  # type: ignore[return-value]  # only its itemsize is used for q8
+    if codec in _LEVELS:
+        return np.dtype("u1")  # type: ignore[return-value]  # only its itemsize is used for q8 / q4
     try:
         return _DTYPES[codec]
     except (KeyError, TypeError):
@@ -63,7 +71,7 @@ def _dtype(codec: str) -> np.dtype[np.floating]:
 
 
 def itemsize(codec: CodecName) -> int:
-    """Bytes per value on the wire (q8: 1, plus a 5-byte header per block of 64)."""
+    """Bytes per value on the wire (q8: 1, q4: 1 per two values; plus a 5-byte header per block of 64)."""
     return _dtype(codec).itemsize
 
 
@@ -71,6 +79,8 @@ def encoded_size(count: int, codec: CodecName) -> int:
     """Exact payload length of ``count`` values."""
     if codec == "q8":
         return -(-count // Q8_BLOCK) * _Q8_HEADER.itemsize + count
+    if codec == "q4":
+        return -(-count // Q8_BLOCK) * _Q8_HEADER.itemsize + (count + 1) // 2
     return count * itemsize(codec)
 
 
@@ -93,9 +103,9 @@ def _cast(vec: torch.Tensor, codec: str) -> npt.NDArray[np.floating]:
 
 def encode(vec: torch.Tensor, codec: CodecName) -> bytes:
     """Little-endian bytes of ``vec`` (1-D float64) in the codec's dtype."""
-    if codec == "q8":
-        header, q = _q8_encode(_cast(vec, "f64"))
-        return header.tobytes() + q.tobytes()
+    if codec in _LEVELS:
+        header, q = _q8_encode(_cast(vec, "f64"), _LEVELS[codec])
+        return header.tobytes() + (_pack4(q) if codec == "q4" else q).tobytes()
     return _cast(vec, codec).tobytes()
 
 
@@ -105,14 +115,19 @@ def decode(data: bytes | bytearray | memoryview, count: int, codec: CodecName) -
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise CodecError(f"count must be a non-negative int, got {count!r}")
     size = len(memoryview(data).cast("B"))
-    if codec == "q8":
-        if size != encoded_size(count, "q8"):
-            raise CodecError(f"q8 payload of {count} values needs {encoded_size(count, 'q8')} bytes, got {size}")
+    if codec in _LEVELS:
+        if size != encoded_size(count, codec):
+            raise CodecError(f"{codec} payload of {count} values needs {encoded_size(count, codec)} bytes, "
+                             f"got {size}")
         nblocks = -(-count // Q8_BLOCK)
         header = np.frombuffer(data, dtype=_Q8_HEADER, count=nblocks)
-        q = np.frombuffer(data, dtype=np.uint8, count=count, offset=nblocks * _Q8_HEADER.itemsize)
+        offset = nblocks * _Q8_HEADER.itemsize
+        if codec == "q4":
+            q = _unpack4(np.frombuffer(data, dtype=np.uint8, count=(count + 1) // 2, offset=offset), count)
+        else:
+            q = np.frombuffer(data, dtype=np.uint8, count=count, offset=offset)
         if nblocks and (int(header["k"].min()) < _Q8_K_MIN or int(header["k"].max()) > _Q8_K_MAX):
-            raise CodecError(f"q8 block exponent outside [{_Q8_K_MIN}, {_Q8_K_MAX}]")
+            raise CodecError(f"{codec} block exponent outside [{_Q8_K_MIN}, {_Q8_K_MAX}]")
         return torch.from_numpy(_q8_decode(header, q))
     if size != count * dtype.itemsize:
         raise CodecError(f"{codec} payload of {count} values needs {count * dtype.itemsize} bytes, got {size}")
@@ -122,8 +137,8 @@ def decode(data: bytes | bytearray | memoryview, count: int, codec: CodecName) -
 
 def quantize(vec: torch.Tensor, codec: CodecName) -> torch.Tensor:
     """``vec`` as the receiver will decode it (float64); raises ``CodecError`` where ``encode`` would."""
-    if codec == "q8":
-        header, q = _q8_encode(_cast(vec, "f64"))
+    if codec in _LEVELS:
+        header, q = _q8_encode(_cast(vec, "f64"), _LEVELS[codec])
         return torch.from_numpy(_q8_decode(header, q))
     cast = _cast(vec, codec)
     if cast.dtype == np.float64 and cast.dtype.isnative:
@@ -136,8 +151,9 @@ def quantize(vec: torch.Tensor, codec: CodecName) -> torch.Tensor:
 _Q8_K_MIN, _Q8_K_MAX = -126, 100  # 2**-126: below any useful step; 2**100: far above any accepted value
 
 
-def _q8_encode(src: npt.NDArray[np.floating]) -> tuple[npt.NDArray[np.void], npt.NDArray[np.uint8]]:
-    """Headers and uint8 codes of finite float64 values; decoding then re-encoding gives the same values."""
+def _q8_encode(src: npt.NDArray[np.floating], levels: int = 255) -> tuple[npt.NDArray[np.void], npt.NDArray[np.uint8]]:
+    """Headers and codes (0..levels, one uint8 each) of finite float64 values; decoding then re-encoding gives
+    the same values."""
     n = int(src.shape[0])
     nblocks = -(-n // Q8_BLOCK)
     header = np.zeros(nblocks, dtype=_Q8_HEADER)
@@ -145,21 +161,36 @@ def _q8_encode(src: npt.NDArray[np.floating]) -> tuple[npt.NDArray[np.void], npt
         return header, np.zeros(0, dtype=np.uint8)
     padded = np.concatenate([src, np.full(nblocks * Q8_BLOCK - n, src[-1])]).reshape(nblocks, Q8_BLOCK)
     lo, hi = padded.min(axis=1), padded.max(axis=1)
-    # The smallest k whose 255 steps span [floor(lo / 2**k) * 2**k, hi]; and |m| <= |lo| / 2**k < 2**31.
+    # The smallest k whose `levels` steps span [floor(lo / 2**k) * 2**k, hi]; and |m| <= |lo| / 2**k < 2**31.
     with np.errstate(divide="ignore"):
-        k = np.ceil(np.log2(np.maximum(hi - lo, 1e-300) / 255.0))
+        k = np.ceil(np.log2(np.maximum(hi - lo, 1e-300) / levels))
         big = np.log2(np.maximum(np.abs(lo), 1e-300))
     k = np.clip(np.maximum(k, np.floor(big) - 29), _Q8_K_MIN, _Q8_K_MAX).astype(np.int64)
     for _ in range(3):  # the floor of lo can cost one more step: at most one bump is ever needed
         m = np.floor(np.ldexp(lo, -k))
-        over = np.ldexp(hi, -k) - m > 255.0
+        over = np.ldexp(hi, -k) - m > levels
         if not over.any():
             break
         k = np.where(over, k + 1, k)
-    q = np.clip(np.rint(np.ldexp(padded, -k[:, None]) - m[:, None]), 0, 255)
+    q = np.clip(np.rint(np.ldexp(padded, -k[:, None]) - m[:, None]), 0, levels)
     header["k"] = k
     header["m"] = m.astype(np.int64)
     return header, q.astype(np.uint8).reshape(-1)[:n]
+
+
+def _pack4(q: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """Codes 0..15, two per byte: even index in the low nibble."""
+    padded = np.concatenate([q, np.zeros(len(q) % 2, dtype=np.uint8)])
+    out: npt.NDArray[np.uint8] = (padded[0::2] | (padded[1::2] << 4)).astype(np.uint8)
+    return out
+
+
+def _unpack4(packed: npt.NDArray[np.uint8], count: int) -> npt.NDArray[np.uint8]:
+    out = np.empty(2 * len(packed), dtype=np.uint8)
+    out[0::2], out[1::2] = packed & 0x0F, packed >> 4
+    if count % 2 and len(packed) and packed[-1] >> 4:
+        raise CodecError("q4 padding nibble must be 0")
+    return out[:count]
 
 
 def _q8_decode(header: npt.NDArray[np.void], q: npt.NDArray[np.uint8]) -> npt.NDArray[np.float64]:

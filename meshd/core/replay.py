@@ -18,13 +18,13 @@ class ReplayGuard:
     """IPsec-style anti-replay window per sender: a high-water mark plus a bitmap of the last ``window`` seqs.
 
     Bit ``i`` of ``bits`` set means seq ``hw - i`` was accepted. A seq at or below ``hw - window`` is
-    refused outright. At most ``max_senders`` senders are tracked; the least recently committed is
-    evicted first (only trusted peers with valid signatures ever reach ``commit``).
+    refused outright. Per sender the guard also keeps the highest ``ts`` it accepted.
 
-    ``not_before_ms`` (0: off) is set when the persisted windows may be behind what was accepted (an unclean
-    stop: power loss can roll the file back to its last fsync, or leave it empty): the wire then refuses any
-    envelope sealed before that instant (the restart), whatever its seq, so nothing captured before the crash
-    can be replayed into the gap.
+    ``not_before_ms`` (0: off) is a floor on envelope timestamps: the wire refuses anything sealed before it.
+    It is raised (never lowered) when a sender's window is dropped: the sender's highest accepted ``ts`` + 1,
+    so an envelope accepted before can never pass again, whatever the number of senders (at most
+    ``max_senders`` windows are kept, the least recently committed is dropped first). The caller also sets it
+    when the windows of a previous run are not known exactly (after an unclean stop).
     """
 
     def __init__(self, window: int = 64, max_senders: int = 4096) -> None:
@@ -35,9 +35,9 @@ class ReplayGuard:
         self.window = window
         self.max_senders = max_senders
         self._mask = (1 << window) - 1
-        self._peers: OrderedDict[bytes, tuple[int, int]] = OrderedDict()  # sender -> (hw, bits)
+        self._peers: OrderedDict[bytes, tuple[int, int, int]] = OrderedDict()  # sender -> (hw, bits, max ts)
+        self.not_before_ms = 0
         self.dirty = False  # set by commit/forget; the caller clears it after persisting to_state()
-        self.not_before_ms = 0  # envelopes with an older ts are refused as replayed (see the class docstring)
 
     def __len__(self) -> int:
         return len(self._peers)
@@ -46,7 +46,7 @@ class ReplayGuard:
         """True if ``seq`` from ``sender`` is acceptable: in range, not seen, not below the window."""
         if not 1 <= seq < SEQ_LIMIT:
             return False
-        hw, bits = self._peers.get(sender, (0, 0))
+        hw, bits, _ = self._peers.get(sender, (0, 0, 0))
         if seq > hw:
             return True
         offset = hw - seq
@@ -54,38 +54,45 @@ class ReplayGuard:
             return False
         return not (bits >> offset) & 1
 
-    def commit(self, sender: bytes, seq: int) -> None:
-        """Record ``seq`` as seen. Call only after ``check`` passed and the message was fully verified."""
+    def commit(self, sender: bytes, seq: int, ts_ms: int = 0) -> None:
+        """Record ``seq`` (sealed at ``ts_ms``) as seen. Call only after ``check`` passed and the message was
+        fully verified."""
         if not 1 <= seq < SEQ_LIMIT:
             raise ValueError(f"seq must be in [1, 2**63), got {seq}")
-        hw, bits = self._peers.pop(sender, (0, 0))
+        hw, bits, max_ts = self._peers.pop(sender, (0, 0, 0))
         if seq > hw:
             shift = seq - hw
             bits = ((bits << shift) | 1) & self._mask if shift < self.window else 1
             hw = seq
         elif hw - seq < self.window:
             bits |= 1 << (hw - seq)
-        self._peers[sender] = (hw, bits)  # re-inserted at the end: most recently committed
+        self._peers[sender] = (hw, bits, max(max_ts, ts_ms))  # re-inserted at the end: most recently committed
         while len(self._peers) > self.max_senders:
-            self._peers.popitem(last=False)
+            self._drop(*self._peers.popitem(last=False))
         self.dirty = True
 
     def forget(self, sender: bytes) -> None:
-        """Drop a sender's window (e.g. when it is distrusted)."""
-        if self._peers.pop(sender, None) is not None:
+        """Drop a sender's window (e.g. when it is distrusted); the timestamp floor keeps its old envelopes out."""
+        entry = self._peers.pop(sender, None)
+        if entry is not None:
+            self._drop(sender, entry)
             self.dirty = True
+
+    def _drop(self, _sender: bytes, entry: tuple[int, int, int]) -> None:
+        self.not_before_ms = max(self.not_before_ms, entry[2] + 1)
 
     def high_water(self, sender: bytes) -> int:
         """Highest seq accepted from ``sender`` (0 if none)."""
-        return self._peers.get(sender, (0, 0))[0]
+        return self._peers.get(sender, (0, 0, 0))[0]
 
     def to_state(self) -> dict[str, Any]:
-        """JSON-able snapshot ``{peer_id_hex: {"hw": int, "bits": int}}``, least recently committed first."""
-        return {sender.hex(): {"hw": hw, "bits": bits} for sender, (hw, bits) in self._peers.items()}
+        """JSON-able ``{peer_id_hex: {"hw": int, "bits": int, "ts": int}}``, least recently committed first."""
+        return {s.hex(): {"hw": hw, "bits": bits, "ts": ts} for s, (hw, bits, ts) in self._peers.items()}
 
     @classmethod
     def from_state(cls, state: object, window: int = 64, max_senders: int = 4096) -> ReplayGuard:
-        """Rebuild from ``to_state()`` output; raises ValueError naming the first problem."""
+        """Rebuild from ``to_state()`` output (``ts`` optional: older files); raises ValueError naming the first
+        problem. ``not_before_ms`` is not part of the state: the caller decides it for each start."""
         guard = cls(window, max_senders)
         if not isinstance(state, dict):
             raise ValueError(f"replay state must be an object, got {type(state).__name__}")
@@ -96,18 +103,20 @@ class ReplayGuard:
                 sender = bytes.fromhex(peer_hex)
             except ValueError:
                 raise ValueError(f"replay state key {peer_hex!r} is not hex") from None
-            if not isinstance(entry, dict) or set(entry) != {"hw", "bits"}:
-                raise ValueError(f"replay state for {peer_hex} must be {{'hw': int, 'bits': int}}")
-            hw, bits = entry["hw"], entry["bits"]
+            if not isinstance(entry, dict) or set(entry) - {"ts"} != {"hw", "bits"}:
+                raise ValueError(f"replay state for {peer_hex} must be {{'hw': int, 'bits': int, 'ts': int}}")
+            hw, bits, ts = entry["hw"], entry["bits"], entry.get("ts", 0)
             if type(hw) is not int or not 0 <= hw < SEQ_LIMIT:
                 raise ValueError(f"replay state for {peer_hex}: hw must be an int in [0, 2**63), got {hw!r}")
             if type(bits) is not int or bits < 0 or bits.bit_length() > max(window, 1024):
                 raise ValueError(f"replay state for {peer_hex}: bits must be a non-negative int bitmap")
             if hw == 0 and bits:
                 raise ValueError(f"replay state for {peer_hex}: bits set with hw 0")
-            guard._peers[sender] = (hw, bits & guard._mask)  # a narrower window drops the oldest bits
+            if type(ts) is not int or ts < 0:
+                raise ValueError(f"replay state for {peer_hex}: ts must be a non-negative int, got {ts!r}")
+            guard._peers[sender] = (hw, bits & guard._mask, ts)  # a narrower window drops the oldest bits
         while len(guard._peers) > max_senders:
-            guard._peers.popitem(last=False)
+            guard._drop(*guard._peers.popitem(last=False))
         return guard
 
 

@@ -138,11 +138,15 @@ class Wire:
         now_ms: int,
         is_trusted: Callable[[bytes], bool],
         replay: ReplayGuard,
+        *,
+        commit: bool = True,
     ) -> Opened:
         """Check ``data`` in the documented order and return it opened; raise WireError at the first failure.
 
         The replay guard is committed only after every check passed, so a corrupted copy of a
-        message cannot burn its sequence number.
+        message cannot burn its sequence number. With ``commit=False`` the caller commits
+        (``replay.commit(sender, seq, ts_ms)``) once the message took effect, and must itself keep two copies
+        of one envelope from being handled at the same time.
         """
         limits = self._limits
         if len(data) > limits.max_message_bytes:
@@ -167,8 +171,9 @@ class Wire:
         if not replay.check(env.sender, env.seq):
             raise WireError("replayed", 409, f"seq {env.seq} already seen or below the window")
         if env.ts < replay.not_before_ms:
-            raise WireError("replayed", 409, "sealed before this node's restart after an unclean stop "
-                                             f"({replay.not_before_ms - env.ts} ms earlier); send a fresh one")
+            raise WireError("stale", 409, f"sealed {replay.not_before_ms - env.ts} ms before this receiver's "
+                                          "replay floor (it restarted after an unclean stop, or dropped this "
+                                          "sender's window); seal a fresh one")
         if abs(env.ts - now_ms) > limits.max_skew_ms:
             raise WireError("stale", 409, f"timestamp {env.ts - now_ms:+d} ms from now, "
                                           f"allowed ±{limits.max_skew_ms}")
@@ -176,7 +181,8 @@ class Wire:
             plaintext = sodium.crypto_box_open_easy_afternm(env.body, env.nonce, self._shared_key(env.sender))
         except Exception:
             raise WireError("bad_ciphertext", 401, "body does not decrypt") from None
-        replay.commit(env.sender, env.seq)
+        if commit:
+            replay.commit(env.sender, env.seq, env.ts)
         return Opened(sender=env.sender, kind=env.kind, seq=env.seq, ts_ms=env.ts, body=plaintext)
 
     def forget_peer(self, public_key: bytes) -> None:

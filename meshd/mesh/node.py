@@ -17,6 +17,7 @@ import random
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
@@ -39,11 +40,12 @@ log = structlog.get_logger("meshd.mesh")
 T = TypeVar("T")
 
 TICK_S = 0.25
-PERSIST_S = 30.0  # replay state is fsynced this often (it is written, without fsync, on every message)
+LEASE_STEP_MS = 1_000  # the timestamp lease is extended this far past the envelope that needed it
 MAX_CONCURRENT_PINGS = 32
 MAX_PONG_TASKS = 32  # tasks listed in a pong; a domain runs at most config.MAX_TASKS
 REPLAY_FILE = "replay.json"
-REPLAY_FORMAT = 2  # {"format": 2, "clean": bool, "peers": {...}}; format 1 was the bare peers map
+REPLAY_FORMAT = 2  # {"format": 2, "clean": true, "peers": {...}}; format 1 was the bare peers map
+LEASE_FILE = "replay-lease.json"  # {"lease_ms": L}: no envelope with ts > L was ever accepted
 SEQ_FILE = "sequence.json"
 
 
@@ -61,6 +63,8 @@ class Mesh:
         self._wire_exec = ThreadPoolExecutor(1, thread_name_prefix="meshd-wire")
         self._wire = wire.Wire(identity, self._wire_limits(cfg))
         self._replay = ReplayGuard(cfg.limits.replay_window)
+        self._lease_ms = 0  # wire thread: no envelope with a higher ts has been accepted (LEASE_FILE)
+        self._inflight: set[tuple[bytes, int]] = set()  # wire thread: (sender, seq) being handled
         self._seq = SequenceCounter(1)
         self.table = PeerTable(identity.public_key, self._timing(cfg))
         self._trusted: frozenset[bytes] = frozenset()
@@ -106,35 +110,52 @@ class Mesh:
         await self._apply_trust(self.cfg)
 
     async def _load_replay_state(self, *, had_state: bool) -> None:
-        """The replay windows of the last run. Only a clean stop leaves them exact: after kill -9 they are
-        exact too, but after a power cut the file may be up to ``PERSIST_S`` old, or empty (its rename
-        reached the disk, its data did not). So unless the last stop was clean, envelopes sealed before
-        this start are refused as replayed (``ReplayGuard.not_before_ms``); peers' fresh ones pass."""
-        path = self._state_dir / REPLAY_FILE
+        """Replay protection across restarts, at O(1) disk cost per message.
+
+        The windows are written once, at a graceful stop (``replay.json``, ``"clean": true``), and the file is
+        removed at start before anything is accepted: only a clean stop leaves windows that are exact. What
+        holds across any other stop (kill -9, a crash, a power cut) is the timestamp lease
+        (``replay-lease.json``, fsynced): no envelope with ``ts`` above it was ever accepted, because the
+        lease is extended (and fsynced) before one is. After an unclean stop, envelopes sealed at or before
+        the lease are refused as stale (``ReplayGuard.not_before_ms``); peers' fresh ones pass, at most
+        ``LEASE_STEP_MS`` after the last accepted one (plus however far a peer's clock is behind ours)."""
+        path, lease_path = self._state_dir / REPLAY_FILE, self._state_dir / LEASE_FILE
         window = self.cfg.limits.replay_window
-        problem: str | None = None
-        try:
-            state = await asyncio.to_thread(store.read_json, path, None)
-        except StoreError as exc:
-            state, problem = None, str(exc)
-        clean = False
+        problems: list[str] = []
+
+        def read(p: Path) -> Any:
+            try:
+                return store.read_json(p, None)
+            except StoreError as exc:
+                problems.append(str(exc))
+                return None
+
+        state, lease = await asyncio.to_thread(read, path), await asyncio.to_thread(read, lease_path)
+        exact = False
         if isinstance(state, dict) and state.get("format") == REPLAY_FORMAT:
-            clean = state.get("clean") is True
-            state = state.get("peers")
+            exact, state = state.get("clean") is True, state.get("peers")
+        elif state is not None:
+            exact = True  # format 1 (meshd <= 0.1.0) was written before every accepted message took effect
         if state is not None:
             try:
                 self._replay = ReplayGuard.from_state(state, window)
             except ValueError as exc:
-                problem = f"{path} is corrupt ({exc})"
-        elif had_state and problem is None:
-            problem = f"{path} is missing"
-        if problem is not None:
-            self._replay = ReplayGuard(window)
-            log.warning("replay_state_lost", error=problem, action="starting with empty replay windows")
-        if (state is not None or had_state) and not clean:
-            self._replay.not_before_ms = int(time.time() * 1000)
-            log.info("replay_after_unclean_stop", not_before_ms=self._replay.not_before_ms,
-                     detail="envelopes sealed before this start are refused as replayed")
+                problems.append(f"{path} is corrupt ({exc})")
+                self._replay, exact = ReplayGuard(window), False
+        lease_ms = lease.get("lease_ms") if isinstance(lease, dict) else None
+        self._lease_ms = lease_ms if type(lease_ms) is int and lease_ms >= 0 else 0
+        if problems:
+            log.warning("replay_state_lost", error="; ".join(problems)[:500])
+        if not exact and (had_state or state is not None or lease is not None):
+            if type(lease_ms) is int and lease_ms >= 0:
+                floor = lease_ms + 1
+            else:  # the lease itself was lost: nothing accepted before can be younger than now + the skew bound
+                floor = int(time.time() * 1000 + self.cfg.limits.max_skew_s * 1000)
+            self._replay.not_before_ms = max(self._replay.not_before_ms, floor)
+            log.info("replay_after_unclean_stop", not_before_ms=floor,
+                     refused_for_ms=max(0, floor - int(time.time() * 1000)),
+                     detail="envelopes sealed before the floor are refused as stale")
+        await asyncio.to_thread(_remove_durably, path)  # says nothing about this run: gone before it runs
 
     async def start_listening(self) -> None:
         limits = ServerLimits(
@@ -155,7 +176,6 @@ class Mesh:
         return {
             "membership": self._membership_loop(),
             "discovery": self._discovery_loop(),
-            "persist": self._persist_loop(),
         }
 
     async def leave(self) -> None:
@@ -180,7 +200,7 @@ class Mesh:
         if server is not None:
             await server.stop()
         with contextlib.suppress(Exception):  # after the server: nothing is accepted after this write
-            await self._in_wire(self._write_replay_state, True, True)
+            await self._in_wire(self._write_clean_replay_state)
         if client is not None:
             await client.stop()
         self._wire_exec.shutdown(wait=True)
@@ -274,6 +294,9 @@ class Mesh:
             trusted, registry = loaded
         removed = self._trusted - trusted
         self._trusted = trusted
+        # A window per trusted key (only trusted senders are ever recorded); were one dropped anyway, its
+        # sender's highest timestamp becomes the guard's floor, so nothing is accepted twice.
+        self._replay.max_senders = max(4096, 2 * len(trusted))
         self.table.set_trusted(trusted)
         for key in removed:
             self._wire.forget_peer(key)
@@ -358,32 +381,72 @@ class Mesh:
     async def _in_wire(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._wire_exec, fn, *args)
 
-    def _open_and_persist(self, data: bytes, now_ms: int) -> wire.Opened:
-        """Wire thread: verify and open; persist the replay state before the message takes effect, so
-        a kill -9 right after cannot make the same envelope acceptable again."""
-        opened = self._wire.open(data, now_ms, self._is_trusted, self._replay)
-        self._write_replay_state(fsync=False)
+    def _open_checked(self, data: bytes, now_ms: int) -> wire.Opened:
+        """Wire thread: verify and open an envelope, not yet recorded as seen: :meth:`_settle` records it once
+        it took effect, so a refused one (503 busy...) can be retried with the same bytes. Two copies of one
+        envelope are never handled at once. The lease covers its ``ts`` before anything happens."""
+        opened = self._wire.open(data, now_ms, self._is_trusted, self._replay, commit=False)
+        key = (opened.sender, opened.seq)
+        if key in self._inflight:
+            raise WireError("replayed", 409, f"seq {opened.seq} is being handled")
+        self._extend_lease(opened.ts_ms, now_ms)
+        self._inflight.add(key)
         return opened
 
-    def _write_replay_state(self, fsync: bool, clean: bool = False) -> None:
-        """``clean`` only for the last write of a graceful stop: the next start can trust the windows."""
-        state = {"format": REPLAY_FORMAT, "clean": clean, "peers": self._replay.to_state()}
-        store.write_json_atomic(self._state_dir / REPLAY_FILE, state, fsync=fsync)
+    def _settle(self, opened: wire.Opened, took_effect: bool) -> None:
+        """Wire thread: the envelope was handled; record it as seen if it took effect."""
+        self._inflight.discard((opened.sender, opened.seq))
+        if took_effect:
+            self._replay.commit(opened.sender, opened.seq, opened.ts_ms)
+
+    def _open_reply_checked(self, data: bytes, now_ms: int) -> wire.Opened:
+        """Wire thread: a reply takes effect by being read: recorded at once."""
+        opened = self._wire.open(data, now_ms, self._is_trusted, self._replay, commit=False)
+        self._extend_lease(opened.ts_ms, now_ms)
+        self._replay.commit(opened.sender, opened.seq, opened.ts_ms)
+        return opened
+
+    def _extend_lease(self, ts_ms: int, now_ms: int) -> None:
+        """Wire thread: before an envelope with ``ts`` above the lease is accepted, the lease moves past it
+        (fsynced): a tiny write at most every ``LEASE_STEP_MS`` of traffic, whatever the number of senders."""
+        if ts_ms <= self._lease_ms:
+            return
+        lease = max(ts_ms, now_ms) + LEASE_STEP_MS
+        store.write_json_atomic(self._state_dir / LEASE_FILE, {"lease_ms": lease}, fsync=True)
+        self._lease_ms = lease
+
+    def _write_clean_replay_state(self) -> None:
+        """Wire thread, last thing of a graceful stop: the exact windows, for the next start."""
+        state = {"format": REPLAY_FORMAT, "clean": True, "peers": self._replay.to_state()}
+        store.write_json_atomic(self._state_dir / REPLAY_FILE, state, fsync=True)
 
     async def _handle(self, data: bytes, remote: str) -> Reply:
         now_ms = int(time.time() * 1000)
         try:
-            opened = await self._in_wire(self._open_and_persist, data, now_ms)
-            body = wire.decode_body(opened.body, self._wire_limits(self.cfg))
+            opened = await self._in_wire(self._open_checked, data, now_ms)
         except WireError as exc:
             self.reject(exc.reason, remote, exc.detail)
             return Reply.error(exc.status, exc.reason, exc.detail)
-        except (OSError, StoreError) as exc:  # persisting replay state failed (disk full...): refuse rather
+        except (OSError, StoreError) as exc:  # extending the replay lease failed (disk full...): refuse rather
             # than risk a replay later; the sender keeps its mass and retries.
             if self._quiet.should_log(("replay_state_write_failed",))[0]:
                 log.error("replay_state_write_failed", error=str(exc))
             self.stats.rejected["unavailable"] += 1
             return Reply.error(503, "unavailable", "cannot persist replay state")
+        took_effect = False
+        try:
+            reply = await self._handle_opened(opened, data, remote)
+            took_effect = reply.status < 300
+            return reply
+        finally:  # submitted, not awaited: runs (in order, on the wire thread) even if this task is cancelled
+            self._wire_exec.submit(self._settle, opened, took_effect)
+
+    async def _handle_opened(self, opened: wire.Opened, data: bytes, remote: str) -> Reply:
+        try:
+            body = wire.decode_body(opened.body, self._wire_limits(self.cfg))
+        except WireError as exc:
+            self.reject(exc.reason, remote, exc.detail, opened.sender)
+            return Reply.error(exc.status, exc.reason, exc.detail)
         self.stats.received += 1
         self.stats.bytes_received += len(data)
         sender = opened.sender
@@ -503,7 +566,7 @@ class Mesh:
 
     async def open_reply(self, peer_id: bytes, reply: bytes, want_kind: str) -> dict[str, Any] | None:
         try:
-            opened = await self._in_wire(self._open_and_persist, reply, int(time.time() * 1000))
+            opened = await self._in_wire(self._open_reply_checked, reply, int(time.time() * 1000))
             if opened.sender != peer_id or opened.kind != want_kind:
                 raise WireError("bad_reply", 400, "unexpected reply")
             return wire.decode_body(opened.body, self._wire_limits(self.cfg))
@@ -576,17 +639,6 @@ class Mesh:
         finally:
             self._pinging.discard(peer_id)
 
-    async def _persist_loop(self) -> None:
-        while True:
-            await asyncio.sleep(PERSIST_S)
-            try:
-                await self._persist_protocol_state(fsync=True)
-            except OSError as exc:
-                log.error("replay_state_write_failed", error=str(exc))
-
-    async def _persist_protocol_state(self, fsync: bool) -> None:
-        await self._in_wire(self._write_replay_state, fsync)
-
     # --- rejections and status -----------------------------------------------------------------------------
 
     def _transport_reject(self, reason: str, remote: str) -> None:
@@ -614,6 +666,14 @@ class Mesh:
                 "mdns": self._mdns is not None,
             },
         }
+
+
+def _remove_durably(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    store.fsync_dir(path.parent)
 
 
 def _pong_tasks(body: dict[str, Any]) -> dict[str, tuple[str | None, str | None]]:
