@@ -125,8 +125,8 @@ class NodeConfig:
 
 @dataclass(frozen=True)
 class ListenConfig:
-    peer: str = field(default="0.0.0.0:7946", metadata=_opt(_host_port, "gossip listener", restart=True))
-    status: str = field(default="127.0.0.1:7947", metadata=_opt(_host_port, "local status API", restart=True))
+    peer: str = field(default="0.0.0.0:7452", metadata=_opt(_host_port, "gossip listener", restart=True))
+    status: str = field(default="127.0.0.1:7453", metadata=_opt(_host_port, "local status API", restart=True))
     advertise: str = field(
         default="", metadata=_opt(_host_port_or_empty, "address peers should dial", restart=True)
     )

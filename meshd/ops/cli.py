@@ -22,7 +22,7 @@ from meshd import identity as identitymod
 from meshd.errors import ConfigError, DataError, IdentityError, MeshdError, ModelError
 
 DEFAULT_CONFIG = Path("/etc/meshd/meshd.toml")
-DEFAULT_STATUS = "127.0.0.1:7947"
+DEFAULT_STATUS = "127.0.0.1:7453"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("init", help="write a config and an identity key for a new domain")
     s.add_argument("--domain", required=True, help="this domain's name (a-z, 0-9, '-', '_')")
     s.add_argument("--dir", type=Path, default=Path("."), help="folder for meshd.toml and identity.key (default: .)")
-    s.add_argument("--peer-addr", default="0.0.0.0:7946", help="HOST:PORT of the gossip listener")
+    s.add_argument("--peer-addr", default="0.0.0.0:7452", help="HOST:PORT of the gossip listener")
     s.add_argument("--status-addr", default=DEFAULT_STATUS, help="HOST:PORT of the local status API")
     s.add_argument("--data", default="", help="path of the domain's data product (CSV or .npz)")
     s.add_argument("--state-dir", default="state",

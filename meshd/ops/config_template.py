@@ -40,7 +40,7 @@ registry = ""
 # Static peer addresses (for peers outside this LAN); trust still comes only from [trust].
 # [[peers]]
 # domain = "sales"
-# address = "10.0.0.2:7946"
+# address = "10.0.0.2:7452"
 # peer_id = "<64 hex characters printed by `meshd id` on that domain>"
 
 [discovery.mdns]
@@ -153,8 +153,8 @@ keep = 2                         # checkpoints kept; a corrupt newest one falls 
 def render(
     domain: str,
     *,
-    peer_addr: str = "0.0.0.0:7946",
-    status_addr: str = "127.0.0.1:7947",
+    peer_addr: str = "0.0.0.0:7452",
+    status_addr: str = "127.0.0.1:7453",
     identity: str = "identity.key",
     state_dir: str = "state",
     data_path: str = "",
