@@ -15,6 +15,7 @@ import contextlib
 import os
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -25,7 +26,7 @@ from meshd import config as configmod
 from meshd import store
 from meshd.config import DEFAULT_TASK, Config
 from meshd.core import wire
-from meshd.core.membership import Peer, PeerState, PeerTable, Ping, StateChanged, Timing
+from meshd.core.membership import Peer, PeerState, PeerTable, Ping, RefusedSenders, StateChanged, Timing
 from meshd.core.replay import SEQ_LIMIT, ReplayGuard, SequenceCounter
 from meshd.core.stats import GossipStats
 from meshd.errors import MeshdError, StoreError, WireError
@@ -44,6 +45,13 @@ MAX_CONCURRENT_PINGS = 32
 MAX_PONG_TASKS = 32  # tasks listed in a pong; a domain runs at most config.MAX_TASKS
 REPLAY_FILE = "replay.json"
 SEQ_FILE = "sequence.json"
+MAX_REFUSED_SENDERS = 32  # untrusted keys shown in /status and `meshd peers` (a typo'd peer id shows up there)
+# The domain an untrusted sender claims is read from its signed body: verify and decrypt, work the receiver
+# otherwise saves for trusted keys. So only for small envelopes (pings), once per key per CLAIM_EVERY_S, and
+# at most one per CLAIM_GAP_S in all: a flood of fresh keys costs at most 4 small opens a second.
+CLAIM_MAX_BYTES = 64 * 1024
+CLAIM_EVERY_S = 30.0
+CLAIM_GAP_S = 0.25
 
 
 class Mesh:
@@ -62,6 +70,9 @@ class Mesh:
         self._replay = ReplayGuard(cfg.limits.replay_window)
         self._seq = SequenceCounter(1)
         self.table = PeerTable(identity.public_key, self._timing(cfg))
+        self.refused = RefusedSenders(MAX_REFUSED_SENDERS)
+        self._claims: OrderedDict[bytes, float] = OrderedDict()  # wire thread only: when a claim was last read
+        self._claim_last = -CLAIM_GAP_S
         self._trusted: frozenset[bytes] = frozenset()
         self._tasks: dict[str, TaskEndpoint] = {}
         self._server: PeerServer | None = None
@@ -249,6 +260,7 @@ class Mesh:
         removed = self._trusted - trusted
         self._trusted = trusted
         self.table.set_trusted(trusted)
+        self.refused.forget(trusted)
         for key in removed:
             self._wire.forget_peer(key)
             log.info("peer_distrusted", peer_id=peer_id_of(key))
@@ -335,9 +347,44 @@ class Mesh:
     def _open_and_persist(self, data: bytes, now_ms: int) -> wire.Opened:
         """Wire thread: verify and open; persist the replay state before the message takes effect, so
         a kill -9 right after cannot make the same envelope acceptable again."""
-        opened = self._wire.open(data, now_ms, self._is_trusted, self._replay)
+        refused: list[bytes] = []
+
+        def trusted(key: bytes) -> bool:
+            if self._is_trusted(key):
+                return True
+            refused.append(key)
+            return False
+
+        try:
+            opened = self._wire.open(data, now_ms, trusted, self._replay)
+        except WireError as exc:
+            if exc.reason == "untrusted" and refused:
+                raise _UntrustedSender(exc, refused[0], self._claimed_domain(data, now_ms, refused[0])) from None
+            raise
         self._write_replay_state(fsync=False)
         return opened
+
+    def _claimed_domain(self, data: bytes, now_ms: int, sender: bytes) -> str | None:
+        """Wire thread: the ``domain`` in an untrusted sender's signed body, within the CLAIM_* budget."""
+        t = time.monotonic()
+        last = self._claims.get(sender)
+        if (len(data) > CLAIM_MAX_BYTES or t - self._claim_last < CLAIM_GAP_S
+                or (last is not None and t - last < CLAIM_EVERY_S)):
+            return None
+        self._claim_last = t
+        self._claims[sender] = t
+        self._claims.move_to_end(sender)
+        while len(self._claims) > MAX_REFUSED_SENDERS * 2:
+            self._claims.popitem(last=False)
+        try:
+            # A throwaway replay guard: the real one never hears of untrusted keys.
+            opened = self._wire.open(data, now_ms, lambda _key: True, ReplayGuard(1, 1))
+            domain = wire.decode_body(opened.body, self._wire_limits(self.cfg)).get("domain")
+        except WireError:
+            return None
+        finally:
+            self._wire.forget_peer(sender)
+        return domain if isinstance(domain, str) and configmod._domain(domain) is None else None
 
     def _write_replay_state(self, fsync: bool) -> None:
         store.write_json_atomic(self._state_dir / REPLAY_FILE, self._replay.to_state(), fsync=fsync)
@@ -348,6 +395,8 @@ class Mesh:
             opened = await self._in_wire(self._open_and_persist, data, now_ms)
             body = wire.decode_body(opened.body, self._wire_limits(self.cfg))
         except WireError as exc:
+            if isinstance(exc, _UntrustedSender):
+                self.refused.record(exc.sender, time.monotonic(), remote, exc.domain)
             self.reject(exc.reason, remote, exc.detail)
             return Reply.error(exc.status, exc.reason, exc.detail)
         except (OSError, StoreError) as exc:  # persisting replay state failed (disk full...): refuse rather
@@ -582,10 +631,20 @@ class Mesh:
                 "peers": self.table.snapshot(now),
                 "counts": self.table.counts(),
                 "untrusted_seen": self.table.untrusted_snapshot(),
+                "untrusted_senders": self.refused.snapshot(now),
                 "trusted": len(self._trusted),
                 "mdns": self._mdns is not None,
             },
         }
+
+
+class _UntrustedSender(WireError):
+    """An envelope refused as ``untrusted``, with the key that sent it and the domain its body claims."""
+
+    def __init__(self, exc: WireError, sender: bytes, domain: str | None) -> None:
+        super().__init__(exc.reason, exc.status, exc.detail)
+        self.sender = sender
+        self.domain = domain
 
 
 def _pong_tasks(body: dict[str, Any]) -> dict[str, tuple[str | None, str | None]]:
