@@ -501,7 +501,11 @@ class Mesh:
     async def exchange(self, peer_id: bytes, address: str, kind: str, body: dict[str, Any]) -> tuple[int, bytes, int]:
         """Seal, send, account. Returns (status, body, attempts); raises SendError if nobody answered."""
         assert self._client is not None
-        envelope = await self._seal(peer_id, kind, body)
+        try:
+            envelope = await self._seal(peer_id, kind, body)
+        except ValueError as exc:  # e.g. a registry key that no envelope can be sealed to: this send fails alone
+            self.stats.send_failures += 1
+            raise SendError(f"cannot seal to {peer_id_of(peer_id)[:16]}: {exc}") from None
         try:
             status, reply, attempts = await self._client.post(address, envelope)
         except SendError:

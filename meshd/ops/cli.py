@@ -110,6 +110,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true", help="print JSON")
     t.set_defaults(func=cmd_trust_list)
 
+    s = sub.add_parser("doctor", help="check what `config check` cannot: key, data, state dir, ports, duplicated "
+                                      "domains, typo'd peer ids, the daemon and its peers (exit 1 on a problem)")
+    s.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    s.add_argument("--url", help="status API base URL of the running daemon (default: from the config)")
+    s.add_argument("--offline", action="store_true", help="only the checks that need no running daemon")
+    s.set_defaults(func=cmd_doctor)
+
     s = sub.add_parser("export", help="write the current model (newest checkpoint) as a torch state_dict")
     s.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     s.add_argument("--out", type=Path, required=True, help="output file, e.g. model.pt")
@@ -576,6 +583,21 @@ def cmd_trust_list(args: argparse.Namespace) -> int:
             for e in found]
     print("\n".join(_table(("DOMAIN", "TRUSTED", "ADDRESS", "LISTED IN", "PEER ID"), rows)))
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from meshd.ops import doctor
+
+    url = None
+    if not args.offline:
+        try:
+            url = _status_url(args)
+        except MeshdError as exc:
+            _err(str(exc))
+            return 2
+    text, code = doctor.report(doctor.run_checks(args.config, url))
+    print(text)
+    return code
 
 
 # --- export / demo ----------------------------------------------------------------------------------------------
