@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from meshd import identity as identitymod
-from tests.helpers import DaemonProc, init_domain, run_cli, set_toml, wait_for
+from meshd.core.membership import RefusedSenders
+from meshd.core.wire import Limits, Wire, encode_body
+from tests.helpers import DaemonProc, init_domain, post_envelope, run_cli, set_toml, wait_for
 
 START_S = 90.0  # two daemons importing torch on a loaded 2-core machine
 CONVERGE_S = 60.0
@@ -94,7 +97,19 @@ def test_typo_is_shown_and_doctor_points_at_it_then_trust_add_fixes_it_without_r
     typo_lines = [line for line in r.stdout.splitlines() if "likely a typo" in line]
     assert len(typo_lines) == 1, r.stdout
     assert typo in typo_lines[0] and b_id in typo_lines[0] and f"position {at + 1} " in typo_lines[0], r.stdout
-    assert f"meshd trust add --domain beta --peer-id {b_id}" in r.stdout, r.stdout
+    assert f"meshd trust add --config {a_cfg} --domain beta --peer-id {b_id}" in r.stdout, r.stdout
+
+    # A flood of fresh untrusted keys turns the table over; it never grows past 32 entries.
+    to = bytes.fromhex(a_id)
+    flood = [identitymod.generate() for _ in range(40)]
+    for i, ident in enumerate(flood):
+        env = Wire(ident, Limits()).seal(to, "ping", encode_body({"domain": f"x{i}"}), 1, int(time.time() * 1000))
+        status, body = post_envelope(a_peer, env)
+        assert status == 403 and b"untrusted" in body
+    rows = a.status()["mesh"]["untrusted_senders"]
+    assert len(rows) == 32
+    assert rows[0]["peer_id"] == flood[-1].peer_id  # newest first
+    assert {r["peer_id"] for r in rows} <= {i.peer_id for i in flood} | {b_id}
 
     up_before = a.status()["uptime_s"]
     _cli_ok("trust", "remove", "--config", str(a_cfg), "--peer-id", typo)
@@ -201,3 +216,26 @@ def test_config_check_refuses_a_mistyped_peer_id_that_is_no_valid_key(tmp_path: 
     r = run_cli("config", "check", str(cfg))
     assert r.returncode == 2
     assert "trust.peers: item 0 is not a valid Ed25519 public key (mistyped?" in r.stderr, r.stderr
+
+
+def test_refused_senders_is_bounded_newest_first_and_keeps_a_claimed_domain() -> None:
+    t = RefusedSenders(max_entries=3)
+    keys = [bytes([i]) * 32 for i in range(5)]
+    t.record(keys[0], 1.0, "127.0.0.1", "sales")
+    t.record(keys[0], 2.0, "127.0.0.2")  # no claim read this time: the known one stays
+    for i, k in enumerate(keys[1:], start=1):
+        t.record(k, 2.0 + i, "127.0.0.1")
+    assert len(t) == 3 and t.get(keys[0]) is None and t.get(keys[1]) is None  # the oldest went first
+    t.record(keys[2], 10.0, "127.0.0.9", "hr")
+    snap = t.snapshot(now=11.0)
+    assert [r["peer_id"] for r in snap] == [keys[2].hex(), keys[4].hex(), keys[3].hex()]
+    assert snap[0] == {"peer_id": keys[2].hex(), "domain": "hr", "count": 2, "last_seen_s": 1.0,
+                       "remote": "127.0.0.9"}
+    t.forget([keys[2]])
+    assert [r["peer_id"] for r in t.snapshot(11.0)] == [keys[4].hex(), keys[3].hex()]
+    first = RefusedSenders(1)
+    first.record(keys[0], 1.0, "r", "sales")
+    first.record(keys[0], 2.0, "r")
+    assert first.snapshot(2.0)[0]["domain"] == "sales" and first.snapshot(2.0)[0]["count"] == 2
+    with pytest.raises(ValueError):
+        RefusedSenders(0)

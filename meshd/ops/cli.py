@@ -182,7 +182,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"wrote {cfg_path} and {key_path} (mode 0600)")
     print(f"domain:  {args.domain}")
     print(f"peer id: {ident.peer_id}")
-    print("Share the peer id with the mesh's governance; add the peer ids you trust to [trust] peers.")
+    print("Share the peer id with the mesh's governance; trust each peer with `meshd trust add --domain NAME "
+          "--peer-id ID [--address HOST:PORT]`.")
     return 0
 
 

@@ -34,6 +34,7 @@ __all__ = ["Check", "run_checks", "typo_distance"]
 
 OK, FAIL, SKIP = "ok", "FAIL", "skip"
 MAX_TYPO_DIGITS = 2
+DEFAULT_CONFIG = Path("/etc/meshd/meshd.toml")
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,11 @@ def run_checks(path: Path, status_url: str | None, fetch: Callable[[str], dict[s
         out += _peers_alive(cfg, status)
         out += _skew_and_mdns(cfg, status)
     return out
+
+
+def _flag(cfg: Config) -> str:
+    """`` --config PATH`` for the commands a fix suggests, unless the config is the default one."""
+    return "" if cfg.source is None or cfg.source == DEFAULT_CONFIG else f" --config {cfg.source}"
 
 
 def typo_distance(a: str, b: str) -> list[int]:
@@ -166,6 +172,8 @@ def _ports(cfg: Config, running: bool) -> list[Check]:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
             with socket.socket(family, socket.SOCK_STREAM) as s:
+                # As the daemon's listener does (aiohttp): connections in TIME_WAIT do not make a port busy.
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind((host, port))
         except OSError as exc:
             out.append(Check(FAIL, f"listen.{key}", f"cannot bind {addr} ({exc.strerror})",
@@ -201,7 +209,7 @@ def _duplicate_domains(cfg: Config, status: dict[str, Any] | None) -> list[Check
         elif len(keys) > 1:
             out.append(Check(FAIL, "domains", f"{domain!r} is the domain of {len(keys)} keys: "
                                               + ", ".join(sorted(keys)),
-                             "keep the right one: `meshd trust remove --peer-id ID` for each other "
+                             f"keep the right one: `meshd trust remove{_flag(cfg)} --peer-id ID` for each other "
                              "(`meshd trust list` shows where each is listed)"))
     return out or [Check(OK, "domains", "no domain name belongs to two keys")]
 
@@ -245,8 +253,8 @@ def _typos(cfg: Config, status: dict[str, Any]) -> list[Check]:
                     f"trusted peer id {tid} ({tdomain or 'domain unknown'}) differs in {len(diff)} hex digit(s), "
                     f"at position {where}, from {uid} which {how} claiming domain {udomain or 'unknown'}: "
                     f"likely a typo",
-                    f"if {uid[:16]}… is {domain}'s key (check with `meshd id` there): `meshd trust remove "
-                    f"--peer-id {tid}` then `meshd trust add --domain {domain} --peer-id {uid}`"))
+                    f"if {uid[:16]}… is {domain}'s key (check with `meshd id` there): `meshd trust remove{_flag(cfg)} "
+                    f"--peer-id {tid}` then `meshd trust add{_flag(cfg)} --domain {domain} --peer-id {uid}`"))
     return out or [Check(OK, "peer ids", f"no trusted peer id is {MAX_TYPO_DIGITS} hex digits or fewer off an "
                                          f"untrusted key seen ({len(untrusted)} seen)")]
 
@@ -258,7 +266,7 @@ def _peers_alive(cfg: Config, status: dict[str, Any]) -> list[Check]:
     trusted = _trusted_ids(cfg)
     if not trusted:
         return [Check(FAIL, "peers", "no peer is trusted: this domain learns alone",
-                      "`meshd trust add --domain NAME --peer-id ID [--address HOST:PORT]` for each peer")]
+                      f"`meshd trust add{_flag(cfg)} --domain NAME --peer-id ID [--address HOST:PORT]` for each peer")]
     rows = {p.get("peer_id"): p for p in mesh.get("peers", [])}
     out = []
     for pid, domain in sorted(trusted.items(), key=lambda kv: (kv[1] or "~", kv[0])):
@@ -266,7 +274,8 @@ def _peers_alive(cfg: Config, status: dict[str, Any]) -> list[Check]:
         name = f"peer {domain or (p or {}).get('domain') or '?'} ({pid[:16]}…)"
         if p is None:
             out.append(Check(FAIL, name, "trusted, but never found (no address from [[peers]], the registry or mDNS)",
-                             "give its address: `meshd trust add --domain NAME --peer-id ID --address HOST:PORT`"))
+                             f"give its address: `meshd trust add{_flag(cfg)} --domain NAME --peer-id {pid} "
+                             "--address HOST:PORT`"))
         elif p.get("state") != "alive":
             seen = p.get("last_seen_s")
             out.append(Check(FAIL, name, f"{p.get('state')} at {p.get('address') or 'no address'} (last heard "

@@ -101,7 +101,8 @@ def add(path: Path, domain: str, peer_id: str, address: str | None) -> str:
             entry = tomlkit.table()
             entry.update({"domain": domain, "address": address, "peer_id": peer_id})
             if "peers" not in doc:
-                doc.add(tomlkit.nl())
+                if not tomlkit.dumps(doc).endswith("\n\n"):
+                    doc.add(tomlkit.nl())
                 doc.append("peers", tomlkit.aot())
             doc["peers"].append(entry)
             done.append(f"added [[peers]] {domain} at {address}")
