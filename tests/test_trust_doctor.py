@@ -239,3 +239,28 @@ def test_refused_senders_is_bounded_newest_first_and_keeps_a_claimed_domain() ->
     assert first.snapshot(2.0)[0]["domain"] == "sales" and first.snapshot(2.0)[0]["count"] == 2
     with pytest.raises(ValueError):
         RefusedSenders(0)
+
+
+def test_help_lists_trust_and_doctor() -> None:
+    r = run_cli("--help")
+    for cmd in ("trust", "doctor"):
+        assert cmd in r.stdout
+    for cmd in (["trust", "add"], ["trust", "remove"], ["trust", "list"], ["doctor"]):
+        assert run_cli(*cmd, "--help").returncode == 0
+
+
+def test_trust_remove_of_a_registry_key_says_it_stays_trusted(tmp_path: Path) -> None:
+    cfg, *_ = init_domain(tmp_path / "d", "hr")
+    key = _key()
+    registry = tmp_path / "d" / "registry.toml"
+    registry.write_text(f'[[peers]]\ndomain = "sales"\npeer_id = "{key}"\naddress = "127.0.0.1:7009"\n')
+    set_toml(cfg, "trust", "registry", f'"{registry}"')
+    listed = _cli_ok("trust", "list", "--config", str(cfg))
+    assert f"sales   yes      127.0.0.1:7009  registry {registry}  {key}" in listed, listed
+    before = cfg.read_text()
+    r = run_cli("trust", "remove", "--config", str(cfg), "--domain", "sales")
+    assert r.returncode == 1 and "nothing to change in the config" in r.stdout
+    assert f"{key} is listed in the trust registry ({registry})" in r.stderr and "stays trusted" in r.stderr
+    assert cfg.read_text() == before
+    missing = run_cli("trust", "remove", "--config", str(cfg), "--domain", "ops")
+    assert missing.returncode == 2 and "no key for domain 'ops'" in missing.stderr

@@ -32,6 +32,7 @@ enabled = true                   # false: send a signed 'leave', stop gossiping 
 
 [trust]
 # Peer ids (Ed25519 public keys, hex) that governance trusts. Only these may gossip with this domain.
+# `meshd trust add --domain NAME --peer-id ID [--address HOST:PORT]` edits this list (and [[peers]]).
 peers = []
 # Optional registry file shipped by governance: [[peers]] with domain, peer_id and (optional) address.
 # Every peer listed there is trusted, and its address is used for gossip.
