@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -264,3 +265,30 @@ def test_trust_remove_of_a_registry_key_says_it_stays_trusted(tmp_path: Path) ->
     assert cfg.read_text() == before
     missing = run_cli("trust", "remove", "--config", str(cfg), "--domain", "ops")
     assert missing.returncode == 2 and "no key for domain 'ops'" in missing.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="checking for the service user needs root (to chown the key)")
+def test_doctor_as_root_checks_the_data_file_for_the_service_user() -> None:
+    # Not under tmp_path: pytest's base folder is 0700, which the service user rightly cannot enter.
+    with tempfile.TemporaryDirectory(dir="/tmp", prefix="meshd-doctor-test.") as top:
+        _doctor_for_the_service_user(Path(top))
+
+
+def _doctor_for_the_service_user(tmp_path: Path) -> None:
+    os.chmod(tmp_path, 0o755)
+    cfg, *_ = init_domain(tmp_path / "d", "sales")
+    data = tmp_path / "d" / "data.csv"
+    data.write_text("x0,label\n1.0,0\n")
+    os.chmod(data, 0o600)  # root's own file: root can read it, the service user cannot
+    set_toml(cfg, "data", "path", f'"{data}"')
+    os.chmod(tmp_path / "d", 0o755)
+    key = tmp_path / "d" / "identity.key"
+    os.chown(key, 65534, 65534)  # the service user owns the key, as under the unit's User=
+    r = run_cli("doctor", "--offline", "--config", str(cfg))
+    assert r.returncode == 1, r.stdout
+    assert f"FAIL  data[default]: data.path {data}: the service user (" in r.stdout and "cannot read it" in r.stdout
+    os.chmod(data, 0o644)
+    os.chown(tmp_path / "d", 65534, 65534)  # and the state dir's parent is its to write
+    r = run_cli("doctor", "--offline", "--config", str(cfg))
+    assert r.returncode == 0, r.stdout
+    assert f"data.path {data} is readable by " in r.stdout

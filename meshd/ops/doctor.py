@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import socket
 import stat
 import tempfile
@@ -117,21 +118,68 @@ def _identity(cfg: Config) -> Check:
                                  f"peer id {peer_id}")
 
 
+@dataclass(frozen=True)
+class ServiceUser:
+    """The user the daemon runs as, when doctor runs as root for it: the identity key's owner (the daemon
+    refuses a key it does not own), so permissions are checked for that user, not for root."""
+
+    uid: int
+    gids: frozenset[int]
+    name: str
+
+    @classmethod
+    def of(cls, cfg: Config) -> ServiceUser | None:
+        if os.geteuid() != 0:
+            return None  # doctor runs as the service user itself (or as another user: its own access is checked)
+        try:
+            st = cfg.node.identity.stat()
+        except OSError:
+            return None
+        if st.st_uid == 0:
+            return None
+        try:
+            pw = pwd.getpwuid(st.st_uid)
+            return cls(st.st_uid, frozenset(os.getgrouplist(pw.pw_name, pw.pw_gid)), pw.pw_name)
+        except KeyError:
+            return cls(st.st_uid, frozenset({st.st_gid}), f"uid {st.st_uid}")
+
+    def denied(self, path: Path, want: int) -> str | None:
+        """Why this user cannot reach ``path`` with ``want`` (os.R_OK/W_OK/X_OK bits) by mode bits, or None.
+        (ACLs are not read: a path denied here may still be allowed by one.)"""
+        path = path.absolute()
+        for parent in reversed(path.parents):
+            if not self._allows(parent, os.X_OK):
+                return f"the service user ({self.name}) cannot enter {parent}"
+        if not self._allows(path, want):
+            return f"the service user ({self.name}) cannot {'write' if want & os.W_OK else 'read'} it"
+        if path.is_relative_to("/home") or path.is_relative_to("/root"):
+            return "it is under /home or /root, which the unit hides (ProtectHome=yes)"
+        return None
+
+    def _allows(self, path: Path, want: int) -> bool:
+        st = path.stat()
+        shift = 6 if st.st_uid == self.uid else 3 if st.st_gid in self.gids else 0
+        return (st.st_mode >> shift) & want == want
+
+
 def _data(cfg: Config) -> list[Check]:
     out = []
+    user = ServiceUser.of(cfg)
     for task in cfg.tasks:
         name = f"data[{task.name}]"
         files = [(k, p) for k, p in (("path", task.data.path), ("test_path", task.data.test_path)) if p is not None]
         if not files:
             out.append(Check(OK, name, "no data product (this task only averages)"))
         for key, p in files:
-            why = _unreadable(p)
+            why = _unreadable(p) or (user.denied(p, os.R_OK) if user else None)
             if why:
                 out.append(Check(FAIL, name, f"data.{key} {p}: {why}",
-                                 "put the file there or fix data." + key + "; the service user (meshd) must be "
-                                 "able to read it, and not under /home (ProtectHome=yes)"))
+                                 f"put the file there or fix data.{key}; the service user "
+                                 f"({user.name if user else 'meshd'}) must be able to read it, and not under /home "
+                                 "(ProtectHome=yes)"))
             else:
-                out.append(Check(OK, name, f"data.{key} {p} is readable ({p.stat().st_size} bytes)"))
+                who = f" by {user.name}" if user else ""
+                out.append(Check(OK, name, f"data.{key} {p} is readable{who} ({p.stat().st_size} bytes)"))
     return out
 
 
@@ -151,13 +199,17 @@ def _unreadable(p: Path) -> str | None:
 def _state_dir(cfg: Config) -> Check:
     d = cfg.node.state_dir
     target = d if d.exists() else d.parent
+    user = ServiceUser.of(cfg)
     try:
         with tempfile.NamedTemporaryFile(dir=target, prefix=".meshd-doctor."):
             pass
+        why = user.denied(target, os.W_OK | os.X_OK) if user else None
     except OSError as exc:
-        return Check(FAIL, "state_dir", f"{d}: cannot write {'in it' if d.exists() else 'its parent ' + str(target)}"
-                                        f" ({exc.strerror})",
-                     f"create it for the service user: `install -d -m 0700 -o meshd {d}` (or set node.state_dir)")
+        why = f"cannot write {'in it' if d.exists() else 'its parent ' + str(target)} ({exc.strerror})"
+    if why:
+        return Check(FAIL, "state_dir", f"{d}: {why}",
+                     f"create it for the service user: `install -d -m 0700 -o {user.name if user else 'meshd'} {d}` "
+                     "(or set node.state_dir)")
     return Check(OK, "state_dir", f"{d} is writable" if d.exists() else f"{d} will be created (0700) at start")
 
 
