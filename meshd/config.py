@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from meshd.errors import ConfigError
+from meshd.identity import parse_peer_id
 
 Check = Callable[[Any], str | None]
 
@@ -73,13 +74,27 @@ def _peer_ids(v: Any) -> str | None:
     for i, item in enumerate(v):
         if not _PEER_ID_RE.match(item):
             return f"item {i} is not a peer id (64 lowercase hex characters, as printed by `meshd id`)"
+        if not _valid_key(item):
+            return f"item {i} is not a valid Ed25519 public key (mistyped? compare with `meshd id` on that domain)"
     if len(set(v)) != len(v):
         return "lists the same peer id twice"
     return None
 
 
 def _peer_id(v: Any) -> str | None:
-    return None if _PEER_ID_RE.match(v) else "is not a peer id (64 lowercase hex characters, see `meshd id`)"
+    if not _PEER_ID_RE.match(v):
+        return "is not a peer id (64 lowercase hex characters, see `meshd id`)"
+    if not _valid_key(v):
+        return "is not a valid Ed25519 public key (mistyped? compare with `meshd id` on that domain)"
+    return None
+
+
+def _valid_key(peer_id: str) -> bool:
+    try:
+        parse_peer_id(peer_id)
+    except ValueError:
+        return False
+    return True
 
 
 def _ipv4_list(v: Any) -> str | None:
@@ -125,8 +140,8 @@ class NodeConfig:
 
 @dataclass(frozen=True)
 class ListenConfig:
-    peer: str = field(default="0.0.0.0:7946", metadata=_opt(_host_port, "gossip listener", restart=True))
-    status: str = field(default="127.0.0.1:7947", metadata=_opt(_host_port, "local status API", restart=True))
+    peer: str = field(default="0.0.0.0:7452", metadata=_opt(_host_port, "gossip listener", restart=True))
+    status: str = field(default="127.0.0.1:7453", metadata=_opt(_host_port, "local status API", restart=True))
     advertise: str = field(
         default="", metadata=_opt(_host_port_or_empty, "address peers should dial", restart=True)
     )

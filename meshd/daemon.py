@@ -314,7 +314,8 @@ class Daemon:
         totals = {k: sum(int(ts["gossip"].get(k, 0)) for ts in tasks.values()) for k in ("rounds", "merged", "pulls")}
         primary_gossip = {k: v for k, v in primary.get("gossip", {}).items() if k not in totals and k != "rejected"}
         gossip = {**self.stats.snapshot(), **totals, **primary_gossip}
-        mesh_part = mesh.get("mesh", {"joined": False, "peers": [], "counts": {}, "untrusted_seen": []})
+        mesh_part = mesh.get("mesh", {"joined": False, "peers": [], "counts": {}, "untrusted_seen": [],
+                                       "untrusted_senders": []})
         mesh_part["joined"] = bool(mesh_part.get("enabled")) and all(ts["joined"] for ts in tasks.values())
         return {
             "health": self._health(mesh_part, tasks),

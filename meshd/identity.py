@@ -10,6 +10,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from nacl.bindings import crypto_sign_ed25519_pk_to_curve25519
 from nacl.public import PrivateKey, PublicKey
 from nacl.signing import SigningKey, VerifyKey
 
@@ -61,6 +62,9 @@ def parse_peer_id(text: str) -> bytes:
         raise ValueError("a peer id is hex (0-9, a-f)") from None
     try:
         VerifyKey(raw)
+        # Also a point of the prime-order group (what sealing to it needs): most mistyped ids are not, so a
+        # typo is caught here instead of failing every message to that peer.
+        crypto_sign_ed25519_pk_to_curve25519(raw)
     except Exception:
         raise ValueError("not a valid Ed25519 public key") from None
     return raw

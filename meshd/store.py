@@ -22,10 +22,12 @@ __all__ = ["atomic_write", "fsync_dir", "read_json", "write_json_atomic"]
 _MISSING: Any = object()
 
 
-def atomic_write(path: Path, data: bytes, *, fsync: bool = True, mode: int = 0o600) -> None:
+def atomic_write(path: Path, data: bytes, *, fsync: bool = True, mode: int = 0o600,
+                 owner: tuple[int, int] | None = None) -> None:
     """Replace ``path`` with ``data`` atomically (temp file in the same directory, fsync, rename, fsync dir).
 
-    The file gets exactly ``mode`` (the umask does not apply).  On failure the temporary file is removed
+    The file gets exactly ``mode`` (the umask does not apply) and, if given, ``owner`` (uid, gid).
+    On failure the temporary file is removed
     and :class:`StoreError` is raised; the old file, if any, is untouched.
     """
     path = Path(path)
@@ -37,6 +39,8 @@ def atomic_write(path: Path, data: bytes, *, fsync: bool = True, mode: int = 0o6
     tmp = Path(tmp_name)
     try:
         try:
+            if owner is not None:
+                os.fchown(fd, *owner)
             os.fchmod(fd, mode)
             view = memoryview(data)
             while view:

@@ -192,11 +192,11 @@ def _snapshot() -> dict[str, Any]:
         "config": {"path": "/etc/meshd/meshd.toml", "loaded_at": "now", "last_reload_ok": True,
                    "pending_restart": []},
         "mesh": {"joined": False, "counts": {"alive": 3}, "peers": [
-            {"domain": "sales", "peer_id": A, "address": "10.0.0.2:7946", "state": "alive", "source": "mdns",
+            {"domain": "sales", "peer_id": A, "address": "10.0.0.2:7452", "state": "alive", "source": "mdns",
              "last_seen_s": 0.4, "tasks": {"default": {"fp": "x", "schema": "s"}, "churn": {"fp": "y", "schema": "t"}}},
             {"domain": "support", "peer_id": B, "address": None, "state": "alive", "source": "registry",
              "last_seen_s": None, "tasks": {"default": {"fp": "z", "schema": "s"}}},
-            {"domain": "hr", "peer_id": C, "address": "10.0.0.4:7946", "state": "alive", "source": "static",
+            {"domain": "hr", "peer_id": C, "address": "10.0.0.4:7452", "state": "alive", "source": "static",
              "last_seen_s": 2.0, "tasks": {}},
         ]},
         "model": {"name": "mlp", "version": 7, "parameters": 1234, "fingerprint": "abcdef0123456789"},

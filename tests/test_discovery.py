@@ -49,10 +49,10 @@ class Recorder:
 
 async def test_static_start_reports_entries_with_address_once() -> None:
     rec = Recorder()
-    sd = StaticDiscovery([StaticPeer("a", "10.0.0.1:7946", A), StaticPeer("b", None, B, "registry")], rec)
+    sd = StaticDiscovery([StaticPeer("a", "10.0.0.1:7452", A), StaticPeer("b", None, B, "registry")], rec)
     assert rec.events == []  # nothing before start
     await sd.start()
-    assert rec.take() == [PeerSeen(A, "10.0.0.1:7946", "a", "static")]
+    assert rec.take() == [PeerSeen(A, "10.0.0.1:7452", "a", "static")]
     await sd.start()  # idempotent
     assert rec.take() == []
 
@@ -108,7 +108,7 @@ def test_load_registry_happy_path(tmp_path: Path) -> None:
 [[peers]]
 domain = "sales"
 peer_id = "{A.hex()}"
-address = "10.0.0.1:7946"
+address = "10.0.0.1:7452"
 
 [[peers]]
 domain = "ops"
@@ -116,7 +116,7 @@ peer_id = "{B.hex().upper()}"
 """,
     )
     assert load_registry(p) == [
-        StaticPeer("sales", "10.0.0.1:7946", A, "registry"),
+        StaticPeer("sales", "10.0.0.1:7452", A, "registry"),
         StaticPeer("ops", None, B, "registry"),
     ]
 
@@ -146,7 +146,7 @@ address = "10.0.0.1:70000"
 [[peers]]
 domain = "ok"
 peer_id = "{A.hex()}"
-address = 7946
+address = 7452
 """,
     )
     with pytest.raises(ConfigError) as ei:
@@ -199,12 +199,12 @@ def test_load_registry_missing_or_binary_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("address", "ok"),
     [
-        ("10.0.0.1:7946", True),
+        ("10.0.0.1:7452", True),
         ("host.example:1", True),
-        ("[::1]:7946", True),
-        ("::1:7946", False),
+        ("[::1]:7452", True),
+        ("::1:7452", False),
         ("10.0.0.1", False),
-        (":7946", False),
+        (":7452", False),
         ("h:0", False),
         ("h:65536", False),
         ("h:x", False),
@@ -220,7 +220,7 @@ def test_check_address(address: str, ok: bool) -> None:
 TYPE = MdnsDiscovery.SERVICE_TYPE
 
 
-def info(props: dict[str, str], addresses: list[str] | None = None, port: int = 7946) -> ServiceInfo:
+def info(props: dict[str, str], addresses: list[str] | None = None, port: int = 7452) -> ServiceInfo:
     return ServiceInfo(
         TYPE,
         f"x.{TYPE}",
@@ -238,9 +238,9 @@ def good_props() -> dict[str, str]:
 def test_txt_valid() -> None:
     # No `tasks` key: a single-model meshd, whose one task is the default one.
     assert peer_seen_from_info(info(good_props()), 1) == PeerSeen(
-        A, "10.1.2.3:7946", "sales", "mdns", "abc123", tasks={"default": ("abc123", None)})
+        A, "10.1.2.3:7452", "sales", "mdns", "abc123", tasks={"default": ("abc123", None)})
     assert peer_seen_from_info(info({**good_props(), "fp": ""}), 1) == PeerSeen(
-        A, "10.1.2.3:7946", "sales", "mdns", None
+        A, "10.1.2.3:7452", "sales", "mdns", None
     )
     tasks = {"fraud": ("0123456789abcdef", "fedcba9876543210"), "churn": ("aa", "bb")}
     text, count = encode_tasks_txt(tasks)
@@ -290,7 +290,7 @@ async def test_mdns_stop_before_start_is_a_noop() -> None:
     md = MdnsDiscovery(
         domain="sales.eu",
         peer_id=A,
-        port=7946,
+        port=7452,
         advertise_ips=["10.1.2.3"],
         interfaces=["10.1.2.3"],
         model_fp=None,

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.netns
 
 REPO = Path(__file__).resolve().parent.parent
 NODE = Path(__file__).resolve().parent / "mdns_node.py"
-PORT = 7946
+PORT = 7452
 DISCOVER_S = 20.0  # deadline for everyone to see everyone
 GOODBYE_S = 10.0
 

@@ -17,7 +17,7 @@ from meshd.core.membership import (
 T = Timing(suspect_after_s=5.0, dead_after_s=15.0, ping_after_s=2.0)
 SELF = b"\x00" * 32
 A, B, C, D = (bytes([i]) * 32 for i in (1, 2, 3, 4))
-ADDR = {A: "10.0.0.1:7946", B: "10.0.0.2:7946", C: "10.0.0.3:7946", D: "10.0.0.4:7946"}
+ADDR = {A: "10.0.0.1:7452", B: "10.0.0.2:7452", C: "10.0.0.3:7452", D: "10.0.0.4:7452"}
 
 
 def table(*trusted: bytes, **kw: int) -> PeerTable:
@@ -65,12 +65,12 @@ def test_timing_validation() -> None:
 
 def test_discovered_trusted_peer_is_unknown_with_address() -> None:
     t = table(A)
-    t.discovered(A, "10.0.0.1:7946", "sales", "mdns", 100.0, tasks={"fraud": ("fp1", "s1")})
+    t.discovered(A, "10.0.0.1:7452", "sales", "mdns", 100.0, tasks={"fraud": ("fp1", "s1")})
     p = t.get(A)
     assert p is not None
     assert (p.state, p.address, p.domain, p.source, p.tasks) == (
         PeerState.UNKNOWN,
-        "10.0.0.1:7946",
+        "10.0.0.1:7452",
         "sales",
         "mdns",
         {"fraud": ("fp1", "s1")},
@@ -251,11 +251,11 @@ def test_heard_from_unknown_peer_creates_it_inbound_and_uses_its_address_as_fall
     assert p is not None
     assert (p.state, p.address, p.source, p.domain) == (PeerState.ALIVE, None, "inbound", "")
     assert t.gossip_targets(random.Random(0), 5) == []  # no address: not a target
-    t.heard_from(A, 2.0, address="10.9.9.9:7946")
-    assert (p.address, p.source) == ("10.9.9.9:7946", "inbound")
+    t.heard_from(A, 2.0, address="10.9.9.9:7452")
+    assert (p.address, p.source) == ("10.9.9.9:7452", "inbound")
     disc(t, A, 3.0)
     assert (p.address, p.source) == (ADDR[A], "mdns")  # discovery wins over self-reported
-    t.heard_from(A, 4.0, address="10.9.9.8:7946")
+    t.heard_from(A, 4.0, address="10.9.9.8:7452")
     assert (p.address, p.source) == (ADDR[A], "mdns")
 
 
@@ -305,9 +305,9 @@ def test_rediscovery_of_left_or_dead_peer_makes_it_unknown_and_pinged() -> None:
 def test_rediscovery_of_a_live_peer_keeps_its_state() -> None:
     t = table(A)
     alive(t, A, 0.0)
-    disc(t, A, 1.0, address="10.0.0.100:7946")
+    disc(t, A, 1.0, address="10.0.0.100:7452")
     p = t.get(A)
-    assert p is not None and p.state == PeerState.ALIVE and p.address == "10.0.0.100:7946"
+    assert p is not None and p.state == PeerState.ALIVE and p.address == "10.0.0.100:7452"
     assert t.tick(1.0) == []
 
 
@@ -519,7 +519,7 @@ def test_gossip_targets_roughly_uniform() -> None:
 
 
 def _alive_anywhere(t: PeerTable, pid: bytes) -> None:
-    t.discovered(pid, f"10.0.1.{pid[0]}:7946", f"dom-{pid[0]}", "static", 0.0)
+    t.discovered(pid, f"10.0.1.{pid[0]}:7452", f"dom-{pid[0]}", "static", 0.0)
     t.heard_from(pid, 0.0)
     t.tick(0.0)
 

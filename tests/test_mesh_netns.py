@@ -37,8 +37,8 @@ from tests.netns import NetNs, make_mesh_namespaces  # noqa: F401  (pytest fixtu
 
 pytestmark = pytest.mark.netns
 
-PEER_PORT = 7946
-STATUS_PORT = 7947
+PEER_PORT = 7452
+STATUS_PORT = 7453
 START_S = 60.0  # a daemon imports torch: slow on a busy machine
 DISCOVER_S = 40.0  # mDNS announce + resolve + a signed ping, three ways
 LEAVE_S = 10.0

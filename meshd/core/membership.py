@@ -34,6 +34,7 @@ __all__ = [
     "PeerState",
     "PeerTable",
     "Ping",
+    "RefusedSenders",
     "StateChanged",
     "Timing",
     "UntrustedSighting",
@@ -461,3 +462,63 @@ class PeerTable:
         elif new == PeerState.UNKNOWN:
             peer.ping_due_at = None  # ping at once
         return StateChanged(peer.peer_id, old, new)
+
+
+@dataclass
+class RefusedSender:
+    """A key whose envelopes were refused because it is not trusted: often a peer id with a typo."""
+
+    peer_id: bytes
+    domain: str | None  # the domain its signed body claims, when it could be read (see RefusedSenders)
+    remote: str  # the address the last one came from
+    count: int
+    first_seen: float
+    last_seen: float
+
+
+class RefusedSenders:
+    """The last ``max_entries`` untrusted keys that sent us envelopes, newest last; never grows beyond that.
+
+    A flood of fresh keys only turns the table over: the oldest entry goes first. The domain a sender claims
+    is only read from a signed body (the caller decides when it can afford to), never from a header.
+    """
+
+    def __init__(self, max_entries: int = 32) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be >= 1")
+        self.max_entries = max_entries
+        self._senders: dict[bytes, RefusedSender] = {}
+
+    def __len__(self) -> int:
+        return len(self._senders)
+
+    def get(self, peer_id: bytes) -> RefusedSender | None:
+        return self._senders.get(peer_id)
+
+    def record(self, peer_id: bytes, now: float, remote: str, domain: str | None = None) -> RefusedSender:
+        """One more refused envelope from ``peer_id``; a known ``domain`` is kept until a new one is read."""
+        entry = self._senders.pop(peer_id, None)
+        if entry is None:
+            while len(self._senders) >= self.max_entries:
+                del self._senders[next(iter(self._senders))]
+            entry = RefusedSender(peer_id, domain, remote, 0, now, now)
+        entry.count += 1
+        entry.last_seen = now
+        entry.remote = remote
+        if domain is not None:
+            entry.domain = domain
+        self._senders[peer_id] = entry  # re-inserted at the end: newest
+        return entry
+
+    def forget(self, keys: Iterable[bytes]) -> None:
+        """Drop the keys that became trusted."""
+        for key in keys:
+            self._senders.pop(key, None)
+
+    def snapshot(self, now: float) -> list[dict[str, object]]:
+        """Newest first: peer id, claimed domain, count, seconds since the last one, remote address."""
+        return [
+            {"peer_id": s.peer_id.hex(), "domain": s.domain, "count": s.count,
+             "last_seen_s": max(0.0, now - s.last_seen), "remote": s.remote}
+            for s in reversed(self._senders.values())
+        ]

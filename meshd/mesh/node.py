@@ -15,6 +15,7 @@ import contextlib
 import os
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,7 +27,7 @@ from meshd import config as configmod
 from meshd import store
 from meshd.config import DEFAULT_TASK, Config
 from meshd.core import wire
-from meshd.core.membership import Peer, PeerState, PeerTable, Ping, StateChanged, Timing
+from meshd.core.membership import Peer, PeerState, PeerTable, Ping, RefusedSenders, StateChanged, Timing
 from meshd.core.replay import SEQ_LIMIT, ReplayGuard, SequenceCounter
 from meshd.core.stats import GossipStats
 from meshd.errors import MeshdError, StoreError, WireError
@@ -47,6 +48,13 @@ REPLAY_FILE = "replay.json"
 REPLAY_FORMAT = 2  # {"format": 2, "clean": true, "peers": {...}}; format 1 was the bare peers map
 LEASE_FILE = "replay-lease.json"  # {"lease_ms": L}: no envelope with ts > L was ever accepted
 SEQ_FILE = "sequence.json"
+MAX_REFUSED_SENDERS = 32  # untrusted keys shown in /status and `meshd peers` (a typo'd peer id shows up there)
+# The domain an untrusted sender claims is read from its signed body: verify and decrypt, work the receiver
+# otherwise saves for trusted keys. So only for small envelopes (pings), once per key per CLAIM_EVERY_S, and
+# at most one per CLAIM_GAP_S in all: a flood of fresh keys costs at most 4 small opens a second.
+CLAIM_MAX_BYTES = 64 * 1024
+CLAIM_EVERY_S = 30.0
+CLAIM_GAP_S = 0.25
 
 
 class Mesh:
@@ -67,6 +75,9 @@ class Mesh:
         self._inflight: set[tuple[bytes, int]] = set()  # wire thread: (sender, seq) being handled
         self._seq = SequenceCounter(1)
         self.table = PeerTable(identity.public_key, self._timing(cfg))
+        self.refused = RefusedSenders(MAX_REFUSED_SENDERS)
+        self._claims: OrderedDict[bytes, float] = OrderedDict()  # wire thread only: when a claim was last read
+        self._claim_last = -CLAIM_GAP_S
         self._trusted: frozenset[bytes] = frozenset()
         self._tasks: dict[str, TaskEndpoint] = {}
         self._server: PeerServer | None = None
@@ -298,6 +309,7 @@ class Mesh:
         # sender's highest timestamp becomes the guard's floor, so nothing is accepted twice.
         self._replay.max_senders = max(4096, 2 * len(trusted))
         self.table.set_trusted(trusted)
+        self.refused.forget(trusted)
         for key in removed:
             self._wire.forget_peer(key)
             log.info("peer_distrusted", peer_id=peer_id_of(key))
@@ -385,7 +397,20 @@ class Mesh:
         """Wire thread: verify and open an envelope, not yet recorded as seen: :meth:`_settle` records it once
         it took effect, so a refused one (503 busy...) can be retried with the same bytes. Two copies of one
         envelope are never handled at once. The lease covers its ``ts`` before anything happens."""
-        opened = self._wire.open(data, now_ms, self._is_trusted, self._replay, commit=False)
+        refused: list[bytes] = []
+
+        def trusted(key: bytes) -> bool:
+            if self._is_trusted(key):
+                return True
+            refused.append(key)
+            return False
+
+        try:
+            opened = self._wire.open(data, now_ms, trusted, self._replay, commit=False)
+        except WireError as exc:
+            if exc.reason == "untrusted" and refused:
+                raise _UntrustedSender(exc, refused[0], self._claimed_domain(data, now_ms, refused[0])) from None
+            raise
         key = (opened.sender, opened.seq)
         if key in self._inflight:
             raise WireError("replayed", 409, f"seq {opened.seq} is being handled")
@@ -420,11 +445,35 @@ class Mesh:
         state = {"format": REPLAY_FORMAT, "clean": True, "peers": self._replay.to_state()}
         store.write_json_atomic(self._state_dir / REPLAY_FILE, state, fsync=True)
 
+    def _claimed_domain(self, data: bytes, now_ms: int, sender: bytes) -> str | None:
+        """Wire thread: the ``domain`` in an untrusted sender's signed body, within the CLAIM_* budget."""
+        t = time.monotonic()
+        last = self._claims.get(sender)
+        if (len(data) > CLAIM_MAX_BYTES or t - self._claim_last < CLAIM_GAP_S
+                or (last is not None and t - last < CLAIM_EVERY_S)):
+            return None
+        self._claim_last = t
+        self._claims[sender] = t
+        self._claims.move_to_end(sender)
+        while len(self._claims) > MAX_REFUSED_SENDERS * 2:
+            self._claims.popitem(last=False)
+        try:
+            # A throwaway replay guard: the real one never hears of untrusted keys.
+            opened = self._wire.open(data, now_ms, lambda _key: True, ReplayGuard(1, 1))
+            domain = wire.decode_body(opened.body, self._wire_limits(self.cfg)).get("domain")
+        except WireError:
+            return None
+        finally:
+            self._wire.forget_peer(sender)
+        return domain if isinstance(domain, str) and configmod._domain(domain) is None else None
+
     async def _handle(self, data: bytes, remote: str) -> Reply:
         now_ms = int(time.time() * 1000)
         try:
             opened = await self._in_wire(self._open_checked, data, now_ms)
         except WireError as exc:
+            if isinstance(exc, _UntrustedSender):
+                self.refused.record(exc.sender, time.monotonic(), remote, exc.domain)
             self.reject(exc.reason, remote, exc.detail)
             return Reply.error(exc.status, exc.reason, exc.detail)
         except (OSError, StoreError) as exc:  # extending the replay lease failed (disk full...): refuse rather
@@ -543,7 +592,11 @@ class Mesh:
     async def exchange(self, peer_id: bytes, address: str, kind: str, body: dict[str, Any]) -> tuple[int, bytes, int]:
         """Seal, send, account. Returns (status, body, attempts); raises SendError if nobody answered."""
         assert self._client is not None
-        envelope = await self._seal(peer_id, kind, body)
+        try:
+            envelope = await self._seal(peer_id, kind, body)
+        except ValueError as exc:  # e.g. a registry key that no envelope can be sealed to: this send fails alone
+            self.stats.send_failures += 1
+            raise SendError(f"cannot seal to {peer_id_of(peer_id)[:16]}: {exc}") from None
         try:
             status, reply, attempts = await self._client.post(address, envelope)
         except SendError:
@@ -662,6 +715,7 @@ class Mesh:
                 "peers": self.table.snapshot(now),
                 "counts": self.table.counts(),
                 "untrusted_seen": self.table.untrusted_snapshot(),
+                "untrusted_senders": self.refused.snapshot(now),
                 "trusted": len(self._trusted),
                 "mdns": self._mdns is not None,
             },
@@ -674,6 +728,15 @@ def _remove_durably(path: Path) -> None:
     except FileNotFoundError:
         return
     store.fsync_dir(path.parent)
+
+
+class _UntrustedSender(WireError):
+    """An envelope refused as ``untrusted``, with the key that sent it and the domain its body claims."""
+
+    def __init__(self, exc: WireError, sender: bytes, domain: str | None) -> None:
+        super().__init__(exc.reason, exc.status, exc.detail)
+        self.sender = sender
+        self.domain = domain
 
 
 def _pong_tasks(body: dict[str, Any]) -> dict[str, tuple[str | None, str | None]]:

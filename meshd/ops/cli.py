@@ -1,4 +1,5 @@
-"""Command line: `meshd init | keygen | id | config check | run | status | peers | reload | export | demo`.
+"""Command line: `meshd init | keygen | id | config check | run | status | peers | reload | trust | doctor |
+export | demo`.
 
 Exit codes: 0 ok, 1 runtime failure (daemon unreachable, daemon crashed), 2 bad input (config, key, usage).
 """
@@ -22,7 +23,7 @@ from meshd import identity as identitymod
 from meshd.errors import ConfigError, DataError, IdentityError, MeshdError, ModelError
 
 DEFAULT_CONFIG = Path("/etc/meshd/meshd.toml")
-DEFAULT_STATUS = "127.0.0.1:7947"
+DEFAULT_STATUS = "127.0.0.1:7453"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("init", help="write a config and an identity key for a new domain")
     s.add_argument("--domain", required=True, help="this domain's name (a-z, 0-9, '-', '_')")
     s.add_argument("--dir", type=Path, default=Path("."), help="folder for meshd.toml and identity.key (default: .)")
-    s.add_argument("--peer-addr", default="0.0.0.0:7946", help="HOST:PORT of the gossip listener")
+    s.add_argument("--peer-addr", default="0.0.0.0:7452", help="HOST:PORT of the gossip listener")
     s.add_argument("--status-addr", default=DEFAULT_STATUS, help="HOST:PORT of the local status API")
     s.add_argument("--data", default="", help="path of the domain's data product (CSV or .npz)")
     s.add_argument("--state-dir", default="state",
@@ -89,6 +90,32 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--url", help=f"status API base URL (default: from --config, else http://{DEFAULT_STATUS})")
     s.add_argument("--config", type=Path, help="config file to take the status address from")
     s.set_defaults(func=cmd_reload)
+
+    s = sub.add_parser("trust", help="trust a peer, stop trusting one, or list them (edits the config safely)")
+    tsub = s.add_subparsers(title="trust commands", metavar="ACTION")
+    t = tsub.add_parser("add", help="trust a peer id as a domain (and dial it at an address); the daemon reloads")
+    t.add_argument("--domain", required=True, help="the peer's domain name")
+    t.add_argument("--peer-id", required=True, help="its peer id (64 hex characters, as printed by `meshd id`)")
+    t.add_argument("--address", help="HOST:PORT of its peer listener, for peers mDNS cannot find")
+    t.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    t.set_defaults(func=cmd_trust_add)
+    t = tsub.add_parser("remove", help="stop trusting a peer (by --peer-id or --domain); the daemon reloads")
+    who = t.add_mutually_exclusive_group(required=True)
+    who.add_argument("--peer-id", help="the peer id to remove")
+    who.add_argument("--domain", help="the domain whose key to remove")
+    t.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    t.set_defaults(func=cmd_trust_remove)
+    t = tsub.add_parser("list", help="the peers the config trusts, and where each is listed")
+    t.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    t.add_argument("--json", action="store_true", help="print JSON")
+    t.set_defaults(func=cmd_trust_list)
+
+    s = sub.add_parser("doctor", help="check what `config check` cannot: key, data, state dir, ports, duplicated "
+                                      "domains, typo'd peer ids, the daemon and its peers (exit 1 on a problem)")
+    s.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    s.add_argument("--url", help="status API base URL of the running daemon (default: from the config)")
+    s.add_argument("--offline", action="store_true", help="only the checks that need no running daemon")
+    s.set_defaults(func=cmd_doctor)
 
     s = sub.add_parser("export", help="write the current model (newest checkpoint) as a torch state_dict")
     s.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
@@ -155,7 +182,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"wrote {cfg_path} and {key_path} (mode 0600)")
     print(f"domain:  {args.domain}")
     print(f"peer id: {ident.peer_id}")
-    print("Share the peer id with the mesh's governance; add the peer ids you trust to [trust] peers.")
+    print("Share the peer id with the mesh's governance; trust each peer with `meshd trust add --domain NAME "
+          "--peer-id ID [--address HOST:PORT]`.")
     return 0
 
 
@@ -468,17 +496,109 @@ def _compatibility(s: dict[str, Any], peer: dict[str, Any]) -> str:
 
 def format_peers(s: dict[str, Any]) -> str:
     """`meshd peers`: one row per peer the mesh knows, the tasks it runs and, for ours, whether it can join."""
-    peers = (s.get("mesh") or {}).get("peers") or []
-    if not peers:
-        return "no peers known"
-    header = ("DOMAIN", "STATE", "ADDRESS", "SOURCE", "LAST SEEN", "TASKS", "COMPATIBLE", "PEER ID")
-    rows = [
-        (p.get("domain", ""), p.get("state", ""), p.get("address") or "-", p.get("source", ""),
-         "-" if p.get("last_seen_s") is None else f"{p['last_seen_s']:.1f}s ago",
-         ",".join(sorted(p.get("tasks") or {})) or "-", _compatibility(s, p), p.get("peer_id", "")[:16] + "…")
-        for p in peers
-    ]
-    return "\n".join(_table(header, rows))
+    mesh = s.get("mesh") or {}
+    peers = mesh.get("peers") or []
+    lines = ["no peers known"]
+    if peers:
+        header = ("DOMAIN", "STATE", "ADDRESS", "SOURCE", "LAST SEEN", "TASKS", "COMPATIBLE", "PEER ID")
+        rows = [
+            (p.get("domain", ""), p.get("state", ""), p.get("address") or "-", p.get("source", ""),
+             "-" if p.get("last_seen_s") is None else f"{p['last_seen_s']:.1f}s ago",
+             ",".join(sorted(p.get("tasks") or {})) or "-", _compatibility(s, p), p.get("peer_id", "")[:16] + "…")
+            for p in peers
+        ]
+        lines = _table(header, rows)
+    return "\n".join(lines + _untrusted_lines(mesh))
+
+
+def _untrusted_lines(mesh: dict[str, Any]) -> list[str]:
+    """Keys that are not trusted: senders refused recently (newest first) and discovery sightings. A key that
+    looks like one of ours with a typo shows up here (`meshd doctor` points at it)."""
+    rows = [(str(u.get("domain") or "?"), "sent to us (refused)", str(u.get("count", "")),
+             f"{u.get('last_seen_s', 0):.1f}s ago", str(u.get("remote") or "-"), str(u.get("peer_id", "")))
+            for u in mesh.get("untrusted_senders") or []]
+    rows += [(str(u.get("domain") or "?"), f"discovered ({u.get('source')})", "-", "-", str(u.get("address") or "-"),
+              str(u.get("peer_id", ""))) for u in mesh.get("untrusted_seen") or []]
+    if not rows:
+        return []
+    header = ("CLAIMED DOMAIN", "SEEN AS", "COUNT", "LAST SEEN", "FROM", "UNTRUSTED PEER ID")
+    return ["", "untrusted keys (not in [trust] peers; add one with `meshd trust add`):", *_table(header, rows)]
+
+
+# --- trust -----------------------------------------------------------------------------------------------------
+
+
+def _config_problems(exc: ConfigError) -> int:
+    where = f"{exc.path}: " if exc.path else ""
+    _err(f"{where}refused; nothing written" if len(exc.problems) == 1 else f"{where}{len(exc.problems)} problems; "
+         "nothing written")
+    for line in exc.problems:
+        print(f"  {line}", file=sys.stderr)
+    return 2
+
+
+def cmd_trust_add(args: argparse.Namespace) -> int:
+    from meshd.ops import trust
+
+    try:
+        print(trust.add(args.config, args.domain, args.peer_id, args.address))
+    except ConfigError as exc:
+        return _config_problems(exc)
+    except MeshdError as exc:
+        _err(str(exc))
+        return 1
+    return 0
+
+
+def cmd_trust_remove(args: argparse.Namespace) -> int:
+    from meshd.ops import trust
+
+    try:
+        done, warnings = trust.remove(args.config, peer_id=args.peer_id, domain=args.domain)
+    except ConfigError as exc:
+        return _config_problems(exc)
+    except MeshdError as exc:
+        _err(str(exc))
+        return 1
+    print(done)
+    for line in warnings:
+        _err(line)
+    return 1 if warnings else 0
+
+
+def cmd_trust_list(args: argparse.Namespace) -> int:
+    from meshd.ops import trust
+
+    try:
+        found = trust.entries(args.config)
+    except ConfigError as exc:
+        _err(str(exc))
+        return 2
+    if args.json:
+        print(json.dumps([vars(e) for e in found], indent=2))
+        return 0
+    if not found:
+        print(f"no peers in {args.config}; add one with `meshd trust add --domain NAME --peer-id ID`")
+        return 0
+    rows = [(e.domain or "?", "yes" if e.trusted else "NO", e.address or "-", ", ".join(e.sources), e.peer_id)
+            for e in found]
+    print("\n".join(_table(("DOMAIN", "TRUSTED", "ADDRESS", "LISTED IN", "PEER ID"), rows)))
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from meshd.ops import doctor
+
+    url = None
+    if not args.offline:
+        try:
+            url = _status_url(args)
+        except MeshdError as exc:
+            _err(str(exc))
+            return 2
+    text, code = doctor.report(doctor.run_checks(args.config, url))
+    print(text)
+    return code
 
 
 # --- export / demo ----------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ enabled = true                   # false: send a signed 'leave', stop gossiping 
 
 [trust]
 # Peer ids (Ed25519 public keys, hex) that governance trusts. Only these may gossip with this domain.
+# `meshd trust add --domain NAME --peer-id ID [--address HOST:PORT]` edits this list (and [[peers]]).
 peers = []
 # Optional registry file shipped by governance: [[peers]] with domain, peer_id and (optional) address.
 # Every peer listed there is trusted, and its address is used for gossip.
@@ -40,7 +41,7 @@ registry = ""
 # Static peer addresses (for peers outside this LAN); trust still comes only from [trust].
 # [[peers]]
 # domain = "sales"
-# address = "10.0.0.2:7946"
+# address = "10.0.0.2:7452"
 # peer_id = "<64 hex characters printed by `meshd id` on that domain>"
 
 [discovery.mdns]
@@ -153,8 +154,8 @@ keep = 2                         # checkpoints kept; a corrupt newest one falls 
 def render(
     domain: str,
     *,
-    peer_addr: str = "0.0.0.0:7946",
-    status_addr: str = "127.0.0.1:7947",
+    peer_addr: str = "0.0.0.0:7452",
+    status_addr: str = "127.0.0.1:7453",
     identity: str = "identity.key",
     state_dir: str = "state",
     data_path: str = "",
