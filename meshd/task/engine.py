@@ -314,6 +314,8 @@ class Engine:
         if hist is None:
             return
         old = self.ledgers_seen.get(peer_hex)
+        if old == hist:
+            return  # the usual case (no new steps since its last share): no accounting on the loop
         if old is None or _spend_key(hist) > _spend_key(old):
             if old is None and len(self.ledgers_seen) >= 4096:
                 return
