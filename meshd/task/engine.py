@@ -23,7 +23,7 @@ from meshd.task import models
 from meshd.task.checkpoints import Checkpoint, CheckpointStore
 from meshd.task.data import DataProduct, load_data_product, schema_fingerprint
 from meshd.task.learner import Learner, TrainConfig, TrainResult, limit_torch_threads
-from meshd.task.privacy import LEDGER_FILE, Ledger, PrivacyPlan, epsilon_of, parse_history
+from meshd.task.privacy import LEDGER_FILE, Ledger, PrivacyPlan, parse_history
 
 log = structlog.get_logger("meshd.task.engine")
 
@@ -398,8 +398,10 @@ class Engine:
         return model, training
 
 
-def _spend_key(hist: list[tuple[float, float, int]]) -> tuple[float, int]:
-    return epsilon_of(hist, 1e-5, "rdp"), sum(n for _, _, n in hist)
+def _spend_key(hist: list[tuple[float, float, int]]) -> int:
+    # A sender's history only grows (steps are appended), so the one with more steps is the later one; no
+    # accounting here: this runs on the loop, and even in tasks without DP (which never import Opacus).
+    return sum(n for _, _, n in hist)
 
 
 def task_state_dir(state_dir: Path, name: str) -> Path:

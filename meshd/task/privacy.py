@@ -5,7 +5,8 @@ applied, independent of the accountant that reads them), kept in ``STATE/tasks/N
 every checkpoint. Steps are *reserved* (written and fsynced) before they are trained, so no model that
 embodies them can be shared, checkpointed or lost before the ledger counts them. Two ledgers merge by
 keeping the one that spent more: a restored file, an older checkpoint or a peer's echo never lowers it.
-Blocking (file writes, PRV accounting): called from worker threads by the engine.
+Blocking (file writes, PRV accounting): called from worker threads by the engine. Opacus (and scipy) is
+imported on first use, so daemons without a DP task do not pay its seconds of import time.
 """
 
 from __future__ import annotations
@@ -16,10 +17,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.accountant import IAccountant
-from opacus.accountants.utils import get_noise_multiplier
 
 from meshd.config import PrivacyConfig
 from meshd.errors import StoreError
@@ -57,6 +54,8 @@ class PrivacyPlan:
         q = batch / rows
         sigma, calibrated = cfg.noise_multiplier, False
         if sigma == 0:
+            from opacus.accountants.utils import get_noise_multiplier
+
             sigma = float(get_noise_multiplier(target_epsilon=cfg.epsilon, target_delta=cfg.delta, sample_rate=q,
                                                steps=cfg.planned_steps, accountant=cfg.accountant,
                                                epsilon_tolerance=0.005))
@@ -68,7 +67,9 @@ def epsilon_of(history: History, delta: float, accountant: str) -> float:
     """Epsilon spent by ``history`` at ``delta``, computed by Opacus's accountant of that name."""
     if not history:
         return 0.0
-    acc: IAccountant = PRVAccountant() if accountant == "prv" else RDPAccountant()
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    acc = PRVAccountant() if accountant == "prv" else RDPAccountant()
     acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
     if accountant == "prv":
         return float(acc.get_epsilon(delta, eps_error=_PRV_EPS_ERROR))
