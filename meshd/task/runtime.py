@@ -33,7 +33,7 @@ from meshd.core.averaging import RejectedUpdate, Share
 from meshd.core.codec import CodecName
 from meshd.core.cohort import Cohort, TaskPeers
 from meshd.core.membership import PeerState
-from meshd.errors import MeshdError, ModelError, WireError
+from meshd.errors import MeshdError, ModelError, StoreError, WireError
 from meshd.identity import peer_id_of
 from meshd.logs import QuietLog
 from meshd.mesh.link import Answer, MeshLink
@@ -517,6 +517,12 @@ class LearningTask:
                                       detail="training stopped, gossip goes on; raise privacy.epsilon to resume")
                     continue
                 ps.apply_update(new - start, self.engine.update_scale())
+            except StoreError as exc:
+                # The privacy ledger could not be written (disk full...): nothing was trained, nothing spent.
+                if self._quiet.should_log(("privacy_ledger_write_failed", str(exc)[:80]))[0]:
+                    self._log.error("privacy_ledger_write_failed", error=str(exc),
+                                    detail="training waits until the ledger can be written; gossip goes on")
+                await asyncio.sleep(IDLE_S)
             except (RejectedUpdate, ModelError) as exc:
                 # The model is kept as it was; a diverging step is dropped, never merged.
                 self.engine.stats.steps_dropped += steps
