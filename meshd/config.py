@@ -263,10 +263,31 @@ class CheckpointConfig:
     keep: int = field(default=2, metadata=_opt(_between(1, 100)))
 
 
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """DP-SGD for one task (docs/privacy.md). The budget keys apply on reload; the mechanism restarts the task."""
+
+    enabled: bool = field(default=False, metadata=_opt(doc="train with DP-SGD and keep a ledger", restart=True))
+    # The budget (epsilon, delta) this task may spend over its whole life; training stops when the next step
+    # would exceed it. Raising it is an explicit config edit (applied on reload).
+    epsilon: float = field(default=8.0, metadata=_opt(_positive, "privacy budget: total epsilon"))
+    delta: float = field(default=1e-5, metadata=_opt(_between(1e-12, 0.1), "privacy budget: delta"))
+    max_grad_norm: float = field(default=1.0, metadata=_opt(_positive, "per-sample gradient clip (L2)",
+                                                            restart=True))
+    # Gaussian noise std / max_grad_norm; 0 = calibrated so that `planned_steps` steps spend exactly `epsilon`.
+    noise_multiplier: float = field(default=0.0, metadata=_opt(_between(0.0, 1000.0), "noise std / clip",
+                                                               restart=True))
+    planned_steps: int = field(default=0, metadata=_opt(_between(0, 100_000_000), "steps the budget must last "
+                                                        "(with noise_multiplier = 0)", restart=True))
+    accountant: str = field(default="rdp", metadata=_opt(_one_of("rdp", "prv"), restart=True))
+    # Refuse shares (and pulls) from peers whose advertised budget or spent epsilon is above this; 0 = off.
+    require_epsilon_at_most: float = field(default=0.0, metadata=_opt(_non_negative, "weakest peer accepted"))
+
+
 #: Gossip keys that belong to the mesh (its transport), not to a task: a ``[task.gossip]`` table may not set them.
 MESH_GOSSIP_KEYS = ("connect_timeout_s", "request_timeout_s", "retries")
 #: The sections a ``[[task]]`` table may hold; the top-level sections of the same name are their defaults.
-TASK_SECTIONS = ("model", "data", "training", "gossip", "checkpoint")
+TASK_SECTIONS = ("model", "data", "training", "gossip", "checkpoint", "privacy")
 #: The name of the one task of a config without ``[[task]]`` tables (today's single-model form).
 DEFAULT_TASK = "default"
 MAX_TASKS = 32
@@ -302,6 +323,7 @@ class TaskConfig:
     training: TrainingConfig = TrainingConfig()
     gossip: GossipConfig = GossipConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
 
 @dataclass(frozen=True)
@@ -320,6 +342,7 @@ class Config:
     data: DataConfig = DataConfig()
     training: TrainingConfig = TrainingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     # [[task]] tables; none = one implicit task named "default" made of the top-level sections above.
     task: tuple[TaskConfig, ...] = ()
     source: Path | None = field(default=None, compare=False)
@@ -330,7 +353,8 @@ class Config:
         if self.task:
             return self.task
         return (TaskConfig(name=DEFAULT_TASK, cohort=("*",), model=self.model, data=self.data,
-                           training=self.training, gossip=self.gossip, checkpoint=self.checkpoint),)
+                           training=self.training, gossip=self.gossip, checkpoint=self.checkpoint,
+                           privacy=self.privacy),)
 
 
 # --- public API -----------------------------------------------------------------------------------------
@@ -570,6 +594,13 @@ def _cross_checks(cfg: Config) -> list[str]:
         if task.name in names:
             problems.append(f"task[{i}].name: another task is named {task.name!r}; task names are unique in a domain")
         names.add(task.name)
+    for prefix, task in ([("", t) for t in cfg.tasks] if not cfg.task
+                         else [(f"task[{i}].", t) for i, t in enumerate(cfg.task)]):
+        pv = task.privacy
+        if pv.enabled and pv.noise_multiplier == 0 and pv.planned_steps == 0:
+            problems.append(f"{prefix}privacy.noise_multiplier: is 0 and {prefix}privacy.planned_steps is 0; set "
+                            f"noise_multiplier (e.g. 1.0), or planned_steps (the SGD steps the epsilon budget must "
+                            f"last) to calibrate the noise")
     # A domain without a data product just averages; the daemon reports that task's training as idle.
     return problems
 

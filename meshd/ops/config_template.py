@@ -73,9 +73,9 @@ max_param_abs = 1000000.0        # model values beyond this magnitude are refuse
 # Each [[task]] table is one model this domain learns with a cohort of peers: its own model, data product,
 # training, gossip and checkpoints (in <state_dir>/tasks/<name>). Tasks run independently: one that fails or
 # restarts leaves the mesh and the other tasks running; /status shows each under "tasks".
-# Top-level [model], [data], [training], [gossip] and [checkpoint] tables (none are written here) act as defaults
-# for every task, key by key: a key set in a task's own [task.*] table wins. A config without [[task]] tables runs
-# one task named "default" made of those top-level tables.
+# Top-level [model], [data], [training], [gossip], [checkpoint] and [privacy] tables (none are written here) act
+# as defaults for every task, key by key: a key set in a task's own [task.*] table wins. A config without [[task]]
+# tables runs one task named "default" made of those top-level tables.
 # In a task, a change to a [restart] key restarts that task alone on reload.
 
 [[task]]
@@ -131,6 +131,17 @@ far_behind_versions = 0          # pull again when a peer's model version is thi
 [task.checkpoint]
 interval_s = 30.0                # seconds between checkpoints (also written at shutdown)
 keep = 2                         # checkpoints kept; a corrupt newest one falls back to the previous
+
+[task.privacy]
+# Differential privacy (DP-SGD with Opacus) and a durable epsilon ledger in <state_dir>/tasks/<name>; docs/privacy.md.
+enabled = false                  # [restart] train with per-sample clipping and Gaussian noise, spend a budget
+epsilon = 8.0                    # the budget: total epsilon over the task's life; training stops before exceeding it
+delta = 1e-05                    # the budget's delta
+max_grad_norm = 1.0              # [restart] per-sample gradient clip (L2 norm)
+noise_multiplier = 0.0           # [restart] noise std / max_grad_norm; 0 = calibrated from epsilon and planned_steps
+planned_steps = 0                # [restart] SGD steps the budget must last (used when noise_multiplier = 0)
+accountant = "rdp"               # [restart] rdp | prv (Opacus's accountants)
+require_epsilon_at_most = 0.0    # refuse peers advertising a weaker budget (or more spent) than this; 0 = off
 
 # A second task: another model on another data product, learned with two domains only. A task's [task.*] tables
 # follow its [[task]] line; keys it leaves out come from the top-level tables, then from the defaults.

@@ -156,6 +156,11 @@ _TASK_SERIES = [
      True),
     ("meshd_checkpoint_version", "Model version of the last checkpoint written", "checkpoint", "last_version",
      False),
+    ("meshd_privacy_epsilon_spent", "Epsilon spent by DP-SGD (the ledger)", "privacy", "epsilon_spent", False),
+    ("meshd_privacy_epsilon_budget", "Epsilon budget (privacy.epsilon)", "privacy", "epsilon_budget", False),
+    ("meshd_privacy_epsilon_remaining", "Epsilon budget left", "privacy", "epsilon_remaining", False),
+    ("meshd_privacy_delta", "Delta of the privacy budget", "privacy", "delta", False),
+    ("meshd_privacy_exhausted", "1 when training stopped at the privacy budget", "privacy", "exhausted", False),
 ]
 
 
@@ -166,6 +171,12 @@ def _task_metrics(tasks: dict[str, Any]) -> Iterator[Any]:
     for name, ts in sorted(tasks.items()):
         up.add_metric([name, str(ts.get("state"))], 1.0 if ts.get("state") == "running" else 0.0)
     yield up
+    acc = GaugeMetricFamily("meshd_privacy_accountant", "1 for the accountant of a task's privacy ledger",
+                            labels=["task", "accountant"])
+    for name, ts in sorted(tasks.items()):
+        if ts.get("privacy", {}).get("accountant"):
+            acc.add_metric([name, str(ts["privacy"]["accountant"])], 1.0)
+    yield acc
     for metric, doc, section, key, is_counter in _TASK_SERIES:
         family_cls = CounterMetricFamily if is_counter else GaugeMetricFamily
         fam = family_cls(metric, doc, labels=["task"])
@@ -173,6 +184,6 @@ def _task_metrics(tasks: dict[str, Any]) -> Iterator[Any]:
             v = ts.get(section, {}).get(key)
             if is_counter:
                 fam.add_metric([name], float(v or 0))
-            elif isinstance(v, int | float) and not isinstance(v, bool):
+            elif isinstance(v, int | float):  # a bool (privacy.exhausted) is 0 or 1
                 fam.add_metric([name], float(v))
         yield fam

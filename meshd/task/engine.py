@@ -23,6 +23,7 @@ from meshd.task import models
 from meshd.task.checkpoints import Checkpoint, CheckpointStore
 from meshd.task.data import DataProduct, load_data_product, schema_fingerprint
 from meshd.task.learner import Learner, TrainConfig, TrainResult, limit_torch_threads
+from meshd.task.privacy import LEDGER_FILE, Ledger, PrivacyPlan, parse_history
 
 log = structlog.get_logger("meshd.task.engine")
 
@@ -76,6 +77,13 @@ class Engine:
         self.stats = TrainingStats()
         self.sha256: str | None = None
         self.threads_in_use: int | None = None
+        # Differential privacy (privacy.enabled): the mechanism and the ledger of spent budget.
+        self.plan: PrivacyPlan | None = None
+        self.ledger: Ledger | None = None
+        self.exhausted = False  # the next training step would exceed privacy.epsilon: training stopped
+        # Per peer (hex id): the largest ledger history it advertised, echoed back in pull replies so a
+        # peer restored from an older state dir gets its spent budget back (docs/privacy.md).
+        self.ledgers_seen: dict[str, list[tuple[float, float, int]]] = {}
 
     # --- start-up (worker thread) ------------------------------------------------------------------------
 
@@ -122,8 +130,11 @@ class Engine:
             batch_size=cfg.training.batch_size, lr=cfg.training.lr, momentum=cfg.training.momentum,
             weight_decay=cfg.training.weight_decay, seed=cfg.training.seed,
         )
+        if self.data is not None and cfg.privacy.enabled:
+            self.plan = PrivacyPlan.build(cfg.privacy, cfg.training.batch_size, self.data.num_train)
+            self.ledger = Ledger(self.state_dir / LEDGER_FILE, cfg.privacy.delta, cfg.privacy.accountant)
         if self.data is not None:
-            self.learner = Learner(self.module, self.data, tcfg)
+            self.learner = Learner(self.module, self.data, tcfg, dp=self.plan)
         if self.data is not None and cfg.training.local_baseline:
             base_module = models.build_model(self.spec, self.input_dim, init_seed)
             self.baseline = Learner(base_module, self.data, tcfg)
@@ -157,6 +168,12 @@ class Engine:
             base = extra.get("baseline")
             if isinstance(base, bytes) and self._baseline_flat is not None and len(base) == 8 * start.numel():
                 self._baseline_flat = torch.frombuffer(bytearray(base), dtype=torch.float64).clone()
+            seen = extra.get("ledgers_seen")
+            if isinstance(seen, dict):
+                for peer, raw_hist in list(seen.items())[:4096]:
+                    hist = parse_history(raw_hist)
+                    if isinstance(peer, str) and hist is not None:
+                        self.ledgers_seen[peer] = hist
             served = extra.get("served")
             if isinstance(served, bytes) and len(served) == 8 * start.numel():
                 vec = torch.frombuffer(bytearray(served), dtype=torch.float64).clone()
@@ -165,6 +182,13 @@ class Engine:
             log.info("checkpoint_loaded", version=ckpt.version, weight=ckpt.weight, file=ckpt.file_name)
         else:
             self.pushsum = PushSum(start, 1.0, 0, rows=rows, **opts)
+        if self.ledger is not None:
+            self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            warnings += self.ledger.load(ckpt.extra.get("privacy") if ckpt is not None else None)
+            self.ledger.save()  # the merged ledger is on disk before anything is trained or shared
+            log.info("privacy_ledger_loaded", epsilon_spent=round(self.ledger.spent, 6), steps=self.ledger.steps,
+                     source=self.ledger.source, noise_multiplier=round(self.plan.noise_multiplier, 6)
+                     if self.plan else None)
         return warnings
 
     def _adopt_legacy_checkpoints(self) -> str | None:
@@ -215,6 +239,12 @@ class Engine:
         if torch.get_num_threads() != self.cfg.training.threads:  # a new worker thread: its own OpenMP setting
             limit_torch_threads(self.cfg.training.threads)
         self.threads_in_use = torch.get_num_threads()  # what the training thread runs with, for /status
+        if self.ledger is not None and self.plan is not None:
+            steps = self.ledger.affordable(self.plan, steps, self.cfg.privacy.epsilon)
+            if steps == 0:
+                self.exhausted = True
+                return start.clone(), TrainResult(steps=0, samples=0, loss=float("nan"))
+            self.ledger.reserve(self.plan, steps)  # fsynced before the steps exist: never under-counted
         new, result = self.learner.train(start, steps)
         if self.baseline is not None and self._baseline_flat is not None:
             # The local-only baseline: the same data and steps, never averaged. "Is the mesh helping?"
@@ -258,6 +288,10 @@ class Engine:
         if self._baseline_flat is not None:
             extra["baseline"] = self._baseline_flat.numpy().tobytes()
         extra["served"] = self.served_model().numpy().tobytes()
+        if self.ledger is not None:
+            extra["privacy"] = self.ledger.to_extra()
+        if self.ledgers_seen:
+            extra["ledgers_seen"] = {k: [list(h) for h in v] for k, v in self.ledgers_seen.items()}
         return Checkpoint(
             version=st.version,
             weight=st.weight,
@@ -268,7 +302,57 @@ class Engine:
         )
 
     def save_checkpoint(self, ckpt: Checkpoint) -> str:
+        if self.ledger is not None:
+            self.ledger.save()  # with each checkpoint, the ledger file too (it is never behind the checkpoint)
         return self.store.save(ckpt).name
+
+    # --- privacy (worker thread: accounting may take milliseconds) -------------------------------------------
+
+    def note_peer_ledger(self, peer_hex: str, raw: object) -> None:
+        """Remember the largest ledger history a peer advertised (to echo it back to it in pull replies)."""
+        hist = parse_history(raw)
+        if hist is None:
+            return
+        old = self.ledgers_seen.get(peer_hex)
+        if old == hist:
+            return  # the usual case (no new steps since its last share): no accounting on the loop
+        if old is None or _spend_key(hist) > _spend_key(old):
+            if old is None and len(self.ledgers_seen) >= 4096:
+                return
+            self.ledgers_seen[peer_hex] = hist
+
+    def adopt_echo(self, raw: object, source: str) -> tuple[float, float] | None:
+        """A peer's echo of our ledger: adopted (and persisted) if it spent more; returns (old, new) epsilon."""
+        hist = parse_history(raw)
+        if self.ledger is None or hist is None:
+            return None
+        old = self.ledger.spent
+        if not self.ledger.merge(hist, source):
+            return None
+        self.ledger.save()
+        return old, self.ledger.spent
+
+    def privacy_snapshot(self) -> dict[str, object]:
+        p, led = self.cfg.privacy, self.ledger
+        if led is None or self.plan is None:
+            return {"enabled": False, "require_epsilon_at_most": p.require_epsilon_at_most or None}
+        return {
+            "enabled": True,
+            "accountant": self.plan.accountant,
+            "epsilon_budget": p.epsilon,
+            "epsilon_spent": round(led.spent, 6),
+            "epsilon_remaining": round(max(0.0, p.epsilon - led.spent), 6),
+            "delta": p.delta,
+            "steps": led.steps,
+            "noise_multiplier": round(self.plan.noise_multiplier, 6),
+            "noise_calibrated": self.plan.calibrated,
+            "max_grad_norm": self.plan.max_grad_norm,
+            "sample_rate": round(self.plan.sample_rate, 8),
+            "exhausted": self.exhausted,
+            "ledger_source": led.source,
+            "ledger_writes": led.writes,
+            "require_epsilon_at_most": p.require_epsilon_at_most or None,
+        }
 
     def export(self, flat: torch.Tensor) -> torch.nn.Module:
         assert self.module is not None
@@ -312,6 +396,12 @@ class Engine:
             "steps_dropped": s.steps_dropped,
         }
         return model, training
+
+
+def _spend_key(hist: list[tuple[float, float, int]]) -> int:
+    # A sender's history only grows (steps are appended), so the one with more steps is the later one; no
+    # accounting here: this runs on the loop, and even in tasks without DP (which never import Opacus).
+    return sum(n for _, _, n in hist)
 
 
 def task_state_dir(state_dir: Path, name: str) -> Path:

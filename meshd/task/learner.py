@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from torch import nn
 from meshd.errors import ModelError
 from meshd.task.data import DataProduct
 from meshd.task.models import flatten, load_flat
+from meshd.task.privacy import PrivacyPlan
 
 __all__ = ["Learner", "TrainConfig", "TrainResult", "limit_torch_threads"]
 
@@ -68,16 +70,34 @@ def limit_torch_threads(n: int) -> None:
 class Learner:
     """Owns one model, its SGD optimizer and the domain's data; all methods hold one lock."""
 
-    def __init__(self, model: nn.Module, data: DataProduct, cfg: TrainConfig) -> None:
+    def __init__(self, model: nn.Module, data: DataProduct, cfg: TrainConfig,
+                 dp: PrivacyPlan | None = None) -> None:
         if data.num_train < 1:
             raise ModelError("the data product has no training rows")
         self._model = model
         self._data = data
         self._cfg = cfg
         self._lock = threading.Lock()
-        self._optimizer = torch.optim.SGD(
+        self._optimizer: torch.optim.Optimizer = torch.optim.SGD(
             model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
+        self._dp = dp
+        self._forward: nn.Module = model
+        if dp is not None:
+            # DP-SGD (Opacus): per-sample gradients by hooks, each clipped to max_grad_norm, summed, plus
+            # Gaussian noise of std noise_multiplier * max_grad_norm, divided by the expected batch size.
+            # Batches are Poisson samples (the sampling the accountant assumes). Sampling and noise draw
+            # from OS entropy, never from training.seed: a known seed would let anyone subtract the noise.
+            from opacus import GradSampleModule
+            from opacus.optimizers import DPOptimizer
+
+            self._forward = GradSampleModule(model, loss_reduction="mean")
+            self._dp_gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+            self._optimizer = DPOptimizer(
+                self._optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                expected_batch_size=dp.expected_batch, loss_reduction="mean",
+                generator=torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1),
+            )
         self._loss_fn = nn.CrossEntropyLoss(reduction="mean")
         self._steps_done = 0
         n = data.num_train
@@ -112,9 +132,11 @@ class Learner:
             samples = 0
             for i in range(steps):
                 idx = self._batch_indices(self._steps_done + i)
+                if idx.numel() == 0:
+                    continue  # an empty Poisson batch: the step is counted (and accounted), nothing is released
                 x, y = x_all[idx], y_all[idx]
                 self._optimizer.zero_grad(set_to_none=True)
-                loss = self._loss_fn(self._model(x), y)
+                loss = self._loss_fn(self._forward(x), y)
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     self._optimizer.state.clear()
@@ -199,6 +221,9 @@ class Learner:
         return [p for group in self._optimizer.param_groups for p in group["params"]]
 
     def _batch_indices(self, step: int) -> torch.Tensor:
+        if self._dp is not None:
+            mask = torch.rand(self._data.num_train, generator=self._dp_gen) < self._dp.sample_rate
+            return torch.nonzero(mask).reshape(-1)
         epoch, within = divmod(step, self._steps_per_epoch)
         if epoch != self._perm_epoch:
             gen = torch.Generator().manual_seed(_mix_seed(self._cfg.seed, epoch))

@@ -33,12 +33,13 @@ from meshd.core.averaging import RejectedUpdate, Share
 from meshd.core.codec import CodecName
 from meshd.core.cohort import Cohort, TaskPeers
 from meshd.core.membership import PeerState
-from meshd.errors import MeshdError, ModelError, WireError
+from meshd.errors import MeshdError, ModelError, StoreError, WireError
 from meshd.identity import peer_id_of
 from meshd.logs import QuietLog
 from meshd.mesh.link import Answer, MeshLink
 from meshd.mesh.transport import SendError
 from meshd.task.engine import Engine
+from meshd.task.privacy import advertised, weaker_than
 
 log = structlog.get_logger("meshd.task")
 
@@ -47,7 +48,8 @@ GOSSIP_WAIT_S = 2.0  # longest a training part waits for the exchange it asked f
 PACE_WAIT_S = 0.05  # a domain ahead of its peers re-checks this often
 PACE_SLACK_EPOCHS = 0.5  # how far (in passes over its own data) a domain may run ahead of its peers' median
 PACE_HORIZON_S = 30.0  # peers' epoch counts older than this (or than 2 x dead_after_s) are not waited for
-REFUSALS = ("schema_mismatch", "incompatible", "unknown_task", "not_in_cohort")  # 409 reasons that block a peer
+# 409 reasons that block a peer
+REFUSALS = ("schema_mismatch", "incompatible", "unknown_task", "not_in_cohort", "privacy_too_weak")
 
 
 @dataclass
@@ -95,7 +97,10 @@ class LearningTask:
             self._log.warning("engine_warning", detail=warning)
         self.peers = TaskPeers(self.engine.fingerprint, self.engine.schema)
         self._opened = True
-        if self.engine.pushsum is None or not self.engine.fresh or not self.cfg.gossip.pull_on_join:
+        # A task with a privacy ledger pulls once even with a checkpoint: a peer's echo of its ledger brings
+        # back budget spent after the backup its state dir may have been restored from.
+        syncs_ledger = self.engine.ledger is not None and self.cfg.gossip.pull_on_join
+        if self.engine.pushsum is None or not (self.engine.fresh or syncs_ledger) or not self.cfg.gossip.pull_on_join:
             self._joined.set()
 
     async def run(self) -> None:
@@ -154,8 +159,12 @@ class LearningTask:
     def apply(self, cfg: TaskConfig) -> None:
         """A reload changed keys that apply in place (training pace and weighting, gossip cadence and codec,
         cohort...); the daemon restarts the task instead when a ``[restart]`` key of it changed."""
+        old_budget = self.cfg.privacy.epsilon
         self.cfg = cfg
         self.engine.cfg = cfg
+        if self.engine.exhausted and cfg.privacy.epsilon > old_budget:
+            self.engine.exhausted = False  # an explicit raise of the budget: training resumes
+            self._log.warning("privacy_budget_raised", epsilon_budget=cfg.privacy.epsilon, previous=old_budget)
         if self.engine.pushsum is not None:
             self.engine.pushsum.codec = cast(CodecName, cfg.gossip.codec)
         if cfg.cohort != self.cohort.members:
@@ -207,11 +216,17 @@ class LearningTask:
                 detail = ("same feature columns in a different order: list data.features in the mesh's order "
                           "on one side")
             why = WireError("schema_mismatch", 409, detail)
+        privacy = body.get("privacy")
+        at_most = self.cfg.privacy.require_epsilon_at_most
+        if why is None and at_most > 0 and (weak := weaker_than(privacy, at_most)) is not None:
+            why = WireError("privacy_too_weak", 409, weak)
         if why is not None:
             if self.engine.pushsum is not None:
                 self.peers.block(sender, why.reason, now)
             raise why
         self.peers.advertised(sender, True, self.engine.fingerprint, self.engine.schema, now)
+        if isinstance(privacy, dict) and privacy.get("dp") is True:
+            self.engine.note_peer_ledger(peer_id_of(sender), privacy.get("history"))
 
     def _model_fields(self, sender: bytes, body: dict[str, Any]) -> tuple[torch.Tensor, float, int, float | None]:
         self._check_compatible(sender, body)
@@ -274,6 +289,9 @@ class LearningTask:
         self.stats.pulls += 1
         self._log.info("pull_answered", peer_id=peer_id_of(sender), weight=share.weight, version=share.version)
         reply = await asyncio.to_thread(self._share_body, share)
+        echo = self.engine.ledgers_seen.get(peer_id_of(sender))
+        if echo is not None:
+            reply["privacy_echo"] = [list(h) for h in echo]  # what the puller spent, as far as we know
         return Answer(200, "model", reply)
 
     # --- sending -----------------------------------------------------------------------------------------
@@ -281,7 +299,8 @@ class LearningTask:
     def model_ids(self) -> dict[str, Any]:
         """What a peer checks before combining models with ours: the task, model and data schema fingerprints."""
         return {"task": self.name, "fp": self.engine.fingerprint, "schema": self.engine.schema,
-                "schema_set": self.engine.schema_set}
+                "schema_set": self.engine.schema_set,
+                "privacy": advertised(self.cfg.privacy, self.engine.ledger, self.engine.plan)}
 
     def _share_body(self, share: Share) -> dict[str, Any]:
         codec = self.engine.pushsum.codec if self.engine.pushsum is not None else self.cfg.gossip.codec
@@ -299,7 +318,8 @@ class LearningTask:
 
     def _training_active(self) -> bool:
         tr = self.cfg.training
-        return tr.enabled and self.engine.learner is not None and tr.steps_per_round != 0
+        return (tr.enabled and self.engine.learner is not None and tr.steps_per_round != 0
+                and not self.engine.exhausted)
 
     def eligible(self, now: float) -> set[bytes]:
         """Trusted peers this task may gossip with now: in its cohort, known to run this task (their signed ping,
@@ -342,7 +362,7 @@ class LearningTask:
             return
         deadline = time.monotonic() + max(5.0, 3 * self.cfg.gossip.interval_s)
         while time.monotonic() < deadline:
-            outcome = await self._pull_once(adopt=True)
+            outcome = await self._pull_once(adopt=self.engine.fresh)
             if outcome in ("adopted", "everyone_new"):
                 return
             await asyncio.sleep(min(0.5, self.cfg.gossip.interval_s))
@@ -389,6 +409,7 @@ class LearningTask:
                 self.link.reject("bad_pull_reply", p.address or "?", str(exc), p.peer_id)
                 continue
             self.engine.fresh = False
+            await self._adopt_ledger_echo(p.peer_id, body.get("privacy_echo"))
             self._log.info("model_pulled", peer_id=peer_id_of(p.peer_id), version=version, weight=weight,
                            mode="adopt" if adopt else "merge")
             return "adopted"
@@ -396,6 +417,19 @@ class LearningTask:
             self._log.info("join_everyone_new", peers=not_ready)
             return "everyone_new"
         return "nobody_answered"
+
+    async def _adopt_ledger_echo(self, peer_id: bytes, echo: object) -> None:
+        if echo is None or self.engine.ledger is None:
+            return
+        try:
+            changed = await asyncio.to_thread(self.engine.adopt_echo, echo, "peer")
+        except MeshdError as exc:  # the ledger file cannot be written: the larger ledger is kept in memory
+            self._log.error("privacy_ledger_write_failed", error=str(exc))
+            return
+        if changed is not None:
+            self._log.warning("privacy_ledger_restored", peer_id=peer_id_of(peer_id), epsilon_was=round(changed[0], 6),
+                              epsilon_spent=round(changed[1], 6),
+                              detail="a peer saw this domain spend more than its state dir says (a restored backup?)")
 
     async def _gossip_loop(self) -> None:
         await self._joined.wait()
@@ -476,7 +510,19 @@ class LearningTask:
             start = ps.estimate()
             try:
                 new, result = await asyncio.to_thread(self.engine.train, start, steps)
+                if result.steps == 0 and self.engine.exhausted:
+                    p = self.engine.privacy_snapshot()
+                    self._log.warning("privacy_budget_exhausted", epsilon_spent=p.get("epsilon_spent"),
+                                      epsilon_budget=p.get("epsilon_budget"),
+                                      detail="training stopped, gossip goes on; raise privacy.epsilon to resume")
+                    continue
                 ps.apply_update(new - start, self.engine.update_scale())
+            except StoreError as exc:
+                # The privacy ledger could not be written (disk full...): nothing was trained, nothing spent.
+                if self._quiet.should_log(("privacy_ledger_write_failed", str(exc)[:80]))[0]:
+                    self._log.error("privacy_ledger_write_failed", error=str(exc),
+                                    detail="training waits until the ledger can be written; gossip goes on")
+                await asyncio.sleep(IDLE_S)
             except (RejectedUpdate, ModelError) as exc:
                 # The model is kept as it was; a diverging step is dropped, never merged.
                 self.engine.stats.steps_dropped += steps
@@ -582,6 +628,7 @@ class LearningTask:
             "training": training,
             "gossip": gossip,
             "checkpoint": dict(self.checkpoints),
+            "privacy": self.engine.privacy_snapshot(),
         }
 
 
