@@ -257,7 +257,7 @@ def _status_url(args: argparse.Namespace) -> str:
         return str(args.url).rstrip("/")
     path = args.config or (Path(os.environ["MESHD_CONFIG"]) if os.environ.get("MESHD_CONFIG") else None)
     explicit = path is not None
-    if path is None and DEFAULT_CONFIG.exists():
+    if path is None and DEFAULT_CONFIG.is_file():
         path = DEFAULT_CONFIG
     addr: str | None = DEFAULT_STATUS
     state_dir: Path | None = None
