@@ -91,7 +91,9 @@ def test_metrics_people_graph_on_a_two_domain_mesh(tmp_path: Path) -> None:
     ((peer, rtt),) = m["meshd_peer_rtt_seconds"]
     assert peer["peer_id"] == b.peer_id and 0.0 < rtt < 30.0
     counts = {labels["kind"]: v for labels, v in m["meshd_exchange_seconds_count"]}
-    assert set(counts) == {*EXCHANGE_KINDS, "other"} and counts["share"] >= 1 and counts["ping"] >= 1, counts
+    # Every kind has its series from the start; a share was answered (waited for above). No ping count is
+    # asserted: B's own pings can make it alive here before A pings it.
+    assert set(counts) == {*EXCHANGE_KINDS, "other"} and counts["share"] >= 1, counts
     share_buckets = [(lb["le"], v) for lb, v in m["meshd_exchange_seconds_bucket"] if lb["kind"] == "share"]
     assert share_buckets[-1] == ("+Inf", counts["share"])
     assert [v for _, v in share_buckets] == sorted(v for _, v in share_buckets)  # cumulative
