@@ -23,9 +23,10 @@ from meshd import config as configmod
 from meshd import logs
 from meshd.config import DEFAULT_TASK, Config, TaskConfig
 from meshd.core.stats import GossipStats
-from meshd.errors import ConfigError, DataError, MeshdError
+from meshd.errors import ConfigError, DataError, MeshdError, StoreError
 from meshd.identity import Identity
 from meshd.mesh.node import Mesh
+from meshd.ops import runfile
 from meshd.ops.sdnotify import Notifier
 from meshd.ops.status import StatusServer
 from meshd.task.learner import limit_torch_threads
@@ -55,6 +56,7 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._config_sig = _config_signature(cfg)
         self.status_server: StatusServer | None = None
+        self._runfile: Path | None = None  # written once the status API listens (meshd.ops.runfile)
         self.mesh: Mesh | None = None
         self.tasks: dict[str, LearningTask] = {}
         self._runners: dict[str, asyncio.Task[None]] = {}
@@ -109,6 +111,7 @@ class Daemon:
         except OSError as exc:
             await self._close()
             raise MeshdError(f"cannot listen: {exc.strerror or exc} (check listen.peer / listen.status)") from exc
+        await self._write_runfile(f"{host}:{self.status_server.port}")
         log.info(
             "daemon_started",
             domain=self.cfg.node.domain,
@@ -168,7 +171,21 @@ class Daemon:
                 await self.mesh.close()
         if self.status_server is not None:
             await self.status_server.stop()
+        if self._runfile is not None:
+            await asyncio.to_thread(runfile.remove, self._runfile, os.getpid())
         return saved
+
+    async def _write_runfile(self, status_addr: str) -> None:
+        """Say where the status API listens, for `meshd status` run by users who cannot read the config."""
+        assert self.cfg.source is not None
+        path = runfile.daemon_path(self.cfg.node.state_dir)
+        try:
+            await asyncio.to_thread(runfile.write, path, status=status_addr, config=self.cfg.source,
+                                    domain=self.cfg.node.domain, pid=os.getpid())
+        except StoreError as exc:  # `meshd status --config` still works for whoever can read the config
+            log.warning("runtime_file_failed", path=str(path), error=str(exc))
+            return
+        self._runfile = path
 
     # --- tasks -------------------------------------------------------------------------------------------
 
@@ -306,6 +323,11 @@ class Daemon:
             problems.append(f"mesh enabled with {mesh.get('trusted')} trusted peers, none alive")
         return {"ready": not problems, "problems": problems}
 
+    def _listen_status(self) -> dict[str, Any]:
+        host, _ = configmod.split_host_port(self._started_cfg.listen.status)
+        bound = f"{host}:{self.status_server.port}" if self.status_server is not None else None
+        return {"status": bound, "status_file": str(self._runfile) if self._runfile else None}
+
     def snapshot(self) -> dict[str, Any]:
         mesh = self.mesh.snapshot() if self.mesh is not None else {}
         tasks = {name: task.snapshot() for name, task in sorted(self.tasks.items())}
@@ -332,7 +354,7 @@ class Daemon:
                 "last_reload_error": self._last_reload_error,
                 "pending_restart": self._pending_restart,
             },
-            "listen": mesh.get("listen", {"peer": self.cfg.listen.peer}),
+            "listen": {**mesh.get("listen", {"peer": self.cfg.listen.peer}), **self._listen_status()},
             "mesh": mesh_part,
             "tasks": tasks,
             "model": primary.get("model", {}),

@@ -29,7 +29,7 @@ from meshd.config import DEFAULT_TASK, Config
 from meshd.core import wire
 from meshd.core.membership import Peer, PeerState, PeerTable, Ping, RefusedSenders, StateChanged, Timing
 from meshd.core.replay import SEQ_LIMIT, ReplayGuard, SequenceCounter
-from meshd.core.stats import GossipStats
+from meshd.core.stats import GossipStats, smoothed
 from meshd.errors import MeshdError, StoreError, WireError
 from meshd.identity import Identity, parse_peer_id, peer_id_of
 from meshd.logs import QuietLog
@@ -87,6 +87,7 @@ class Mesh:
         self._mesh_changed = asyncio.Event()
         self._closed = False
         self._pinging: set[bytes] = set()
+        self._rtt: dict[bytes, float] = {}  # trusted peer -> smoothed seconds from send to answer
         self._announce_wanted = False  # the set of tasks changed: ping every peer, the ping lists them
 
     # --- construction ----------------------------------------------------------------------------------
@@ -312,6 +313,7 @@ class Mesh:
         self.refused.forget(trusted)
         for key in removed:
             self._wire.forget_peer(key)
+            self._rtt.pop(key, None)
             log.info("peer_distrusted", peer_id=peer_id_of(key))
         entries = [
             disc.StaticPeer(domain=p.domain, address=p.address, peer_id=parse_peer_id(p.peer_id), source="static")
@@ -597,20 +599,25 @@ class Mesh:
         except ValueError as exc:  # e.g. a registry key that no envelope can be sealed to: this send fails alone
             self.stats.send_failures += 1
             raise SendError(f"cannot seal to {peer_id_of(peer_id)[:16]}: {exc}") from None
+        started = time.monotonic()
         try:
             status, reply, attempts = await self._client.post(address, envelope)
         except SendError:
             self.stats.send_failures += 1
             self.table.send_failed(peer_id, time.monotonic())
             raise
+        elapsed = time.monotonic() - started
         self.stats.sent += 1
         self.stats.bytes_sent += len(envelope)
+        self.stats.observe_exchange(kind, elapsed)
         if status == 503 and b'"not_joined"' in reply:
             self.table.left(peer_id, time.monotonic())  # it answered: it is there, but out of the mesh
         elif 200 <= status < 300 or status in (409, 503):
             # Accepted, or refused by a meshd that read our envelope (replayed/incompatible, busy). Any other
             # 4xx is no sign of life: some other server at that address (404), or a peer refusing us (403).
             self.table.heard_from(peer_id, time.monotonic())
+            if peer_id in self._trusted:
+                self._rtt[peer_id] = smoothed(self._rtt.get(peer_id), elapsed)
         quiet_key = ("send_refused", peer_id_of(peer_id), str(status))
         if status >= 400 and status != 503 and self._quiet.should_log(quiet_key)[0]:
             log.warning("send_refused", peer_id=peer_id_of(peer_id), kind=kind, status=status,
@@ -712,7 +719,8 @@ class Mesh:
             "mesh": {
                 "joined": self.cfg.mesh.enabled,
                 "enabled": self.cfg.mesh.enabled,
-                "peers": self.table.snapshot(now),
+                "peers": [{**row, "rtt_s": self._rtt.get(bytes.fromhex(str(row["peer_id"])))}
+                          for row in self.table.snapshot(now)],
                 "counts": self.table.counts(),
                 "untrusted_seen": self.table.untrusted_snapshot(),
                 "untrusted_senders": self.refused.snapshot(now),

@@ -21,6 +21,7 @@ from meshd import __version__
 from meshd import config as configmod
 from meshd import identity as identitymod
 from meshd.errors import ConfigError, DataError, IdentityError, MeshdError, ModelError
+from meshd.ops import runfile
 
 DEFAULT_CONFIG = Path("/etc/meshd/meshd.toml")
 DEFAULT_STATUS = "127.0.0.1:7453"
@@ -277,28 +278,79 @@ def _run_loop(main: Coroutine[Any, Any, int]) -> int:
 
 
 def _status_url(args: argparse.Namespace) -> str:
+    """The status API to talk to: --url; else the address the daemon of that config is really serving (its
+    runtime file, meshd.ops.runfile: works for a user who cannot read the config, and after `listen.status`
+    was edited but not yet restarted); else `listen.status` of the config (as it stands, even if invalid)."""
     if args.url:
         return str(args.url).rstrip("/")
     path = args.config or (Path(os.environ["MESHD_CONFIG"]) if os.environ.get("MESHD_CONFIG") else None)
     explicit = path is not None
     if path is None and DEFAULT_CONFIG.is_file():
         path = DEFAULT_CONFIG
-    addr = DEFAULT_STATUS
+    addr: str | None = DEFAULT_STATUS
+    state_dir: Path | None = None
+    unreadable: str | None = None
     if path is not None:
         try:
-            addr = configmod.load(path).listen.status
+            cfg = configmod.load(path)
+            addr, state_dir = cfg.listen.status, cfg.node.state_dir
         except ConfigError as exc:
             # An edit the daemon would refuse must not stop us from reaching it (to reload, or to see its
             # status): take listen.status from the TOML as it stands, if that one key is usable.
-            raw = _raw_status_address(path)
-            if raw is not None:
-                addr = raw
-            elif explicit:  # the default config may just be unreadable for this user: use the default address
-                raise MeshdError(f"cannot read the status address from {path}: {exc}") from None
+            addr = _raw_status_address(path)
+            if addr is None and explicit:
+                unreadable = f"cannot read the status address from {path} ({'; '.join(exc.problems)})"
+    candidates = [_url(a) for a in _runfile_addresses(path, state_dir)]
+    if addr is not None:
+        candidates.append(_url(addr))
+    elif not candidates and not explicit:  # the default config may be unreadable for this user
+        candidates.append(_url(DEFAULT_STATUS))
+    if not candidates:
+        where = ", ".join(str(p) for p in runfile.client_paths(None))
+        raise MeshdError(f"{unreadable}, and no daemon running it left its address in {where}: "
+                         "is the daemon running? (or pass --url)")
+    unique = list(dict.fromkeys(candidates))
+    for url in unique[:-1]:
+        if _answers(url):
+            return url
+    return unique[-1]  # the config's own address: what the 'is the daemon running?' message names
+
+
+def _url(addr: str) -> str:
     host, port = configmod.split_host_port(addr)
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
     return f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+
+
+def _runfile_addresses(path: Path | None, state_dir: Path | None) -> list[str]:
+    """Status addresses from the runtime files of the daemon running `path` (any daemon when no config)."""
+    want = str(path.resolve()) if path is not None else None
+    out = []
+    for f in runfile.client_paths(state_dir):
+        doc = runfile.read(f)
+        if doc is not None and (want is None or doc["config"] == want) and _raw_ok(doc["status"]):
+            out.append(str(doc["status"]))
+    return out
+
+
+def _raw_ok(addr: str) -> bool:
+    try:
+        configmod.split_host_port(addr)
+    except ValueError:
+        return False
+    return True
+
+
+def _answers(url: str) -> bool:
+    """Whether a status API answers at `url` (any HTTP status: 503 while stopping is an answer too)."""
+    try:
+        with urllib.request.urlopen(url + "/healthz", timeout=3):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
 
 
 def _raw_status_address(path: Path) -> str | None:

@@ -1,24 +1,34 @@
 """The local status API: `/healthz`, `/readyz`, `/status` (JSON) and `/metrics` (Prometheus), on the status listener,
 and `POST /v1/reload` (what `meshd reload` and the unit's ExecReload call), answered from loopback only.
 
-Everything is derived from one snapshot function, so `/status` and `/metrics` can never disagree.
-Field by field documentation: docs/status.md.
+Everything is derived from one snapshot function, so `/status` and `/metrics` can never disagree; `/metrics`
+adds the process and platform collectors of prometheus_client (`process_*`, `python_*`). Field by field
+documentation: docs/status.md.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import importlib.metadata
 import ipaddress
+import platform
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+
+import meshd
+from meshd.core.stats import REJECT_REASONS
+from meshd.core.wire import PROTOCOL_VERSION
 
 Snapshot = Callable[[], dict[str, Any]]
 Reload = Callable[[], Awaitable[dict[str, Any]]]
 PEER_STATES = ("alive", "suspect", "dead", "left", "unknown")
+MAX_PEER_SERIES = 64  # per-peer series (label peer_id) for at most this many peers: the most recently seen
 
 
 class StatusServer:
@@ -26,8 +36,6 @@ class StatusServer:
         self._host, self._port = host, port
         self._snapshot = snapshot
         self._reload = reload
-        self._registry = CollectorRegistry(auto_describe=False)
-        self._registry.register(_Collector(snapshot))
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
 
@@ -80,10 +88,30 @@ class StatusServer:
         return web.json_response(self._snapshot(), dumps=_dumps)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(self._registry),
-            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
-        )
+        # The snapshot is taken on the loop (it reads the daemon's state); the process collector reads
+        # /proc/self files, so the text is rendered in a worker thread.
+        body = await asyncio.to_thread(render_metrics, self._snapshot())
+        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+def render_metrics(snapshot: dict[str, Any]) -> bytes:
+    """The /metrics text of one status snapshot, with the process, platform and GC collectors."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(lambda: snapshot))
+    # prometheus_client's own instances (they sit in its default registry, which meshd never serves).
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)
+    return generate_latest(registry)
+
+
+@functools.cache
+def _build_labels() -> tuple[str, str, str, str]:
+    """meshd_build_info's labels: meshd version, wire protocol version, Python, torch (without importing it)."""
+    try:
+        torch = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch = "none"
+    return meshd.__version__, str(PROTOCOL_VERSION), platform.python_version(), torch
 
 
 def _dumps(obj: Any) -> str:
@@ -113,6 +141,12 @@ class _Collector(Collector):
             yield CounterMetricFamily(name, doc, value=float(value or 0))
 
         yield from gauge("meshd_up", "1 while the daemon runs", 1)
+        build = GaugeMetricFamily("meshd_build_info", "Always 1; the labels say which meshd runs",
+                                  labels=["version", "protocol", "python", "torch"])
+        build.add_metric(list(_build_labels()), 1.0)
+        yield build
+        yield from gauge("meshd_ready", "1 when the domain does its job (/readyz 200), 0 when degraded",
+                         bool(s.get("health", {}).get("ready")))
         yield from gauge("meshd_uptime_seconds", "Seconds since the daemon started", s.get("uptime_s", 0))
         joined = s.get("mesh", {}).get("joined")
         yield from gauge("meshd_mesh_joined", "1 when this domain takes part in the mesh", joined)
@@ -124,14 +158,23 @@ class _Collector(Collector):
         rejected = CounterMetricFamily(
             "meshd_messages_rejected", "Incoming messages rejected, by reason", labels=["reason"]
         )
-        for reason, n in sorted(g.get("rejected", {}).items()):
-            rejected.add_metric([reason], float(n))
+        seen = g.get("rejected", {})
+        for reason in sorted({*REJECT_REASONS, *seen}):  # every documented reason from the start
+            rejected.add_metric([reason], float(seen.get(reason, 0)))
         yield rejected
+        latency = HistogramMetricFamily("meshd_exchange_seconds", "Seconds from sending a request to its "
+                                        "answer (retries included), by envelope kind", labels=["kind"])
+        for kind, h in sorted(g.get("exchange_latency", {}).items()):
+            latency.add_metric([kind], list(h["buckets"].items()), sum_value=h["sum_s"])
+        yield latency
         peers = GaugeMetricFamily("meshd_peers", "Known trusted peers, by state", labels=["state"])
         counts = s.get("mesh", {}).get("counts", {})
         for state in PEER_STATES:
             peers.add_metric([state], float(counts.get(state, 0)))
         yield peers
+        yield from gauge("meshd_trusted_peers", "Size of the trust list (config and registry)",
+                         s.get("mesh", {}).get("trusted", 0))
+        yield from _peer_metrics(s.get("mesh", {}).get("peers", []))
         yield from _task_metrics(s.get("tasks", {}))
         yield from gauge("meshd_config_last_reload_ok", "1 if the last config reload succeeded",
                          c.get("last_reload_ok"))
@@ -151,6 +194,11 @@ _TASK_SERIES = [
     ("meshd_training_loss", "Latest training loss", "training", "loss", False),
     ("meshd_holdout_accuracy", "Accuracy of the mesh model on this domain's holdout", "training", "holdout_accuracy",
      False),
+    ("meshd_local_only_accuracy", "Accuracy on the same holdout of a model trained on local data alone",
+     "training", "local_only_accuracy", False),
+    ("meshd_test_accuracy", "Accuracy of the mesh model on data.test_path", "training", "test_accuracy", False),
+    ("meshd_local_only_test_accuracy", "Accuracy of the local-only model on data.test_path", "training",
+     "local_only_test_accuracy", False),
     ("meshd_training_epochs", "Passes over this domain's data", "training", "epochs", False),
     ("meshd_checkpoint_failures", "Checkpoint writes that failed (disk full, I/O error)", "checkpoint", "failures",
      True),
@@ -187,3 +235,21 @@ def _task_metrics(tasks: dict[str, Any]) -> Iterator[Any]:
             elif isinstance(v, int | float):  # a bool (privacy.exhausted) is 0 or 1
                 fam.add_metric([name], float(v))
         yield fam
+
+
+def _peer_metrics(peers: list[dict[str, Any]]) -> Iterator[Any]:
+    """Per trusted peer (labels ``domain``, ``peer_id``), for the :data:`MAX_PEER_SERIES` most recently seen:
+    seconds since it was last heard from, and its smoothed exchange round-trip time."""
+    heard = [p for p in peers if isinstance(p.get("last_seen_s"), int | float)]
+    heard.sort(key=lambda p: float(p["last_seen_s"]))
+    age = GaugeMetricFamily("meshd_peer_last_seen_seconds", "Seconds since the last valid message or answer "
+                            "from this peer", labels=["domain", "peer_id"])
+    rtt = GaugeMetricFamily("meshd_peer_rtt_seconds", "Smoothed seconds from sending a request to this peer "
+                            "to its answer", labels=["domain", "peer_id"])
+    for p in heard[:MAX_PEER_SERIES]:
+        labels = [str(p.get("domain") or ""), str(p.get("peer_id"))]
+        age.add_metric(labels, float(p["last_seen_s"]))
+        if isinstance(p.get("rtt_s"), int | float):
+            rtt.add_metric(labels, float(p["rtt_s"]))
+    yield age
+    yield rtt
