@@ -183,7 +183,7 @@ class GossipConfig:
     # "clipped" clips them towards the local model and quarantines peers whose shares stay far off.
     merge: str = field(default="pushsum", metadata=_opt(_one_of("pushsum", "clipped")))
     clip_factor: float = field(default=2.0, metadata=_opt(_between(0.1, 100.0)))  # radius / peers' median distance
-    max_peer_weight: float = field(default=0.5, metadata=_opt(_between(0.01, 100.0)))  # x local weight per round
+    max_peer_shares: float = field(default=1.0, metadata=_opt(_between(0.5, 100.0)))  # per peer per round
     max_version_step: int = field(default=16, metadata=_opt(_between(1, 1024)))  # version raise per merge
     quarantine_after: int = field(default=4, metadata=_opt(_between(1, 1000)))  # far-off shares in a row
     quarantine_s: float = field(default=120.0, metadata=_opt(_positive))  # seconds a quarantine lasts

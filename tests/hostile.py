@@ -165,34 +165,12 @@ class HostileDomain:
 
     def craft(self, target: bytes) -> tuple[torch.Tensor, float, int] | None:
         """(values, weight, version) of the share the attack sends to ``target``; None before any view."""
-        mean = self._mean()
-        if mean is None:
+        if not self.view:
             return None
         if self._first is None:
-            self._first = mean.clone()
-        weight, version, attack = 0.5, 1, self.attack
-        vals = mean
-        if attack == "scaled":
-            vals = mean * self.scale
-        elif attack == "signflip":
-            vals = -mean
-        elif attack == "alie":
-            models = torch.stack(list(self.view.values()))
-            std = models.std(0, unbiased=False) if len(models) > 1 else torch.zeros_like(mean)
-            vals = mean - 1.0 * std  # z_max ~ 1 for n = 8, f = 2 (Baruch et al.'s table)
-        elif attack == "ipm":
-            vals = -0.5 * mean
-        elif attack == "dissensus":
-            own = self.view.get(target, mean)
-            vals = own + 1.5 * (own - mean)
-        elif attack == "weight":
-            weight = float(len(self.peers) + 2)  # trusted + 1 on the receiver (it trusts the peers and us)
-        elif attack == "version":
-            version = 2**53
-        elif attack == "replay":
-            vals = self._first
-        lim = self.max_param_abs
-        return vals.clamp(-lim, lim).to(torch.float64), weight, version
+            self._first = torch.stack(list(self.view.values())).mean(0)
+        return craft(self.attack, list(self.view.values()), self.view.get(target), self._first,
+                     receivers_trusted=len(self.peers) + 1, scale=self.scale, max_abs=self.max_param_abs)
 
     async def _round(self, session: aiohttp.ClientSession) -> None:
         if self.attack == "pull":
@@ -225,6 +203,38 @@ class HostileDomain:
                 self.stats.answers[f"{kind} {resp.status} {reason}".strip()] += 1
         except (aiohttp.ClientError, TimeoutError, OSError):
             self.stats.answers[f"{kind} error"] += 1
+
+
+def craft(attack: str, view: list[torch.Tensor], target_model: torch.Tensor | None, first: torch.Tensor | None,
+          *, receivers_trusted: int, scale: float = -1e3, max_abs: float = 1e6) -> tuple[torch.Tensor, float, int]:
+    """The share an attack sends: (values, weight, version). ``view``: the honest models the attacker has seen
+    (at least one); ``target_model``: the receiver's own model if seen; ``first``: the attacker's first model;
+    ``receivers_trusted``: how many peers the receiver trusts (its weight cap is that + 1)."""
+    models = torch.stack(view)
+    mean = models.mean(0)
+    weight, version = 0.5, 1
+    vals = mean
+    if attack == "scaled":
+        vals = mean * scale
+    elif attack == "signflip":
+        vals = -mean
+    elif attack == "alie":
+        std = models.std(0, unbiased=False) if len(view) > 1 else torch.zeros_like(mean)
+        vals = mean - 1.0 * std  # z_max ~ 1 for n = 8, f = 2 (Baruch et al.'s table)
+    elif attack == "ipm":
+        vals = -0.5 * mean
+    elif attack == "dissensus":
+        own = mean if target_model is None else target_model
+        vals = own + 1.5 * (own - mean)
+    elif attack == "weight":
+        weight = float(receivers_trusted + 1)  # the largest weight a receiver accepts
+    elif attack == "version":
+        version = 2**53
+    elif attack == "replay":
+        vals = mean if first is None else first
+    elif attack not in ("none", "pull"):
+        raise ValueError(f"unknown attack {attack!r}")
+    return vals.clamp(-max_abs, max_abs).to(torch.float64), weight, version
 
 
 def finite(x: torch.Tensor) -> bool:

@@ -18,18 +18,24 @@ with asynchronous, lossy push-sum:
   peer: a hostile peer that floods shares still counts once; the lower third, not the median: it stays an
   honest peer's distance while fewer than two thirds of the peers heard are hostile (a node may hear
   from few honest peers: the topology picks them, attackers pick themselves). A share farther than
-  ``QUARANTINE_RATIO * tau`` (a *strike*) is refused (``far_off``; the sender keeps its mass) and its
-  distance is not remembered: hostile peers cannot raise ``tau`` by sending far-off models, and a blatant
+  ``QUARANTINE_RATIO * tau`` (a *strike*) is refused (``far_off``; the sender keeps its mass) and is
+  remembered as ``QUARANTINE_RATIO * tau``, not its distance: hostile peers cannot blow ``tau`` up by
+  sending far-off models, honest distances that grow still raise it step by step, and a blatant
   attack moves nothing (merging it clipped would move the model by up to ``tau`` per share until the
   quarantine, which the in-memory simulation showed to be several times the honest spread).
 - **Calibration.** Until ``min_peers`` peers (3, or all the trusted peers when there are fewer) have sent a
   share, there is no radius: shares are refused (``calibrating``; the sender keeps its mass and sends it
   again next round) and only their distances are remembered. Hostile peers that speak first cannot drag
-  the model before honest ones are heard; it costs a few rounds of gossip at a task's first start.
-- **Mass bound.** The weight merged from one peer is at most ``max_peer_weight`` times the local weight
-  per local gossip round (a token bucket refilled by ``PushSum.rounds``, holding at most two rounds' worth):
-  no peer can take over a model by inflating its weight or by sending many shares. A share that finds
-  the bucket empty is refused (``peer_budget``; the sender keeps its mass and sends it later).
+  the model before honest ones are heard; it costs a few rounds of gossip at a task's first start. After
+  ``CALIBRATION_MAX_REFUSALS`` refusals the peers heard so far suffice (a node that only a few peers send
+  to, the topology's choice, must not wait forever).
+- **Rate bound.** One peer's shares merged are at most ``max_peer_shares`` per local gossip round (a token
+  bucket refilled by ``PushSum.rounds``, holding at most two rounds' worth): a flood of shares each within
+  the radius cannot drag the model by the radius many times a round. A share that finds the bucket empty
+  is refused (``peer_budget``; the sender keeps its mass and sends it later). A share's weight is merged
+  whole: clipping bounds any one merge's move to ``tau`` whatever the weight, and cutting an honest heavy
+  share to a fraction of a light receiver's weight would destroy mass at every such exchange (the
+  in-memory bench showed every weight decaying to 1e-40).
 - **Weight ceiling.** After a merge, the local weight is brought back to ``weight_ceiling`` (the mesh's
   honest total, one per domain) by scaling down the free part of the mass (``PushSum.limit_weight``), which
   leaves the model unchanged: hostile weight can no longer inflate honest weights until honest shares
@@ -62,7 +68,7 @@ the loss is small; ``bench/robustness.py`` measures the accuracy it costs agains
 Public API::
 
     MERGE_RULES = ("pushsum", "clipped")
-    RuleParams(clip_factor, max_peer_weight, max_version_step, quarantine_after, quarantine_s,
+    RuleParams(clip_factor, max_peer_shares, max_version_step, quarantine_after, quarantine_s,
                pull_interval_s, weight_ceiling, min_peers)                    # frozen
     Merged(distance, scale, weight, version, values, trusted_version)         # frozen
     make_rule(name, params) -> MergeRule
@@ -92,10 +98,11 @@ from meshd.core.averaging import PushSum, RejectedUpdate
 
 MERGE_RULES = ("pushsum", "clipped")
 HISTORY = 4  # distances remembered per peer (their median is the peer's typical distance)
-QUARANTINE_RATIO = 2.0  # a share farther than this times the radius is a strike
+QUARANTINE_RATIO = 4.0  # a share farther than this times the radius is a strike
+CALIBRATION_MAX_REFUSALS = 16  # after this many shares refused while calibrating, any peer heard will do
 STALE_S = 300.0  # a peer not heard from for this long is left out of the radius
 MAX_PEERS = 4096  # accounts kept; beyond this the least recently seen are forgotten
-_BUCKET_ROUNDS = 2.0  # the per-peer weight bucket holds this many rounds' worth of max_peer_weight
+_BUCKET_ROUNDS = 2.0  # the per-peer share bucket holds this many rounds' worth of max_peer_shares
 
 
 @dataclass(frozen=True)
@@ -103,7 +110,7 @@ class RuleParams:
     """The parameters of the merge rules (``gossip.*`` keys of the same names; see the module docstring)."""
 
     clip_factor: float = 2.0  # radius = clip_factor x the lower third of peers' typical distances
-    max_peer_weight: float = 0.5  # weight merged from one peer per local round, in units of the local weight
+    max_peer_shares: float = 1.0  # shares merged from one peer per local gossip round
     max_version_step: int = 16  # a merge raises the local version by at most this
     quarantine_after: int = 4  # strikes in a row that quarantine a peer
     quarantine_s: float = 120.0  # how long a quarantine lasts (then probation)
@@ -247,16 +254,25 @@ class ClippedRule(MergeRule):
 
     name = "clipped"
 
+    def __init__(self, params: RuleParams | None = None) -> None:
+        super().__init__(params)
+        self._last_radius: float | None = None
+        self._calibration_refusals = 0
+
     def radius(self, ps: PushSum, now: float) -> float | None:
         typical = [
             statistics.median(a.distances)
             for p, a in self._accounts.items()
             if a.distances and now - a.last_seen <= STALE_S and not self.is_quarantined(p, now)
         ]
-        if len(typical) < max(1, self.params.min_peers):
-            return None
+        enough = max(1, self.params.min_peers)
+        if self._calibration_refusals >= CALIBRATION_MAX_REFUSALS:
+            enough = 1  # few peers talk to this node: calibrate on those there are rather than never
+        if len(typical) < enough:
+            return self._last_radius  # once calibrated, peers gone quiet or quarantined keep the last radius
         typical.sort()
-        return self.params.clip_factor * typical[(len(typical) - 1) // 3]
+        self._last_radius = self.params.clip_factor * typical[(len(typical) - 1) // 3]
+        return self._last_radius
 
     def merge(
         self, ps: PushSum, peer: bytes, values: torch.Tensor, weight: float, version: int,
@@ -272,9 +288,14 @@ class ClippedRule(MergeRule):
         tau = self.radius(ps, now)
         if tau is None:
             acct.distances.append(distance)
+            self._calibration_refusals += 1
             raise RejectedUpdate("calibrating", "still learning how far peers' models are; send it again later")
         strike = distance > QUARANTINE_RATIO * tau
         acct.strikes = acct.strikes + 1 if strike else 0
+        # A strike is remembered at the strike threshold, not at its distance: honest distances that grow
+        # (training speeds up, a domain drifts) raise the radius by at most that factor per share, while a
+        # minority of hostile peers, far off or not, cannot move the lower third.
+        acct.distances.append(min(distance, QUARANTINE_RATIO * tau))
         if strike and (acct.probation or acct.strikes >= self.params.quarantine_after):
             acct.quarantined_until = now + self.params.quarantine_s
             acct.quarantines += 1
@@ -287,17 +308,16 @@ class ClippedRule(MergeRule):
             raise RejectedUpdate("far_off", f"{distance:.3g} from this model, beyond {QUARANTINE_RATIO:g} x the "
                                  f"clipping radius {tau:.3g}")
         acct.probation = False
-        # The per-peer weight bucket, in units of the local weight, refilled by local gossip rounds.
-        cap = _BUCKET_ROUNDS * self.params.max_peer_weight
+        # The per-peer share bucket, refilled by local gossip rounds.
+        cap = _BUCKET_ROUNDS * self.params.max_peer_shares
         if acct.bucket < 0:
             acct.bucket, acct.bucket_round = cap, ps.rounds
         elif ps.rounds > acct.bucket_round:
-            acct.bucket = min(cap, acct.bucket + (ps.rounds - acct.bucket_round) * self.params.max_peer_weight)
+            acct.bucket = min(cap, acct.bucket + (ps.rounds - acct.bucket_round) * self.params.max_peer_shares)
             acct.bucket_round = ps.rounds
-        own_weight = ps.weight
-        take = min(float(weight), acct.bucket * own_weight)
-        if not take > 1e-12 * own_weight:
-            raise RejectedUpdate("peer_budget", "this peer's weight for this round is used up; send it later")
+        if acct.bucket < 1.0:
+            raise RejectedUpdate("peer_budget", "this peer's shares for this round are used up; send it later")
+        take = float(weight)
         scale = 1.0 if distance <= tau or distance == 0.0 else tau / distance
         merged_values = values if scale == 1.0 else z + (values - z) * scale
         bounded_version = min(version, ps.version + self.params.max_version_step)
@@ -307,9 +327,8 @@ class ClippedRule(MergeRule):
             share_rows = min(2.0 * own_rows, max(0.5 * own_rows, rows))
         ps.merge(merged_values, take, bounded_version, share_rows)
         ps.limit_weight(self.params.weight_ceiling)
-        acct.bucket = max(0.0, acct.bucket - take / own_weight)
+        acct.bucket -= 1.0
         acct.merged += 1
-        acct.distances.append(distance)
         if scale < 1.0:
             acct.clipped += 1
         return Merged(distance, scale, take, bounded_version, merged_values, trusted_version=scale == 1.0)

@@ -128,7 +128,7 @@ pull_on_join = true              # a task with no checkpoint first pulls the mes
 far_behind_versions = 0          # pull again when a peer's model version is this far ahead (0 = never)
 merge = "pushsum"                # pushsum (exact averaging) | clipped (poisoning-robust: docs/learning.md §8)
 clip_factor = 2.0                # clipped: radius = this x the median of peers' typical distances to our model
-max_peer_weight = 0.5            # clipped: weight merged from one peer per round, at most this x our own weight
+max_peer_shares = 1.0            # clipped: shares merged from one peer per gossip round of ours (at most 2 in a row)
 max_version_step = 16            # clipped: a merge raises our model version by at most this
 quarantine_after = 4             # clipped: shares in a row beyond 2x the radius that quarantine a peer
 quarantine_s = 120.0             # clipped: seconds a quarantined peer's shares are refused (then on probation)

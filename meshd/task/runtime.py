@@ -204,7 +204,7 @@ class LearningTask:
     def _rule_params(self) -> RuleParams:
         g = self.cfg.gossip
         # The weight ceiling is the mesh's honest total weight: one per domain (see _model_fields' cap).
-        return RuleParams(clip_factor=g.clip_factor, max_peer_weight=g.max_peer_weight,
+        return RuleParams(clip_factor=g.clip_factor, max_peer_shares=g.max_peer_shares,
                           max_version_step=g.max_version_step, quarantine_after=g.quarantine_after,
                           quarantine_s=g.quarantine_s, pull_interval_s=g.pull_interval_s,
                           weight_ceiling=float(self.link.trusted_count + 1),
