@@ -55,8 +55,8 @@ with asynchronous, lossy push-sum:
 **What exactness is given up, and why.** The receiver acknowledges a clipped share with the same 204 as
 any other, and the sender subtracts exactly what it sent (``values * weight``, ``weight``), as in
 ``docs/protocol.md`` §8: the acknowledgement carries no amount, so the sender cannot subtract what was
-kept. The receiver adds ``v' * a'`` with ``v'`` clipped and ``a' <= a``; the difference ``v * a - v' * a'`` and
-the weight ``a - a'`` leave the mesh, as does the mass the weight ceiling scales away. So the mesh average
+kept. The receiver adds ``v' * a`` with ``v'`` clipped; the difference ``(v - v') * a`` leaves the mesh, as
+does the mass the weight ceiling scales away (the weight itself is merged whole). So the mesh average
 ``S / W`` is no longer exactly the average of the starting models: with training off, models still reach a
 consensus, but at a point that may differ from the exact mean by the clipped-off parts. Giving the
 clipped-off part back to the sender would keep the sums exact but leave a hostile sender's mass intact,
