@@ -46,6 +46,7 @@ from learning import BATCH, LR, MOMENTUM, SEED, _learners
 
 from meshd.core.averaging import PushSum, RejectedUpdate, ServedModel
 from meshd.core.merge import RuleParams, make_rule
+from meshd.errors import ModelError
 from meshd.ops.localmesh import build_mesh, load_dataset
 from meshd.task import models
 from meshd.task.data import DataProduct, load_data_product
@@ -68,7 +69,18 @@ def main() -> int:
     parser.add_argument("--scenario", choices=("digits", "mnist1d", "all"), default="all")
     parser.add_argument("--quick", action="store_true", help="fewer rounds; MNIST-1D with 10,000 samples")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
+                        help="only merge the scenarios of earlier runs' robustness.json files into --out")
     args = parser.parse_args()
+    if args.combine:
+        runs = [json.loads(p.read_text()) for p in args.combine]
+        out = {**runs[0], "scenarios": {k: v for r in runs for k, v in r["scenarios"].items()},
+               "elapsed_s": sum(r["elapsed_s"] for r in runs), "combined_from": [str(p) for p in args.combine]}
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "robustness.json").write_text(json.dumps(out, indent=1))
+        plot(args.out / "robustness.png", out)
+        print(table(out))
+        return 0
     torch.set_num_threads(1)
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     out: dict[str, Any] = {
@@ -138,8 +150,11 @@ def simulate(spec: models.ModelSpec, init: torch.Tensor, domains: list[DataProdu
         now = float(rnd)
         for i in honest:  # local steps on a copy, as the train loop does
             start = nodes[i].estimate()
-            new, _ = learners[i].train(start.to(torch.float32), STEPS_PER_ROUND)
-            nodes[i].apply_update(new.to(torch.float64) - start)
+            try:
+                new, _ = learners[i].train(start.to(torch.float32), STEPS_PER_ROUND)
+                nodes[i].apply_update(new.to(torch.float64) - start)
+            except (ModelError, RejectedUpdate):  # a diverging step is dropped, as the train loop does
+                refused["steps_dropped"] = refused.get("steps_dropped", 0) + 1
         for i in honest:  # one share to the exponential-graph target of this round
             j = (i + 2 ** (rnd % hops)) % DOMAINS
             share = nodes[i].prepare(1)[0]
