@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 import pytest
 import torch
@@ -224,7 +225,7 @@ def test_pulls_are_rate_limited_per_peer() -> None:
 
 
 def _simulate(rule_name: str, n: int, hostile: set[int], rounds: int, seed: int = 1,
-              attack: str = "scaled") -> tuple[list[PushSum], torch.Tensor]:
+              attack: str = "scaled", rules_out: list[Any] | None = None) -> tuple[list[PushSum], torch.Tensor]:
     """Training off: ``n`` nodes gossip (fanout 1, random targets); hostile nodes send ``attack`` to everyone."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -234,6 +235,8 @@ def _simulate(rule_name: str, n: int, hostile: set[int], rounds: int, seed: int 
     exact = torch.stack([starts[i] for i in honest]).mean(0)
     nodes = [PushSum(starts[i]) for i in range(n)]
     rules = [make_rule(rule_name, RuleParams(weight_ceiling=float(n))) for _ in range(n)]
+    if rules_out is not None:
+        rules_out.extend(rules)
     ids = [bytes([i]) * 32 for i in range(n)]
     for r in range(rounds):
         now = float(r)
@@ -285,8 +288,12 @@ def test_clipped_gossip_reaches_consensus_near_the_exact_mean_without_attackers(
 def test_two_hostile_of_eight_are_quarantined_and_honest_models_stay_near_consensus(attack: str) -> None:
     plain, exact = _simulate("pushsum", 8, {0, 1}, 40, attack=attack)
     assert _spread([p.estimate() for p in plain], exact) > 10  # the control: plain push-sum is wrecked
-    robust, exact = _simulate("clipped", 8, {0, 1}, 40, attack=attack)
+    rules: list[Any] = []
+    robust, exact = _simulate("clipped", 8, {0, 1}, 40, attack=attack, rules_out=rules)
     ests = [p.estimate() for p in robust]
+    for j in range(2, 8):  # every honest node has quarantined both hostile ones (and no honest one)
+        assert rules[j].totals(39.0)["quarantines"] >= 2
+        assert {p for p, a in rules[j].snapshot(39.0).items() if a["quarantines"]} == {bytes([0]) * 32, bytes([1]) * 32}
     assert all(bool(torch.isfinite(e).all()) for e in ests)
     assert _spread(ests, exact) < 0.1 * math.sqrt(8)  # within the starting spread of the honest mean
     assert all(p.weight <= 8.0 + 1e-9 for p in robust)
