@@ -17,7 +17,7 @@ import torch
 from meshd import identity as identitymod
 from meshd.ops.localmesh import LocalMesh, build_mesh, free_port, get_status
 from meshd.task.checkpoints import CheckpointStore
-from tests.helpers import wait_for
+from tests.helpers import http_get, run_cli, wait_for
 from tests.hostile import HonestPeer, HostileDomain, finite, norm
 
 SETTINGS = {
@@ -92,6 +92,14 @@ def test_a_hostile_domain_sending_scaled_models_is_quarantined_then_let_back_in(
             s = _status(d.status_url)["tasks"]["default"]["gossip"]
             assert s["merge"]["rule"] == "clipped" and s["merge"]["quarantined"] == 1
         assert all(len(_events(d.directory / "daemon.log", "peer_quarantined")) >= 1 for d in layout.domains)
+        # The metric and `meshd peers` say so too (polled: its quarantine is renewed every few seconds).
+        honest0 = layout.domains[0]
+        wait_for(lambda: 'meshd_peers_quarantined{task="default"} 1.0' in http_get(honest0.status_url + "/metrics")[1]
+                 .decode(), timeout=60, interval=0.2, what="meshd_peers_quarantined 1")
+        cli = wait_for(lambda: (r := run_cli("peers", "--url", honest0.status_url)).returncode == 0
+                       and "quarantined (" in r.stdout and r.stdout, timeout=60, interval=0.2,
+                       what="meshd peers to show the quarantine")
+        assert next(line for line in cli.splitlines() if line.startswith("hostile")).count("quarantined") == 1
         # Let it attack a while longer, then check the honest models (their newest checkpoints).
         sent = hostile.stats.sent["share"]
         wait_for(lambda: hostile.stats.sent["share"] >= sent + 30, timeout=120, what="30 more hostile shares")
