@@ -194,6 +194,15 @@ class GossipConfig:
     codec: str = field(default="q8", metadata=_opt(_one_of("f64", "f32", "f16", "q8", "q4")))
     pull_on_join: bool = True
     far_behind_versions: int = field(default=0, metadata=_opt(_non_negative))
+    # Merge rule (meshd/core/merge.py, docs/learning.md section 8): "pushsum" merges shares as they come;
+    # "clipped" clips them towards the local model and quarantines peers whose shares stay far off.
+    merge: str = field(default="pushsum", metadata=_opt(_one_of("pushsum", "clipped")))
+    clip_factor: float = field(default=2.0, metadata=_opt(_between(0.1, 100.0)))  # radius / peers' median distance
+    max_peer_shares: float = field(default=1.0, metadata=_opt(_between(0.5, 100.0)))  # per peer per round
+    max_version_step: int = field(default=16, metadata=_opt(_between(1, 1024)))  # version raise per merge
+    quarantine_after: int = field(default=4, metadata=_opt(_between(1, 1000)))  # far-off shares in a row
+    quarantine_s: float = field(default=120.0, metadata=_opt(_positive))  # seconds a quarantine lasts
+    pull_interval_s: float = field(default=5.0, metadata=_opt(_non_negative))  # pulls answered per peer
     connect_timeout_s: float = field(default=3.0, metadata=_opt(_positive))
     request_timeout_s: float = field(default=20.0, metadata=_opt(_positive))
     retries: int = field(default=2, metadata=_opt(_between(0, 10)))

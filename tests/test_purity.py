@@ -19,7 +19,7 @@ from tests.helpers import REPO
 
 PURE_CORE = ["meshd.errors", "meshd.config", "meshd.identity", "meshd.core.wire", "meshd.core.replay",
              "meshd.core.codec", "meshd.core.membership", "meshd.core.averaging", "meshd.core.cohort",
-             "meshd.core.stats"]
+             "meshd.core.stats", "meshd.core.merge"]
 MESH = ["meshd.mesh.node", "meshd.mesh.link", "meshd.mesh.discovery", "meshd.mesh.transport"]
 BLOCKING = ["meshd.task.models", "meshd.task.data", "meshd.task.learner", "meshd.store", "meshd.task.datasets",
             "meshd.task.checkpoints"]

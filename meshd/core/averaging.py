@@ -88,6 +88,8 @@ Public API::
         .inject_rows(rows) -> None
         .split_for_pull() -> Share
         .adopt(values, weight, version, rows=None, keep_own_weight=False) -> None
+        .check(values, weight, what="merge") -> None  # merge's validation alone (merge rules screen first)
+        .limit_weight(ceiling) -> float        # scale the free mass down to w <= ceiling; model unchanged
         .is_far_behind(incoming_version, threshold) -> bool
         .state() -> PushSumState
         PushSum.from_state(state, **options) -> PushSum
@@ -315,6 +317,10 @@ class PushSum:
 
     # -- validation --------------------------------------------------------------------------------
 
+    def check(self, values: object, weight: object, what: str = "merge") -> None:
+        """Raise ``RejectedUpdate("bad_values")`` unless ``values``/``weight`` are acceptable (as ``merge`` does)."""
+        self._check(values, weight, what)
+
     def _check(self, values: object, weight: object, what: str) -> None:
         """Raise ``RejectedUpdate("bad_values")`` unless ``values``/``weight`` are acceptable."""
         if not isinstance(values, torch.Tensor):
@@ -415,6 +421,27 @@ class PushSum:
         self._merges += 1
         self._distances.append(distance)
         return distance
+
+    def limit_weight(self, ceiling: float) -> float:
+        """Scale the free mass (not promised to pending shares) down so that ``w <= ceiling``; the model
+        after the pending shares leave is unchanged. Returns the weight removed (0.0 when under the ceiling,
+        or when the pending shares alone exceed it: they leave soon)."""
+        if not self._w > ceiling:
+            return 0.0
+        pending_w = math.fsum(share.weight for share in self._pending.values())
+        free_w = self._w - pending_w
+        if not (free_w > 0 and ceiling > pending_w):
+            return 0.0
+        factor = (ceiling - pending_w) / free_w
+        pending_s = torch.zeros_like(self._s)
+        for share in self._pending.values():
+            pending_s.add_(share.values * share.weight)
+        pending_r = math.fsum(share.rows * share.weight for share in self._pending.values())
+        self._s = pending_s + (self._s - pending_s) * factor
+        self._r = max(0.0, pending_r + (self._r - pending_r) * factor)
+        removed = free_w * (1.0 - factor)
+        self._w = pending_w + free_w * factor
+        return removed
 
     def adopt(
         self, values: torch.Tensor, weight: float, version: int, rows: float | None = None,

@@ -532,8 +532,11 @@ def _compatibility(s: dict[str, Any], peer: dict[str, Any]) -> str:
     for name, t in tasks.items():
         cohort = t.get("cohort") or ["*"]
         view = (t.get("peers") or {}).get(pid)
+        merge = view.get("merge") if isinstance(view, dict) else None
         if "*" not in cohort and pid not in cohort and domain not in cohort:
             cell = "not in cohort"
+        elif isinstance(merge, dict) and merge.get("quarantined"):
+            cell = f"quarantined ({float(merge.get('quarantine_left_s') or 0):.0f}s left)"
         elif isinstance(view, dict) and view.get("incompatible"):
             cell = f"no: {view['incompatible']}"
         elif isinstance(view, dict) and view.get("runs") is False:

@@ -127,6 +127,13 @@ codec = "q8"                     # q8 (8-bit blocks, ~1.08 bytes/value) | f16 | 
 serve_window = 8                 # the served model blends in an average of the last ~N models peers sent (0 = off)
 pull_on_join = true              # a task with no checkpoint first pulls the mesh model from a peer
 far_behind_versions = 0          # pull again when a peer's model version is this far ahead (0 = never)
+merge = "pushsum"                # pushsum (exact averaging) | clipped (poisoning-robust: docs/learning.md §8)
+clip_factor = 2.0                # clipped: radius = this x the median of peers' typical distances to our model
+max_peer_shares = 1.0            # clipped: shares merged from one peer per gossip round of ours (at most 2 in a row)
+max_version_step = 16            # clipped: a merge raises our model version by at most this
+quarantine_after = 4             # clipped: shares in a row beyond 2x the radius that quarantine a peer
+quarantine_s = 120.0             # clipped: seconds a quarantined peer's shares are refused (then on probation)
+pull_interval_s = 5.0            # clipped: one pull answered per peer per this many seconds
 
 [task.checkpoint]
 interval_s = 30.0                # seconds between checkpoints (also written at shutdown)

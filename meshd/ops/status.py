@@ -235,6 +235,17 @@ def _task_metrics(tasks: dict[str, Any]) -> Iterator[Any]:
             elif isinstance(v, int | float):  # a bool (privacy.exhausted) is 0 or 1
                 fam.add_metric([name], float(v))
         yield fam
+    # The merge rule's accounting (gossip.merge in /status): one series per task, whatever the rule.
+    clipped = CounterMetricFamily("meshd_shares_clipped", "Shares merged clipped by the merge rule", labels=["task"])
+    quarantined = GaugeMetricFamily("meshd_peers_quarantined", "Peers whose shares this task refuses for now",
+                                    labels=["task"])
+    quarantines = CounterMetricFamily("meshd_quarantines", "Quarantines this task started", labels=["task"])
+    for name, ts in sorted(tasks.items()):
+        merge = (ts.get("gossip") or {}).get("merge") or {}
+        clipped.add_metric([name], float(merge.get("clipped") or 0))
+        quarantined.add_metric([name], float(merge.get("quarantined") or 0))
+        quarantines.add_metric([name], float(merge.get("quarantines") or 0))
+    yield from (clipped, quarantined, quarantines)
 
 
 def _peer_metrics(peers: list[dict[str, Any]]) -> Iterator[Any]:

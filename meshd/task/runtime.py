@@ -33,6 +33,7 @@ from meshd.core.averaging import RejectedUpdate, Share
 from meshd.core.codec import CodecName
 from meshd.core.cohort import Cohort, TaskPeers
 from meshd.core.membership import PeerState
+from meshd.core.merge import MergeRule, RuleParams, make_rule
 from meshd.errors import MeshdError, ModelError, StoreError, WireError
 from meshd.identity import peer_id_of
 from meshd.logs import QuietLog
@@ -48,6 +49,8 @@ GOSSIP_WAIT_S = 2.0  # longest a training part waits for the exchange it asked f
 PACE_WAIT_S = 0.05  # a domain ahead of its peers re-checks this often
 PACE_SLACK_EPOCHS = 0.5  # how far (in passes over its own data) a domain may run ahead of its peers' median
 PACE_HORIZON_S = 30.0  # peers' epoch counts older than this (or than 2 x dead_after_s) are not waited for
+# The merge rule's refusals (meshd/core/merge.py) and their HTTP status; the sender keeps the share's mass.
+RULE_REFUSALS = {"quarantined": 409, "far_off": 409, "peer_budget": 429, "calibrating": 503}
 # 409 reasons that block a peer
 REFUSALS = ("schema_mismatch", "incompatible", "unknown_task", "not_in_cohort", "privacy_too_weak")
 
@@ -72,6 +75,7 @@ class LearningTask:
         self.cohort = Cohort(cfg.cohort)
         self.peers = TaskPeers("", "")
         self.stats = TaskStats()
+        self.merge_rule: MergeRule = make_rule(cfg.gossip.merge, self._rule_params())
         self.state = "starting"  # starting | running | failed | stopped
         self.error: str | None = None
         self._quiet = QuietLog(60.0)
@@ -167,6 +171,9 @@ class LearningTask:
             self._log.warning("privacy_budget_raised", epsilon_budget=cfg.privacy.epsilon, previous=old_budget)
         if self.engine.pushsum is not None:
             self.engine.pushsum.codec = cast(CodecName, cfg.gossip.codec)
+        if cfg.gossip.merge != self.merge_rule.name:
+            self.merge_rule = make_rule(cfg.gossip.merge, self._rule_params())
+            self._log.info("task_merge_rule_changed", rule=cfg.gossip.merge)
         if cfg.cohort != self.cohort.members:
             self.cohort = Cohort(cfg.cohort)
             self._log.info("task_cohort_changed", cohort=self.cohort.describe())
@@ -196,7 +203,47 @@ class LearningTask:
             return await self._answer_pull(sender, body)
         except WireError as exc:
             self.stats.rejected[exc.reason] += 1
+            self.merge_rule.refused(sender, exc.reason, time.monotonic())
             raise
+        finally:
+            self._log_rule_events()
+
+    # --- merge rule --------------------------------------------------------------------------------------
+
+    def _rule_params(self) -> RuleParams:
+        g = self.cfg.gossip
+        # The weight ceiling is the mesh's honest total weight: one per domain (see _model_fields' cap).
+        return RuleParams(clip_factor=g.clip_factor, max_peer_shares=g.max_peer_shares,
+                          max_version_step=g.max_version_step, quarantine_after=g.quarantine_after,
+                          quarantine_s=g.quarantine_s, pull_interval_s=g.pull_interval_s,
+                          weight_ceiling=float(self.link.trusted_count + 1),
+                          min_peers=max(1, min(3, self.link.trusted_count)))
+
+    def _merge(self, sender: bytes, vec: torch.Tensor, weight: float, version: int, rows: float | None) -> bool:
+        """Merge a peer's model through the task's merge rule; True when its version may be believed."""
+        ps = self.engine.pushsum
+        assert ps is not None
+        rule = self.merge_rule
+        rule.params = self._rule_params()  # follows reloads and changes of the trusted set
+        try:
+            merged = rule.merge(ps, sender, vec, weight, version, rows, time.monotonic())
+        except RejectedUpdate as exc:
+            status = RULE_REFUSALS.get(exc.reason)
+            if status is None:
+                raise WireError("bad_values", 400, exc.detail or exc.reason) from None
+            raise WireError(exc.reason, status, exc.detail) from None
+        self.engine.served.observe(merged.values)  # what was merged (clipped), never the raw share
+        return merged.trusted_version
+
+    def _log_rule_events(self) -> None:
+        now = time.monotonic()
+        for event, peer in self.merge_rule.events():
+            if event == "quarantined":
+                self._log.warning("peer_quarantined", peer_id=peer_id_of(peer), duration_s=self.cfg.gossip.quarantine_s,
+                                  detail="its shares stayed far beyond the clipping radius; refused until then")
+            else:
+                self._log.info("peer_released", peer_id=peer_id_of(peer), detail="quarantine over, on probation",
+                               quarantined=self.merge_rule.is_quarantined(peer, now))
 
     # --- receiving ---------------------------------------------------------------------------------------
 
@@ -267,13 +314,9 @@ class LearningTask:
             # Still joining: merging now would be discarded by adopt(); refuse, the sender keeps its mass.
             return Answer.refuse(503, "not_ready", "joining the mesh")
         far = self.cfg.gossip.far_behind_versions
-        try:
-            ps.merge(vec, weight, version, rows)
-        except RejectedUpdate as exc:
-            raise WireError("bad_values", 400, exc.detail or exc.reason) from None
-        self.engine.served.observe(vec)
+        believed = self._merge(sender, vec, weight, version, rows)
         self.stats.merged += 1
-        if far and version - ps.version > far:
+        if far and believed and version - ps.version > far:
             self._pull_wanted.set()
         return Answer(204)
 
@@ -285,6 +328,8 @@ class LearningTask:
             return Answer.refuse(503, "task_stopped", "this task is not running here")
         if self.engine.fresh and not self._joined.is_set():
             return Answer.refuse(503, "not_ready", "joining the mesh too")
+        if not self.merge_rule.allow_pull(sender, time.monotonic()):
+            raise WireError("pull_rate", 429, f"one pull per {self.cfg.gossip.pull_interval_s:g} s per peer")
         share = ps.split_for_pull()
         self.stats.pulls += 1
         self._log.info("pull_answered", peer_id=peer_id_of(sender), weight=share.weight, version=share.version)
@@ -402,8 +447,7 @@ class LearningTask:
                     ps.adopt(vec, weight, version, rows, keep_own_weight=True)
                     self.engine.served.reset()
                 else:
-                    ps.merge(vec, weight, version, rows)
-                    self.engine.served.observe(vec)
+                    self._merge(p.peer_id, vec, weight, version, rows)
             except (WireError, RejectedUpdate) as exc:
                 self.stats.rejected["bad_pull_reply"] += 1
                 self.link.reject("bad_pull_reply", p.address or "?", str(exc), p.peer_id)
@@ -561,6 +605,8 @@ class LearningTask:
     async def _evaluate_loop(self) -> None:
         while True:
             self.peers.forget_except({p.peer_id for p in self.link.peers()})  # distrusted peers leave the view
+            self.merge_rule.tick(time.monotonic())
+            self._log_rule_events()
             ps = self.engine.pushsum
             if ps is not None:
                 flat = self.engine.served_model()
@@ -616,14 +662,21 @@ class LearningTask:
             "rounds": self.stats.rounds, "merged": self.stats.merged, "pulls": self.stats.pulls,
             "shares_sent": self.stats.shares_sent, "rejected": dict(sorted(self.stats.rejected.items())),
         }
+        now = time.monotonic()
+        rule = self.merge_rule
+        gossip["merge"] = {"rule": rule.name, **rule.totals(now),
+                           "radius": rule.radius(ps, now) if ps is not None else None}
         if ps is not None:
             gossip |= {"weight": ps.weight, "consensus_distance": ps.mean_distance, "pending_shares": ps.pending}
+        peers: dict[str, Any] = self.peers.snapshot()
+        for peer, account in rule.snapshot(now).items():
+            peers.setdefault(peer.hex(), {})["merge"] = account
         return {
             "state": self.state,
             "error": self.error,
             "cohort": self.cohort.describe(),
             "joined": self._joined.is_set(),
-            "peers": self.peers.snapshot(),
+            "peers": peers,
             "model": model,
             "training": training,
             "gossip": gossip,

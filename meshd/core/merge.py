@@ -1,0 +1,350 @@
+"""Merge rules: how a learning task screens a peer's model before push-sum adds it. Pure: time is passed in.
+
+A task holds one :class:`MergeRule`, chosen by ``gossip.merge``; the task calls ``rule.merge(ps, peer, ...)``
+for every share (and catch-up pull) it accepts, ``rule.refused(peer, reason, now)`` for every one it refuses,
+``rule.allow_pull(peer, now)`` before it answers a pull, and never branches on which rule is active.
+Both rules keep the same per-peer accounts (merged, clipped, refused by reason), shown in ``/status``.
+
+``"pushsum"`` (:class:`PushSumRule`) adds the share as it came (``PushSum.merge``): exact push-sum, and no
+defence against a trusted peer that lies.
+
+``"clipped"`` (:class:`ClippedRule`) is of the ClippedGossip class (He, Karimireddy, Jaggi 2022), made to work
+with asynchronous, lossy push-sum:
+
+- **Clipping.** A share's model ``v`` is moved towards the local model ``z`` before it is merged:
+  ``v' = z + (v - z) * min(1, tau / ||v - z||)``. The radius ``tau`` is adaptive: ``clip_factor`` times the
+  lower third (the order statistic at ``(m - 1) // 3`` of ``m``), over the peers heard from recently (not
+  quarantined), of each peer's median distance over its last ``HISTORY`` shares. One typical distance per
+  peer: a hostile peer that floods shares still counts once; the lower third, not the median: it stays an
+  honest peer's distance while fewer than two thirds of the peers heard are hostile (a node may hear
+  from few honest peers: the topology picks them, attackers pick themselves). A share farther than
+  ``QUARANTINE_RATIO * tau`` (a *strike*) is refused (``far_off``; the sender keeps its mass) and is
+  remembered as ``QUARANTINE_RATIO * tau``, not its distance: hostile peers cannot blow ``tau`` up by
+  sending far-off models, honest distances that grow still raise it step by step, and a blatant
+  attack moves nothing (merging it clipped would move the model by up to ``tau`` per share until the
+  quarantine, which the in-memory simulation showed to be several times the honest spread).
+- **Calibration.** Until ``min_peers`` peers (3, or all the trusted peers when there are fewer) have sent a
+  share, there is no radius: shares are refused (``calibrating``; the sender keeps its mass and sends it
+  again next round) and only their distances are remembered. Hostile peers that speak first cannot drag
+  the model before honest ones are heard; it costs a few rounds of gossip at a task's first start. After
+  ``CALIBRATION_MAX_REFUSALS`` refusals the peers heard so far suffice (a node that only a few peers send
+  to, the topology's choice, must not wait forever).
+- **Rate bound.** One peer's shares merged are at most ``max_peer_shares`` per local gossip round (a token
+  bucket refilled by ``PushSum.rounds``, holding at most two rounds' worth): a flood of shares each within
+  the radius cannot drag the model by the radius many times a round. A share that finds the bucket empty
+  is refused (``peer_budget``; the sender keeps its mass and sends it later). A share's weight is merged
+  whole: clipping bounds any one merge's move to ``tau`` whatever the weight, and cutting an honest heavy
+  share to a fraction of a light receiver's weight would destroy mass at every such exchange (the
+  in-memory bench showed every weight decaying to 1e-40).
+- **Weight ceiling.** After a merge, the local weight is brought back to ``weight_ceiling`` (the mesh's
+  honest total, one per domain) by scaling down the free part of the mass (``PushSum.limit_weight``), which
+  leaves the model unchanged: hostile weight can no longer inflate honest weights until honest shares
+  exceed the accepted cap and honest peers refuse each other.
+- **Versions.** A merge raises the local version by at most ``max_version_step`` (plain push-sum allows
+  ``MAX_VERSION_STEP``), and a clipped share never asks for a catch-up pull (``Merged.trusted_version``).
+- **Rows.** The share's mean-rows estimate is clamped to ``[m / 2, 2 m]`` of the local one ``m``: a hostile
+  estimate cannot shrink every honest domain's data weighting to ``1/64``.
+- **Quarantine.** ``quarantine_after`` strikes in a row put the peer in quarantine for ``quarantine_s``: its shares
+  are refused (``quarantined``, the sender keeps its mass) and it is left out of the radius. When the time
+  is up it is released on probation: its next share is merged as any other, but a single strike puts it
+  back at once. Quarantine is local: it follows only from the shares this node received itself; no
+  message can quarantine a peer elsewhere.
+- **Pulls.** One pull answered per peer per ``pull_interval_s`` (``pull_rate`` otherwise): repeated pulls
+  cannot drain the responder's mass (each answered pull gives away half of it, at once).
+
+**What exactness is given up, and why.** The receiver acknowledges a clipped share with the same 204 as
+any other, and the sender subtracts exactly what it sent (``values * weight``, ``weight``), as in
+``docs/protocol.md`` §8: the acknowledgement carries no amount, so the sender cannot subtract what was
+kept. The receiver adds ``v' * a`` with ``v'`` clipped; the difference ``(v - v') * a`` leaves the mesh, as
+does the mass the weight ceiling scales away (the weight itself is merged whole). So the mesh average
+``S / W`` is no longer exactly the average of the starting models: with training off, models still reach a
+consensus, but at a point that may differ from the exact mean by the clipped-off parts. Giving the
+clipped-off part back to the sender would keep the sums exact but leave a hostile sender's mass intact,
+to be sent again and again; dropping it is what bounds what a liar can do. Honest shares are rarely
+clipped (``tau`` is ``clip_factor`` times the typical distance) and the clipped part of those is small, so
+the loss is small; ``bench/robustness.py`` measures the accuracy it costs against plain push-sum, and
+``tests/test_merge.py`` bounds how far consensus lands from the exact mean in simulation.
+
+Public API::
+
+    MERGE_RULES = ("pushsum", "clipped")
+    RuleParams(clip_factor, max_peer_shares, max_version_step, quarantine_after, quarantine_s,
+               pull_interval_s, weight_ceiling, min_peers)                    # frozen
+    Merged(distance, scale, weight, version, values, trusted_version)         # frozen
+    make_rule(name, params) -> MergeRule
+    MergeRule  (PushSumRule, ClippedRule)
+        .name .params
+        .merge(ps, peer, values, weight, version, rows, now) -> Merged       # raises RejectedUpdate
+        .refused(peer, reason, now) -> None
+        .allow_pull(peer, now) -> bool
+        .tick(now) -> None                                                   # releases expired quarantines
+        .events() -> list[tuple[str, bytes]]                                  # ("quarantined" | "released", peer)
+        .is_quarantined(peer, now) -> bool
+        .radius(ps, now) -> float | None
+        .snapshot(now) -> dict[bytes, dict[str, object]]
+        .totals(now) -> dict[str, int]
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import torch
+
+from meshd.core.averaging import PushSum, RejectedUpdate
+
+MERGE_RULES = ("pushsum", "clipped")
+HISTORY = 4  # distances remembered per peer (their median is the peer's typical distance)
+QUARANTINE_RATIO = 4.0  # a share farther than this times the radius is a strike
+CALIBRATION_MAX_REFUSALS = 16  # after this many shares refused while calibrating, any peer heard will do
+STALE_S = 300.0  # a peer not heard from for this long is left out of the radius
+MAX_PEERS = 4096  # accounts kept; beyond this the least recently seen are forgotten
+_BUCKET_ROUNDS = 2.0  # the per-peer share bucket holds this many rounds' worth of max_peer_shares
+
+
+@dataclass(frozen=True)
+class RuleParams:
+    """The parameters of the merge rules (``gossip.*`` keys of the same names; see the module docstring)."""
+
+    clip_factor: float = 2.0  # radius = clip_factor x the lower third of peers' typical distances
+    max_peer_shares: float = 1.0  # shares merged from one peer per local gossip round
+    max_version_step: int = 16  # a merge raises the local version by at most this
+    quarantine_after: int = 4  # strikes in a row that quarantine a peer
+    quarantine_s: float = 120.0  # how long a quarantine lasts (then probation)
+    pull_interval_s: float = 5.0  # one pull answered per peer per this many seconds
+    weight_ceiling: float = math.inf  # the local weight is scaled back to this after a merge
+    min_peers: int = 3  # peers with a history needed before the radius exists (calibration)
+
+
+@dataclass(frozen=True)
+class Merged:
+    """What a merge did: the incoming model's L2 distance to ours, the clip factor applied to ``v - z`` (1.0 =
+    unclipped), the weight and version merged, the values merged, and whether its version may be believed."""
+
+    distance: float
+    scale: float
+    weight: float
+    version: int
+    values: torch.Tensor
+    trusted_version: bool = True
+
+
+@dataclass
+class _Account:
+    merged: int = 0
+    clipped: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
+    distances: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
+    strikes: int = 0
+    quarantines: int = 0
+    quarantined_until: float | None = None
+    probation: bool = False
+    last_seen: float = -math.inf
+    bucket: float = -1.0  # in units of the local weight; < 0 = not filled yet
+    bucket_round: int = 0
+    last_pull: float = -math.inf
+
+
+class MergeRule:
+    """The interface, with the accounting both rules share; :class:`PushSumRule` and :class:`ClippedRule`."""
+
+    name = "base"
+
+    def __init__(self, params: RuleParams | None = None) -> None:
+        self.params = params or RuleParams()
+        self._accounts: dict[bytes, _Account] = {}
+        self._events: list[tuple[str, bytes]] = []
+
+    def merge(
+        self, ps: PushSum, peer: bytes, values: torch.Tensor, weight: float, version: int,
+        rows: float | None, now: float,
+    ) -> Merged:
+        """Screen and merge a peer's share into ``ps``; raises ``RejectedUpdate`` (``ps`` untouched)."""
+        raise NotImplementedError
+
+    def refused(self, peer: bytes, reason: str, now: float) -> None:
+        """A share or pull of ``peer`` was refused for ``reason`` (by the rule or before it)."""
+        acct = self._account(peer, now)
+        acct.refused[reason] += 1
+
+    def allow_pull(self, peer: bytes, now: float) -> bool:
+        """May ``peer``'s pull be answered now?"""
+        return True
+
+    def tick(self, now: float) -> None:
+        """Release the quarantines whose time is up (also done when the peer's next share arrives)."""
+        for peer, acct in self._accounts.items():
+            self._expire(peer, acct, now)
+
+    def events(self) -> list[tuple[str, bytes]]:
+        """Quarantine entries and exits since the last call, in order (each logged once by the caller)."""
+        out, self._events = self._events, []
+        return out
+
+    def is_quarantined(self, peer: bytes, now: float) -> bool:
+        acct = self._accounts.get(peer)
+        return acct is not None and acct.quarantined_until is not None and now < acct.quarantined_until
+
+    def radius(self, ps: PushSum, now: float) -> float | None:
+        """The clipping radius now (``None``: this rule does not clip)."""
+        return None
+
+    def snapshot(self, now: float) -> dict[bytes, dict[str, object]]:
+        out: dict[bytes, dict[str, object]] = {}
+        for peer, a in sorted(self._accounts.items()):
+            left = None if a.quarantined_until is None else max(0.0, a.quarantined_until - now)
+            out[peer] = {
+                "merged": a.merged, "clipped": a.clipped, "refused": dict(sorted(a.refused.items())),
+                "quarantined": left is not None and left > 0, "quarantine_left_s": left,
+                "quarantines": a.quarantines, "strikes": a.strikes,
+                "distance": statistics.median(a.distances) if a.distances else None,
+            }
+        return out
+
+    def totals(self, now: float) -> dict[str, int]:
+        accts = self._accounts.values()
+        return {
+            "clipped": sum(a.clipped for a in accts),
+            "quarantines": sum(a.quarantines for a in accts),
+            "quarantined": sum(1 for p in self._accounts if self.is_quarantined(p, now)),
+        }
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def _account(self, peer: bytes, now: float) -> _Account:
+        acct = self._accounts.get(peer)
+        if acct is None:
+            if len(self._accounts) >= MAX_PEERS:
+                oldest = min(self._accounts, key=lambda p: self._accounts[p].last_seen)
+                del self._accounts[oldest]
+            acct = self._accounts[peer] = _Account()
+        acct.last_seen = max(acct.last_seen, now)
+        return acct
+
+    def _expire(self, peer: bytes, acct: _Account, now: float) -> None:
+        if acct.quarantined_until is not None and now >= acct.quarantined_until:
+            acct.quarantined_until = None
+            acct.probation = True
+            acct.strikes = 0
+            self._events.append(("released", peer))
+
+
+class PushSumRule(MergeRule):
+    """Plain push-sum: the share is merged as it came (exact averaging, no defence)."""
+
+    name = "pushsum"
+
+    def merge(
+        self, ps: PushSum, peer: bytes, values: torch.Tensor, weight: float, version: int,
+        rows: float | None, now: float,
+    ) -> Merged:
+        acct = self._account(peer, now)
+        distance = float(torch.linalg.vector_norm(values - ps.estimate())) if values.shape == (ps.dim,) else 0.0
+        ps.merge(values, weight, version, rows)
+        acct.merged += 1
+        acct.distances.append(distance)
+        return Merged(distance, 1.0, float(weight), version, values)
+
+
+class ClippedRule(MergeRule):
+    """ClippedGossip-class robust merge for asynchronous push-sum (see the module docstring)."""
+
+    name = "clipped"
+
+    def __init__(self, params: RuleParams | None = None) -> None:
+        super().__init__(params)
+        self._last_radius: float | None = None
+        self._calibration_refusals = 0
+
+    def radius(self, ps: PushSum, now: float) -> float | None:
+        typical = [
+            statistics.median(a.distances)
+            for p, a in self._accounts.items()
+            if a.distances and now - a.last_seen <= STALE_S and not self.is_quarantined(p, now)
+        ]
+        enough = max(1, self.params.min_peers)
+        if self._calibration_refusals >= CALIBRATION_MAX_REFUSALS:
+            enough = 1  # few peers talk to this node: calibrate on those there are rather than never
+        if len(typical) < enough:
+            return self._last_radius  # once calibrated, peers gone quiet or quarantined keep the last radius
+        typical.sort()
+        self._last_radius = self.params.clip_factor * typical[(len(typical) - 1) // 3]
+        return self._last_radius
+
+    def merge(
+        self, ps: PushSum, peer: bytes, values: torch.Tensor, weight: float, version: int,
+        rows: float | None, now: float,
+    ) -> Merged:
+        ps.check(values, weight, "merge")  # raises before any accounting on a malformed share
+        acct = self._account(peer, now)
+        self._expire(peer, acct, now)
+        if acct.quarantined_until is not None:
+            raise RejectedUpdate("quarantined", f"quarantined for {acct.quarantined_until - now:.0f} s more")
+        z = ps.estimate()
+        distance = float(torch.linalg.vector_norm(values - z))
+        tau = self.radius(ps, now)
+        if tau is None:
+            acct.distances.append(distance)
+            self._calibration_refusals += 1
+            raise RejectedUpdate("calibrating", "still learning how far peers' models are; send it again later")
+        strike = distance > QUARANTINE_RATIO * tau
+        acct.strikes = acct.strikes + 1 if strike else 0
+        # A strike is remembered at the strike threshold, not at its distance: honest distances that grow
+        # (training speeds up, a domain drifts) raise the radius by at most that factor per share, while a
+        # minority of hostile peers, far off or not, cannot move the lower third.
+        acct.distances.append(min(distance, QUARANTINE_RATIO * tau))
+        if strike and (acct.probation or acct.strikes >= self.params.quarantine_after):
+            acct.quarantined_until = now + self.params.quarantine_s
+            acct.quarantines += 1
+            acct.probation = False
+            acct.strikes = 0
+            self._events.append(("quarantined", peer))
+            raise RejectedUpdate("quarantined", f"{self.params.quarantine_after} shares far beyond the clipping "
+                                 f"radius; quarantined for {self.params.quarantine_s:g} s")
+        if strike:
+            raise RejectedUpdate("far_off", f"{distance:.3g} from this model, beyond {QUARANTINE_RATIO:g} x the "
+                                 f"clipping radius {tau:.3g}")
+        acct.probation = False
+        # The per-peer share bucket, refilled by local gossip rounds.
+        cap = _BUCKET_ROUNDS * self.params.max_peer_shares
+        if acct.bucket < 0:
+            acct.bucket, acct.bucket_round = cap, ps.rounds
+        elif ps.rounds > acct.bucket_round:
+            acct.bucket = min(cap, acct.bucket + (ps.rounds - acct.bucket_round) * self.params.max_peer_shares)
+            acct.bucket_round = ps.rounds
+        if acct.bucket < 1.0:
+            raise RejectedUpdate("peer_budget", "this peer's shares for this round are used up; send it later")
+        take = float(weight)
+        scale = 1.0 if distance <= tau or distance == 0.0 else tau / distance
+        merged_values = values if scale == 1.0 else z + (values - z) * scale
+        bounded_version = min(version, ps.version + self.params.max_version_step)
+        own_rows = ps.mean_rows
+        share_rows = rows
+        if rows is not None and own_rows > 0:
+            share_rows = min(2.0 * own_rows, max(0.5 * own_rows, rows))
+        ps.merge(merged_values, take, bounded_version, share_rows)
+        ps.limit_weight(self.params.weight_ceiling)
+        acct.bucket -= 1.0
+        acct.merged += 1
+        if scale < 1.0:
+            acct.clipped += 1
+        return Merged(distance, scale, take, bounded_version, merged_values, trusted_version=scale == 1.0)
+
+    def allow_pull(self, peer: bytes, now: float) -> bool:
+        acct = self._account(peer, now)
+        if self.is_quarantined(peer, now) or now - acct.last_pull < self.params.pull_interval_s:
+            return False
+        acct.last_pull = now
+        return True
+
+
+def make_rule(name: str, params: RuleParams | None = None) -> MergeRule:
+    """The rule named by ``gossip.merge``."""
+    if name == "pushsum":
+        return PushSumRule(params)
+    if name == "clipped":
+        return ClippedRule(params)
+    raise ValueError(f"unknown merge rule {name!r} (expected one of {', '.join(MERGE_RULES)})")

@@ -1,0 +1,299 @@
+"""Merge rules (meshd/core/merge.py): plain push-sum and the clipped, poisoning-robust rule, in-process."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshd.core.averaging import PushSum, RejectedUpdate
+from meshd.core.merge import QUARANTINE_RATIO, ClippedRule, PushSumRule, RuleParams, make_rule
+
+A, B, C, H = b"a" * 32, b"b" * 32, b"c" * 32, b"h" * 32
+
+
+def _vec(*xs: float) -> torch.Tensor:
+    return torch.tensor(xs, dtype=torch.float64)
+
+
+def _warm(rule: ClippedRule, ps: PushSum, now: float = 0.0) -> None:
+    """Three honest peers at distance 0.1 give the rule a radius of clip_factor * 0.1 (calibration: refused)."""
+    for peer in (A, B, C):
+        with pytest.raises(RejectedUpdate, match="calibrating"):
+            rule.merge(ps, peer, ps.estimate() + _vec(0.1, 0.0), 1e-6, ps.version, None, now)
+    assert ps.merges == 0
+
+
+def test_make_rule_names_and_refuses_unknown() -> None:
+    assert make_rule("pushsum").name == "pushsum"
+    assert make_rule("clipped").name == "clipped"
+    with pytest.raises(ValueError, match="pushsum, clipped"):
+        make_rule("krum")
+
+
+def test_pushsum_rule_is_plain_merge_and_accounts() -> None:
+    ps, ref = PushSum(_vec(0.0, 0.0)), PushSum(_vec(0.0, 0.0))
+    rule = PushSumRule()
+    out = rule.merge(ps, A, _vec(1e3, -1e3), 0.5, 7, None, 0.0)
+    ref.merge(_vec(1e3, -1e3), 0.5, 7)
+    assert torch.equal(ps.numerator(), ref.numerator()) and ps.weight == ref.weight and ps.version == 7
+    assert out.scale == 1.0
+    rule.refused(A, "bad_values", 1.0)
+    snap = rule.snapshot(1.0)[A]
+    assert snap["merged"] == 1 and snap["refused"] == {"bad_values": 1} and snap["quarantined"] is False
+
+
+def test_clipped_rule_calibrates_on_min_peers_and_hostile_first_speakers_do_not_set_the_radius() -> None:
+    ps = PushSum(_vec(3.0, 4.0))
+    rule = ClippedRule(RuleParams(clip_factor=2.0, min_peers=3))
+    assert rule.radius(ps, 0.0) is None
+    for peer in (H, B):  # two hostile peers speak first, from far away
+        with pytest.raises(RejectedUpdate, match="calibrating"):
+            rule.merge(ps, peer, _vec(3e3, 4e3), 0.5, 0, None, 0.0)
+    with pytest.raises(RejectedUpdate, match="calibrating"):
+        rule.merge(ps, A, ps.estimate() + _vec(0.1, 0.0), 0.5, 0, None, 0.0)
+    assert ps.merges == 0 and ps.weight == 1.0  # nothing merged while calibrating
+    tau = rule.radius(ps, 0.0)
+    assert tau is not None and math.isclose(tau, 0.2, rel_tol=1e-6)  # the lower third: the honest peer's
+    ps2 = PushSum(_vec(3.0, 4.0))
+    rule2 = ClippedRule(RuleParams(min_peers=1))  # a mesh of two: the first share calibrates
+    with pytest.raises(RejectedUpdate, match="calibrating"):
+        rule2.merge(ps2, A, _vec(3.0, 4.5), 0.5, 0, None, 0.0)
+    assert rule2.merge(ps2, A, _vec(3.0, 4.5), 0.5, 0, None, 0.0).scale == 1.0
+
+
+def test_a_scaled_model_moves_the_local_model_by_at_most_the_radius() -> None:
+    ps = PushSum(_vec(1.0, 1.0))
+    rule = ClippedRule(RuleParams(clip_factor=2.0))
+    _warm(rule, ps)
+    before = ps.estimate()
+    with pytest.raises(RejectedUpdate, match="far_off"):  # far beyond the radius: refused
+        rule.merge(ps, H, before * 1e3, ps.weight, ps.version, None, 0.0)
+    assert torch.equal(ps.estimate(), before)
+    out = rule.merge(ps, H, before + _vec(0.0, 0.39), ps.weight, ps.version, None, 0.0)  # within 2 tau: clipped
+    tau = 0.2
+    assert out.scale == pytest.approx(0.2 / 0.39)
+    assert float(torch.linalg.vector_norm(out.values - before)) == pytest.approx(tau, rel=1e-6)
+    assert float(torch.linalg.vector_norm(ps.estimate() - before)) <= tau
+    assert rule.snapshot(0.0)[H]["clipped"] == 1
+
+
+def test_an_honest_share_within_the_radius_is_merged_exactly() -> None:
+    ps, ref = PushSum(_vec(1.0, 1.0)), PushSum(_vec(1.0, 1.0))
+    rule = ClippedRule()
+    _warm(rule, ps)
+    for _ in range(4):
+        ref.merge(ref.estimate() + _vec(0.1, 0.0), 1e-6, 0)
+    v = ps.estimate() + _vec(0.0, 0.15)
+    ref.merge(v, 0.3, 0)
+    out = rule.merge(ps, C, v, 0.3, 0, None, 0.0)
+    assert out.scale == 1.0 and out.weight == 0.3
+    assert torch.allclose(ps.estimate(), ref.estimate(), atol=1e-12)
+
+
+def test_one_peer_cannot_merge_more_than_its_shares_per_round() -> None:
+    ps = PushSum(_vec(0.0))
+    rule = ClippedRule(RuleParams(max_peer_shares=1.0, weight_ceiling=1e9, min_peers=1))
+    with pytest.raises(RejectedUpdate, match="calibrating"):
+        rule.merge(ps, H, _vec(0.0), 0.5, 0, None, 0.0)
+    merged = 0
+    with pytest.raises(RejectedUpdate, match="peer_budget"):
+        for _ in range(10):  # a flood in one round
+            rule.merge(ps, H, _vec(0.0), 0.5, 0, None, 0.0)
+            merged += 1
+    assert merged == 2  # two rounds' worth, then refused (the sender keeps the mass)
+    assert ps.weight == pytest.approx(2.0)  # each merged whole: no mass cut away
+    ps.prepare(1)  # a local gossip round refills the bucket by one share
+    rule.merge(ps, H, _vec(0.0), 0.5, 0, None, 0.0)
+    with pytest.raises(RejectedUpdate, match="peer_budget"):
+        rule.merge(ps, H, _vec(0.0), 0.5, 0, None, 0.0)
+
+
+def test_weight_inflation_is_capped_by_the_ceiling_and_leaves_the_model() -> None:
+    ps = PushSum(_vec(2.0, -1.0))
+    rule = ClippedRule(RuleParams(weight_ceiling=3.0, min_peers=1))
+    with pytest.raises(RejectedUpdate, match="calibrating"):
+        rule.merge(ps, H, ps.estimate(), 9.0, 0, None, 0.0)
+    for _ in range(20):
+        ps.prepare(1)
+        rule.merge(ps, H, ps.estimate(), 9.0, 0, None, 0.0)
+        assert ps.weight <= 3.0 + 1e-12
+    assert torch.allclose(ps.estimate(), _vec(2.0, -1.0), atol=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-100, 100), min_size=3, max_size=3), st.floats(1.0, 50.0), st.floats(0.05, 0.9),
+       st.floats(0.5, 1.0))
+def test_limit_weight_keeps_the_model_after_pending_shares_leave(
+    xs: list[float], weight: float, pend_frac: float, ceil_frac: float,
+) -> None:
+    ps, ref = PushSum(torch.tensor(xs, dtype=torch.float64), weight), PushSum(torch.tensor(xs, dtype=torch.float64),
+                                                                             weight)
+    share = ps.prepare(1)[0]
+    ref_share = ref.prepare(1)[0]
+    ps.merge(_vec(1.0, 2.0, 3.0), weight * pend_frac, 0)
+    ref.merge(_vec(1.0, 2.0, 3.0), weight * pend_frac, 0)
+    ceiling = share.weight + (ps.weight - share.weight) * ceil_frac
+    ps.limit_weight(ceiling)
+    assert ps.weight <= ceiling * (1 + 1e-12)
+    ps.confirm(share.id)
+    ref.confirm(ref_share.id)
+    assert torch.allclose(ps.estimate(), ref.estimate(), rtol=1e-9, atol=1e-9)
+
+
+def test_versions_rise_by_at_most_the_step_and_clipped_versions_are_not_believed() -> None:
+    ps = PushSum(_vec(1.0, 1.0))
+    rule = ClippedRule(RuleParams(max_version_step=16))
+    _warm(rule, ps)
+    out = rule.merge(ps, H, ps.estimate(), 0.1, 2**53, None, 0.0)
+    assert ps.version == 16 and out.trusted_version
+    out = rule.merge(ps, H, ps.estimate() + _vec(0.3, 0.0), 0.1, 2**53, None, 0.0)  # clipped
+    assert ps.version == 32 and out.scale < 1.0 and not out.trusted_version
+
+
+def test_rows_estimates_are_clamped_to_a_factor_of_two() -> None:
+    ps = PushSum(_vec(0.0), rows=100.0)
+    rule = ClippedRule(RuleParams(min_peers=1))
+    with pytest.raises(RejectedUpdate, match="calibrating"):
+        rule.merge(ps, H, _vec(0.0), 1.0, 0, 1e12, 0.0)
+    rule.merge(ps, H, _vec(0.0), 1.0, 0, 1e12, 0.0)
+    assert ps.mean_rows == pytest.approx(150.0)  # (100 + 200) / 2, not ~5e11
+
+
+def test_quarantine_after_persistent_strikes_then_release_and_probation() -> None:
+    ps = PushSum(_vec(1.0, 1.0))
+    rule = ClippedRule(RuleParams(quarantine_after=3, quarantine_s=60.0))
+    _warm(rule, ps)
+    far = lambda: ps.estimate() + _vec(QUARANTINE_RATIO * 0.2 * 10, 0.0)  # noqa: E731
+    before = ps.numerator()
+    for t in (1.0, 2.0):
+        with pytest.raises(RejectedUpdate, match="far_off"):  # a strike moves nothing
+            rule.merge(ps, H, far(), 1e-6, 0, None, t)
+    assert torch.equal(ps.numerator(), before)
+    assert not rule.is_quarantined(H, 2.0) and rule.events() == []
+    clipped = rule.merge(ps, A, ps.estimate() + _vec(0.3, 0.0), 1e-6, 0, None, 2.5)  # between tau and 2 tau
+    assert 0.0 < clipped.scale < 1.0
+    with pytest.raises(RejectedUpdate, match="quarantined"):
+        rule.merge(ps, H, far(), 1e-6, 0, None, 3.0)
+    assert rule.is_quarantined(H, 3.0) and rule.events() == [("quarantined", H)]
+    with pytest.raises(RejectedUpdate, match="quarantined"):  # even a good share, while it lasts
+        rule.merge(ps, H, ps.estimate(), 1e-6, 0, None, 30.0)
+    assert rule.totals(30.0) == {"clipped": 1, "quarantines": 1, "quarantined": 1}
+    assert rule.snapshot(30.0)[H]["quarantine_left_s"] == pytest.approx(33.0)
+    rule.tick(63.0)
+    assert rule.events() == [("released", H)] and not rule.is_quarantined(H, 63.0)
+    rule.merge(ps, H, ps.estimate(), 1e-6, 0, None, 64.0)  # behaves: merged
+    assert rule.snapshot(64.0)[H]["merged"] == 1
+    rule.tick(200.0)
+    assert rule.events() == []  # released once
+    # A peer on probation that strikes once is quarantined again at once.
+    rule2 = ClippedRule(RuleParams(quarantine_after=3, quarantine_s=60.0))
+    ps2 = PushSum(_vec(1.0, 1.0))
+    _warm(rule2, ps2)
+    for t in (1.0, 2.0):
+        with pytest.raises(RejectedUpdate, match="far_off"):
+            rule2.merge(ps2, H, ps2.estimate() + _vec(40.0, 0.0), 1e-6, 0, None, t)
+    with pytest.raises(RejectedUpdate, match="quarantined"):
+        rule2.merge(ps2, H, ps2.estimate() + _vec(40.0, 0.0), 1e-6, 0, None, 3.0)
+    rule2.tick(70.0)
+    with pytest.raises(RejectedUpdate, match="quarantined"):
+        rule2.merge(ps2, H, ps2.estimate() + _vec(40.0, 0.0), 1e-6, 0, None, 71.0)
+    assert [e for e, _ in rule2.events()] == ["quarantined", "released", "quarantined"]
+
+
+def test_a_malformed_share_is_refused_before_any_accounting() -> None:
+    ps = PushSum(_vec(1.0, 1.0))
+    rule = ClippedRule()
+    with pytest.raises(RejectedUpdate, match="bad_values"):
+        rule.merge(ps, H, _vec(float("nan"), 1.0), 0.1, 0, None, 0.0)
+    assert H not in rule.snapshot(0.0)
+
+
+def test_pulls_are_rate_limited_per_peer() -> None:
+    rule = ClippedRule(RuleParams(pull_interval_s=5.0))
+    assert rule.allow_pull(H, 0.0) and not rule.allow_pull(H, 4.9) and rule.allow_pull(A, 4.9)
+    assert rule.allow_pull(H, 5.0)
+    assert PushSumRule().allow_pull(H, 0.0) and PushSumRule().allow_pull(H, 0.0)
+
+
+# --- in-memory gossip ---------------------------------------------------------------------------------------
+
+
+def _simulate(rule_name: str, n: int, hostile: set[int], rounds: int, seed: int = 1,
+              attack: str = "scaled", rules_out: list[Any] | None = None) -> tuple[list[PushSum], torch.Tensor]:
+    """Training off: ``n`` nodes gossip (fanout 1, random targets); hostile nodes send ``attack`` to everyone."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(8, generator=gen, dtype=torch.float64)  # one init, then some local steps each
+    starts = [base + 0.1 * torch.randn(8, generator=gen, dtype=torch.float64) for _ in range(n)]
+    honest = [i for i in range(n) if i not in hostile]
+    exact = torch.stack([starts[i] for i in honest]).mean(0)
+    nodes = [PushSum(starts[i]) for i in range(n)]
+    rules = [make_rule(rule_name, RuleParams(weight_ceiling=float(n))) for _ in range(n)]
+    if rules_out is not None:
+        rules_out.extend(rules)
+    ids = [bytes([i]) * 32 for i in range(n)]
+    for r in range(rounds):
+        now = float(r)
+        for i in rng.sample(range(n), n):
+            if i in hostile:
+                for j in honest:
+                    bad = nodes[j].estimate() * -1e3 if attack == "scaled" else nodes[j].estimate() * 0 + 50.0
+                    with _refusals():
+                        rules[j].merge(nodes[j], ids[i], bad, float(n), 10**6, None, now)
+                continue
+            j = rng.choice([k for k in range(n) if k != i])
+            share = nodes[i].prepare(1)[0]
+            if j in hostile:
+                nodes[i].confirm(share.id)  # a hostile receiver acknowledges and keeps it
+                continue
+            try:
+                rules[j].merge(nodes[j], ids[i], share.values, share.weight, share.version, share.rows, now)
+            except RejectedUpdate:
+                nodes[i].abandon(share.id)
+            else:
+                nodes[i].confirm(share.id)
+    return [nodes[i] for i in honest], exact
+
+
+class _refusals:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, et: object, ev: object, tb: object) -> bool:
+        return et is RejectedUpdate
+
+
+def _spread(models: list[torch.Tensor], centre: torch.Tensor) -> float:
+    return max(float(torch.linalg.vector_norm(m - centre)) for m in models)
+
+
+def test_clipped_gossip_reaches_consensus_near_the_exact_mean_without_attackers() -> None:
+    exact_nodes, exact = _simulate("pushsum", 8, set(), 60)
+    clipped_nodes, _ = _simulate("clipped", 8, set(), 60)
+    start_spread = 0.1 * math.sqrt(8)  # starting models: one init plus N(0, 0.1^2 I_8) each
+    assert _spread([p.estimate() for p in exact_nodes], exact) < 1e-6
+    ests = [p.estimate() for p in clipped_nodes]
+    consensus = torch.stack(ests).mean(0)
+    assert _spread(ests, consensus) < 1e-3  # a consensus...
+    assert float(torch.linalg.vector_norm(consensus - exact)) < 0.2 * start_spread  # ...near the exact mean
+
+
+@pytest.mark.parametrize("attack", ["scaled", "constant"])
+def test_two_hostile_of_eight_are_quarantined_and_honest_models_stay_near_consensus(attack: str) -> None:
+    plain, exact = _simulate("pushsum", 8, {0, 1}, 40, attack=attack)
+    assert _spread([p.estimate() for p in plain], exact) > 10  # the control: plain push-sum is wrecked
+    rules: list[Any] = []
+    robust, exact = _simulate("clipped", 8, {0, 1}, 40, attack=attack, rules_out=rules)
+    ests = [p.estimate() for p in robust]
+    for j in range(2, 8):  # every honest node has quarantined both hostile ones (and no honest one)
+        assert rules[j].totals(39.0)["quarantines"] >= 2
+        assert {p for p, a in rules[j].snapshot(39.0).items() if a["quarantines"]} == {bytes([0]) * 32, bytes([1]) * 32}
+    assert all(bool(torch.isfinite(e).all()) for e in ests)
+    assert _spread(ests, exact) < 0.1 * math.sqrt(8)  # within the starting spread of the honest mean
+    assert all(p.weight <= 8.0 + 1e-9 for p in robust)
