@@ -398,7 +398,8 @@ class Mesh:
     def _open_checked(self, data: bytes, now_ms: int) -> wire.Opened:
         """Wire thread: verify and open an envelope, not yet recorded as seen: :meth:`_settle` records it once
         it took effect, so a refused one (503 busy...) can be retried with the same bytes. Two copies of one
-        envelope are never handled at once. The lease covers its ``ts`` before anything happens."""
+        envelope are never handled at once: the second is answered 503 while the first is in hand. The lease
+        covers its ``ts`` before anything happens."""
         refused: list[bytes] = []
 
         def trusted(key: bytes) -> bool:
@@ -414,8 +415,8 @@ class Mesh:
                 raise _UntrustedSender(exc, refused[0], self._claimed_domain(data, now_ms, refused[0])) from None
             raise
         key = (opened.sender, opened.seq)
-        if key in self._inflight:
-            raise WireError("replayed", 409, f"seq {opened.seq} is being handled")
+        if key in self._inflight:  # not "replayed": the first copy may still fail, and then this one must count
+            raise WireError("unavailable", 503, f"seq {opened.seq} is being handled; retry")
         self._extend_lease(opened.ts_ms, now_ms)
         self._inflight.add(key)
         return opened
