@@ -37,7 +37,7 @@ class ReplayGuard:
         self._mask = (1 << window) - 1
         self._peers: OrderedDict[bytes, tuple[int, int, int]] = OrderedDict()  # sender -> (hw, bits, max ts)
         self.not_before_ms = 0
-        self.dirty = False  # set by commit/forget; the caller clears it after persisting to_state()
+        self.dirty = False  # set by commit/forget: whether anything was recorded since it was last cleared
 
     def __len__(self) -> int:
         return len(self._peers)
