@@ -113,15 +113,20 @@ def test_codec_error_is_value_error_and_meshd_error() -> None:
     assert issubclass(CodecError, MeshdError)
 
 
+def _assert_half_a_step_at_most(vec: torch.Tensor, codec: CodecName, levels: int) -> None:
+    """Per block, the error is at most half of one step; a power-of-two step is at most 2 x span / levels."""
+    err = (quantize(vec, codec) - vec).abs()
+    for lo in range(0, len(vec), Q8_BLOCK):
+        block = vec[lo : lo + Q8_BLOCK]
+        span = float(block.max() - block.min())
+        assert float(err[lo : lo + Q8_BLOCK].max()) <= span / (levels // 2) / 2 + 1e-12
+
+
 def test_q8_size_and_error_bound() -> None:
     vec = _vec(1000, scale=0.3)
     data = encode(vec, "q8")
     assert len(data) == 1000 + 5 * -(-1000 // Q8_BLOCK)  # < 1.1 bytes per value, header included
-    err = (quantize(vec, "q8") - vec).abs()
-    for lo in range(0, 1000, Q8_BLOCK):
-        block = vec[lo : lo + Q8_BLOCK]
-        span = float(block.max() - block.min())
-        assert float(err[lo : lo + Q8_BLOCK].max()) <= span / 127 / 2 + 1e-12  # at most half of one step
+    _assert_half_a_step_at_most(vec, "q8", 255)
     const = torch.full((70,), 0.125, dtype=torch.float64)
     assert torch.equal(quantize(const, "q8"), const)  # a constant block is exact
 
@@ -150,11 +155,7 @@ def test_q4_size_error_bound_and_nibble_layout() -> None:
     vec = _vec(1001, scale=0.3)
     data = encode(vec, "q4")
     assert len(data) == 501 + 5 * -(-1001 // Q8_BLOCK)  # < 0.6 bytes per value, header included
-    err = (quantize(vec, "q4") - vec).abs()
-    for lo in range(0, 1001, Q8_BLOCK):
-        block = vec[lo : lo + Q8_BLOCK]
-        span = float(block.max() - block.min())
-        assert float(err[lo : lo + Q8_BLOCK].max()) <= span / 7 / 2 + 1e-12  # at most half of one step
+    _assert_half_a_step_at_most(vec, "q4", 15)
     # The layout of docs/protocol.md: value 2j in the low nibble of byte j, then the high nibble.
     three = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)  # k = -2 (15 steps of 1/4 span 0..2), m = 0
     raw = encode(three, "q4")
