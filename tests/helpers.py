@@ -46,6 +46,19 @@ def wait_for(cond: Callable[[], T | None], timeout: float = 10.0, interval: floa
         time.sleep(interval)  # polling interval of a deadline loop, not synchronisation
 
 
+def log_events(text: str, event: str) -> list[dict[str, Any]]:
+    """The JSON log lines of a daemon (service-mode output) whose event is ``event``, in order."""
+    out = []
+    for line in text.splitlines():
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and obj.get("event") == event:
+            out.append(obj)
+    return out
+
+
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:

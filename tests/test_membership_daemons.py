@@ -28,7 +28,7 @@ import pytest
 from meshd import identity as identitymod
 from meshd.ops.config_template import render, set_key
 from meshd.ops.localmesh import free_port
-from tests.helpers import DaemonProc, run_cli, set_toml, wait_for
+from tests.helpers import DaemonProc, log_events, run_cli, set_toml, wait_for
 
 INTERVAL_S = 0.5
 JITTER = 0.25
@@ -94,15 +94,7 @@ class Domain:
         self.daemon.signal(signal.SIGHUP)
 
     def log_events(self, event: str) -> list[dict[str, Any]]:
-        out = []
-        for line in self.daemon.logs().splitlines():
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(obj, dict) and obj.get("event") == event:
-                out.append(obj)
-        return out
+        return log_events(self.daemon.logs(), event)
 
 
 class Mesh:

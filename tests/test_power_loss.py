@@ -33,7 +33,7 @@ from meshd.core.replay import ReplayGuard
 from meshd.core.wire import Limits, Wire, encode_body
 from meshd.task import datasets
 from meshd.task.checkpoints import CheckpointStore
-from tests.helpers import DaemonProc, init_domain, post_envelope, set_toml, wait_for
+from tests.helpers import DaemonProc, init_domain, log_events, post_envelope, set_toml, wait_for
 
 CUTS = 4
 IMAGE_BYTES = 48 << 20
@@ -78,13 +78,7 @@ def _ext4(image: Path, mountpoint: Path, *, fresh: bool = False) -> Iterator[Pat
 
 def _saved_checkpoints(log: str) -> list[str]:
     """Checkpoint file names the daemon logged as saved (after their fsyncs), in order."""
-    out = []
-    for line in log.splitlines():
-        with contextlib.suppress(ValueError):
-            event = json.loads(line[line.index("{"):])
-            if event.get("event") == "checkpoint_saved":
-                out.append(event["file"])
-    return out
+    return [e["file"] for e in log_events(log, "checkpoint_saved")]
 
 
 def _seq_of(name: str) -> int:
@@ -138,8 +132,7 @@ def test_power_cuts_keep_the_newest_fsynced_checkpoint_and_the_sequence_reservat
             try:
                 d.wait_ready(90)
                 if expected is not None:
-                    loaded = [json.loads(ln[ln.index("{"):]) for ln in d.logs()[log_start:].splitlines()
-                              if '"checkpoint_loaded"' in ln]
+                    loaded = log_events(d.logs()[log_start:], "checkpoint_loaded")
                     assert loaded and _seq_of(loaded[0]["file"]) >= _seq_of(expected), (cut, expected, loaded)
                     # The cut may have lost the replay windows: the last envelope before it, still fresh
                     # (< 60 s), must not be accepted a second time.

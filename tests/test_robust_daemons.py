@@ -8,7 +8,6 @@ Every wait is a poll with a deadline; nothing asserts on speed.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch
 from meshd import identity as identitymod
 from meshd.ops.localmesh import LocalMesh, build_mesh, free_port, get_status
 from meshd.task.checkpoints import CheckpointStore
-from tests.helpers import http_get, run_cli, wait_for
+from tests.helpers import http_get, log_events, run_cli, wait_for
 from tests.hostile import HonestPeer, HostileDomain, finite, norm
 
 SETTINGS = {
@@ -50,16 +49,8 @@ def _models(layout: Any) -> list[torch.Tensor]:
     return wait_for(load, timeout=60, interval=0.2, what="a checkpoint of every honest domain")
 
 
-def _events(path: Path, name: str) -> list[dict[str, Any]]:
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            e = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(e, dict) and e.get("event") == name:
-            out.append(e)
-    return out
+def _events(d: Any, name: str) -> list[dict[str, Any]]:
+    return log_events((d.directory / "daemon.log").read_text(errors="replace"), name)
 
 
 def test_a_hostile_domain_sending_scaled_models_is_quarantined_then_let_back_in(tmp_path: Path) -> None:
@@ -91,7 +82,7 @@ def test_a_hostile_domain_sending_scaled_models_is_quarantined_then_let_back_in(
         for d in layout.domains:
             s = _status(d.status_url)["tasks"]["default"]["gossip"]
             assert s["merge"]["rule"] == "clipped" and s["merge"]["quarantined"] == 1
-        assert all(len(_events(d.directory / "daemon.log", "peer_quarantined")) >= 1 for d in layout.domains)
+        assert all(len(_events(d, "peer_quarantined")) >= 1 for d in layout.domains)
         # The metric and `meshd peers` say so too (polled: its quarantine is renewed every few seconds).
         honest0 = layout.domains[0]
         wait_for(lambda: 'meshd_peers_quarantined{task="default"} 1.0' in http_get(honest0.status_url + "/metrics")[1]
@@ -124,7 +115,7 @@ def test_a_hostile_domain_sending_scaled_models_is_quarantined_then_let_back_in(
 
         merged = wait_for(let_back_in, timeout=180, interval=0.3, what="the hostile domain to be let back in")
         print("shares merged after it behaved:", merged, "answers:", dict(hostile.stats.answers))
-        assert all(len(_events(d.directory / "daemon.log", "peer_released")) >= 1 for d in layout.domains)
+        assert all(len(_events(d, "peer_released")) >= 1 for d in layout.domains)
     finally:
         if hostile is not None:
             hostile.stop()
