@@ -6,10 +6,14 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.helpers import DaemonProc
+
+if TYPE_CHECKING:
+    from meshd.task.data import DataProduct
 
 # Every daemon the suite starts runs with the blocking-call guard: a blocking call on its event loop
 # raises inside the daemon (and the `daemons` fixture fails the test that started it).
@@ -44,3 +48,15 @@ def no_thread_leaks() -> Iterator[None]:
         t.join(timeout=5)
     left = leaked()
     assert not left, f"threads leaked past the test: {[t.name for t in left]}"
+
+
+@pytest.fixture(scope="module")  # one per test module, as before: no test sees another module's use
+def digits(tmp_path_factory: pytest.TempPathFactory) -> DataProduct:
+    """scikit-learn's digits as one data product (a quarter held out): the learner and privacy unit tests."""
+    from meshd.task.data import load_data_product  # torch and the data stack only for the tests that use it
+    from meshd.task.datasets import load_digits_dataset, write_npz_product
+
+    x, y = load_digits_dataset()
+    path = tmp_path_factory.mktemp("digits") / "digits.npz"
+    write_npz_product(path, x, y)
+    return load_data_product(path, label="label", features=None, holdout=0.25, num_classes=10, seed=0)

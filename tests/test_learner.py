@@ -17,14 +17,6 @@ from meshd.task.learner import Learner, TrainConfig, limit_torch_threads
 from meshd.task.models import ModelSpec, build_model, flatten, param_count
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> DataProduct:
-    x, y = load_digits_dataset()
-    path = tmp_path_factory.mktemp("digits") / "digits.npz"
-    write_npz_product(path, x, y)
-    return load_data_product(path, label="label", features=None, holdout=0.25, num_classes=10, seed=0)
-
-
 def _learner(data: DataProduct, cfg: TrainConfig, name: str = "mlp", seed: int = 0) -> tuple[Learner, torch.Tensor]:
     model = build_model(ModelSpec(name), data.input_dim, seed=seed)
     return Learner(model, data, cfg), flatten(model)

@@ -15,19 +15,10 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from meshd import config as configmod
 from meshd.config import PrivacyConfig
 from meshd.errors import ConfigError
-from meshd.task.data import DataProduct, load_data_product
-from meshd.task.datasets import load_digits_dataset, write_npz_product
+from meshd.task.data import DataProduct
 from meshd.task.learner import Learner, TrainConfig
 from meshd.task.models import ModelSpec, build_model, flatten
 from meshd.task.privacy import Ledger, PrivacyPlan, advertised, epsilon_of, parse_history, weaker_than
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> DataProduct:
-    x, y = load_digits_dataset()
-    path = tmp_path_factory.mktemp("digits") / "digits.npz"
-    write_npz_product(path, x, y)
-    return load_data_product(path, label="label", features=None, holdout=0.25, num_classes=10, seed=0)
 
 
 @pytest.fixture()
