@@ -562,3 +562,21 @@ def test_served_model_blends_peers_models_and_converges_with_the_estimate() -> N
     off = ServedModel(window=0)
     off.observe(torch.ones(2, dtype=torch.float64))
     assert torch.equal(off.value(own), own)
+
+
+def test_served_model_serves_the_settled_estimate_until_training_stops() -> None:
+    served = ServedModel(window=3)
+    served.observe(torch.tensor([4.0, 8.0], dtype=torch.float64))
+    settled = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    served.settle(settled)
+    settled.add_(100.0)  # the caller's tensor is copied, not kept
+    drifted = torch.tensor([9.0, 9.0], dtype=torch.float64)  # the estimate moved on (training, merges)
+    assert served.settled
+    assert torch.equal(served.value(drifted), torch.tensor([1.0, 2.0], dtype=torch.float64))
+    served.unsettle()  # training stopped: the blend of the converging estimate again
+    assert not served.settled
+    assert torch.equal(served.value(drifted), (drifted + 3 * torch.tensor([4.0, 8.0], dtype=torch.float64)) / 4)
+    served.settle(torch.ones(3, dtype=torch.float64))  # another length (a new model): ignored, never served
+    assert torch.equal(served.value(drifted), (drifted + 3 * torch.tensor([4.0, 8.0], dtype=torch.float64)) / 4)
+    served.reset()
+    assert not served.settled and torch.equal(served.value(drifted), drifted)

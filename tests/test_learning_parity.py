@@ -143,10 +143,13 @@ def test_a_domain_with_ten_times_the_rows_pulls_the_mesh_towards_its_optimum(tmp
 # --- threads --------------------------------------------------------------------------------------------------
 
 
-def test_training_threads_is_honoured(tmp_path: Path) -> None:
+def test_training_threads_is_honoured_and_exchanges_are_push_pull(tmp_path: Path) -> None:
+    """`training.threads` is applied; shares ask for the receiver's share back by default (push-pull), and a
+    domain with `gossip.settle` serves the model its settle phase left."""
     layout = build_mesh(tmp_path / "threads", 2, settings={"gossip": {"pull_on_join": "false"}})
-    _, two = layout.domains
+    one, two = layout.domains
     _set(two, "training", "threads", "2")
+    _set(two, "gossip", "settle", "1")
     mesh = LocalMesh(layout)
     try:
         mesh.start()
@@ -154,5 +157,12 @@ def test_training_threads_is_honoured(tmp_path: Path) -> None:
         threads = wait_for(lambda: (t := [_status(d)["training"]["threads"] for d in layout.domains])[0]
                            and t[1] and t, timeout=120, interval=0.2, what="both domains training")
         assert threads == [1, 2]
+        ss = wait_for(lambda: (ss := [_status(d) for d in layout.domains]) and all(
+            s["gossip"]["replies_merged"] > 0 and s["gossip"]["replies_sent"] > 0 for s in ss)
+            and ss[1]["gossip"]["served"] == "settled" and ss,
+            timeout=120, interval=0.2, what="both domains merging the shares sent back in answers")
+        assert ss[0]["gossip"]["served"] == "blend"  # no settle phase: the blend of estimate and peers' models
+        assert all(s["tasks"]["default"]["gossip"]["rejected"].get("bad_share_reply", 0) == 0 for s in ss)
     finally:
         mesh.stop()
+    assert_no_blocking_calls(layout)

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from meshd import identity as identitymod
+from meshd.core import codec as codecmod
 from meshd.core.replay import ReplayGuard
 from meshd.core.wire import Limits, Wire, decode_body, encode_body
 from meshd.task import datasets
@@ -127,3 +128,29 @@ def test_pull_for_another_schema_is_refused(node: Any) -> None:
     status, reply = post_envelope(node["port"], env)
     assert status == 409 and b"schema_mismatch" in reply
     assert _model_state(node)[0] == weight  # nothing given away
+
+
+def test_push_pull_share_is_answered_with_the_receivers_own_half_from_before_the_merge(node: Any) -> None:
+    weight, merged, _ = _model_state(node)
+    model = node["status"]["model"]
+    n = model["parameters"]
+    body = {"fp": model["fingerprint"], "schema": model["data_schema"], "version": 1, "weight": 0.5,
+            "codec": "f32", "count": n, "values": struct.pack(f"<{n}f", *([0.25] * n)), "rows": 300.0,
+            "reply": True}
+    wire = Wire(node["client"], Limits())
+    env = wire.seal(node["to"], "share", encode_body(body), next(node["seq"]), int(time.time() * 1000))
+    status, reply = post_envelope(node["port"], env)
+    assert status == 200, reply
+    opened = wire.open(reply, int(time.time() * 1000), lambda pk: pk == node["to"], ReplayGuard())
+    back = decode_body(opened.body, Limits())
+    assert opened.kind == "model" and back["fp"] == model["fingerprint"] and back["schema"] == model["data_schema"]
+    assert back["weight"] == pytest.approx(weight / 2)  # half of its weight before our 0.5 arrived
+    assert "reply" not in back  # an answer never asks for another answer
+    values = codecmod.decode(back["values"], n, back["codec"])
+    assert float((values - 0.25).abs().max()) > 1e-3  # its own model, not our share echoed
+    weight2, merged2, _ = _model_state(node)
+    assert merged2 == merged + 1 and weight2 == pytest.approx(weight / 2 + 0.5)
+    # a refused push-pull share sends nothing back and costs the receiver nothing
+    status, reply = _share(node, reply=True, schema="0" * 16)
+    assert status == 409 and b"schema_mismatch" in reply
+    assert _model_state(node)[0] == pytest.approx(weight2)

@@ -72,7 +72,7 @@ Public API::
     RejectedUpdate(reason: str, detail: str = "")                        # MeshdError, ValueError
     consensus_distance(z_self, z_other, eps=1e-12) -> float              # relative L2
     ServedModel(window)                                                  # what a domain serves
-        .observe(values) .value(own) -> Tensor .reset() .window .observed
+        .observe(values) .settle(values) .unsettle() .value(own) -> Tensor .reset() .window .observed .settled
     data_scale(own_rows, mean_rows) -> float                              # rows / mean, clamped
     PushSum(values, weight=1.0, version=0, *, max_abs=1e6, max_weight=1e9, codec="f32",
             max_pending=64, rows=0.0)
@@ -191,6 +191,7 @@ class ServedModel:
         self.window = window
         self._beta = 2.0 / (window + 1)
         self._ema: torch.Tensor | None = None
+        self._settled: torch.Tensor | None = None
         self.observed = 0
 
     def observe(self, values: torch.Tensor) -> None:
@@ -204,14 +205,30 @@ class ServedModel:
             self._ema.mul_(1.0 - self._beta).add_(vals, alpha=self._beta)
         self.observed += 1
 
+    def settle(self, values: torch.Tensor) -> None:
+        """The domain's estimate right after a settle phase (exchanges with no training in between): serve it
+        until the next one, instead of the blend."""
+        self._settled = values.detach().to(dtype=torch.float64).clone()
+
+    def unsettle(self) -> None:
+        """Training stopped: serve the blend of the (now converging) estimate again."""
+        self._settled = None
+
+    @property
+    def settled(self) -> bool:
+        return self._settled is not None
+
     def value(self, own: torch.Tensor) -> torch.Tensor:
         """The served model for the domain's current estimate ``own`` (``own`` itself before any share)."""
+        if self._settled is not None and self._settled.shape == own.shape:
+            return self._settled.clone()
         if self._ema is None or self._ema.shape != own.shape:
             return own.clone()
         return (own + self._ema * self.window) / (self.window + 1)
 
     def reset(self) -> None:
         self._ema = None
+        self._settled = None
         self.observed = 0
 
 

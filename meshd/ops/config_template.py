@@ -120,6 +120,9 @@ threads = 1                      # [restart] torch CPU threads for training
 interval_s = 1.0                 # seconds between gossip rounds (jittered) while not training; training asks sooner
 per_round = 8                    # exchanges per training round: the round is trained in this many parts, each
                                  # followed by one gossip round (0 = gossip by interval_s only)
+settle = 0                       # more gossip rounds at the end of each training round, with no training in
+                                 # between; the model they leave is the one served until the next round
+exchange = "pushpull"            # pushpull: a share asks for the receiver's share back (weights stay balanced) | push
 jitter = 0.25                    # fraction of interval_s added or removed at random
 fanout = 1                       # peers sent a share of the model each round
 topology = "exponential"         # exponential (peer 2^r places on in the ring of peer ids, round r) | random
