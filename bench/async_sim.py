@@ -104,7 +104,7 @@ class Sim:
         def deliver(t2: float) -> None:
             back: Share | None = None
             if self.a.exchange == "pushpull":
-                answer = self.ps[j].prepare(1)  # the receiver's half from before the merge
+                answer = self.ps[j].prepare(1, at_most=share.weight)  # its half from before the merge
                 back = answer[0] if answer else None
             self.ps[j].merge(share.values, share.weight, share.version, share.rows)
             self.served[j].observe(share.values)

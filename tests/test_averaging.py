@@ -580,3 +580,13 @@ def test_served_model_serves_the_settled_estimate_until_training_stops() -> None
     assert torch.equal(served.value(drifted), (drifted + 3 * torch.tensor([4.0, 8.0], dtype=torch.float64)) / 4)
     served.reset()
     assert not served.settled and torch.equal(served.value(drifted), drifted)
+
+
+def test_prepare_at_most_caps_the_share_weight_and_keeps_the_model() -> None:
+    ps = PushSum(torch.tensor([1.0, 2.0], dtype=torch.float64), weight=1.0)
+    [share] = ps.prepare(1, at_most=1e-6)  # a push-pull answer to a tiny share
+    assert share.weight == pytest.approx(1e-6)
+    assert ps.confirm(share.id) and ps.weight == pytest.approx(1.0 - 1e-6)
+    assert torch.allclose(ps.estimate(), torch.tensor([1.0, 2.0], dtype=torch.float64))
+    [share] = ps.prepare(1, at_most=5.0)  # above half the free weight: half, as without a cap
+    assert share.weight == pytest.approx(ps.weight / 2)

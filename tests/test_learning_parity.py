@@ -147,7 +147,7 @@ def test_training_threads_is_honoured_and_exchanges_are_push_pull(tmp_path: Path
     """`training.threads` is applied; shares ask for the receiver's share back by default (push-pull), and a
     domain with `gossip.settle` serves the model its settle phase left."""
     layout = build_mesh(tmp_path / "threads", 2, settings={"gossip": {"pull_on_join": "false"}})
-    one, two = layout.domains
+    _, two = layout.domains
     _set(two, "training", "threads", "2")
     _set(two, "gossip", "settle", "1")
     mesh = LocalMesh(layout)

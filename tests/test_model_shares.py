@@ -144,12 +144,18 @@ def test_push_pull_share_is_answered_with_the_receivers_own_half_from_before_the
     opened = wire.open(reply, int(time.time() * 1000), lambda pk: pk == node["to"], ReplayGuard())
     back = decode_body(opened.body, Limits())
     assert opened.kind == "model" and back["fp"] == model["fingerprint"] and back["schema"] == model["data_schema"]
-    assert back["weight"] == pytest.approx(weight / 2)  # half of its weight before our 0.5 arrived
+    assert back["weight"] == pytest.approx(min(weight / 2, 0.5))  # its half from before our 0.5 arrived
     assert "reply" not in back  # an answer never asks for another answer
     values = codecmod.decode(back["values"], n, back["codec"])
     assert float((values - 0.25).abs().max()) > 1e-3  # its own model, not our share echoed
     weight2, merged2, _ = _model_state(node)
-    assert merged2 == merged + 1 and weight2 == pytest.approx(weight / 2 + 0.5)
+    assert merged2 == merged + 1 and weight2 == pytest.approx(weight - min(weight / 2, 0.5) + 0.5)
+    # an answer never carries more weight than the share that asked for it: tiny shares cannot drain a domain
+    status, reply = _share(node, reply=True, weight=1e-6)
+    assert status == 200, reply
+    opened = wire.open(reply, int(time.time() * 1000), lambda pk: pk == node["to"], ReplayGuard())
+    assert decode_body(opened.body, Limits())["weight"] == pytest.approx(1e-6)
+    weight2 = _model_state(node)[0]
     # a refused push-pull share sends nothing back and costs the receiver nothing
     status, reply = _share(node, reply=True, schema="0" * 16)
     assert status == 409 and b"schema_mismatch" in reply

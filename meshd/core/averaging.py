@@ -79,7 +79,7 @@ Public API::
         .dim .codec .weight .version .merges .rounds .pending .mean_distance .mean_rows  (read-only)
         .estimate() -> Tensor                  # float64 copy of s / w
         .numerator() -> Tensor                 # float64 copy of s
-        .prepare(k) -> list[Share]             # may return fewer than k (pending bound), or []
+        .prepare(k, at_most=None) -> list[Share]  # may return fewer than k (pending bound), or []
         .confirm(share_id) -> bool
         .abandon(share_id) -> bool
         .abandon_all() -> int
@@ -366,8 +366,9 @@ class PushSum:
         self._next_id += 1
         return share_id
 
-    def prepare(self, k: int) -> list[Share]:
-        """Up to ``k`` shares of ``1/(m+1)`` of the free mass each (``m`` = number returned).
+    def prepare(self, k: int, at_most: float | None = None) -> list[Share]:
+        """Up to ``k`` shares of ``1/(m+1)`` of the free mass each (``m`` = number returned), each of weight at
+        most ``at_most`` when given (a push-pull answer never carries more weight than the share it answers).
 
         Fewer than ``k`` when the pending bound is reached; ``[]`` when nothing can be sent. Raises
         ``CodecError`` if the model cannot be represented in the codec (f16 overflow).
@@ -378,6 +379,8 @@ class PushSum:
         if m <= 0:
             return []
         share_weight = self._free_weight() / (m + 1)
+        if at_most is not None:
+            share_weight = min(share_weight, float(at_most))
         if not share_weight >= _MIN_SHARE_WEIGHT:
             return []
         values = quantize(self._s / self._w, self.codec)

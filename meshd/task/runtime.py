@@ -318,8 +318,9 @@ class LearningTask:
             return Answer.refuse(503, "not_ready", "joining the mesh")
         far = self.cfg.gossip.far_behind_versions
         # Push-pull: the sender asked for a share back. It is half of this node's free mass *before* the merge
-        # (so both end with the pair's average weight and model), subtracted only once the merge succeeded.
-        back = ps.prepare(1) if body.get("reply") is True else []
+        # (so both end with the pair's average weight and model), subtracted only once the merge succeeded,
+        # and never more weight than the share brought: a peer cannot drain this node with tiny shares.
+        back = ps.prepare(1, at_most=weight) if body.get("reply") is True else []
         try:
             believed = self._merge(sender, vec, weight, version, rows)
         except BaseException:
