@@ -122,7 +122,8 @@ per_round = 8                    # exchanges per training round: the round is tr
                                  # followed by one gossip round (0 = gossip by interval_s only)
 settle = 0                       # more gossip rounds at the end of each training round, with no training in
                                  # between; the model they leave is the one served until the next round
-exchange = "pushpull"            # pushpull: a share asks for the receiver's share back (weights stay balanced) | push
+exchange = "pushpull"            # pushpull: a share asks for the receiver's share back (weights stay balanced;
+                                 # one-way anyway with merge = "clipped" or a privacy requirement) | push
 jitter = 0.25                    # fraction of interval_s added or removed at random
 fanout = 1                       # peers sent a share of the model each round
 topology = "exponential"         # exponential (peer 2^r places on in the ring of peer ids, round r) | random

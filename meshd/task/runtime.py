@@ -377,8 +377,15 @@ class LearningTask:
             "codec": codec,
             "count": int(share.values.shape[0]),
             "values": codecmod.encode(share.values, codec),  # type: ignore[arg-type]
-            **({"reply": True} if self.cfg.gossip.exchange == "pushpull" else {}),
+            **({"reply": True} if self._asks_answers() else {}),
         }
+
+    def _asks_answers(self) -> bool:
+        """Push-pull, unless this task may refuse an honest answer: the clipped rule (its calibration and
+        radius refuse some) and a privacy requirement (a weaker peer's model) would throw away the half the
+        answering peer gave up. Those tasks send one-way shares."""
+        return (self.cfg.gossip.exchange == "pushpull" and self.cfg.gossip.merge == "pushsum"
+                and not self.cfg.privacy.require_epsilon_at_most)
 
     def _training_active(self) -> bool:
         tr = self.cfg.training
