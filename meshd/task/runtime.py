@@ -305,6 +305,12 @@ class LearningTask:
             raise WireError("bad_values", 400, str(exc)) from None
         return vec, float(weight), version, None if rows is None else float(rows)
 
+    def _answer_fields(self, sender: bytes, body: dict[str, Any]) -> tuple[torch.Tensor, float, int, float | None]:
+        """The model fields of a ``model`` answer (a pull's, or a push-pull share's), which must be of this task."""
+        if body.get("task", DEFAULT_TASK) != self.name:
+            raise WireError("bad_reply", 400, f"a model of task {str(body.get('task'))[:64]!r}")
+        return self._model_fields(sender, body)
+
     async def _receive_share(self, sender: bytes, body: dict[str, Any]) -> Answer:
         ps = self.engine.pushsum
         if not self.link.joined or self._closed or self.state != "running":
@@ -464,9 +470,7 @@ class LearningTask:
             if body is None:
                 continue
             try:
-                if body.get("task", DEFAULT_TASK) != self.name:
-                    raise WireError("bad_reply", 400, f"a model of task {str(body.get('task'))[:64]!r}")
-                vec, weight, version, rows = self._model_fields(p.peer_id, body)
+                vec, weight, version, rows = self._answer_fields(p.peer_id, body)
                 if adopt:
                     # Keep this domain's own weight (now carrying the mesh's model): the mesh's total weight
                     # keeps counting every domain, which the mean-rows estimate of data weighting needs.
@@ -545,11 +549,10 @@ class LearningTask:
             self._note_refusal(peer_id, status, reply)
             # A retry answered 'replayed' means an earlier attempt did arrive and was merged (its answer, and
             # the receiver's share in it, were lost).
-            delivered = status in (200, 204) or (status == 409 and attempts > 1 and b'"replayed"' in reply)
-            if status == 200:
+            delivered = status == 204 or (status == 409 and attempts > 1 and b'"replayed"' in reply)
+            if status == 200:  # push-pull: merged there, and the answer carries the receiver's share
                 ps.confirm(share.id)
                 self.stats.shares_sent += 1
-                delivered = False  # settled here, before the answer's share is merged
                 await self._merge_reply(peer_id, address, reply)
         except (SendError, MeshdError):
             delivered = False
@@ -570,9 +573,7 @@ class LearningTask:
         if body is None:
             return
         try:
-            if body.get("task", DEFAULT_TASK) != self.name:
-                raise WireError("bad_reply", 400, f"a model of task {str(body.get('task'))[:64]!r}")
-            vec, weight, version, rows = self._model_fields(peer_id, body)
+            vec, weight, version, rows = self._answer_fields(peer_id, body)
             self._merge(peer_id, vec, weight, version, rows)
         except (WireError, RejectedUpdate) as exc:
             self.stats.rejected["bad_share_reply"] += 1
