@@ -5,11 +5,12 @@ Why it exists: a lock-step simulation (every domain trains, then every domain ex
 the bench's MNIST-1D split, ``meshd.ops.localmesh.build_mesh``) under the loops of ``meshd.task.runtime``,
 each domain on its own schedule:
 
-- training parts of ``ceil(epoch / per_round)`` steps, paced like ``training.pace = "mesh"`` (wait while more
-  than half an epoch ahead of the median of the peers' epochs heard in shares); a part takes
+- training parts of ``min(every_steps, epoch)`` steps (``gossip.every_steps``; with ``--every-steps 0``,
+  ``ceil(epoch / per_round)``), paced like ``training.pace = "mesh"`` (wait while more than half an epoch
+  ahead of the median of the peers' epochs heard in shares); a part takes
   ``steps x step_ms x max(1, training domains / cores)`` of virtual time (the domains share the cores);
 - after each part one exchange that the next part waits for, and ``settle`` more after a round;
-- a timer round every ``interval`` (jittered), as the gossip loop runs one while training;
+- a timer round every ``interval`` (jittered), whatever the parts' rounds, as the gossip loop runs one;
 - an exchange: the share reaches the peer after ``lat_ms``, its acknowledgement (and with ``--exchange
   pushpull`` the peer's share from before the merge) comes back ``lat_ms`` later.
 
@@ -17,7 +18,8 @@ It reproduced the daemons' quick-bench figures within a few points (one-way shar
 real at 800 steps) and showed why: the push-sum weights spread over 0.07-2.9. Prints one JSON line per mark
 (mesh average, served and own models' mean / worst accuracy, weights) and writes them to ``--out``.
 
-    .venv/bin/python bench/async_sim.py [--exchange push|pushpull] [--per-round 8] [--settle 0]
+    .venv/bin/python bench/async_sim.py [--exchange push|pushpull] [--every-steps 8] [--per-round 8] [--settle 0]
+        [--serve-window 16] [--codec q8]
         [--samples 10000] [--marks 200,400,800] [--out bench/results/async_sim.json]
 """
 
@@ -38,6 +40,7 @@ from typing import Any
 import torch
 
 from meshd.core.averaging import PushSum, ServedModel, Share, data_scale
+from meshd.core.codec import encoded_size
 from meshd.ops.localmesh import build_mesh, load_dataset
 from meshd.task import models
 from meshd.task.data import load_data_product
@@ -66,8 +69,9 @@ class Sim:
         self.rng = random.Random(args.seed)
         self.spe = [math.ceil(d.num_train / BATCH) for d in self.doms]
         self.rows = [d.num_train for d in self.doms]
-        self.ps = [PushSum(init.clone(), 1.0, codec="q8", rows=float(r)) for r in self.rows]
-        self.served = [ServedModel(8) for _ in self.doms]
+        self.ps = [PushSum(init.clone(), 1.0, codec=args.codec, rows=float(r)) for r in self.rows]
+        self.served = [ServedModel(args.serve_window) for _ in self.doms]
+        self.value_bytes = encoded_size(init.numel(), args.codec) / init.numel()  # bytes per value on the wire
         self.steps = [0] * DOMAINS
         self.heard: list[dict[int, float]] = [{} for _ in self.doms]
         self.training = [False] * DOMAINS
@@ -133,7 +137,8 @@ class Sim:
         self.at(t + lat, deliver)
 
     def train(self, t: float, i: int) -> None:
-        k = self.paced(i, math.ceil(self.spe[i] / self.a.per_round))
+        every = self.a.every_steps
+        k = self.paced(i, min(every, self.spe[i]) if every else math.ceil(self.spe[i] / self.a.per_round))
         if k == 0:
             self.at(t + 0.05, self.train, i)
             return
@@ -153,6 +158,8 @@ class Sim:
             settling = self.a.settle > 0 and self.steps[i] // self.spe[i] > this_round
             if settling:
                 rounds += [this_round * per_epoch + self.a.per_round + s for s in range(self.a.settle)]
+            if every:  # the domain's own round counter, as the daemon's gossip loop
+                rounds = [-1] * len(rounds)
 
             def run(t3: float, idx: int = 0) -> None:
                 if idx == len(rounds):
@@ -162,7 +169,8 @@ class Sim:
                 elif self.busy[i]:  # a timer round in flight: the next one waits for it
                     self.at(t3 + 0.005, run, idx)
                 else:
-                    self.exchange(t3, i, rounds[idx], lambda t4: run(t4, idx + 1))
+                    r = self.rounds[i] if rounds[idx] < 0 else rounds[idx]
+                    self.exchange(t3, i, r, lambda t4: run(t4, idx + 1))
 
             run(t2)
 
@@ -183,7 +191,7 @@ class Sim:
         return {"steps": round(sum(self.steps) / DOMAINS, 1), "t_s": round(t, 2),
                 "mesh": acc(mesh / sum(p.weight for p in self.ps)),
                 "served": [sum(served) / DOMAINS, min(served)], "own": [sum(own) / DOMAINS, min(own)],
-                "mb_per_domain": round(sum(self.values_moved) / DOMAINS * 1.08 / 1e6, 2),
+                "mb_per_domain": round(sum(self.values_moved) / DOMAINS * self.value_bytes / 1e6, 2),
                 "weights": [round(p.weight, 2) for p in self.ps]}
 
     def run(self, marks: list[int]) -> list[dict[str, Any]]:
@@ -204,7 +212,10 @@ class Sim:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--exchange", choices=("push", "pushpull"), default="pushpull")
+    ap.add_argument("--every-steps", type=int, default=8, help="gossip.every_steps (0: per_round parts)")
     ap.add_argument("--per-round", type=int, default=8)
+    ap.add_argument("--serve-window", type=int, default=16)
+    ap.add_argument("--codec", default="q8")
     ap.add_argument("--settle", type=int, default=0)
     ap.add_argument("--samples", type=int, default=10_000, help="MNIST-1D samples (the quick bench's 10,000)")
     ap.add_argument("--marks", default="200,400,800", help="mean local steps per domain to report at")

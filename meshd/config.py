@@ -188,15 +188,18 @@ class GossipConfig:
     interval_s: float = field(default=1.0, metadata=_opt(_positive))
     jitter: float = field(default=0.25, metadata=_opt(_between(0.0, 0.9)))
     fanout: int = field(default=1, metadata=_opt(_between(1, 16)))
+    # Local SGD steps between two exchanges while training (docs/learning.md section 4); 0 = split each training
+    # round into per_round parts instead.
+    every_steps: int = field(default=8, metadata=_opt(_between(0, 1_000_000)))
     per_round: int = field(default=8, metadata=_opt(_between(0, 1000)))
     # Exchanges at the end of each training round, with no training in between (docs/learning.md section 4).
     settle: int = field(default=0, metadata=_opt(_between(0, 64)))
     # "pushpull": a share asks the receiver for its own share back in the answer (weights stay balanced);
     # "push": one-way shares only (docs/learning.md section 4).
     exchange: str = field(default="pushpull", metadata=_opt(_one_of("pushpull", "push")))
-    serve_window: int = field(default=8, metadata=_opt(_between(0, 1000)))
+    serve_window: int = field(default=16, metadata=_opt(_between(0, 1000)))
     topology: str = field(default="exponential", metadata=_opt(_one_of("exponential", "random")))
-    codec: str = field(default="q8", metadata=_opt(_one_of("f64", "f32", "f16", "q8", "q4")))
+    codec: str = field(default="q4", metadata=_opt(_one_of("f64", "f32", "f16", "q8", "q4")))
     pull_on_join: bool = True
     far_behind_versions: int = field(default=0, metadata=_opt(_non_negative))
     # Merge rule (meshd/core/merge.py, docs/learning.md section 8): "pushsum" merges shares as they come;

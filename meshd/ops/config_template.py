@@ -118,8 +118,9 @@ threads = 1                      # [restart] torch CPU threads for training
 
 [task.gossip]
 interval_s = 1.0                 # seconds between gossip rounds (jittered) while not training; training asks sooner
-per_round = 8                    # exchanges per training round: the round is trained in this many parts, each
-                                 # followed by one gossip round (0 = gossip by interval_s only)
+every_steps = 8                  # local SGD steps between two gossip rounds while training (0 = use per_round)
+per_round = 8                    # with every_steps = 0: exchanges per training round, the round trained in this
+                                 # many parts, each followed by one gossip round (both 0 = by interval_s only)
 settle = 0                       # more gossip rounds at the end of each training round, with no training in
                                  # between; the model they leave is the one served until the next round
 exchange = "pushpull"            # pushpull: a share asks for the receiver's share back (weights stay balanced;
@@ -127,8 +128,8 @@ exchange = "pushpull"            # pushpull: a share asks for the receiver's sha
 jitter = 0.25                    # fraction of interval_s added or removed at random
 fanout = 1                       # peers sent a share of the model each round
 topology = "exponential"         # exponential (peer 2^r places on in the ring of peer ids, round r) | random
-codec = "q8"                     # q8 (8-bit blocks, ~1.08 bytes/value) | f16 | f32 | f64: model values on the wire
-serve_window = 8                 # the served model blends in an average of the last ~N models peers sent (0 = off)
+codec = "q4"                     # q4 (4-bit blocks, ~0.58 bytes/value) | q8 (~1.08) | f16 | f32 | f64: values on the wire
+serve_window = 16                # the served model blends in an average of the last ~N models peers sent (0 = off)
 pull_on_join = true              # a task with no checkpoint first pulls the mesh model from a peer
 far_behind_versions = 0          # pull again when a peer's model version is this far ahead (0 = never)
 merge = "pushsum"                # pushsum (exact averaging) | clipped (poisoning-robust: docs/learning.md §8)

@@ -43,7 +43,7 @@ EXIT_INTERRUPTED = 130
 SETTLE_S = 4.0
 
 # Mesh settings of the demo ({section: {key: TOML value}}): the defaults (one epoch per round, paced and
-# data-weighted, gossip.per_round exchanges per round, q8 on the wire) apart from the learning rate and an
+# data-weighted, an exchange every gossip.every_steps local steps, q4 on the wire) apart from the learning rate and an
 # evaluation every second for the live view.
 DEMO_SETTINGS: dict[str, dict[str, str]] = {
     "training": {"lr": "0.1", "batch_size": "32", "eval_interval_s": "1.0"},

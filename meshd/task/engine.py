@@ -213,7 +213,11 @@ class Engine:
 
     @property
     def chunk_steps(self) -> int:
-        """Steps between two gossip rounds while training: a round split into ``gossip.per_round`` parts."""
+        """Steps between two gossip rounds while training: ``gossip.every_steps`` (never more than a training
+        round, so pacing is checked at least once per round), or a round split into ``gossip.per_round`` parts."""
+        every = self.cfg.gossip.every_steps
+        if every > 0:
+            return max(1, min(every, self.round_steps))
         per_round = self.cfg.gossip.per_round
         return max(1, math.ceil(self.round_steps / per_round)) if per_round > 0 else max(1, self.round_steps)
 

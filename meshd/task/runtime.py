@@ -506,13 +506,24 @@ class LearningTask:
                               detail="a peer saw this domain spend more than its state dir says (a restored backup?)")
 
     async def _gossip_loop(self) -> None:
+        """A round every ``gossip.interval_s`` (jittered), and one each time training finished a part.
+
+        The timer keeps its own schedule: a part's round does not push it back, so while training a domain
+        exchanges after every part *and* about once per interval. The timer rounds keep mixing the domain with
+        the mesh when its parts are slow (a big data product on a busy host), and they are what averages the
+        models once training stops.
+        """
         await self._joined.wait()
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while True:
             g = self.cfg.gossip
-            # A round every interval_s (jittered), or sooner when training finished a part of its round.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(g.interval_s * (1 + g.jitter * (2 * self.link.rng.random() - 1))):
+                async with asyncio.timeout_at(due):
                     await self._gossip_now.wait()
+            now = loop.time()
+            if now >= due:  # the timer's round (a part's request at the same moment shares it)
+                due = now + g.interval_s * (1 + g.jitter * (2 * self.link.rng.random() - 1))
             self._gossip_now.clear()
             try:
                 await self._gossip_round_once()
@@ -584,7 +595,8 @@ class LearningTask:
 
     async def _train_loop(self) -> None:
         """Local training back to back in the worker thread: rounds of ``training.steps_per_round`` steps (one
-        epoch by default), each trained in ``gossip.per_round`` parts with one exchange after each part.
+        epoch by default), each trained in parts of ``gossip.every_steps`` steps (or ``gossip.per_round`` parts)
+        with one exchange after each part.
 
         Each part's update is applied with the data weighting (``Engine.update_scale``). With
         ``training.pace = "mesh"`` a domain that is more than ``PACE_SLACK_EPOCHS`` epochs ahead of the
@@ -634,33 +646,46 @@ class LearningTask:
             await asyncio.sleep(0)  # let gossip and the status API in between two rounds
 
     async def _after_part(self, steps: int) -> None:
-        """The exchanges that follow a trained part: one (``gossip.per_round`` per round), and at the end of a
-        training round ``gossip.settle`` more with no training in between; the model they leave is served.
+        """The exchanges that follow a trained part: one, and at the end of a training round ``gossip.settle``
+        more with no training in between; the model they leave is served.
 
         The next part waits for them (each bounded by ``GOSSIP_WAIT_S``), so the steps between two exchanges do
         not depend on how fast this host is, and it starts from the model the exchange left. (Overlapping the
-        exchange with the next part was 25% faster and 6 points worse at equal steps on the quick bench.) The
-        topology round of each exchange is its place in the domain's training rounds, so domains that keep
-        pace (same epoch) walk the exponential graph in step without any coordination.
+        exchange with the next part was 25% faster and 6 points worse at equal steps on the quick bench.)
+
+        With ``gossip.every_steps`` (the default) every domain exchanges after the same number of local steps,
+        so a domain with many rows exchanges more often per epoch than a small one: drift from the mesh grows
+        with the steps taken since the last exchange, not with the fraction of an epoch. The topology round is
+        then the domain's own gossip round counter. With ``gossip.per_round`` parts instead, the topology round
+        is the part's place in the domain's training rounds, so domains that keep pace walk the exponential
+        graph in step without any coordination.
         """
         g = self.cfg.gossip
-        if g.per_round == 0 or not self.link.joined:
+        if (g.every_steps == 0 and g.per_round == 0) or not self.link.joined:
             return
         round_steps = max(1, self.engine.round_steps)
         total = self.engine.stats.steps + self.engine.stats.steps_dropped
         this_round, within = divmod(total - steps, round_steps)
-        per_epoch = g.per_round + g.settle
-        await self._exchange_now(this_round * per_epoch + min(g.per_round - 1, within * g.per_round // round_steps))
-        if g.settle == 0 or total // round_steps == this_round:
-            return  # no settling, or the round is not over yet
-        for k in range(g.settle):
-            await self._exchange_now(this_round * per_epoch + g.per_round + k)
+        if g.every_steps > 0:
+            await self._exchange_now(None)
+            if g.settle == 0 or total // round_steps == this_round:
+                return
+            for _ in range(g.settle):
+                await self._exchange_now(None)
+        else:
+            per_epoch = g.per_round + g.settle
+            await self._exchange_now(this_round * per_epoch
+                                     + min(g.per_round - 1, within * g.per_round // round_steps))
+            if g.settle == 0 or total // round_steps == this_round:
+                return  # no settling, or the round is not over yet
+            for k in range(g.settle):
+                await self._exchange_now(this_round * per_epoch + g.per_round + k)
         ps = self.engine.pushsum
         if ps is not None:
             self.engine.served.settle(ps.estimate())
 
-    async def _exchange_now(self, round_no: int) -> None:
-        """Ask the gossip loop for one round now and wait for it (bounded)."""
+    async def _exchange_now(self, round_no: int | None) -> None:
+        """Ask the gossip loop for one round now and wait for it (bounded); ``None``: its own next round."""
         self._round_hint = round_no
         self._gossip_done.clear()
         self._gossip_now.set()
