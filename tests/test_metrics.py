@@ -77,7 +77,7 @@ def test_metrics_people_graph_on_a_two_domain_mesh(tmp_path: Path) -> None:
                  "python_info", "python_gc_collections_total"):
         assert name in m, name
     ((build, one),) = m["meshd_build_info"]
-    assert one == 1.0 and build["version"] == meshd.__version__ and build["protocol"] == "1", build
+    assert one == 1.0 and build["version"] == meshd.__version__ and build["protocol"] == "2", build
     assert build["torch"].startswith("2.") and build["python"].count(".") == 2, build
     assert m["meshd_ready"] == [({}, 1.0)] and m["meshd_trusted_peers"] == [({}, 2.0)]  # registry: both
     for name in ("meshd_holdout_accuracy", "meshd_local_only_accuracy", "meshd_test_accuracy",

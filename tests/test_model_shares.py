@@ -64,6 +64,10 @@ def _model_state(node: Any) -> tuple[Any, ...]:
         ({"values": struct.pack("<f", 3e7) * 4810}, "bad_values"),  # beyond limits.max_param_abs
         ({"values": b"\0" * 12}, "bad_values"),  # length does not match count
         ({"count": 7}, "bad_body"),  # not this model's size
+        ({"count": 4810.0}, "bad_body"),  # the size, but not an int (docs/protocol.md: every type error is bad_body)
+        ({"weight": True}, "bad_body"),
+        ({"version": -1}, "bad_values"),
+        ({"fp": None}, "incompatible"),
         ({"codec": "f8"}, "bad_body"),
         ({"fp": "0" * 32}, "incompatible"),
         ({"schema": "0" * 16}, "schema_mismatch"),  # the same model trained on other columns: never averaged

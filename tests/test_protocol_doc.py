@@ -6,12 +6,23 @@ import re
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
+from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey
 
 from meshd import identity
 from meshd.core.replay import ReplayGuard
-from meshd.core.wire import Limits, Wire, decode_body, encode_body, signed_header
+from meshd.core.wire import (
+    PROTOCOL_VERSION,
+    Limits,
+    Wire,
+    body_hash,
+    decode_body,
+    encode_body,
+    signed_header,
+    verify_commitment,
+)
 from meshd.errors import WireError
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
@@ -55,14 +66,105 @@ def test_doc_client_opens_what_wire_seals(client: dict[str, Any]) -> None:
 
 
 def test_doc_client_and_wire_agree_on_the_signed_header(client: dict[str, Any]) -> None:
-    args = (1, b"\x01" * 32, b"\x02" * 32, "ping", 1, NOW, b"\x03" * 24, 16)
+    args = (2, b"\x01" * 32, b"\x02" * 32, "ping", 1, NOW, b"\x03" * 24, 16)
     assert client["signed_header"](*args) == signed_header(*args)
+    assert client["VERSION"] == PROTOCOL_VERSION == 2
 
 
-def test_doc_header_example_matches_the_implementation() -> None:
+def test_doc_signed_message_example_matches_the_implementation() -> None:
     [example] = [b for b in _blocks("text") if b.startswith("6d657368642d")]
     hex_text = "".join(line.split()[0] for line in example.splitlines() if line.strip())
-    assert bytes.fromhex(hex_text) == signed_header(1, b"\x01" * 32, b"\x02" * 32, "ping", 1, NOW, b"\x03" * 24, 16)
+    header = signed_header(2, b"\x01" * 32, b"\x02" * 32, "ping", 1, NOW, b"\x03" * 24, 16)
+    assert bytes.fromhex(hex_text) == header + body_hash(b"")
+
+
+def _worked_example() -> dict[str, str]:
+    [block] = [b for b in _blocks("text") if b.startswith("body ")]
+    return {line.split()[0]: line.split()[1] for line in block.splitlines() if line.strip()}
+
+
+def test_doc_worked_example_is_what_wire_and_the_doc_client_seal(client: dict[str, Any]) -> None:
+    """Deterministic inputs (seeded keys, fixed nonce): both implementations produce the page's bytes."""
+    sender, recipient = SigningKey(b"\x01" * 32), SigningKey(b"\x02" * 32)
+    plaintext = encode_body({"domain": "payments"})
+    ex = _worked_example()
+    sealed = Wire(identity.Identity(sender), Limits()).seal(
+        bytes(recipient.verify_key), "ping", plaintext, 1, NOW, nonce=b"\x03" * 24)
+    assert sealed.hex() == ex["envelope"]
+    assert client["seal"](sender, bytes(recipient.verify_key), "ping", {"domain": "payments"}, 1, NOW,
+                          nonce=b"\x03" * 24).hex() == ex["envelope"]
+    env = msgpack.unpackb(sealed)
+    assert (env["body"].hex(), env["sig"].hex(), body_hash(plaintext).hex()) == (ex["body"], ex["sig"], ex["blake3"])
+    assert client["open_envelope"](recipient, sealed) == (bytes(sender.verify_key), "ping", 1, NOW,
+                                                          {"domain": "payments"})
+
+
+def test_doc_client_verifies_a_commitment_without_any_key(client: dict[str, Any]) -> None:
+    alice, bob = identity.generate(), identity.generate()
+    plaintext = encode_body({"weight": 0.5, "values": b"\x07" * 40})
+    data = Wire(alice, Limits()).seal(bob.public_key, "share", plaintext, 4, NOW)
+    assert client["verify_commitment"](data, plaintext) == alice.public_key == verify_commitment(data, plaintext)
+    with pytest.raises(BadSignatureError):
+        client["verify_commitment"](data, plaintext[:-1] + b"\x08")
+    with pytest.raises(ValueError):
+        client["verify_commitment"](data, plaintext + b"\x00")
+
+
+def test_doc_client_refuses_what_the_receiver_refuses_without_assert(client: dict[str, Any]) -> None:
+    """Explicit checks (an ``assert`` vanishes under ``python -O``): a bool version, duplicate keys, v1, v3."""
+    key = SigningKey.generate()
+    node = identity.generate()
+    good = Wire(node, Limits()).seal(bytes(key.verify_key), "pong", encode_body({}), 3, NOW)
+    env = msgpack.unpackb(good)
+    assert good[0] == 0x89
+    bad = {
+        "bool version": msgpack.packb({**env, "v": True}),
+        "duplicate key": b"\x8a" + good[1:] + msgpack.packb("v") + msgpack.packb(2),
+        "trailing bytes": good + b"\x00",
+        "version 1": msgpack.packb({**env, "v": 1}),
+        "float seq": msgpack.packb({**env, "seq": 3.0}),
+        "str nonce": msgpack.packb({**env, "nonce": "x" * 24}),
+        "extra key": msgpack.packb({**env, "x": 1}),
+    }
+    for data in bad.values():
+        with pytest.raises(ValueError):  # msgpack's ExtraData is a ValueError too
+            client["open_envelope"](key, data)
+        with pytest.raises(WireError):
+            Wire(identity.Identity(key), Limits()).open(data, NOW, lambda _pk: True, ReplayGuard())
+    assert client["open_envelope"](key, good)[1] == "pong"
+
+
+def test_doc_fingerprint_example_is_what_a_model_computes() -> None:
+    from meshd.task import models
+
+    text = DOC.read_text(encoding="utf-8")
+    [block] = [b for b in _blocks("text") if b.startswith('{"entries"')]
+    canonical, fp_line = block.strip().splitlines()
+    spec = models.ModelSpec("logreg", num_classes=3)
+    module = models.build_model(spec, 4, seed=1)
+    assert fp_line == f"fp = {models.fingerprint(spec, module, 4)}"
+    import hashlib
+
+    assert hashlib.sha256(canonical.encode()).hexdigest()[:32] == fp_line.split()[-1]
+    # the documented entry names of the built-in models
+    assert list(models.build_model(models.ModelSpec("mlp", hidden=(8, 5), num_classes=3), 4, 1).state_dict()) == [
+        "0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
+    cnn = models.build_model(models.ModelSpec("cnn1d", channels=(4, 6), kernel_size=5, num_classes=3), 40, 1)
+    assert [(k, list(t.shape)) for k, t in cnn.state_dict().items()] == [
+        ("1.weight", [4, 1, 5]), ("1.bias", [4]), ("3.weight", [6, 4, 5]), ("3.bias", [6]),
+        ("6.weight", [3, 6 * 20]), ("6.bias", [3])]
+    assert "row-major (C) order" in text
+    flat = models.flatten(module)
+    sd = module.state_dict()
+    assert float(flat[1 * 4 + 2]) == float(sd["0.weight"][1, 2])  # element [i, j] of [m, n] at i * n + j
+    assert float(flat[12]) == float(sd["0.bias"][0])
+
+
+def test_doc_depth_examples_hold() -> None:
+    assert decode_body(msgpack.packb({"k": [[[[[[[]]]]]]]}), Limits())
+    with pytest.raises(WireError):
+        decode_body(msgpack.packb({"k": [[[[[[[[]]]]]]]]}), Limits())
+    assert '`{"k": [[[[[[[]]]]]]]}`' in DOC.read_text(encoding="utf-8")
 
 
 def test_doc_lists_every_reason_with_its_status() -> None:

@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import hashlib
+import secrets
 import struct
 import tracemalloc
 from typing import Any
 
+import blake3
 import msgpack
 import nacl.bindings as sodium
 import pytest
 
 from meshd import identity
 from meshd.core.replay import ReplayGuard
-from meshd.core.wire import PROTOCOL_VERSION, Limits, Opened, Wire, decode_body, encode_body
+from meshd.core.wire import (
+    PROTOCOL_VERSION,
+    Limits,
+    Opened,
+    Wire,
+    decode_body,
+    encode_body,
+    verify_commitment,
+)
 from meshd.errors import WireError
 from meshd.identity import Identity
 
@@ -38,7 +48,7 @@ def craft(
     sender: Identity,
     recipient_pk: bytes,
     *,
-    v: int = 1,
+    v: int = 2,
     kind: str = "share",
     seq: int = 1,
     ts: int = NOW,
@@ -49,8 +59,9 @@ def craft(
     drop: tuple[str, ...] = (),
     sign_key: Identity | None = None,
 ) -> bytes:
-    """An envelope built independently of meshd.core.wire (hashlib BLAKE2b, raw libsodium), so the test
-    also cross-checks the documented layout; ``body`` replaces the ciphertext, ``sign_key`` the signer."""
+    """An envelope built independently of meshd.core.wire (blake3, raw libsodium), so the test also
+    cross-checks the documented layout; ``body`` replaces the ciphertext (the signature still covers
+    ``plaintext``), ``sign_key`` the signer. ``v=1`` signs the way version 1 did (the Poly1305 tag only)."""
     if body is None:
         k = sodium.crypto_box_beforenm(
             sodium.crypto_sign_ed25519_pk_to_curve25519(recipient_pk), bytes(sender.box_private)
@@ -68,11 +79,12 @@ def craft(
         + nonce
         + struct.pack(">Q", len(body))
     )
-    h = hashlib.blake2b(digest_size=32)
-    h.update(header)
-    h.update(body[:16])  # the signature covers the header and the Poly1305 tag
+    if v == 1:  # version 1: BLAKE2b-256(header || Poly1305 tag), which does not commit to the content
+        message = hashlib.blake2b(header + body[:16], digest_size=32).digest()
+    else:  # version 2: the header followed by BLAKE3-256 of the plaintext
+        message = header + blake3.blake3(plaintext).digest()
     signer = sign_key or sender
-    sig = signer.signing_key.sign(h.digest()).signature
+    sig = signer.signing_key.sign(message).signature
     env: dict[str, Any] = {
         "v": v,
         "from": sender.public_key,
@@ -293,9 +305,16 @@ def test_duplicate_and_non_str_keys_are_malformed(alice: Identity, bob: Identity
 
 
 def test_unknown_version_reaches_the_version_check(alice: Identity, bob: Identity) -> None:
-    # Properly signed v=2 envelope: it is well-formed, so the version check is what refuses it.
-    assert reason_of(Wire(bob, Limits()), craft(alice, bob.public_key, v=2)) == ("bad_version", 400)
+    # Properly signed envelopes of other versions are well-formed, so the version check is what refuses them.
+    assert reason_of(Wire(bob, Limits()), craft(alice, bob.public_key, v=3)) == ("bad_version", 400)
     assert reason_of(Wire(bob, Limits()), craft(alice, bob.public_key, v=0)) == ("bad_version", 400)
+
+
+def test_a_version_1_envelope_is_refused_as_bad_version(alice: Identity, bob: Identity) -> None:
+    """Version 1 signed only the Poly1305 tag; a v2 receiver refuses such an envelope outright."""
+    guard = ReplayGuard()
+    assert reason_of(Wire(bob, Limits()), craft(alice, bob.public_key, v=1), guard) == ("bad_version", 400)
+    assert not guard.dirty
 
 
 def test_wrong_recipient(alice: Identity, bob: Identity) -> None:
@@ -357,18 +376,121 @@ def test_every_single_bit_flip_is_rejected(alice: Identity, bob: Identity) -> No
             field = next((k for k, (lo, hi) in spans.items() if lo <= i < hi), "structure")
             seen.setdefault(field, set()).add(ei.value.reason)
             value_byte = field in ("nonce", "sig", "from", "to") and i >= spans[field][0] + 2
-            if value_byte and field in ("nonce", "sig"):
+            if value_byte and field == "sig":
                 assert ei.value.reason == "bad_signature"
-            if field == "body" and payload_lo <= i < payload_lo + 16:
-                assert ei.value.reason == "bad_signature", (i, bit)  # the signed Poly1305 tag
-            if field == "body" and i >= payload_lo + 16:
-                # ciphertext start/middle/end: the tag (under the shared key) catches it, still a 401
+            if value_byte and field == "nonce":
+                assert ei.value.reason == "bad_ciphertext"  # the nonce is authenticated by the Poly1305 tag
+            if field == "body" and i >= payload_lo:
+                # tag or ciphertext start/middle/end: the tag (under the shared key) catches it, a 401
                 assert ei.value.reason == "bad_ciphertext", (i, bit)
                 assert ei.value.status == 401
             if value_byte and field == "to":
                 assert ei.value.reason == "wrong_recipient"
     assert set(seen) == {"structure", "v", "from", "to", "kind", "seq", "ts", "nonce", "sig", "body"}
     assert "bad_signature" in seen["seq"] and "bad_signature" in seen["ts"]
+
+
+# --- the signature commits to the plaintext (protocol version 2) ---------------------------------------------
+
+
+def test_swapped_content_under_a_valid_signature_is_refused(alice: Identity, bob: Identity) -> None:
+    """Whoever holds the pair's shared key (a stolen recipient key) can make a second ciphertext with the same
+    nonce and Poly1305 tag; it decrypts, but the sender's signature covers the plaintext's hash, so it is
+    refused. Under version 1 (the tag signed) this envelope was accepted with the swapped content."""
+    honest = encode_body({"weight": 0.5, "pad": b"\x00" * 48})
+    data = Wire(alice, Limits()).seal(bob.public_key, "share", honest, 5, NOW)
+    env = msgpack.unpackb(data)
+    k = sodium.crypto_box_beforenm(sodium.crypto_sign_ed25519_pk_to_curve25519(alice.public_key),
+                                   bytes(bob.box_private))  # the recipient's side of the pair key
+    wanted = encode_body({"weight": 1e6, "pad": b"\x00" * 48})
+    assert len(wanted) == len(honest)
+    forged_body = _same_tag_ciphertext(k, env["nonce"], env["body"], wanted, free=wanted.index(b"\x00" * 48))
+    assert forged_body[:16] == env["body"][:16] and forged_body != env["body"]
+    swapped = sodium.crypto_box_open_easy_afternm(forged_body, env["nonce"], k)  # a valid ciphertext...
+    assert swapped != honest and decode_body(swapped, Limits())["weight"] == 1e6  # ...of other content
+    forged = msgpack.packb({**env, "body": forged_body}, use_bin_type=True)
+    guard = ReplayGuard()
+    assert reason_of(Wire(bob, Limits()), forged, guard) == ("bad_signature", 401)
+    assert not guard.dirty
+    assert Wire(bob, Limits()).open(data, NOW, trust_all, guard).body == honest  # the real one still passes
+
+
+def test_a_third_party_holding_the_plaintext_can_verify_the_commitment(alice: Identity, bob: Identity) -> None:
+    """The envelope and its plaintext are enough, without any key: the recipient can show what the sender sent."""
+    plaintext = encode_body({"weight": 0.25, "values": b"\x01" * 64})
+    data = Wire(alice, Limits()).seal(bob.public_key, "share", plaintext, 9, NOW)
+    assert verify_commitment(data, plaintext) == alice.public_key
+    for other in (plaintext[:-1] + b"\x02", plaintext + b"\x00", plaintext[:-1], b""):
+        with pytest.raises(WireError) as ei:
+            verify_commitment(data, other)
+        assert (ei.value.reason, ei.value.status) == ("bad_signature", 401)
+    for bad, reason in ((data[:-3], "malformed"), (craft(alice, bob.public_key, v=1), "bad_version")):
+        with pytest.raises(WireError) as ei:
+            verify_commitment(bad, b"payload")
+        assert ei.value.reason == reason
+    assert verify_commitment(craft(alice, bob.public_key), b"payload") == alice.public_key
+
+
+def _same_tag_ciphertext(k: bytes, nonce: bytes, body: bytes, wanted: bytes, free: int) -> bytes:
+    """A crypto_box_easy_afternm body that decrypts (under ``k``, ``nonce``) to ``wanted`` except for one
+    16-byte block at or after ``free``, and carries the same Poly1305 tag as ``body``: the forgery that any
+    holder of the shared key can make (Poly1305 is not a commitment)."""
+    stream = _xsalsa20_block0(k, nonce)
+    r = int.from_bytes(stream[:16], "little") & 0x0FFFFFFC0FFFFFFC0FFFFFFC0FFFFFFF
+    s = int.from_bytes(stream[16:32], "little")
+    p = (1 << 130) - 5
+    tag = int.from_bytes(body[:16], "little")
+    # Ciphertext of `wanted` under the same stream: XOR with the honest plaintext's keystream.
+    keystream = sodium.crypto_box_easy_afternm(b"\x00" * len(wanted), nonce, k)[16:]
+    j = -(-free // 16)  # first whole block inside the free bytes (at least 32 of them)
+    assert (j + 1) * 16 < min(free + 32, len(wanted))
+    for _ in range(64):  # each try succeeds with probability ~0.7
+        cipher = bytearray(x ^ y for x, y in zip(wanted, keystream, strict=True))
+        blocks = [int.from_bytes(bytes(cipher[i:i + 16]) + b"\x01", "little") for i in range(0, len(cipher), 16)]
+        n = len(blocks)
+        rest = sum(c * pow(r, n - i, p) for i, c in enumerate(blocks) if i != j) % p
+        for m in range(4):  # acc mod p + s = tag (mod 2**128): acc mod p is one of four candidates
+            acc = ((tag - s) % (1 << 128)) + m * (1 << 128)
+            if acc >= p:
+                continue
+            c_j = (acc - rest) * pow(pow(r, n - j, p), -1, p) % p
+            if 1 << 128 <= c_j < 1 << 129:
+                cipher[16 * j:16 * j + 16] = (c_j - (1 << 128)).to_bytes(16, "little")
+                return body[:16] + bytes(cipher)
+        f = 16 * (j + 1)  # a free byte after block j: change it and try again
+        wanted = wanted[:f] + secrets.token_bytes(1) + wanted[f + 1:]
+    raise AssertionError("no same-tag ciphertext found")
+
+
+def _xsalsa20_block0(k: bytes, nonce: bytes) -> bytes:
+    """The first 64 bytes of the XSalsa20 stream: crypto_secretbox takes its Poly1305 key from bytes 0-31."""
+    subkey = _salsa20_words(k, nonce[:16], hsalsa=True)
+    return _salsa20_words(subkey, nonce[16:] + b"\x00" * 8, hsalsa=False)
+
+
+def _salsa20_words(key: bytes, inp: bytes, hsalsa: bool) -> bytes:
+    m = 0xFFFFFFFF
+    c = (0x61707865, 0x3320646E, 0x79622D32, 0x6B206574)
+    kw = struct.unpack("<8I", key)
+    iw = struct.unpack("<4I", inp)
+    x = [c[0], *kw[:4], c[1], *iw, c[2], *kw[4:], c[3]]
+    y = list(x)
+
+    def quarter(a: int, b: int, cc: int, d: int) -> None:
+        def rotl(v: int, n: int) -> int:
+            return ((v << n) & m) | (v >> (32 - n))
+        y[b] ^= rotl((y[a] + y[d]) & m, 7)
+        y[cc] ^= rotl((y[b] + y[a]) & m, 9)
+        y[d] ^= rotl((y[cc] + y[b]) & m, 13)
+        y[a] ^= rotl((y[d] + y[cc]) & m, 18)
+
+    for _ in range(10):
+        for q in ((0, 4, 8, 12), (5, 9, 13, 1), (10, 14, 2, 6), (15, 3, 7, 11),
+                  (0, 1, 2, 3), (5, 6, 7, 4), (10, 11, 8, 9), (15, 12, 13, 14)):
+            quarter(*q)
+    if hsalsa:
+        return struct.pack("<8I", *(y[i] for i in (0, 5, 10, 15, 6, 7, 8, 9)))
+    return struct.pack("<16I", *((a + b) & m for a, b in zip(y, x, strict=True)))
 
 
 def test_bad_ciphertext_after_a_good_signature(alice: Identity, bob: Identity) -> None:

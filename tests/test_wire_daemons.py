@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import blake3
 import msgpack
 import nacl.bindings as sodium
 import pytest
 
 from meshd import identity
 from meshd.core.replay import ReplayGuard
-from meshd.core.wire import Limits, Wire, encode_body, signed_header
+from meshd.core.wire import PROTOCOL_VERSION, Limits, Wire, encode_body, signed_header
 from meshd.identity import Identity
 from tests.helpers import DaemonProc, http_get, init_domain, set_toml, wait_for
 
@@ -143,15 +144,20 @@ def still_open(s: socket.socket) -> bool:
 # --- envelopes built by hand -------------------------------------------------------------------------------
 
 
-def craft(signer: Identity, sender_pk: bytes, to: bytes, *, seq: int, ts: int, v: int = 1, kind: str = "ping",
-          plaintext: bytes = b"\x80") -> bytes:
-    """An envelope built without meshd.core.wire.Wire: encrypted with `signer`'s box key for `to`, and signed by
-    `signer` while claiming to come from `sender_pk` (a forgery when they differ)."""
+def craft(signer: Identity, sender_pk: bytes, to: bytes, *, seq: int, ts: int, v: int = PROTOCOL_VERSION,
+          kind: str = "ping", plaintext: bytes = b"\x80", box: Identity | None = None) -> bytes:
+    """An envelope built without meshd.core.wire.Wire: encrypted with the box key of `box` (default `signer`)
+    for `to`, and signed by `signer` while claiming to come from `sender_pk` (a forgery when they differ).
+    ``v=1`` signs the way version 1 did (header and Poly1305 tag); later versions sign header and BLAKE3."""
     nonce = os.urandom(24)
-    k = sodium.crypto_box_beforenm(sodium.crypto_sign_ed25519_pk_to_curve25519(to), bytes(signer.box_private))
+    k = sodium.crypto_box_beforenm(sodium.crypto_sign_ed25519_pk_to_curve25519(to), bytes((box or signer).box_private))
     body = sodium.crypto_box_easy_afternm(plaintext, nonce, k)
     header = signed_header(v, sender_pk, to, kind, seq, ts, nonce, len(body))
-    sig = signer.signing_key.sign(hashlib.blake2b(header + body[:16], digest_size=32).digest()).signature
+    if v == 1:
+        message = hashlib.blake2b(header + body[:16], digest_size=32).digest()
+    else:
+        message = header + blake3.blake3(plaintext).digest()
+    sig = signer.signing_key.sign(message).signature
     return msgpack.packb({"v": v, "from": sender_pk, "to": to, "kind": kind, "seq": seq, "ts": ts,
                           "nonce": nonce, "body": body, "sig": sig}, use_bin_type=True)
 
@@ -336,9 +342,14 @@ def test_valid_ping_is_answered_with_a_pong_and_daemons_talk(mesh: Mesh) -> None
 def test_forged_signature_is_401(mesh: Mesh) -> None:
     b, c = mesh.b, mesh.c
     counters = Counters(b)
-    forged = craft(mesh.x, c.ident.public_key, b.pk, seq=next(c.seqs), ts=now_ms())
+    # Someone holding the pair key of C and B (a stolen key of B's) but not C's signing key:
+    forged = craft(mesh.x, c.ident.public_key, b.pk, seq=next(c.seqs), ts=now_ms(), box=c.ident)
     assert_rejected(post(b.peer_port, forged), 401, "bad_signature")
     counters.assert_delta("bad_signature", 1)
+    # Someone holding neither: the body does not even decrypt under C's pair key.
+    blind = craft(mesh.x, c.ident.public_key, b.pk, seq=next(c.seqs), ts=now_ms())
+    assert_rejected(post(b.peer_port, blind), 401, "bad_ciphertext")
+    counters.assert_delta("bad_ciphertext", 1)
     assert_still_serving(b, c)
 
 
@@ -347,12 +358,13 @@ def test_flipped_bits_are_never_accepted(mesh: Mesh) -> None:
     counters = Counters(b)
     good = c.seal(b.pk)
     off, n = body_offset(good)
-    tag_positions = [off, off + 7, off + 15]  # the Poly1305 tag is signed
+    tag_positions = [off, off + 7, off + 15]  # the Poly1305 tag
     ct_positions = [off + 16, off + n // 2, off + n - 1] if n > 17 else [off + 16]
-    nonce_pos = good.index(msgpack.unpackb(good)["nonce"])  # in the signed header
+    nonce_pos = good.index(msgpack.unpackb(good)["nonce"])  # in the signed header, and authenticated by the tag
     sig_pos = len(good) - 1
-    for pos in [*tag_positions, nonce_pos, sig_pos]:
-        assert_rejected(post(b.peer_port, flip(good, pos, pos % 8)), 401, "bad_signature")
+    for pos in [*tag_positions, nonce_pos]:
+        assert_rejected(post(b.peer_port, flip(good, pos, pos % 8)), 401, "bad_ciphertext")
+    assert_rejected(post(b.peer_port, flip(good, sig_pos, sig_pos % 8)), 401, "bad_signature")
     # a bigger plaintext, so "later ciphertext bytes" are many
     big = c.seal(b.pk, body={"pad": os.urandom(4096)})
     boff, bn = body_offset(big)
@@ -361,8 +373,8 @@ def test_flipped_bits_are_never_accepted(mesh: Mesh) -> None:
         assert_rejected(post(b.peer_port, flip(good, pos, 7)), 401, "bad_ciphertext")
     for pos in big_ct:
         assert_rejected(post(b.peer_port, flip(big, pos, 3)), 401, "bad_ciphertext")
-    counters.assert_delta("bad_signature", len(tag_positions) + 2)
-    counters.assert_delta("bad_ciphertext", len(ct_positions) + len(big_ct))
+    counters.assert_delta("bad_signature", 1)
+    counters.assert_delta("bad_ciphertext", len(tag_positions) + 1 + len(ct_positions) + len(big_ct))
     # corrupted copies did not burn the sequence numbers: the originals are still accepted, once
     for env in (good, big):
         answer = post(b.peer_port, env)
@@ -412,10 +424,11 @@ def test_timestamp_outside_window_is_409_stale(mesh: Mesh) -> None:
 def test_unknown_protocol_version_is_400(mesh: Mesh) -> None:
     b, c = mesh.b, mesh.c
     counters = Counters(b)
-    v2 = craft(c.ident, c.ident.public_key, b.pk, seq=next(c.seqs), ts=now_ms(), v=2,
-               plaintext=encode_body({}))
-    assert_rejected(post(b.peer_port, v2), 400, "bad_version")
-    counters.assert_delta("bad_version", 1)
+    # A version 1 envelope (its signature covers the Poly1305 tag, not the content), and a future version 3.
+    for v in (1, 3):
+        env = craft(c.ident, c.ident.public_key, b.pk, seq=next(c.seqs), ts=now_ms(), v=v, plaintext=encode_body({}))
+        assert_rejected(post(b.peer_port, env), 400, "bad_version")
+    counters.assert_delta("bad_version", 2)
     assert_still_serving(b, c)
 
 
@@ -494,7 +507,7 @@ def test_flood_is_counted_but_logged_at_most_twice(mesh: Mesh) -> None:
     b, c = mesh.b, mesh.c
     source = "127.0.0.6"  # a sender of its own, so its log lines can be told apart
     counters = Counters(b)
-    forged = [craft(mesh.x, c.ident.public_key, b.pk, seq=s, ts=now_ms()) for s in range(10_000, 10_200)]
+    forged = [craft(mesh.x, c.ident.public_key, b.pk, seq=s, ts=now_ms(), box=c.ident) for s in range(10_000, 10_200)]
     conn = http.client.HTTPConnection("127.0.0.1", b.peer_port, timeout=30, source_address=(source, 0))
     deadline = time.monotonic() + 60
     try:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 REJECT_REASONS = (
     "malformed", "bad_version", "wrong_recipient", "untrusted", "bad_signature", "replayed", "stale",
     "bad_ciphertext", "bad_body", "unknown_kind", "unknown_task", "not_in_cohort", "incompatible",
-    "schema_mismatch", "bad_values", "too_large", "unavailable", "internal", "read_timeout",
+    "schema_mismatch", "privacy_too_weak", "bad_values", "too_large", "unavailable", "internal", "read_timeout",
     "too_many_connections",
 )
 # Envelope kinds this domain sends as requests; the latency histogram has one series per kind (bounded).

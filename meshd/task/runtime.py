@@ -284,7 +284,7 @@ class LearningTask:
         assert ps is not None
         codec, count, weight, version = body.get("codec"), body.get("count"), body.get("weight"), body.get("version")
         values = body.get("values")
-        if (codec not in codecmod.CODECS or not isinstance(values, bytes) or count != ps.dim
+        if (codec not in codecmod.CODECS or not isinstance(values, bytes) or type(count) is not int or count != ps.dim
                 or not isinstance(weight, float | int) or isinstance(weight, bool)
                 or not isinstance(version, int) or isinstance(version, bool)):
             raise WireError("bad_body", 400, "share fields missing or of the wrong type")
