@@ -11,16 +11,11 @@ attack), so a short spike between two polls is not missed. Every sending loop is
 from __future__ import annotations
 
 import http.client
-import json
 import re
-import select
 import socket
-import time
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import msgpack
 import pytest
@@ -28,7 +23,8 @@ import pytest
 from meshd import config as configmod
 from meshd.core.wire import Limits, decode_body
 from meshd.errors import ConfigError, WireError
-from tests.helpers import TIMEOUT_SCALE, DaemonProc, http_get, init_domain, set_toml, wait_for
+from tests.budget_client import MIB, Peak, Upload, gzip_bomb, read_answer, stream
+from tests.helpers import DaemonProc, http_get, init_domain, set_toml, wait_for
 from tests.test_wire_daemons import (
     ENVELOPE_CT,
     Client,
@@ -41,124 +37,8 @@ from tests.test_wire_daemons import (
     post,
 )
 
-MIB = 2**20
 BUDGET = 128 * MIB  # B's limits.max_pending_mib default: 2 x max_message_mib (64)
 MAX_MESSAGE = 64 * MIB
-
-
-# --- B's memory -------------------------------------------------------------------------------------------------
-
-
-def _vm_kib(pid: int, field: str) -> int:
-    text = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1))  # type: ignore[union-attr]
-
-
-class Peak:
-    """B's RSS growth from now on: VmHWM is reset to the current RSS, then read against it."""
-
-    def __init__(self, node: Node) -> None:
-        self.pid = node.pid
-        Path(f"/proc/{self.pid}/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0; we are root)
-        self.base_kib = _vm_kib(self.pid, "VmRSS")
-
-    def growth(self) -> int:
-        """Bytes B's peak RSS grew since this object was made."""
-        return max(0, _vm_kib(self.pid, "VmHWM") - self.base_kib) * 1024
-
-
-# --- raw HTTP over non-blocking sockets ------------------------------------------------------------------------
-
-
-@dataclass
-class Upload:
-    """One request streamed by hand; ``answer`` is (status, reason) once read, ("reset", "") if B closed first."""
-
-    sock: socket.socket
-    total: int  # body bytes to send
-    chunked: bool = False
-    sent: int = 0
-    got: bytes = b""
-    answer: tuple[str, str] | None = None
-
-    def parse(self) -> bool:
-        head, sep, body = self.got.partition(b"\r\n\r\n")
-        if not sep:
-            return False
-        m = re.search(rb"^content-length:\s*(\d+)", head, re.I | re.M)
-        if m is None or len(body) < int(m.group(1)):
-            return False
-        status = head.split(b" ", 2)[1].decode()
-        reason = ""
-        if b"application/json" in head.lower():
-            reason = str(json.loads(body[: int(m.group(1))]).get("error", ""))
-        self.answer = (status, reason)
-        return True
-
-
-def stream(uploads: list[Upload], *, limit_growth: int, peak: Peak, deadline_s: float,
-           on_progress: Any = None) -> int:
-    """Send every upload's body (zeros) round-robin while reading answers, until each is answered or reset, or
-    B's peak RSS grows past ``limit_growth`` (then stop at once: that is the failure the test looks for).
-    Returns the largest growth seen."""
-    chunk = b"\0" * (256 * 1024)
-    open_ = {u.sock: u for u in uploads}
-    for u in uploads:
-        u.sock.setblocking(False)
-    worst = 0
-    deadline = time.monotonic() + deadline_s * TIMEOUT_SCALE
-    while open_ and time.monotonic() < deadline:
-        writers = [s for s, u in open_.items() if u.sent < u.total]
-        readable, writable, _ = select.select(list(open_), writers, [], 0.05)
-        for s in readable:
-            u = open_[s]
-            try:
-                data = s.recv(65536)
-            except (ConnectionError, BlockingIOError):
-                data = b""
-            u.got += data
-            if u.parse() or not data:
-                u.answer = u.answer or ("reset", "")
-                s.close()
-                del open_[s]
-        for s in writable:
-            u = open_.get(s)
-            if u is None:
-                continue
-            n = min(len(chunk), u.total - u.sent)
-            piece = chunk[:n]
-            if u.chunked:
-                piece = b"%x\r\n" % n + piece + b"\r\n" + (b"0\r\n\r\n" if u.sent + n >= u.total else b"")
-            try:
-                wrote = s.send(piece)
-            except BlockingIOError:
-                continue
-            except ConnectionError:
-                u.answer = ("reset", "")
-                s.close()
-                del open_[s]
-                continue
-            if u.chunked and wrote < len(piece):  # keep the chunk framing whole: finish it blocking
-                s.setblocking(True)
-                try:
-                    s.sendall(piece[wrote:])
-                except ConnectionError:
-                    u.answer = ("reset", "")
-                    s.close()
-                    del open_[s]
-                    continue
-                finally:
-                    if s.fileno() != -1:
-                        s.setblocking(False)
-            u.sent += n if u.chunked else wrote
-        worst = max(worst, peak.growth())
-        if worst > limit_growth:
-            break
-        if on_progress is not None:
-            on_progress(sum(u.sent for u in uploads))
-    for s in open_:
-        s.close()
-    return worst
 
 
 # --- the daemon ----------------------------------------------------------------------------------------------------
@@ -205,7 +85,7 @@ def test_100_concurrent_60mib_uploads_hold_less_than_3x_the_budget(rig: Rig) -> 
         s = connect(b.peer_port, f"127.0.5.{1 + i % 4}")  # 25 per address: under the per-address cap
         s.sendall(http_head(size))
         uploads.append(Upload(s, size))
-    peak = Peak(b)
+    peak = Peak(b.pid)
     pinged: list[bool] = []
 
     def ping_midway(sent: int) -> None:
@@ -234,18 +114,12 @@ def test_100_concurrent_60mib_uploads_hold_less_than_3x_the_budget(rig: Rig) -> 
 # --- item 7a: no content encoding ----------------------------------------------------------------------------------
 
 
-def _gzip_bomb(inflated: int) -> bytes:
-    z = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip framing
-    zeros = b"\0" * MIB
-    return b"".join([*(z.compress(zeros) for _ in range(inflated // MIB)), z.flush()])
-
-
 def test_gzip_bombs_are_refused_415_without_inflating(rig: Rig) -> None:
     b = rig.b
-    bomb = _gzip_bomb(256 * MIB)
+    bomb = gzip_bomb(256 * MIB)
     assert len(bomb) < MIB // 2
     counters = Counters(b)
-    peak = Peak(b)
+    peak = Peak(b.pid)
     socks = []
     for i in range(4):  # four in parallel
         s = connect(b.peer_port, f"127.0.5.{10 + i}")
@@ -253,16 +127,9 @@ def test_gzip_bombs_are_refused_415_without_inflating(rig: Rig) -> None:
         s.sendall(head + bomb)
         socks.append(s)
     for s in socks:
-        conn_answer = Upload(s, 0)
-        s.settimeout(30)
-        while conn_answer.answer is None:
-            data = s.recv(65536)
-            if not data:
-                break
-            conn_answer.got += data
-            conn_answer.parse()
+        answer = read_answer(s)
         s.close()
-        assert conn_answer.answer == ("415", "unsupported_encoding"), conn_answer.got[:300]
+        assert answer == ("415", "unsupported_encoding"), answer
     counters.assert_delta("unsupported_encoding", 4)
     print(f"4 gzip bombs: B's peak RSS grew {peak.growth() / MIB:.1f} MiB")
     assert peak.growth() < 32 * MIB, f"B's RSS grew {peak.growth() / MIB:.0f} MiB for 1 MiB of gzip"
@@ -281,7 +148,7 @@ def test_chunked_bodies_over_the_limit_are_cut_within_the_budget(rig: Rig) -> No
         s.sendall(f"POST /v1/envelope HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ENVELOPE_CT}\r\n"
                   "Transfer-Encoding: chunked\r\n\r\n".encode())
         uploads.append(Upload(s, MAX_MESSAGE + MIB, chunked=True))
-    peak = Peak(b)
+    peak = Peak(b.pid)
     worst = stream(uploads, limit_growth=3 * BUDGET, peak=peak, deadline_s=60)
     print(f"8 chunked 65 MiB bodies: B's peak RSS grew {worst / MIB:.0f} MiB; answers {[u.answer for u in uploads]}")
     assert worst < 3 * BUDGET, f"B's RSS grew {worst / MIB:.0f} MiB, more than 3x the {BUDGET / MIB:.0f} MiB budget"
