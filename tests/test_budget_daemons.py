@@ -172,23 +172,27 @@ def test_connection_flood_keeps_trusted_connections_and_admits_new_ones(rig: Rig
     # A trusted keep-alive connection that carried an authenticated envelope before the flood.
     kept = http.client.HTTPConnection("127.0.0.1", b.peer_port, timeout=30, source_address=("127.0.0.9", 0))
     flood: list[socket.socket] = []
-    try:
+
+    def ping_kept() -> None:
         kept.request("POST", "/v1/envelope", body=c.seal(b.pk), headers={"Content-Type": ENVELOPE_CT})
         resp = kept.getresponse()
         assert resp.status == 200, resp.status
         c.open_pong(resp.read(), b.pk)
+
+    try:
+        ping_kept()
         local = kept.sock.getsockname()
-        # 2,000 connections from 40 addresses (50 each, under the per-address cap of 64), held open.
-        for i in range(2000):
-            flood.append(connect(b.peer_port, f"127.0.7.{1 + i % 40}"))
-        # The trusted peer's new connections keep succeeding.
-        for i in range(20):
-            trusted_ping(rig, f"127.0.8.{1 + i}")
-        # Its keep-alive connection was kept: the same socket, answered.
-        kept.request("POST", "/v1/envelope", body=c.seal(b.pk), headers={"Content-Type": ENVELOPE_CT})
-        resp = kept.getresponse()
-        assert resp.status == 200 and kept.sock.getsockname() == local, resp.status
-        c.open_pong(resp.read(), b.pk)
+        # 2,000 connections from 40 addresses (50 each, under the per-address cap of 64), held open, in 8 waves.
+        # After each wave the trusted peer's new connection succeeds, and its keep-alive connection is still
+        # the same socket (used between waves, so aiohttp's 15 s keep-alive deadline never closes it).
+        for wave in range(8):
+            for i in range(250 * wave, 250 * (wave + 1)):
+                flood.append(connect(b.peer_port, f"127.0.7.{1 + i % 40}"))
+            trusted_ping(rig, f"127.0.8.{1 + wave}")
+            ping_kept()
+            assert kept.sock.getsockname() == local, "the trusted keep-alive connection was closed"
+        for i in range(12):  # the flood's connections stay open: still room for new trusted connections
+            trusted_ping(rig, f"127.0.8.{10 + i}")
         evicted = b.rejected()["status"].get("evicted", 0) - counters.before["status"].get("evicted", 0)
         assert evicted >= 2000 - 512, b.rejected()
         counters.assert_delta("evicted", evicted)
