@@ -77,9 +77,15 @@ def trusted_ping(rig: Rig, source: str) -> None:
 
 
 def test_100_concurrent_60mib_uploads_hold_less_than_3x_the_budget(rig: Rig) -> None:
-    b = rig.b
+    b, c = rig.b, rig.c
     counters = Counters(b)
     size = 60 * MIB
+    # A trusted peer's keep-alive connection, authenticated by a first ping before the uploads start.
+    kept = http.client.HTTPConnection("127.0.0.1", b.peer_port, timeout=30, source_address=("127.0.6.7", 0))
+    kept.request("POST", "/v1/envelope", body=c.seal(b.pk), headers={"Content-Type": ENVELOPE_CT})
+    resp = kept.getresponse()
+    assert resp.status == 200, resp.status
+    c.open_pong(resp.read(), b.pk)
     uploads = []
     for i in range(100):
         s = connect(b.peer_port, f"127.0.5.{1 + i % 4}")  # 25 per address: under the per-address cap
@@ -87,17 +93,32 @@ def test_100_concurrent_60mib_uploads_hold_less_than_3x_the_budget(rig: Rig) -> 
         uploads.append(Upload(s, size))
     peak = Peak(b.pid)
     pinged: list[bool] = []
+    big_ping = c.seal(b.pk, body={"pad": b"\0" * (10 * MIB)})  # 10 MiB: more than the budget has left
 
     def ping_midway(sent: int) -> None:
-        if not pinged and sent > 2 * size:  # the budget is full of junk: a trusted exchange still goes through
-            trusted_ping(rig, "127.0.6.1")
-            pinged.append(True)
+        if pinged or sent <= size:
+            return
+        # Two admitted uploads hold 120 of the 128 MiB (their whole Content-Length, until they are handled):
+        # a trusted exchange still goes through: a small one on a fresh connection, a big one on the
+        # authenticated keep-alive connection; the same big one on a fresh connection is refused unread.
+        trusted_ping(rig, "127.0.6.1")
+        kept.request("POST", "/v1/envelope", body=big_ping, headers={"Content-Type": ENVELOPE_CT})
+        resp = kept.getresponse()
+        assert resp.status == 200, (resp.status, resp.read()[:200])
+        c.open_pong(resp.read(), b.pk)
+        fresh = connect(b.peer_port, "127.0.6.8")
+        fresh.sendall(http_head(len(big_ping)))
+        assert read_answer(fresh) == ("503", "busy")
+        fresh.close()
+        pinged.append(True)
 
-    worst = stream(uploads, limit_growth=3 * BUDGET, peak=peak, deadline_s=60, on_progress=ping_midway)
+    try:
+        worst = stream(uploads, limit_growth=3 * BUDGET, peak=peak, deadline_s=60, on_progress=ping_midway)
+    finally:
+        kept.close()
     print(f"100 x 60 MiB uploads: B's peak RSS grew {worst / MIB:.0f} MiB")
     assert worst < 3 * BUDGET, f"B's RSS grew {worst / MIB:.0f} MiB, more than 3x the {BUDGET / MIB:.0f} MiB budget"
-    if not pinged:
-        trusted_ping(rig, "127.0.6.1")
+    assert pinged, "the uploads ended before the trusted exchanges were tried"
     answers = [u.answer for u in uploads]
     assert all(a is not None for a in answers), answers
     assert {a for a in answers if a is not None} <= {("503", "busy"), ("400", "malformed"), ("reset", "")}, answers
