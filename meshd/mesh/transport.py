@@ -83,11 +83,6 @@ class PeerServer:
     def port(self) -> int:
         return self._site.port if self._site else self._port
 
-    @property
-    def pending_bytes(self) -> int:
-        """Body bytes held right now for connections that have not carried an authenticated envelope."""
-        return self._budget.held
-
     async def start(self) -> None:
         app = web.Application(client_max_size=self._limits.max_body_bytes, handler_args={"max_field_size": 8190})
         app.router.add_post(ENVELOPE_PATH, self._handle)
