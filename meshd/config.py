@@ -229,6 +229,12 @@ class LimitsConfig:
     max_skew_s: float = field(default=60.0, metadata=_opt(_positive))
     replay_window: int = field(default=64, metadata=_opt(_between(1, 4096)))
     max_connections_per_ip: int = field(default=64, metadata=_opt(_between(1, 4096), restart=True))
+    # Peer connections in all; at the cap the oldest idle connection that never carried an authenticated
+    # envelope is closed to admit a new one (trusted peers' connections are kept).
+    max_connections: int = field(default=512, metadata=_opt(_between(16, 65_536), restart=True))
+    # Request body bytes held at once, across all connections, before their envelopes are authenticated
+    # (bodies of 64 KiB and less are not counted); 0 means 2 x max_message_mib. Beyond it: 503 busy, unread.
+    max_pending_mib: float = field(default=0.0, metadata=_opt(_between(0, 65_536), restart=True))
     read_timeout_s: float = field(default=30.0, metadata=_opt(_positive, restart=True))
     max_param_abs: float = field(default=1e6, metadata=_opt(_positive))
 
@@ -588,6 +594,12 @@ def _cross_checks(cfg: Config) -> list[str]:
     if cfg.membership.dead_after_s <= cfg.membership.suspect_after_s:
         problems.append(
             f"membership.dead_after_s: must be > membership.suspect_after_s (got {cfg.membership.dead_after_s})"
+        )
+    if 0 < cfg.limits.max_pending_mib < cfg.limits.max_message_mib:
+        problems.append(
+            f"limits.max_pending_mib: must be 0 (2 x limits.max_message_mib) or at least limits.max_message_mib "
+            f"({cfg.limits.max_message_mib}), else no message that large is ever read "
+            f"(got {cfg.limits.max_pending_mib})"
         )
     host, _ = split_host_port(cfg.listen.status)
     if not cfg.listen.allow_public_status and not _is_loopback(host):

@@ -22,7 +22,7 @@ import meshd
 from meshd import config as configmod
 from meshd import logs
 from meshd.config import DEFAULT_TASK, Config, TaskConfig
-from meshd.core.stats import GossipStats
+from meshd.core.stats import GossipStats, LoopLag
 from meshd.errors import ConfigError, DataError, MeshdError, StoreError
 from meshd.identity import Identity
 from meshd.mesh.node import Mesh
@@ -33,6 +33,7 @@ from meshd.task.learner import limit_torch_threads
 from meshd.task.runtime import LearningTask
 
 log = structlog.get_logger("meshd.daemon")
+LOOP_LAG_TICK_S = 0.1  # the loop-lag probe sleeps this long; how much later it wakes is the lag
 
 
 class Daemon:
@@ -44,6 +45,7 @@ class Daemon:
         self.identity = identity
         self.notifier = notifier or Notifier()
         self.stats = GossipStats()
+        self.loop_lag = LoopLag()
         self.state = "starting"
         self._started_mono = time.monotonic()
         self._loaded_at = _now_iso()
@@ -131,6 +133,7 @@ class Daemon:
                     "reload": self._reload_loop(),
                     "watch_config": self._watch_config_loop(),
                     "watchdog": self.notifier.watchdog_loop(),
+                    "loop_lag": self._loop_lag_loop(),
                     **self.mesh.loops(),
                 }
                 tasks = [tg.create_task(coro, name=name) for name, coro in loops.items()]
@@ -246,6 +249,14 @@ class Daemon:
 
     # --- reload ------------------------------------------------------------------------------------------
 
+    async def _loop_lag_loop(self) -> None:
+        """Measures how late the loop wakes from a short sleep: the time it spent on something else."""
+        while True:
+            started = time.monotonic()
+            await asyncio.sleep(LOOP_LAG_TICK_S)
+            now = time.monotonic()
+            self.loop_lag.observe(now, max(0.0, now - started - LOOP_LAG_TICK_S))
+
     async def _reload_loop(self) -> None:
         while True:
             await self._reload.wait()
@@ -355,6 +366,7 @@ class Daemon:
                 "pending_restart": self._pending_restart,
             },
             "listen": {**mesh.get("listen", {"peer": self.cfg.listen.peer}), **self._listen_status()},
+            "loop": self.loop_lag.snapshot(time.monotonic()),
             "mesh": mesh_part,
             "tasks": tasks,
             "model": primary.get("model", {}),

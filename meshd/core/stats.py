@@ -4,7 +4,7 @@ them. Each learning task counts its own rounds, merges and pulls."""
 from __future__ import annotations
 
 import bisect
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 # Every reason an incoming message can be refused for and counted under (docs/status.md `gossip.rejected`,
@@ -14,7 +14,7 @@ REJECT_REASONS = (
     "malformed", "bad_version", "wrong_recipient", "untrusted", "bad_signature", "replayed", "stale",
     "bad_ciphertext", "bad_body", "unknown_kind", "unknown_task", "not_in_cohort", "incompatible",
     "schema_mismatch", "privacy_too_weak", "bad_values", "too_large", "unavailable", "internal", "read_timeout",
-    "too_many_connections",
+    "too_many_connections", "busy", "unsupported_encoding", "evicted",
 )
 # Envelope kinds this domain sends as requests; the latency histogram has one series per kind (bounded).
 EXCHANGE_KINDS = ("ping", "share", "pull", "leave")
@@ -69,6 +69,32 @@ class GossipStats:
             "rejected": dict(sorted(self.rejected.items())),
             "exchange_latency": {k: h.snapshot() for k, h in self.exchange.items()},
         }
+
+
+@dataclass
+class LoopLag:
+    """How late the event loop ran a timer: the latest figure and the largest over the last ``window_s``.
+
+    A daemon whose loop is stalled (a blocking call, one huge decode) serves nothing meanwhile and misses its
+    systemd watchdog; this is the figure that shows it (``/status`` ``loop``, ``meshd_loop_lag_*``)."""
+
+    window_s: float = 60.0
+    last_s: float = 0.0
+    _recent: deque[tuple[float, float]] = field(default_factory=deque)  # (when, lag), lags decreasing
+
+    def observe(self, now: float, lag_s: float) -> None:
+        self.last_s = lag_s
+        # Only the samples that can still be the maximum are kept: newer ones of at least their size drop them.
+        while self._recent and self._recent[-1][1] <= lag_s:
+            self._recent.pop()
+        self._recent.append((now, lag_s))
+        while self._recent[0][0] < now - self.window_s:
+            self._recent.popleft()
+
+    def snapshot(self, now: float) -> dict[str, float]:
+        recent = [lag for when, lag in self._recent if when >= now - self.window_s]
+        return {"lag_s": round(self.last_s, 4), "max_lag_s": round(max(recent, default=0.0), 4),
+                "window_s": self.window_s}
 
 
 def smoothed(previous: float | None, sample: float) -> float:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import random
 import time
@@ -55,6 +56,10 @@ MAX_REFUSED_SENDERS = 32  # untrusted keys shown in /status and `meshd peers` (a
 CLAIM_MAX_BYTES = 64 * 1024
 CLAIM_EVERY_S = 30.0
 CLAIM_GAP_S = 0.25
+# A body decodes to at most one value per KiB of the message-size limit (65,536 at 64 MiB), and at least 4,096:
+# a model's values travel as one bin, so real bodies hold a few hundred (docs/protocol.md section 6).
+BYTES_PER_BODY_ELEMENT = 1024
+MIN_BODY_ELEMENTS = 4096
 
 
 class Mesh:
@@ -94,9 +99,11 @@ class Mesh:
 
     @staticmethod
     def _wire_limits(cfg: Config) -> wire.Limits:
+        max_message = int(cfg.limits.max_message_mib * 2**20)
         return wire.Limits(
-            max_message_bytes=int(cfg.limits.max_message_mib * 2**20),
+            max_message_bytes=max_message,
             max_skew_ms=int(cfg.limits.max_skew_s * 1000),
+            max_elements=max(MIN_BODY_ELEMENTS, max_message // BYTES_PER_BODY_ELEMENT),
         )
 
     @staticmethod
@@ -170,10 +177,13 @@ class Mesh:
         await asyncio.to_thread(_remove_durably, path)  # says nothing about this run: gone before it runs
 
     async def start_listening(self) -> None:
+        lim = self.cfg.limits
         limits = ServerLimits(
-            max_body_bytes=int(self.cfg.limits.max_message_mib * 2**20),
-            read_timeout_s=self.cfg.limits.read_timeout_s,
-            max_connections_per_ip=self.cfg.limits.max_connections_per_ip,
+            max_body_bytes=int(lim.max_message_mib * 2**20),
+            read_timeout_s=lim.read_timeout_s,
+            max_connections_per_ip=lim.max_connections_per_ip,
+            max_connections=lim.max_connections,
+            max_pending_bytes=int(lim.max_pending_mib * 2**20),
         )
         self._server = PeerServer(self.listen_host, self.listen_port, limits, self._handle, self._transport_reject)
         await self._server.start()
@@ -489,13 +499,13 @@ class Mesh:
         try:
             reply = await self._handle_opened(opened, data, remote)
             took_effect = reply.status < 300
-            return reply
+            return dataclasses.replace(reply, authenticated=True)  # signed by a trusted key, not a replay
         finally:  # submitted, not awaited: runs (in order, on the wire thread) even if this task is cancelled
             self._wire_exec.submit(self._settle, opened, took_effect)
 
     async def _handle_opened(self, opened: wire.Opened, data: bytes, remote: str) -> Reply:
-        try:
-            body = wire.decode_body(opened.body, self._wire_limits(self.cfg))
+        try:  # on the wire thread: decoding megabytes is no work for the loop
+            body = await self._in_wire(wire.decode_body, opened.body, self._wire_limits(self.cfg))
         except WireError as exc:
             self.reject(exc.reason, remote, exc.detail, opened.sender)
             return Reply.error(exc.status, exc.reason, exc.detail)
@@ -630,7 +640,7 @@ class Mesh:
             opened = await self._in_wire(self._open_reply_checked, reply, int(time.time() * 1000))
             if opened.sender != peer_id or opened.kind != want_kind:
                 raise WireError("bad_reply", 400, "unexpected reply")
-            return wire.decode_body(opened.body, self._wire_limits(self.cfg))
+            return await self._in_wire(wire.decode_body, opened.body, self._wire_limits(self.cfg))
         except WireError as exc:
             self.reject("reply_" + exc.reason, peer_id_of(peer_id)[:16], exc.detail, peer_id)
             return None

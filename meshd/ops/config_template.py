@@ -66,6 +66,10 @@ max_skew_s = 60.0                # accepted clock difference between peers, seco
 replay_window = 64               # out-of-order sequence numbers accepted per sender
 max_connections_per_ip = 64      # [restart] concurrent peer connections from one address; peers behind one
                                  # NAT (or on one host) share it, and each peer keeps up to 2 open
+max_connections = 512            # [restart] peer connections in all; at the cap the oldest idle one that never
+                                 # carried an authenticated envelope is closed (trusted peers' are kept)
+max_pending_mib = 0.0            # [restart] request bodies held before authentication, in MiB, all connections
+                                 # together (0 = 2 x max_message_mib; bodies <= 64 KiB not counted); 503 beyond
 read_timeout_s = 30.0            # [restart] deadline to receive a request's headers and body
 max_param_abs = 1000000.0        # model values beyond this magnitude are refused, never merged
 

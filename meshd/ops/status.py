@@ -148,6 +148,11 @@ class _Collector(Collector):
         yield from gauge("meshd_ready", "1 when the domain does its job (/readyz 200), 0 when degraded",
                          bool(s.get("health", {}).get("ready")))
         yield from gauge("meshd_uptime_seconds", "Seconds since the daemon started", s.get("uptime_s", 0))
+        lag = s.get("loop", {})
+        yield from gauge("meshd_loop_lag_seconds", "How late the event loop ran its last 0.1 s timer",
+                         lag.get("lag_s", 0.0))
+        yield from gauge("meshd_loop_lag_max_seconds", "Largest event loop lag over the last 60 s",
+                         lag.get("max_lag_s", 0.0))
         joined = s.get("mesh", {}).get("joined")
         yield from gauge("meshd_mesh_joined", "1 when this domain takes part in the mesh", joined)
         yield from counter("meshd_messages_sent", "Envelopes sent and answered", g.get("sent"))
