@@ -137,7 +137,10 @@ max_peer_shares = 1.0            # clipped: shares merged from one peer per goss
 max_version_step = 16            # clipped: a merge raises our model version by at most this
 quarantine_after = 4             # clipped: shares in a row beyond 2x the radius that quarantine a peer
 quarantine_s = 120.0             # clipped: seconds a quarantined peer's shares are refused (then on probation)
-pull_interval_s = 5.0            # clipped: one pull answered per peer per this many seconds
+pull_interval_s = 5.0            # one pull answered per peer per this many seconds (0 = no per-peer limit)
+max_pulls_per_min = 30.0         # pulls answered per minute from all peers together (bursts up to this many)
+pull_fraction = 0.25             # share of this domain's free weight a pull answer carries (at most 0.5)
+pull_min_weight = 0.1            # no pull answer (429 weight_low) when it would leave the weight below this
 
 [task.checkpoint]
 interval_s = 30.0                # seconds between checkpoints (also written at shutdown)
