@@ -156,10 +156,10 @@ class Wire:
             raise WireError("bad_version", 400, f"version {env.v}, this node speaks {PROTOCOL_VERSION}")
         if env.to != self._public_key:
             raise WireError("wrong_recipient", 421, "envelope is addressed to another node")
+        if len(env.body) < MAC_BYTES:  # before the trust check: its answer must not depend on who is trusted
+            raise WireError("malformed", 400, f"body shorter than the {MAC_BYTES}-byte Poly1305 tag")
         if not is_trusted(env.sender):
             raise WireError("untrusted", 403, "sender is not a trusted peer")
-        if len(env.body) < MAC_BYTES:
-            raise WireError("malformed", 400, f"body shorter than the {MAC_BYTES}-byte Poly1305 tag")
         digest = _digest(
             signed_header(env.v, env.sender, env.to, env.kind, env.seq, env.ts, env.nonce, len(env.body)),
             env.body[:MAC_BYTES],

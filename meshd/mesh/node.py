@@ -53,6 +53,11 @@ MAX_REFUSED_SENDERS = 32  # untrusted keys shown in /status and `meshd peers` (a
 # otherwise saves for trusted keys. So only for small envelopes (pings), once per key per CLAIM_EVERY_S, and
 # at most one per CLAIM_GAP_S in all: a flood of fresh keys costs at most 4 small opens a second.
 CLAIM_MAX_BYTES = 64 * 1024
+# An envelope from an untrusted key and one whose signature does not verify are answered alike (403
+# `untrusted`, one detail): a prober that claims a key it does not hold learns nothing about whether this
+# domain trusts that key. The counters and the log keep the real reason (`bad_signature`) for operators.
+UNAUTHENTICATED = ("untrusted", "bad_signature")
+UNAUTHENTICATED_DETAIL = "not signed by a key this domain trusts (the key is not trusted, or the signature is bad)"
 CLAIM_EVERY_S = 30.0
 CLAIM_GAP_S = 0.25
 
@@ -478,6 +483,8 @@ class Mesh:
             if isinstance(exc, _UntrustedSender):
                 self.refused.record(exc.sender, time.monotonic(), remote, exc.domain)
             self.reject(exc.reason, remote, exc.detail)
+            if exc.reason in UNAUTHENTICATED:
+                return Reply.error(403, "untrusted", UNAUTHENTICATED_DETAIL)
             return Reply.error(exc.status, exc.reason, exc.detail)
         except (OSError, StoreError) as exc:  # extending the replay lease failed (disk full...): refuse rather
             # than risk a replay later; the sender keeps its mass and retries.
