@@ -11,10 +11,12 @@ own checkpoints before and after). The loop is bounded in count and time and ass
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import itertools
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ from meshd.core.replay import ReplayGuard
 from meshd.core.wire import Limits, Wire, encode_body
 from meshd.ops.localmesh import LocalMesh, build_mesh, get_status
 from meshd.task.checkpoints import CheckpointStore
-from tests.helpers import TIMEOUT_SCALE, wait_for
+from tests.helpers import TIMEOUT_SCALE, http_get, wait_for
 
 PULLS = 2000
 FLOOR = 0.1  # gossip.pull_min_weight's default
@@ -60,8 +62,10 @@ class Puller:
         self.conn: http.client.HTTPConnection | None = None
 
     def pull(self) -> tuple[int, bytes]:
-        env = self.wire.seal(self.to, "pull", encode_body({"domain": "puller", **self.ids}), next(self.seqs),
-                             int(time.time() * 1000))
+        return self.send("pull", {"domain": "puller", **self.ids})
+
+    def send(self, kind: str, body: dict[str, Any]) -> tuple[int, bytes]:
+        env = self.wire.seal(self.to, kind, encode_body(body), next(self.seqs), int(time.time() * 1000))
         for attempt in range(2):  # a keep-alive connection the server closed is reopened once
             if self.conn is None:
                 self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
@@ -89,16 +93,14 @@ class Puller:
             self.conn.close()
 
 
-@pytest.mark.parametrize("limits", ["defaults", "floor_only"])
-def test_two_thousand_pulls_leave_the_model_unchanged_and_the_weight_bounded(tmp_path: Path, limits: str) -> None:
-    gossip = {"codec": '"f64"', "exchange": '"push"'}  # f64: an answer carries the model exactly
-    if limits == "floor_only":  # no rate limit at all: the weight floor alone must hold
-        gossip |= {"pull_interval_s": "0.0", "max_pulls_per_min": "1000000.0"}
+@contextlib.contextmanager
+def single_domain(tmp_path: Path, gossip: dict[str, str]) -> Iterator[tuple[Any, Puller]]:
+    """One `meshd run` domain that does not train, and a peer it trusts (no address: never called) that pulls."""
     layout = build_mesh(tmp_path / "pull", 1, settings={
         "training": {"enabled": "false"}, "gossip": gossip, "checkpoint": {"interval_s": "0.5"}})
     domain = layout.domains[0]
     puller_ident = identitymod.generate()
-    with open(layout.workdir / "registry.toml", "a") as f:  # trusted, no address: the daemon never calls it
+    with open(layout.workdir / "registry.toml", "a") as f:
         f.write(f'[[peers]]\ndomain = "puller"\npeer_id = "{puller_ident.peer_id}"\n')
     mesh = LocalMesh(layout)
     puller: Puller | None = None
@@ -109,10 +111,25 @@ def test_two_thousand_pulls_leave_the_model_unchanged_and_the_weight_bounded(tmp
         wait_for(lambda: _status(domain.status_url)["tasks"]["default"]["joined"], timeout=60,
                  what="the task to have joined")
         model = _status(domain.status_url)["model"]
-        before = _checkpoint(domain.directory)
-        assert before.weight == pytest.approx(1.0)
         ids = {"task": "default", "fp": model["fingerprint"], "schema": model["data_schema"]}
         puller = Puller(puller_ident, bytes.fromhex(domain.peer_id), domain.peer_port, ids)
+        yield domain, puller
+    finally:
+        if puller is not None:
+            puller.close()
+        mesh.stop()
+    log = (domain.directory / "daemon.log").read_text(errors="replace")
+    assert "BlockingError" not in log and "request_failed" not in log
+
+
+@pytest.mark.parametrize("limits", ["defaults", "floor_only"])
+def test_two_thousand_pulls_leave_the_model_unchanged_and_the_weight_bounded(tmp_path: Path, limits: str) -> None:
+    gossip = {"codec": '"f64"', "exchange": '"push"'}  # f64: an answer carries the model exactly
+    if limits == "floor_only":  # no rate limit at all: the weight floor alone must hold
+        gossip |= {"pull_interval_s": "0.0", "max_pulls_per_min": "1000000.0"}
+    with single_domain(tmp_path, gossip) as (domain, puller):
+        before = _checkpoint(domain.directory)
+        assert before.weight == pytest.approx(1.0)
 
         answers: dict[str, int] = {}
         weights: list[float] = []
@@ -157,9 +174,25 @@ def test_two_thousand_pulls_leave_the_model_unchanged_and_the_weight_bounded(tmp
         assert after.weight == pytest.approx(weight)
         assert torch.allclose(after.values, before.values, rtol=1e-9, atol=1e-12), (
             f"the model moved by {float((after.values - before.values).abs().max()):.3g}")
-    finally:
-        if puller is not None:
-            puller.close()
-        mesh.stop()
-    log = (domain.directory / "daemon.log").read_text(errors="replace")
-    assert "BlockingError" not in log and "request_failed" not in log
+        # Issue #10 item 9c: `received` counts what took effect, the refusals are in `rejected` alone.
+        mesh_stats = _status(domain.status_url)["gossip"]
+        assert mesh_stats["received"] == answers["200"], mesh_stats
+        assert {k: mesh_stats["rejected"].get(k, 0) for k in refused} == refused
+
+
+def test_received_counts_only_envelopes_that_took_effect(tmp_path: Path) -> None:
+    """Issue #10 item 9c: docs/status.md says `received` counts accepted envelopes; refused ones were counted
+    too. A ping and a pull answered, three shares for a task it does not run and a second pull refused: 2."""
+    with single_domain(tmp_path, {}) as (domain, puller):
+        assert puller.send("ping", {"domain": "puller"})[0] == 200
+        before = _status(domain.status_url)["gossip"]
+        assert before["received"] == 1
+        statuses = [puller.send("share", {"task": "nope"})[0] for _ in range(3)]
+        statuses += [puller.pull()[0], puller.pull()[0]]
+        assert statuses == [409, 409, 409, 200, 429], statuses
+        after = _status(domain.status_url)["gossip"]
+        assert after["received"] == 2, after
+        assert after["rejected"].get("unknown_task", 0) == before["rejected"].get("unknown_task", 0) + 3
+        assert after["rejected"].get("pull_rate", 0) == before["rejected"].get("pull_rate", 0) + 1
+        status, text = http_get(domain.status_url + "/metrics")
+        assert status == 200 and b"\nmeshd_messages_received_total 2.0\n" in text

@@ -506,18 +506,17 @@ class Mesh:
         except WireError as exc:
             self.reject(exc.reason, remote, exc.detail, opened.sender)
             return Reply.error(exc.status, exc.reason, exc.detail)
-        self.stats.received += 1
-        self.stats.bytes_received += len(data)
         sender = opened.sender
         addr = body.get("addr")
         addr = addr if isinstance(addr, str) and disc.check_address(addr) is None else None
         self.table.heard_from(sender, time.monotonic(), address=addr)
         try:
-            return await self._dispatch(opened, body)
+            reply = await self._dispatch(opened, body)
         except WireError as exc:
             self.reject(exc.reason, remote, exc.detail, sender)
             return Reply.error(exc.status, exc.reason, exc.detail)
         except (OSError, StoreError) as exc:  # sealing the answer needs the sequence file: disk full...
+            self.stats.rejected["unavailable"] += 1
             if self._quiet.should_log(("reply_failed", type(exc).__name__))[0]:
                 log.error("reply_failed", error=str(exc))
             return Reply.error(503, "unavailable", "cannot persist protocol state")
@@ -526,12 +525,17 @@ class Mesh:
             if self._quiet.should_log(("request_failed", type(exc).__name__))[0]:
                 log.exception("request_failed", kind=opened.kind, peer_id=peer_id_of(sender))
             return Reply.error(500, "internal", "the receiver failed on this message")
+        # `received` counts what took effect; every refusal is counted once, under its reason, in `rejected`.
+        if reply.status < 300:
+            self.stats.received += 1
+            self.stats.bytes_received += len(data)
+        return reply
 
     async def _dispatch(self, opened: wire.Opened, body: dict[str, Any]) -> Reply:
         kind, sender = opened.kind, opened.sender
         if kind == "ping":
             if not self.cfg.mesh.enabled:
-                return Reply.error(503, "not_joined", "this domain has left the mesh")
+                raise WireError("not_joined", 503, "this domain has left the mesh")
             if "tasks" in body:  # a ping lists the sender's tasks too: a task it just added is known at once
                 self._note_tasks(sender, body)
             return Reply(200, await self._seal(sender, "pong", self._pong_body()))
@@ -542,11 +546,11 @@ class Mesh:
         if kind in ("share", "pull"):
             if not self.cfg.mesh.enabled or self._closed:
                 # Leaving or shutting down: refused, the sender keeps the mass.
-                return Reply.error(503, "not_joined", "this domain has left the mesh")
+                raise WireError("not_joined", 503, "this domain has left the mesh")
             task = self._route(sender, body)
             answer = await task.receive(kind, sender, body)
             if answer.error is not None:
-                return Reply.error(answer.status, answer.error, answer.detail)
+                raise WireError(answer.error, answer.status, answer.detail)
             if answer.kind is None or answer.body is None:
                 return Reply(answer.status)
             return Reply(answer.status, await self._seal(sender, answer.kind, answer.body))
