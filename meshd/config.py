@@ -207,7 +207,7 @@ class GossipConfig:
     max_version_step: int = field(default=16, metadata=_opt(_between(1, 1024)))  # version raise per merge
     quarantine_after: int = field(default=4, metadata=_opt(_between(1, 1000)))  # far-off shares in a row
     quarantine_s: float = field(default=120.0, metadata=_opt(_positive))  # seconds a quarantine lasts
-    # Pull answers give weight away at once (docs/learning.md section 3): one answered per peer per
+    # Pull answers give weight away at once (docs/protocol.md section 8, Pull): one answered per peer per
     # pull_interval_s, max_pulls_per_min from all peers together; an answer carries pull_fraction of the free
     # weight, and none is given when the weight left would be below pull_min_weight (a tenth of a domain's 1).
     pull_interval_s: float = field(default=5.0, metadata=_opt(_non_negative))  # pulls answered per peer

@@ -53,13 +53,13 @@ MAX_REFUSED_SENDERS = 32  # untrusted keys shown in /status and `meshd peers` (a
 # otherwise saves for trusted keys. So only for small envelopes (pings), once per key per CLAIM_EVERY_S, and
 # at most one per CLAIM_GAP_S in all: a flood of fresh keys costs at most 4 small opens a second.
 CLAIM_MAX_BYTES = 64 * 1024
+CLAIM_EVERY_S = 30.0
+CLAIM_GAP_S = 0.25
 # An envelope from an untrusted key and one whose signature does not verify are answered alike (403
 # `untrusted`, one detail): a prober that claims a key it does not hold learns nothing about whether this
 # domain trusts that key. The counters and the log keep the real reason (`bad_signature`) for operators.
 UNAUTHENTICATED = ("untrusted", "bad_signature")
 UNAUTHENTICATED_DETAIL = "not signed by a key this domain trusts (the key is not trusted, or the signature is bad)"
-CLAIM_EVERY_S = 30.0
-CLAIM_GAP_S = 0.25
 
 
 class Mesh:
