@@ -1,6 +1,7 @@
 """Wire benchmark: cost of seal/open against raw NaCl Box, and a loopback exchange with a real daemon.
 
-Run: ``.venv/bin/python bench/wire.py [--quick] [--out bench/results/wire.json]``.
+Run: ``.venv/bin/python bench/wire.py [--quick] [--out bench/results/wire.json]``; with ``--senders-only``,
+just the ping latency against the number of senders the receiver tracks (bench/results/wire-senders.json).
 """
 
 from __future__ import annotations
@@ -318,6 +319,54 @@ def measure_exchange(sizes: Sequence[int], quick: bool = False) -> list[dict[str
     return rows
 
 
+# --- ping latency against the number of senders the receiver tracks (#10 item 4) ----------------------------
+
+SENDER_COUNTS = (1, 100, 4096)
+SENDERS_OUT = Path(__file__).resolve().parent / "results" / "wire-senders.json"
+
+
+def measure_senders(counts: Sequence[int] = SENDER_COUNTS, pings: int = 300) -> list[dict[str, Any]]:
+    """Ping latency from one trusted sender after ``n`` distinct trusted senders were heard, for each ``n``.
+
+    One real daemon (tests/senders.py) trusts ``max(counts)`` generated keys. Senders ``0 .. n-1`` have each
+    had a ping accepted (so the receiver holds a replay window for every one of them); then ``pings`` pings
+    from sender 0 are timed one after another on a kept-alive loopback connection: the client's seal, the
+    POST, the daemon's checks, open, replay bookkeeping (and its persistence) and sealed pong, and the
+    client's open of the pong. Before the fix the whole replay state was rewritten on every accepted envelope.
+    """
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.senders, when run as a script
+    from tests.senders import ManySenders
+
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="meshd-bench-") as tmp, ManySenders(max(counts), Path(tmp)) as daemon:
+        heard = 0
+        for n in sorted(counts):
+            while heard < n:
+                daemon.ping(heard)
+                heard += 1
+            for _ in range(10):  # warm-up
+                daemon.ping(0)
+            ms = sorted(daemon.ping(0) * 1000.0 for _ in range(pings))
+            rows.append({
+                "senders": n,
+                "pings": pings,
+                "median_ms": statistics.median(ms),
+                "p99_ms": ms[min(len(ms) - 1, int(0.99 * len(ms)))],
+                "worst_ms": ms[-1],
+                "mean_ms": statistics.fmean(ms),
+            })
+    return rows
+
+
+def print_senders_table(rows: Sequence[dict[str, Any]]) -> None:
+    print("ping latency from one trusted sender against senders tracked by the receiver (ms)")
+    print(f"{'senders':>8} {'pings':>6} {'median':>8} {'p99':>8} {'worst':>8}")
+    for r in rows:
+        print(f"{r['senders']:>8} {r['pings']:>6} {r['median_ms']:8.2f} {r['p99_ms']:8.2f} {r['worst_ms']:8.2f}")
+
+
 # --- reporting ----------------------------------------------------------------------------------------
 
 
@@ -367,7 +416,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
     ap.add_argument("--no-tune", action="store_true", help="leave glibc malloc at its defaults")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT})")
+    ap.add_argument("--senders-only", action="store_true",
+                    help=f"only the ping latency against tracked senders (written to {SENDERS_OUT})")
     args = ap.parse_args(argv)
+    if args.senders_only:
+        return run_senders(args.quick)
 
     tuned = False if args.no_tune else tune_allocator()
     crypto = measure_crypto(SIZES, quick=args.quick)
@@ -399,6 +452,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
+    return run_senders(args.quick)
+
+
+def run_senders(quick: bool) -> int:
+    """The tracked-senders section, in its own results file (bench/results/wire-senders.json)."""
+    rows = measure_senders(pings=50 if quick else 300)
+    print_senders_table(rows)
+    result = {"quick": quick, "python": sys.version.split()[0], "machine": platform.machine(),
+              "cpus": os.cpu_count(), "senders": rows}
+    SENDERS_OUT.parent.mkdir(parents=True, exist_ok=True)
+    SENDERS_OUT.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {SENDERS_OUT}")
     return 0
 
 

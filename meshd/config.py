@@ -210,7 +210,13 @@ class GossipConfig:
     max_version_step: int = field(default=16, metadata=_opt(_between(1, 1024)))  # version raise per merge
     quarantine_after: int = field(default=4, metadata=_opt(_between(1, 1000)))  # far-off shares in a row
     quarantine_s: float = field(default=120.0, metadata=_opt(_positive))  # seconds a quarantine lasts
+    # Pull answers give weight away at once (docs/protocol.md section 8, Pull): one answered per peer per
+    # pull_interval_s, max_pulls_per_min from all peers together; an answer carries pull_fraction of the free
+    # weight, and none is given when the weight left would be below pull_min_weight (a tenth of a domain's 1).
     pull_interval_s: float = field(default=5.0, metadata=_opt(_non_negative))  # pulls answered per peer
+    max_pulls_per_min: float = field(default=30.0, metadata=_opt(_between(1.0, 1e6)))
+    pull_fraction: float = field(default=0.25, metadata=_opt(_between(0.01, 0.5)))
+    pull_min_weight: float = field(default=0.1, metadata=_opt(_between(0.0, 1.0)))
     connect_timeout_s: float = field(default=3.0, metadata=_opt(_positive))
     request_timeout_s: float = field(default=20.0, metadata=_opt(_positive))
     retries: int = field(default=2, metadata=_opt(_between(0, 10)))

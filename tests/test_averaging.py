@@ -590,3 +590,34 @@ def test_prepare_at_most_caps_the_share_weight_and_keeps_the_model() -> None:
     assert torch.allclose(ps.estimate(), torch.tensor([1.0, 2.0], dtype=torch.float64))
     [share] = ps.prepare(1, at_most=5.0)  # above half the free weight: half, as without a cap
     assert share.weight == pytest.approx(ps.weight / 2)
+
+
+def test_pull_answers_give_a_bounded_fraction_and_stop_at_the_floor() -> None:
+    """Issue #10 item 2: 1,074 pulls took a weight from 0.41 to 5e-324 and moved the model by 0.24. Now an
+    answer carries ``fraction`` of the free weight and none is given below the floor: the model stays put."""
+    z = torch.tensor([0.123456789, -7.5, 3.0e-3], dtype=torch.float64)
+    ps = PushSum(z, weight=0.41, codec="f64")
+    answered = []
+    for _ in range(2000):
+        share = ps.split_for_pull(0.25, 0.1)
+        if share is None:
+            break
+        assert share.weight > 0 and share.weight == pytest.approx((share.weight + ps.weight) * 0.25)
+        answered.append(share)
+    assert len(answered) == 4  # 0.41 * 0.75**5 = 0.097 < 0.1: the fifth is refused
+    assert 0.1 <= ps.weight < 0.1 / 0.75
+    left = ps.weight
+    assert ps.split_for_pull(0.25, 0.1) is None and ps.weight == left  # refused: nothing changed
+    assert torch.allclose(ps.estimate(), z, rtol=1e-12, atol=0.0)
+    with pytest.raises(ValueError, match="fraction"):
+        ps.split_for_pull(0.75)
+    # Without a floor a share too light to carry anything is refused too (never a weight-0 answer).
+    tiny = PushSum(z, weight=1e-300)
+    assert tiny.split_for_pull(0.5, 0.0) is None and tiny.weight == 1e-300
+
+
+def test_pushpull_answer_keeps_the_floor() -> None:
+    ps = PushSum(torch.tensor([1.0, 2.0], dtype=torch.float64), weight=0.15)
+    assert ps.prepare(1, at_most=1.0, keep=0.1) == []  # half of 0.15 would leave 0.075
+    [share] = ps.prepare(1, at_most=0.04, keep=0.1)  # a lighter answer leaves 0.11: given
+    assert share.weight == pytest.approx(0.04) and ps.pending == 1

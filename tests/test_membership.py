@@ -12,6 +12,7 @@ from meshd.core.membership import (
     Ping,
     StateChanged,
     Timing,
+    ring_key,
 )
 
 T = Timing(suspect_after_s=5.0, dead_after_s=15.0, ping_after_s=2.0)
@@ -524,17 +525,25 @@ def _alive_anywhere(t: PeerTable, pid: bytes) -> None:
     t.tick(0.0)
 
 
-def test_exponential_topology_walks_the_ring_by_powers_of_two() -> None:
-    ids = [bytes([i]) * 32 for i in range(1, 9)]  # 8 nodes: self = ids[0]
+def test_exponential_topology_walks_a_ring_drawn_each_cycle_by_powers_of_two() -> None:
+    ids = [bytes([i]) * 32 for i in range(1, 9)]  # 8 nodes: self = ids[0]; a cycle is 3 rounds
     t = PeerTable(ids[0], Timing())
     t.set_trusted(ids[1:])
     for k in ids[1:]:
         _alive_anywhere(t, k)
     rng = random.Random(0)
-    got = [t.gossip_targets(rng, 1, topology="exponential", round_no=r)[0].peer_id for r in range(6)]
-    assert got == [ids[1], ids[2], ids[4], ids[1], ids[2], ids[4]]  # +1, +2, +4, then again
+    for cycle in range(3):
+        ring = sorted(ids, key=lambda k, c=cycle: ring_key(c, k))
+        me = ring.index(ids[0])
+        got = [t.gossip_targets(rng, 1, topology="exponential", round_no=3 * cycle + r)[0].peer_id for r in range(3)]
+        assert got == [ring[(me + 1) % 8], ring[(me + 2) % 8], ring[(me + 4) % 8]]  # +1, +2, +4 on this ring
     two = t.gossip_targets(rng, 2, topology="exponential", round_no=2)
-    assert [p.peer_id for p in two] == [ids[4], ids[1]]
+    ring = sorted(ids, key=lambda k: ring_key(0, k))
+    me = ring.index(ids[0])
+    assert [p.peer_id for p in two] == [ring[(me + 4) % 8], ring[(me + 1) % 8]]
+    # Over a few cycles a node reaches every peer, not only the three neighbours of one fixed ring.
+    reached = {t.gossip_targets(rng, 1, topology="exponential", round_no=r)[0].peer_id for r in range(3 * 12)}
+    assert reached == set(ids[1:])
 
 
 def test_exponential_topology_averages_exactly_in_log2_n_rounds() -> None:
@@ -552,7 +561,7 @@ def test_exponential_topology_averages_exactly_in_log2_n_rounds() -> None:
     values = [float(i * i) for i in range(n)]
     s, w = values[:], [1.0] * n
     rng = random.Random(0)
-    for r in range(3):
+    for r in range(3, 6):  # one whole cycle (any cycle: its ring is the same at every node)
         sent = []
         for i, t in enumerate(tables):
             (target,) = t.gossip_targets(rng, 1, topology="exponential", round_no=r)

@@ -218,7 +218,33 @@ def test_pulls_are_rate_limited_per_peer() -> None:
     rule = ClippedRule(RuleParams(pull_interval_s=5.0))
     assert rule.allow_pull(H, 0.0) and not rule.allow_pull(H, 4.9) and rule.allow_pull(A, 4.9)
     assert rule.allow_pull(H, 5.0)
-    assert PushSumRule().allow_pull(H, 0.0) and PushSumRule().allow_pull(H, 0.0)
+
+
+@pytest.mark.parametrize("name", ["pushsum", "clipped"])
+def test_every_rule_limits_pulls_per_peer_and_in_total(name: str) -> None:
+    """Issue #10 item 2: plain push-sum answered every pull; now every rule limits them, with a reason."""
+    rule = make_rule(name, RuleParams(pull_interval_s=5.0, max_pulls_per_min=3.0))
+    assert rule.pull_refusal(H, 0.0) is None
+    assert rule.pull_refusal(H, 4.9) == "pull_rate"  # per peer
+    assert rule.pull_refusal(A, 4.9) is None and rule.pull_refusal(B, 4.9) is None
+    assert rule.pull_refusal(C, 4.9) == "pull_budget"  # the bucket of 3 is empty: nobody else gets one
+    # 3 a minute: 0.245 tokens were left at 4.9 s, a whole one is there 15.1 s later (a refusal takes none).
+    assert rule.pull_refusal(C, 19.9) == "pull_budget"
+    assert rule.pull_refusal(C, 20.1) is None
+    assert rule.pull_refusal(C, 21.0) == "pull_rate"
+    # Long idle: the bucket holds 3 at most, not what an hour would have added.
+    assert all(rule.pull_refusal(p, 1000.0) is None for p in (A, B, H))
+    assert rule.pull_refusal(C, 1000.0) == "pull_budget"
+    assert make_rule(name, RuleParams(pull_interval_s=0.0)).pull_refusal(H, 0.0) is None
+
+
+def test_quarantined_peers_pulls_are_refused() -> None:
+    rule = ClippedRule(RuleParams(quarantine_after=1, quarantine_s=60.0, pull_interval_s=0.0))
+    ps = PushSum(_vec(0.0, 0.0))
+    _warm(rule, ps)
+    with pytest.raises(RejectedUpdate, match="quarantined"):
+        rule.merge(ps, H, _vec(1e3, 0.0), 0.1, 0, None, 1.0)
+    assert rule.pull_refusal(H, 2.0) == "pull_rate" and rule.pull_refusal(A, 2.0) is None
 
 
 # --- in-memory gossip ---------------------------------------------------------------------------------------

@@ -109,7 +109,7 @@ def test_a_far_ahead_version_moves_ours_by_a_bounded_step_and_the_daemon_lives_o
     assert node["d"].proc.poll() is None
 
 
-def test_pull_answers_half_the_weight_sealed_to_the_requester(node: Any) -> None:
+def test_pull_answers_a_quarter_of_the_weight_sealed_to_the_requester(node: Any) -> None:
     weight, *_ = _model_state(node)
     wire = Wire(node["client"], Limits())
     fp, schema = node["status"]["model"]["fingerprint"], node["status"]["model"]["data_schema"]
@@ -119,9 +119,9 @@ def test_pull_answers_half_the_weight_sealed_to_the_requester(node: Any) -> None
     assert status == 200
     opened = wire.open(reply, int(time.time() * 1000), lambda pk: pk == node["to"], ReplayGuard())
     body = decode_body(opened.body, Limits())
-    assert opened.kind == "model" and body["fp"] == fp and body["weight"] == pytest.approx(weight / 2)
+    assert opened.kind == "model" and body["fp"] == fp and body["weight"] == pytest.approx(weight / 4)
     assert body["schema"] == schema and body["rows"] > 0
-    assert _model_state(node)[0] == pytest.approx(weight / 2)
+    assert _model_state(node)[0] == pytest.approx(weight * 3 / 4)  # gossip.pull_fraction = 0.25
 
 
 def test_pull_for_another_schema_is_refused(node: Any) -> None:

@@ -171,7 +171,6 @@ def test_doc_lists_every_reason_with_its_status() -> None:
     text = DOC.read_text(encoding="utf-8")
     for status, reasons in {
         400: ["malformed", "bad_version", "bad_body", "bad_values", "unknown_kind"],
-        401: ["bad_signature", "bad_ciphertext"],
         403: ["untrusted"],
         409: ["replayed", "stale", "incompatible"],
         413: ["too_large"],

@@ -645,3 +645,15 @@ def test_body_container_length_limit() -> None:
     assert decode_body(data, Limits())["k"] == list(range(100))
     with pytest.raises(WireError):
         decode_body(data, Limits(max_container_len=50))
+
+
+def test_a_key_repeated_in_any_body_map_is_bad_body() -> None:
+    """The signature commits to the body (protocol 2): a map that two readers could read two ways is refused,
+    at the top and nested; the same keys in different maps are fine."""
+    top = b"\x82\xa1a\x01\xa1a\x02"  # {"a": 1, "a": 2}
+    nested = b"\x81\xa1m" + top  # {"m": {"a": 1, "a": 2}}
+    for raw in (top, nested):
+        with pytest.raises(WireError) as ei:
+            decode_body(raw, Limits())
+        assert (ei.value.reason, ei.value.status) == ("bad_body", 400)
+    assert decode_body(msgpack.packb({"a": {"a": 1}, "b": [{"a": 2}]}), Limits()) == {"a": {"a": 1}, "b": [{"a": 2}]}

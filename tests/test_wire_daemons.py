@@ -339,17 +339,50 @@ def test_valid_ping_is_answered_with_a_pong_and_daemons_talk(mesh: Mesh) -> None
         counters.assert_delta(reason, 0)
 
 
-def test_forged_signature_is_401(mesh: Mesh) -> None:
+def test_forged_signature_is_refused_as_untrusted(mesh: Mesh) -> None:
     b, c = mesh.b, mesh.c
     counters = Counters(b)
     # Someone holding the pair key of C and B (a stolen key of B's) but not C's signing key:
     forged = craft(mesh.x, c.ident.public_key, b.pk, seq=next(c.seqs), ts=now_ms(), box=c.ident)
-    assert_rejected(post(b.peer_port, forged), 401, "bad_signature")
-    counters.assert_delta("bad_signature", 1)
+    assert_rejected(post(b.peer_port, forged), 403, "untrusted")  # answered as an untrusted key (item 9a)
+    counters.assert_delta("bad_signature", 1)  # counted under its real reason
     # Someone holding neither: the body does not even decrypt under C's pair key.
     blind = craft(mesh.x, c.ident.public_key, b.pk, seq=next(c.seqs), ts=now_ms())
-    assert_rejected(post(b.peer_port, blind), 401, "bad_ciphertext")
+    assert_rejected(post(b.peer_port, blind), 403, "untrusted")
     counters.assert_delta("bad_ciphertext", 1)
+    counters.assert_delta("untrusted", 0)
+    assert_still_serving(b, c)
+
+
+def test_answers_do_not_tell_which_keys_are_trusted(mesh: Mesh) -> None:
+    """Issue #10 item 9a: a prober claiming a key it does not hold got 401 when B trusts the key and 403 when
+    it does not. Both answers are now the same bytes; B's counters still tell its operator which it was."""
+    b, c = mesh.b, mesh.c
+    counters = Counters(b)
+    stranger = identity.generate().public_key  # trusted by nobody
+    seen = next(c.seqs)
+    assert post(b.peer_port, c.wire.seal(b.pk, "ping", encode_body({}), seen, now_ms())).status == 200
+    # A fresh seq, a seq B has already accepted from C, a timestamp far outside the window: whatever the
+    # forged envelope holds, nothing is revealed before it is authenticated (replay and freshness come after).
+    for seq, ts in ((next(c.seqs), now_ms()), (seen, now_ms()), (next(c.seqs), now_ms() - 3_600_000)):
+        answers = {}
+        for name, claimed in (("trusted", c.ident.public_key), ("untrusted", stranger)):
+            answers[name] = post(b.peer_port, craft(mesh.x, claimed, b.pk, seq=seq, ts=ts))
+        assert answers["trusted"] == answers["untrusted"], (seq, ts, answers)
+        assert_rejected(answers["trusted"], 403, "untrusted")
+    counters.assert_delta("bad_ciphertext", 3)
+    counters.assert_delta("untrusted", 3)
+    counters.assert_delta("replayed", 0)
+    counters.assert_delta("stale", 0)
+    # A body too short to hold the Poly1305 tag is malformed whoever the envelope claims to be from.
+    short = {}
+    for name, claimed in (("trusted", c.ident.public_key), ("untrusted", stranger)):
+        env = msgpack.packb({"v": PROTOCOL_VERSION, "from": claimed, "to": b.pk, "kind": "ping",
+                             "seq": next(c.seqs), "ts": now_ms(), "nonce": os.urandom(24), "body": b"\x00" * 8,
+                             "sig": bytes(64)}, use_bin_type=True)
+        short[name] = post(b.peer_port, env)
+    assert short["trusted"] == short["untrusted"], short
+    assert_rejected(short["trusted"], 400, "malformed")
     assert_still_serving(b, c)
 
 
@@ -362,17 +395,16 @@ def test_flipped_bits_are_never_accepted(mesh: Mesh) -> None:
     ct_positions = [off + 16, off + n // 2, off + n - 1] if n > 17 else [off + 16]
     nonce_pos = good.index(msgpack.unpackb(good)["nonce"])  # in the signed header, and authenticated by the tag
     sig_pos = len(good) - 1
-    for pos in [*tag_positions, nonce_pos]:
-        assert_rejected(post(b.peer_port, flip(good, pos, pos % 8)), 401, "bad_ciphertext")
-    assert_rejected(post(b.peer_port, flip(good, sig_pos, sig_pos % 8)), 401, "bad_signature")
+    for pos in [*tag_positions, nonce_pos, sig_pos]:
+        assert_rejected(post(b.peer_port, flip(good, pos, pos % 8)), 403, "untrusted")  # does not authenticate
     # a bigger plaintext, so "later ciphertext bytes" are many
     big = c.seal(b.pk, body={"pad": os.urandom(4096)})
     boff, bn = body_offset(big)
     big_ct = [boff + 16, boff + 100, boff + bn // 2, boff + bn - 1]
     for pos in ct_positions:
-        assert_rejected(post(b.peer_port, flip(good, pos, 7)), 401, "bad_ciphertext")
+        assert_rejected(post(b.peer_port, flip(good, pos, 7)), 403, "untrusted")  # counted as bad_ciphertext
     for pos in big_ct:
-        assert_rejected(post(b.peer_port, flip(big, pos, 3)), 401, "bad_ciphertext")
+        assert_rejected(post(b.peer_port, flip(big, pos, 3)), 403, "untrusted")
     counters.assert_delta("bad_signature", 1)
     counters.assert_delta("bad_ciphertext", len(tag_positions) + 1 + len(ct_positions) + len(big_ct))
     # corrupted copies did not burn the sequence numbers: the originals are still accepted, once
@@ -514,7 +546,7 @@ def test_flood_is_counted_but_logged_at_most_twice(mesh: Mesh) -> None:
         for env in forged:  # bounded: 200 requests, 60 s
             assert time.monotonic() < deadline, "flood took too long"
             conn.request("POST", "/v1/envelope", body=env, headers={"Content-Type": ENVELOPE_CT})
-            assert_rejected(_read_answer(conn), 401, "bad_signature")
+            assert_rejected(_read_answer(conn), 403, "untrusted")  # a bad signature, answered as untrusted
     finally:
         conn.close()
     counters.assert_delta("bad_signature", 200)

@@ -36,8 +36,11 @@ Training: the caller trains a copy of ``ps.estimate()`` (in a worker thread) and
 ``MAX_VERSION`` = 2**53); a merge takes ``max(version, incoming)`` but raises it by at most ``MAX_VERSION_STEP``
 (versions above ``MAX_VERSION`` are refused); ``is_far_behind(v, threshold)`` tells a node to pull.
 
-Pull (late joiner): the responder calls ``share = ps.split_for_pull()``, which subtracts half of its
-free mass immediately (the response is one-shot: if it is lost, that mass is lost). A fresh node (no
+Pull (late joiner): the responder calls ``share = ps.split_for_pull(fraction, floor)``, which subtracts
+``fraction`` (at most a half) of its free mass immediately (the response is one-shot: if it is lost, that
+mass is lost), or returns ``None`` and changes nothing when the free weight left would fall below
+``floor``: repeated pulls cannot drain a node's weight towards 0, where ``s / w`` loses precision and an
+answer would carry weight 0. A fresh node (no
 checkpoint: its random init carries nothing the mesh should average in) calls ``adopt(values, weight,
 version)``, which replaces its state; a node with real state calls ``merge`` instead.
 
@@ -79,14 +82,14 @@ Public API::
         .dim .codec .weight .version .merges .rounds .pending .mean_distance .mean_rows  (read-only)
         .estimate() -> Tensor                  # float64 copy of s / w
         .numerator() -> Tensor                 # float64 copy of s
-        .prepare(k, at_most=None) -> list[Share]  # may return fewer than k (pending bound), or []
+        .prepare(k, at_most=None, keep=0.0) -> list[Share]  # may return fewer than k (pending bound), or []
         .confirm(share_id) -> bool
         .abandon(share_id) -> bool
         .abandon_all() -> int
         .merge(values, weight, version, rows=None) -> float
         .apply_update(delta, scale=1.0) -> None
         .inject_rows(rows) -> None
-        .split_for_pull() -> Share
+        .split_for_pull(fraction=0.5, floor=0.0) -> Share | None
         .adopt(values, weight, version, rows=None, keep_own_weight=False) -> None
         .check(values, weight, what="merge") -> None  # merge's validation alone (merge rules screen first)
         .limit_weight(ceiling) -> float        # scale the free mass down to w <= ceiling; model unchanged
@@ -366,22 +369,24 @@ class PushSum:
         self._next_id += 1
         return share_id
 
-    def prepare(self, k: int, at_most: float | None = None) -> list[Share]:
+    def prepare(self, k: int, at_most: float | None = None, keep: float = 0.0) -> list[Share]:
         """Up to ``k`` shares of ``1/(m+1)`` of the free mass each (``m`` = number returned), each of weight at
         most ``at_most`` when given (a push-pull answer never carries more weight than the share it answers).
 
-        Fewer than ``k`` when the pending bound is reached; ``[]`` when nothing can be sent. Raises
-        ``CodecError`` if the model cannot be represented in the codec (f16 overflow).
+        Fewer than ``k`` when the pending bound is reached; ``[]`` when nothing can be sent, or when the free
+        weight left once they are confirmed would be below ``keep`` (the pull floor, for push-pull answers).
+        Raises ``CodecError`` if the model cannot be represented in the codec (f16 overflow).
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an int >= 1, got {k!r}")
         m = min(k, self._max_pending - len(self._pending))
         if m <= 0:
             return []
-        share_weight = self._free_weight() / (m + 1)
+        free = self._free_weight()
+        share_weight = free / (m + 1)
         if at_most is not None:
             share_weight = min(share_weight, float(at_most))
-        if not share_weight >= _MIN_SHARE_WEIGHT:
+        if not share_weight >= _MIN_SHARE_WEIGHT or free - m * share_weight < keep:
             return []
         values = quantize(self._s / self._w, self.codec)
         rows = self._r / self._w
@@ -411,9 +416,18 @@ class PushSum:
         self._pending.clear()
         return count
 
-    def split_for_pull(self) -> Share:
-        """Half of the free mass for a pulling peer, subtracted immediately (one-shot response)."""
-        share_weight = self._free_weight() / 2
+    def split_for_pull(self, fraction: float = 0.5, floor: float = 0.0) -> Share | None:
+        """``fraction`` of the free mass for a pulling peer, subtracted immediately (one-shot response).
+
+        ``None`` (nothing changes) when the free weight left would be below ``floor``, or the share would be
+        too light to carry anything. ``fraction`` must be in ``(0, 0.5]``: an answer never gives away more
+        than the responder keeps."""
+        if not 0.0 < fraction <= 0.5:
+            raise ValueError(f"fraction must be in (0, 0.5], got {fraction!r}")
+        free = self._free_weight()
+        share_weight = free * fraction
+        if not share_weight >= _MIN_SHARE_WEIGHT or free - share_weight < floor:
+            return None
         values = quantize(self._s / self._w, self.codec)
         rows = self._r / self._w
         self._s.sub_(values * share_weight)

@@ -21,6 +21,7 @@ next :meth:`PeerTable.tick`, so the caller sees every transition in one place.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from collections.abc import Iterable
@@ -38,6 +39,7 @@ __all__ = [
     "StateChanged",
     "Timing",
     "UntrustedSighting",
+    "ring_key",
 ]
 
 #: Sources that report addresses of other peers (``inbound`` is the address a peer told us itself).
@@ -45,6 +47,12 @@ DISCOVERY_SOURCES = frozenset({"static", "mdns", "registry"})
 _INBOUND = "inbound"
 _LIST_SOURCES = frozenset({"static", "registry"})  # lists of peers; their "gone" means "delisted"
 MAX_TASKS_PER_PEER = 32  # advertised tasks kept per peer (mDNS TXT and pongs are bounded too)
+
+
+def ring_key(cycle: int, peer_id: bytes) -> bytes:
+    """Where ``peer_id`` sits on the exponential topology's ring in ``cycle``: every node computes the same
+    order for the same cycle from the ids alone (BLAKE2b of the cycle and the id), and a new one each cycle."""
+    return hashlib.blake2b(cycle.to_bytes(8, "big", signed=True) + peer_id, digest_size=16).digest()
 
 
 class PeerState(StrEnum):
@@ -341,10 +349,14 @@ class PeerTable:
         its cohort, minus those that cannot take its shares), only peers in it.
 
         ``topology="random"``: chosen uniformly. ``topology="exponential"``: the one-peer exponential graph
-        (Ying et al. 2021): the eligible peers and this node sorted by id form a ring of ``n``; in round
-        ``r`` this node sends to the peers ``2**((r + j) mod ceil(log2 n))`` places after it (``j < fanout``).
-        When every node runs it in step, ``ceil(log2 n)`` rounds average exactly (``n`` a power of two); out
-        of step it still mixes far faster than random choices at the same bytes.
+        (Ying et al. 2021) on a ring drawn afresh every cycle: the eligible peers and this node, ordered by
+        ``ring_key(cycle, id)`` with ``cycle = r // ceil(log2 n)``, form a ring of ``n``; in round ``r`` this
+        node sends to the peers ``2**((r + j) mod ceil(log2 n))`` places after it (``j < fanout``). When every
+        node runs it in step, each cycle of ``ceil(log2 n)`` rounds averages exactly (``n`` a power of two);
+        out of step it still mixes far faster than random choices at the same bytes. The ring changes every
+        cycle (the same ring at every node for a given cycle, no coordination) so that over a few cycles a
+        node exchanges with every peer, not only with the ``2 log2 n`` fixed neighbours of one ring: the model
+        a node serves blends in the models its peers sent, and peers that lean the same way would bias it.
         """
         pool = [
             self._peers[k]
@@ -356,10 +368,12 @@ class PeerTable:
             return []
         if topology != "exponential":
             return rng.sample(pool, min(fanout, len(pool)))
-        ring = sorted([self.self_id, *(p.peer_id for p in pool)])
-        by_id = {p.peer_id: p for p in pool}
-        n, me = len(ring), ring.index(self.self_id)
+        n = len(pool) + 1
         hops = max(1, math.ceil(math.log2(n)))
+        cycle = round_no // hops
+        ring = sorted([self.self_id, *(p.peer_id for p in pool)], key=lambda k: ring_key(cycle, k))
+        by_id = {p.peer_id: p for p in pool}
+        me = ring.index(self.self_id)
         out: list[Peer] = []
         for j in range(hops):
             peer = by_id[ring[(me + 2 ** ((round_no + j) % hops)) % n]]

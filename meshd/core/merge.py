@@ -2,8 +2,14 @@
 
 A task holds one :class:`MergeRule`, chosen by ``gossip.merge``; the task calls ``rule.merge(ps, peer, ...)``
 for every share (and catch-up pull) it accepts, ``rule.refused(peer, reason, now)`` for every one it refuses,
-``rule.allow_pull(peer, now)`` before it answers a pull, and never branches on which rule is active.
+``rule.pull_refusal(peer, now)`` before it answers a pull, and never branches on which rule is active.
 Both rules keep the same per-peer accounts (merged, clipped, refused by reason), shown in ``/status``.
+
+**Pulls, every rule.** A pull's answer gives mass away at once (``PushSum.split_for_pull``), so pulls are
+rate-limited whatever the rule: one answered per peer per ``pull_interval_s`` (``pull_rate`` otherwise),
+and ``max_pulls_per_min`` from all peers together, a token bucket holding that many (``pull_budget``
+otherwise). With the task's weight floor (``gossip.pull_min_weight``) this is what keeps a trusted peer
+that pulls in a loop from draining the responder's weight (issue #10 item 2).
 
 ``"pushsum"`` (:class:`PushSumRule`) adds the share as it came (``PushSum.merge``): exact push-sum, and no
 defence against a trusted peer that lies.
@@ -49,8 +55,7 @@ with asynchronous, lossy push-sum:
   is up it is released on probation: its next share is merged as any other, but a single strike puts it
   back at once. Quarantine is local: it follows only from the shares this node received itself; no
   message can quarantine a peer elsewhere.
-- **Pulls.** One pull answered per peer per ``pull_interval_s`` (``pull_rate`` otherwise): repeated pulls
-  cannot drain the responder's mass (each answered pull gives away half of it, at once).
+- **Pulls.** As every rule (above), and a quarantined peer's pulls are refused too (``pull_rate``).
 
 **What exactness is given up, and why.** The receiver acknowledges a clipped share with the same 204 as
 any other, and the sender subtracts exactly what it sent (``values * weight``, ``weight``), as in
@@ -69,14 +74,15 @@ Public API::
 
     MERGE_RULES = ("pushsum", "clipped")
     RuleParams(clip_factor, max_peer_shares, max_version_step, quarantine_after, quarantine_s,
-               pull_interval_s, weight_ceiling, min_peers)                    # frozen
+               pull_interval_s, weight_ceiling, min_peers, max_pulls_per_min)  # frozen
     Merged(distance, scale, weight, version, values, trusted_version)         # frozen
     make_rule(name, params) -> MergeRule
     MergeRule  (PushSumRule, ClippedRule)
         .name .params
         .merge(ps, peer, values, weight, version, rows, now) -> Merged       # raises RejectedUpdate
         .refused(peer, reason, now) -> None
-        .allow_pull(peer, now) -> bool
+        .pull_refusal(peer, now) -> str | None                               # None, "pull_rate", "pull_budget"
+        .allow_pull(peer, now) -> bool                                       # pull_refusal(...) is None
         .tick(now) -> None                                                   # releases expired quarantines
         .events() -> list[tuple[str, bytes]]                                  # ("quarantined" | "released", peer)
         .is_quarantined(peer, now) -> bool
@@ -117,6 +123,7 @@ class RuleParams:
     pull_interval_s: float = 5.0  # one pull answered per peer per this many seconds
     weight_ceiling: float = math.inf  # the local weight is scaled back to this after a merge
     min_peers: int = 3  # peers with a history needed before the radius exists (calibration)
+    max_pulls_per_min: float = 30.0  # pulls answered from all peers together (token bucket of this size)
 
 
 @dataclass(frozen=True)
@@ -157,6 +164,8 @@ class MergeRule:
         self.params = params or RuleParams()
         self._accounts: dict[bytes, _Account] = {}
         self._events: list[tuple[str, bytes]] = []
+        self._pull_tokens: float | None = None  # the all-peers pull bucket; None = full, not yet used
+        self._pull_refilled = 0.0
 
     def merge(
         self, ps: PushSum, peer: bytes, values: torch.Tensor, weight: float, version: int,
@@ -170,9 +179,30 @@ class MergeRule:
         acct = self._account(peer, now)
         acct.refused[reason] += 1
 
+    def pull_refusal(self, peer: bytes, now: float) -> str | None:
+        """Why ``peer``'s pull may not be answered now (``None``: it may, and is counted as answered)."""
+        acct = self._account(peer, now)
+        if self._pull_barred(peer, now) or now - acct.last_pull < self.params.pull_interval_s:
+            return "pull_rate"
+        rate = max(0.0, self.params.max_pulls_per_min)
+        cap = max(1.0, rate)
+        tokens = cap if self._pull_tokens is None else min(
+            cap, self._pull_tokens + max(0.0, now - self._pull_refilled) * rate / 60.0)
+        self._pull_refilled = now
+        if tokens < 1.0:
+            self._pull_tokens = tokens
+            return "pull_budget"
+        self._pull_tokens = tokens - 1.0
+        acct.last_pull = now
+        return None
+
     def allow_pull(self, peer: bytes, now: float) -> bool:
-        """May ``peer``'s pull be answered now?"""
-        return True
+        """May ``peer``'s pull be answered now? (:meth:`pull_refusal` is ``None``; counted when it is.)"""
+        return self.pull_refusal(peer, now) is None
+
+    def _pull_barred(self, peer: bytes, now: float) -> bool:
+        """A rule's own reason to refuse every pull of ``peer`` (the clipped rule: a quarantine)."""
+        return False
 
     def tick(self, now: float) -> None:
         """Release the quarantines whose time is up (also done when the peer's next share arrives)."""
@@ -333,12 +363,8 @@ class ClippedRule(MergeRule):
             acct.clipped += 1
         return Merged(distance, scale, take, bounded_version, merged_values, trusted_version=scale == 1.0)
 
-    def allow_pull(self, peer: bytes, now: float) -> bool:
-        acct = self._account(peer, now)
-        if self.is_quarantined(peer, now) or now - acct.last_pull < self.params.pull_interval_s:
-            return False
-        acct.last_pull = now
-        return True
+    def _pull_barred(self, peer: bytes, now: float) -> bool:
+        return self.is_quarantined(peer, now)
 
 
 def make_rule(name: str, params: RuleParams | None = None) -> MergeRule:

@@ -14,7 +14,8 @@ REJECT_REASONS = (
     "malformed", "bad_version", "wrong_recipient", "untrusted", "bad_signature", "replayed", "stale",
     "bad_ciphertext", "bad_body", "unknown_kind", "unknown_task", "not_in_cohort", "incompatible",
     "schema_mismatch", "privacy_too_weak", "bad_values", "too_large", "unavailable", "internal", "read_timeout",
-    "too_many_connections", "busy", "unsupported_encoding", "evicted",
+    "too_many_connections", "busy", "unsupported_encoding", "evicted", "pull_rate", "pull_budget", "weight_low",
+    "not_joined", "not_ready", "task_stopped",
 )
 # Envelope kinds this domain sends as requests; the latency histogram has one series per kind (bounded).
 EXCHANGE_KINDS = ("ping", "share", "pull", "leave")

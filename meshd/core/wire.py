@@ -162,12 +162,21 @@ class Wire:
             raise WireError("bad_version", 400, f"version {env.v}, this node speaks {PROTOCOL_VERSION}")
         if env.to != self._public_key:
             raise WireError("wrong_recipient", 421, "envelope is addressed to another node")
+        if len(env.body) < MAC_BYTES:  # before the trust check: its answer must not depend on who is trusted
+            raise WireError("malformed", 400, f"body shorter than the {MAC_BYTES}-byte Poly1305 tag")
         if not is_trusted(env.sender):
             raise WireError("untrusted", 403, "sender is not a trusted peer")
-        if len(env.body) < MAC_BYTES:
-            raise WireError("malformed", 400, f"body shorter than the {MAC_BYTES}-byte Poly1305 tag")
-        # Replay and freshness before any work on the body (as IPsec does, RFC 4303 3.4.3): they only ever
-        # refuse, and nothing is recorded until every check below passed.
+        # Authenticate before anything that reads this sender's replay state: a `replayed` or `stale` answer
+        # would otherwise tell a prober who claims a key it does not hold that this domain trusts the key
+        # (docs/protocol.md section 6). The cost is one decryption attempt (Poly1305 over the body) for every
+        # envelope that claims a trusted key, which a fresh forgery costs anyway.
+        try:
+            plaintext = sodium.crypto_box_open_easy_afternm(env.body, env.nonce, self._shared_key(env.sender))
+        except Exception:
+            raise WireError("bad_ciphertext", 401, "body does not decrypt") from None
+        if not _signature_ok(env, plaintext):
+            raise WireError("bad_signature", 401, "signature does not verify")
+        # Replay and freshness only ever refuse; nothing is recorded until every check passed.
         if not replay.check(env.sender, env.seq):
             raise WireError("replayed", 409, f"seq {env.seq} already seen or below the window")
         if env.ts < replay.not_before_ms:
@@ -177,12 +186,6 @@ class Wire:
         if abs(env.ts - now_ms) > limits.max_skew_ms:
             raise WireError("stale", 409, f"timestamp {env.ts - now_ms:+d} ms from now, "
                                           f"allowed ±{limits.max_skew_ms}")
-        try:
-            plaintext = sodium.crypto_box_open_easy_afternm(env.body, env.nonce, self._shared_key(env.sender))
-        except Exception:
-            raise WireError("bad_ciphertext", 401, "body does not decrypt") from None
-        if not _signature_ok(env, plaintext):
-            raise WireError("bad_signature", 401, "signature does not verify")
         if commit:
             replay.commit(env.sender, env.seq, env.ts)
         return Opened(sender=env.sender, kind=env.kind, seq=env.seq, ts_ms=env.ts, body=plaintext)
@@ -248,8 +251,8 @@ def encode_body(obj: dict[str, Any]) -> bytes:
 
 
 def decode_body(data: bytes, limits: Limits) -> dict[str, Any]:
-    """Decode a plaintext body: a msgpack map with str keys, no ext types, nesting ≤ ``max_depth``, at most
-    ``max_elements`` values in all.
+    """Decode a plaintext body: a msgpack map with str keys, none repeated in any map, no ext types, nesting
+    ≤ ``max_depth``, at most ``max_elements`` values in all.
 
     Raises WireError("bad_body", 400) on anything else; nothing else escapes.
     """
@@ -260,7 +263,7 @@ def decode_body(data: bytes, limits: Limits) -> dict[str, Any]:
         obj = msgpack.unpackb(
             data, raw=False, strict_map_key=True, use_list=True, timestamp=0,
             max_str_len=n, max_bin_len=n, max_array_len=cap, max_map_len=cap, max_ext_len=0,
-            ext_hook=_reject_ext, list_hook=count.container, object_hook=count.container,
+            ext_hook=_reject_ext, list_hook=count.container, object_pairs_hook=count.pairs,
         )
     except _TooManyElements:
         raise WireError("bad_body", 400, f"body holds more than {limits.max_elements} values") from None
@@ -351,6 +354,11 @@ class _ElementCount:
         if self._left < 0:
             raise _TooManyElements
         return obj
+
+    def pairs(self, pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+        # A map with a repeated key is refused: the signature commits to the body's bytes, and a reader that
+        # kept the first value where meshd kept the last would read another message under the same signature.
+        return _pairs_no_dupes(self.container(pairs))
 
 
 def _reject_ext(code: int, data: bytes) -> Any:

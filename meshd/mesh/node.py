@@ -60,6 +60,12 @@ CLAIM_GAP_S = 0.25
 # a model's values travel as one bin, so real bodies hold a few hundred (docs/protocol.md section 6).
 BYTES_PER_BODY_ELEMENT = 1024
 MIN_BODY_ELEMENTS = 4096
+# An envelope from an untrusted key and one that does not authenticate (its body does not decrypt, or its
+# signature does not verify) are answered alike (403 `untrusted`, one detail): a prober that claims a key it does
+# not hold learns nothing about whether this domain trusts that key. Replay and freshness are checked only
+# after authentication (meshd.core.wire). The counters and the log keep the real reason for operators.
+UNAUTHENTICATED = ("untrusted", "bad_signature", "bad_ciphertext")
+UNAUTHENTICATED_DETAIL = "not signed by a key this domain trusts (the key is not trusted, or the signature is bad)"
 
 
 class Mesh:
@@ -488,6 +494,8 @@ class Mesh:
             if isinstance(exc, _UntrustedSender):
                 self.refused.record(exc.sender, time.monotonic(), remote, exc.domain)
             self.reject(exc.reason, remote, exc.detail)
+            if exc.reason in UNAUTHENTICATED:
+                return Reply.error(403, "untrusted", UNAUTHENTICATED_DETAIL)
             return Reply.error(exc.status, exc.reason, exc.detail)
         except (OSError, StoreError) as exc:  # extending the replay lease failed (disk full...): refuse rather
             # than risk a replay later; the sender keeps its mass and retries.
@@ -509,18 +517,17 @@ class Mesh:
         except WireError as exc:
             self.reject(exc.reason, remote, exc.detail, opened.sender)
             return Reply.error(exc.status, exc.reason, exc.detail)
-        self.stats.received += 1
-        self.stats.bytes_received += len(data)
         sender = opened.sender
         addr = body.get("addr")
         addr = addr if isinstance(addr, str) and disc.check_address(addr) is None else None
         self.table.heard_from(sender, time.monotonic(), address=addr)
         try:
-            return await self._dispatch(opened, body)
+            reply = await self._dispatch(opened, body)
         except WireError as exc:
             self.reject(exc.reason, remote, exc.detail, sender)
             return Reply.error(exc.status, exc.reason, exc.detail)
         except (OSError, StoreError) as exc:  # sealing the answer needs the sequence file: disk full...
+            self.stats.rejected["unavailable"] += 1
             if self._quiet.should_log(("reply_failed", type(exc).__name__))[0]:
                 log.error("reply_failed", error=str(exc))
             return Reply.error(503, "unavailable", "cannot persist protocol state")
@@ -529,12 +536,17 @@ class Mesh:
             if self._quiet.should_log(("request_failed", type(exc).__name__))[0]:
                 log.exception("request_failed", kind=opened.kind, peer_id=peer_id_of(sender))
             return Reply.error(500, "internal", "the receiver failed on this message")
+        # `received` counts what took effect; every refusal is counted once, under its reason, in `rejected`.
+        if reply.status < 300:
+            self.stats.received += 1
+            self.stats.bytes_received += len(data)
+        return reply
 
     async def _dispatch(self, opened: wire.Opened, body: dict[str, Any]) -> Reply:
         kind, sender = opened.kind, opened.sender
         if kind == "ping":
             if not self.cfg.mesh.enabled:
-                return Reply.error(503, "not_joined", "this domain has left the mesh")
+                raise WireError("not_joined", 503, "this domain has left the mesh")
             if "tasks" in body:  # a ping lists the sender's tasks too: a task it just added is known at once
                 self._note_tasks(sender, body)
             return Reply(200, await self._seal(sender, "pong", self._pong_body()))
@@ -545,11 +557,11 @@ class Mesh:
         if kind in ("share", "pull"):
             if not self.cfg.mesh.enabled or self._closed:
                 # Leaving or shutting down: refused, the sender keeps the mass.
-                return Reply.error(503, "not_joined", "this domain has left the mesh")
+                raise WireError("not_joined", 503, "this domain has left the mesh")
             task = self._route(sender, body)
             answer = await task.receive(kind, sender, body)
             if answer.error is not None:
-                return Reply.error(answer.status, answer.error, answer.detail)
+                raise WireError(answer.error, answer.status, answer.detail)
             if answer.kind is None or answer.body is None:
                 return Reply(answer.status)
             return Reply(answer.status, await self._seal(sender, answer.kind, answer.body))

@@ -132,7 +132,7 @@ exchange = "pushpull"            # pushpull: a share asks for the receiver's sha
 jitter = 0.25                    # fraction of interval_s added or removed at random
 fanout = 1                       # peers sent a share of the model each round
 topology = "exponential"         # exponential (peer 2^r places on in the ring of peer ids, round r) | random
-codec = "q4"                     # q4 (4-bit blocks, ~0.58 bytes/value) | q8 (~1.08) | f16 | f32 | f64: values on the wire
+codec = "q4"                     # q4 (4-bit blocks, ~0.58 bytes/value) | q8 (~1.08) | f16 | f32 | f64
 serve_window = 16                # the served model blends in an average of the last ~N models peers sent (0 = off)
 pull_on_join = true              # a task with no checkpoint first pulls the mesh model from a peer
 far_behind_versions = 0          # pull again when a peer's model version is this far ahead (0 = never)
@@ -142,7 +142,10 @@ max_peer_shares = 1.0            # clipped: shares merged from one peer per goss
 max_version_step = 16            # clipped: a merge raises our model version by at most this
 quarantine_after = 4             # clipped: shares in a row beyond 2x the radius that quarantine a peer
 quarantine_s = 120.0             # clipped: seconds a quarantined peer's shares are refused (then on probation)
-pull_interval_s = 5.0            # clipped: one pull answered per peer per this many seconds
+pull_interval_s = 5.0            # one pull answered per peer per this many seconds (0 = no per-peer limit)
+max_pulls_per_min = 30.0         # pulls answered per minute from all peers together (bursts up to this many)
+pull_fraction = 0.25             # share of this domain's free weight a pull answer carries (at most 0.5)
+pull_min_weight = 0.1            # no pull answer (429 weight_low) when it would leave the weight below this
 
 [task.checkpoint]
 interval_s = 30.0                # seconds between checkpoints (also written at shutdown)

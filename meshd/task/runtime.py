@@ -220,7 +220,8 @@ class LearningTask:
                           max_version_step=g.max_version_step, quarantine_after=g.quarantine_after,
                           quarantine_s=g.quarantine_s, pull_interval_s=g.pull_interval_s,
                           weight_ceiling=float(self.link.trusted_count + 1),
-                          min_peers=max(1, min(3, self.link.trusted_count)))
+                          min_peers=max(1, min(3, self.link.trusted_count)),
+                          max_pulls_per_min=g.max_pulls_per_min)
 
     def _merge(self, sender: bytes, vec: torch.Tensor, weight: float, version: int, rows: float | None) -> bool:
         """Merge a peer's model through the task's merge rule; True when its version may be believed."""
@@ -325,8 +326,10 @@ class LearningTask:
         far = self.cfg.gossip.far_behind_versions
         # Push-pull: the sender asked for a share back. It is half of this node's free mass *before* the merge
         # (so both end with the pair's average weight and model), subtracted only once the merge succeeded,
-        # and never more weight than the share brought: a peer cannot drain this node with tiny shares.
-        back = ps.prepare(1, at_most=weight) if body.get("reply") is True else []
+        # and never more weight than the share brought: a peer cannot drain this node with tiny shares. No
+        # answer (a one-way merge, 204) when it would leave this node's weight below the pull floor.
+        floor = self.cfg.gossip.pull_min_weight
+        back = ps.prepare(1, at_most=weight, keep=floor) if body.get("reply") is True else []
         try:
             believed = self._merge(sender, vec, weight, version, rows)
         except BaseException:
@@ -352,9 +355,17 @@ class LearningTask:
             return Answer.refuse(503, "task_stopped", "this task is not running here")
         if self.engine.fresh and not self._joined.is_set():
             return Answer.refuse(503, "not_ready", "joining the mesh too")
-        if not self.merge_rule.allow_pull(sender, time.monotonic()):
-            raise WireError("pull_rate", 429, f"one pull per {self.cfg.gossip.pull_interval_s:g} s per peer")
-        share = ps.split_for_pull()
+        g = self.cfg.gossip
+        self.merge_rule.params = self._rule_params()  # follows reloads
+        refusal = self.merge_rule.pull_refusal(sender, time.monotonic())
+        if refusal == "pull_budget":
+            raise WireError("pull_budget", 429, f"this domain answers {g.max_pulls_per_min:g} pulls a minute in all")
+        if refusal is not None:
+            raise WireError("pull_rate", 429, f"one pull per {g.pull_interval_s:g} s per peer")
+        share = ps.split_for_pull(g.pull_fraction, g.pull_min_weight)
+        if share is None:
+            raise WireError("weight_low", 429, f"this domain's weight {ps.weight:.3g} is too low to give a share of; "
+                            f"it keeps at least {g.pull_min_weight:g}")
         self.stats.pulls += 1
         self._log.info("pull_answered", peer_id=peer_id_of(sender), weight=share.weight, version=share.version)
         reply = await asyncio.to_thread(self._share_body, share)
