@@ -6,10 +6,13 @@ Digits (scikit-learn), a 20 % shared test set, the rest split over 4 domains by 
 calibrated so that each domain's planned steps (``rounds`` local epochs) spend exactly epsilon at delta 1e-5
 (RDP accountant). For each epsilon (and without DP) two methods train the same rows with the same steps:
 
-- ``gossip``: meshd's averaging in memory (:class:`meshd.core.averaging.PushSum`): each round every domain
-  trains one local epoch in 8 parts (``gossip.per_round = 8``, applied with ``apply_update``), and after each
-  part sends one push-sum share to a random peer (all delivered and acknowledged). Accuracy: the mean over
-  domains of each domain's own model.
+- ``gossip``: meshd's averaging in memory (:class:`meshd.core.averaging.PushSum`) with the daemon's defaults,
+  in lock step: each round every domain trains one local epoch in parts of ``gossip.every_steps`` (8) steps,
+  applied with ``apply_update`` and the rows weighting, and after each part runs one push-pull exchange
+  (q4 values) with its peer on the exponential graph's ring of the cycle (all delivered). Accuracy: the mean
+  over domains of the model each domain serves (``ServedModel``, ``gossip.serve_window`` 16). (Until
+  2026-12-04 this bench split each epoch into 8 parts followed by a one-way share to a random peer, and
+  scored each domain's own estimate.)
 - ``fedavg``: a central server: each round every domain starts from the global model, trains one local epoch,
   and the server averages the results weighted by rows (DP-FedAvg with local DP-SGD, the same epsilon).
 
@@ -30,7 +33,6 @@ import argparse
 import json
 import math
 import platform
-import random
 import sys
 import tempfile
 import time
@@ -40,7 +42,8 @@ from typing import Any
 import torch
 
 from meshd.config import PrivacyConfig
-from meshd.core.averaging import PushSum
+from meshd.core.averaging import PushSum, ServedModel
+from meshd.core.membership import ring_key
 from meshd.ops.localmesh import build_mesh
 from meshd.task import models
 from meshd.task.data import DataProduct, load_data_product
@@ -50,7 +53,7 @@ from meshd.task.privacy import PrivacyPlan, epsilon_of
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH, LR, DELTA, CLIP = 32, 0.1, 1e-5, 1.0
 DOMAINS = 4
-PER_ROUND = 8
+EVERY_STEPS, SERVE_WINDOW, CODEC = 8, 16, "q4"  # the daemon's gossip.every_steps, serve_window and codec
 
 
 def main() -> int:
@@ -110,24 +113,7 @@ def run(method: str, eps: float | None, rounds: int, domains: list[DataProduct],
                 w.unsqueeze(1)).sum(dim=0)
         finals = [g] * len(domains)
     else:
-        rng = random.Random(0)
-        nodes = [PushSum(init.clone(), rows=float(d.num_train)) for d in domains]
-        mean_rows = sum(d.num_train for d in domains) / len(domains)
-        for _ in range(rounds):
-            # meshd's default gossip.per_round = 8: a round is trained in 8 parts, one exchange after each
-            for part in range(PER_ROUND):
-                for node, lr, k, d in zip(nodes, learners, steps, domains, strict=True):
-                    n = _part(k, part)
-                    if n:
-                        start = node.estimate()
-                        new, _ = lr.train(start, n)
-                        node.apply_update(new - start, d.num_train / mean_rows)  # training.weighting = "rows"
-                for i, node in enumerate(nodes):
-                    j = rng.choice([x for x in range(len(nodes)) if x != i])
-                    (share,) = node.prepare(1)
-                    nodes[j].merge(share.values, share.weight, share.version, share.rows)
-                    node.confirm(share.id)
-        finals = [n.estimate() for n in nodes]
+        finals = _gossip(domains, learners, steps, init, rounds)
     seconds = time.perf_counter() - t
     accs = [learners[0].evaluate(f, test.train_x, test.train_y) for f in finals]
     spent = [epsilon_of([(p.noise_multiplier, p.sample_rate, rounds * k)], DELTA, "rdp") if p else None
@@ -140,9 +126,43 @@ def run(method: str, eps: float | None, rounds: int, domains: list[DataProduct],
             "steps_per_domain": [rounds * k for k in steps], "seconds": round(seconds, 1)}
 
 
-def _part(k: int, part: int) -> int:
-    """Steps of part ``part`` when ``k`` steps are split in PER_ROUND parts (the earlier parts get the extra)."""
-    return k // PER_ROUND + (1 if part < k % PER_ROUND else 0)
+def _gossip(domains: list[DataProduct], learners: list[Learner], steps: list[int], init: torch.Tensor,
+            rounds: int) -> list[torch.Tensor]:
+    """meshd's averaging with the daemon's defaults, in lock step: each round every domain trains one local
+    epoch in parts of ``gossip.every_steps`` steps (applied with ``apply_update`` and the rows weighting);
+    after each part every domain runs one push-pull exchange with its peer on the exponential graph's ring
+    of this cycle (``ring_key``), q4 values; each domain's result is the model it serves (``ServedModel``)."""
+    n = len(domains)
+    nodes = [PushSum(init.clone(), rows=float(d.num_train), codec=CODEC) for d in domains]
+    served = [ServedModel(SERVE_WINDOW) for _ in domains]
+    ids = [i.to_bytes(32, "big") for i in range(n)]  # stand-ins for peer ids
+    hops = max(1, math.ceil(math.log2(n)))
+    mean_rows = sum(d.num_train for d in domains) / n
+    gossip_round = 0
+    for _ in range(rounds):
+        left = list(steps)
+        while any(left):
+            for i, (node, lr, d) in enumerate(zip(nodes, learners, domains, strict=True)):
+                k = min(EVERY_STEPS, left[i])
+                if k:
+                    start = node.estimate()
+                    new, _ = lr.train(start, k)
+                    node.apply_update(new - start, d.num_train / mean_rows)  # training.weighting = "rows"
+                    left[i] -= k
+            ring = sorted(range(n), key=lambda k: ring_key(gossip_round // hops, ids[k]))
+            for i, node in enumerate(nodes):
+                j = ring[(ring.index(i) + 2 ** (gossip_round % hops)) % n]
+                (share,) = node.prepare(1)
+                back = nodes[j].prepare(1, at_most=share.weight)  # its half from before the merge
+                nodes[j].merge(share.values, share.weight, share.version, share.rows)
+                served[j].observe(share.values)
+                node.confirm(share.id)
+                if back:
+                    nodes[j].confirm(back[0].id)
+                    node.merge(back[0].values, back[0].weight, back[0].version, back[0].rows)
+                    served[i].observe(back[0].values)
+            gossip_round += 1
+    return [s.value(node.estimate()) for s, node in zip(served, nodes, strict=True)]
 
 
 def mia_advantage(flat: torch.Tensor, members: DataProduct, test: DataProduct, spec: models.ModelSpec) -> float:
