@@ -693,3 +693,20 @@ def test_gossip_targets_only_among_a_tasks_eligible_peers() -> None:
     assert {p.peer_id for _ in range(20) for p in t.gossip_targets(rng, 1, among={B})} == {B}
     assert t.gossip_targets(rng, 1, among=set()) == []
     assert {p.peer_id for _ in range(40) for p in t.gossip_targets(rng, 1)} == {A, B}
+
+
+def test_goodbyes_in_a_row_cost_one_recheck_ping_per_ping_after_s() -> None:
+    t = table(A)
+    alive(t, A, 0.0)
+    sent = []
+    for i in range(1, 200):  # a goodbye and a re-announcement every 0.1 s, the peer answering every ping
+        now = i * 0.1
+        disc(t, A, now)
+        t.gone(A, "mdns", now, ADDR[A])
+        for e in t.tick(now):
+            assert isinstance(e, Ping) and e.address == ADDR[A]
+            sent.append(now)
+            t.verified(A, ADDR[A], now)
+    assert len(sent) <= 20 / T.ping_after_s + 1, sent
+    p = t.get(A)
+    assert p is not None and (p.state, p.address) == (PeerState.ALIVE, ADDR[A])

@@ -307,7 +307,8 @@ class PeerTable:
             cand.sources.remove(source)
             peer.touched = now
             if cand.address == peer.address:
-                cand.recheck, cand.probe_due_at = True, None
+                # Pinged at the next tick, or (goodbyes in a row) ping_after_s after the last re-check ping.
+                cand.recheck = True
             elif not cand.sources:
                 del peer.candidates[cand.address]
         self._refresh_source(peer)
@@ -342,7 +343,7 @@ class PeerTable:
         cand = peer.candidates.get(address)
         if cand is None:  # turned over while the ping was out: it proved itself, keep it
             cand = self._add_candidate(peer, address, now)
-        cand.verified_at, cand.recheck, cand.failures, cand.probe_due_at = now, False, 0, None
+        cand.verified_at, cand.recheck, cand.failures = now, False, 0
         if peer.address != address:
             self._pending.append(AddressChanged(peer_id, peer.address, address))
             peer.address = address
@@ -586,8 +587,8 @@ class PeerTable:
         news = cand is None or source not in cand.sources
         if cand is None:
             cand = self._add_candidate(peer, address, now)
-        elif cand.recheck or (news and cand.verified_at is None):
-            cand.probe_due_at = None  # re-announced: probe it now rather than at the end of its backoff
+        elif news and cand.verified_at is None:
+            cand.probe_due_at = None  # proposed by one more source: probe it now, not at the end of its backoff
         if source in cand.sources:
             cand.sources.remove(source)
         cand.sources.append(source)

@@ -367,7 +367,9 @@ class Mesh:
         else:
             self.table.gone(event.peer_id, event.source, now, event.address)
             peer = self.table.get(event.peer_id)
-            if peer is not None and event.address is not None and event.address == peer.address:
+            cand = peer.candidates.get(peer.address) if peer is not None and peer.address else None
+            if (cand is not None and cand.recheck and cand.address == event.address
+                    and self._quiet.should_log(("peer_address_recheck", peer_id_of(event.peer_id)))[0]):
                 # Anyone on the LAN can send a goodbye: the verified address stays in use and is pinged now.
                 log.info("peer_address_recheck", peer_id=peer_id_of(event.peer_id), address=event.address,
                          source=event.source)
