@@ -174,12 +174,13 @@ def _rechecks(o: Daemon, v: Daemon) -> int:
 
 
 def _keeps_gossiping(o: Daemon, v: Daemon, daemons: list[Daemon], attacker: AttackerProc, what: str) -> None:
-    """V merges SHARES more of O's shares, and at every poll O holds V alive at V's own address."""
+    """V merges SHARES more of O's shares, and at every poll O holds V at V's own address, not left or dead
+    (``suspect`` is allowed: on a loaded machine a 2 s silence happens without any attacker)."""
     target = _merged_from(v, o) + SHARES
 
     def merged_more() -> bool:
         row = _row(o, v)
-        if row is None or row["state"] != "alive" or row["address"] != f"{v.ns.ip}:{PEER_PORT}":
+        if row is None or row["state"] in ("left", "dead") or row["address"] != f"{v.ns.ip}:{PEER_PORT}":
             raise Fatal(f"{what}: O lost V: {row}")
         return _merged_from(v, o) >= target
 
@@ -217,7 +218,8 @@ def test_forged_goodbyes_do_not_cut_a_peer_off(
 
     _poll(goodbye_landed, SEEN_S, "O to receive the forged goodbye", started, attacker)
     row = _row(o, v)
-    assert row is not None and row["state"] == "alive", _fail(f"V after the goodbye: {row}", started, attacker)
+    assert row is not None and row["state"] in ("alive", "suspect"), _fail(f"V after the goodbye: {row}", started,
+                                                                         attacker)
     assert row["address"] == f"{v.ns.ip}:{PEER_PORT}", _fail(f"V after the goodbye: {row}", started, attacker)
     _keeps_gossiping(o, v, started, attacker, "after the forged goodbye")
     # The address stays verified by V's signed pongs, though no mDNS record vouches for it any more.
@@ -269,4 +271,4 @@ def test_an_impersonator_gets_no_gossip_and_its_goodbye_changes_nothing(
     _keeps_gossiping(o, v, started, attacker, "after the impersonator's goodbye")
     assert set(attacker.kinds()) == {"ping"}, attacker.kinds()
     row = _row(o, v)
-    assert row is not None and row["address"] == f"{v.ns.ip}:{PEER_PORT}" and row["state"] == "alive"
+    assert row is not None and row["address"] == f"{v.ns.ip}:{PEER_PORT}" and row["state"] in ("alive", "suspect")
