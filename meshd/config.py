@@ -227,6 +227,10 @@ class MembershipConfig:
     ping_after_s: float = field(default=2.0, metadata=_opt(_positive))
     suspect_after_s: float = field(default=5.0, metadata=_opt(_positive))
     dead_after_s: float = field(default=15.0, metadata=_opt(_positive))
+    # Longest pause between probes of an address that does not answer, or of a dead peer (backoff doubles).
+    probe_max_s: float = field(default=300.0, metadata=_opt(_positive))
+    # A peer dead (or left) this long leaves the peer table, unless [[peers]] or the registry lists it.
+    reap_after_s: float = field(default=3600.0, metadata=_opt(_positive))
 
 
 @dataclass(frozen=True)
@@ -606,6 +610,10 @@ def _cross_checks(cfg: Config) -> list[str]:
             f"limits.max_pending_mib: must be 0 (2 x limits.max_message_mib) or at least limits.max_message_mib "
             f"({cfg.limits.max_message_mib}), else no message that large is ever read "
             f"(got {cfg.limits.max_pending_mib})"
+        )
+    if cfg.membership.probe_max_s < cfg.membership.ping_after_s:
+        problems.append(
+            f"membership.probe_max_s: must be >= membership.ping_after_s (got {cfg.membership.probe_max_s})"
         )
     host, _ = split_host_port(cfg.listen.status)
     if not cfg.listen.allow_public_status and not _is_loopback(host):

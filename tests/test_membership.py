@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
 
 from meshd.core.membership import (
+    MAX_CANDIDATES,
+    AddressChanged,
+    Effect,
     PeerState,
     PeerTable,
     Ping,
+    Reaped,
     StateChanged,
     Timing,
     ring_key,
@@ -37,18 +42,18 @@ def state(t: PeerTable, pid: bytes) -> PeerState:
     return p.state
 
 
-def pings(effects: list[Ping | StateChanged]) -> list[bytes]:
+def pings(effects: list[Effect]) -> list[bytes]:
     return [e.peer_id for e in effects if isinstance(e, Ping)]
 
 
-def changes(effects: list[Ping | StateChanged]) -> list[tuple[bytes, PeerState, PeerState]]:
+def changes(effects: list[Effect]) -> list[tuple[bytes, PeerState, PeerState]]:
     return [(e.peer_id, e.old, e.new) for e in effects if isinstance(e, StateChanged)]
 
 
 def alive(t: PeerTable, pid: bytes, now: float) -> None:
-    """Make ``pid`` a known ALIVE peer heard at ``now``, with its queued effects drained."""
+    """Make ``pid`` an ALIVE peer at its verified address ``ADDR[pid]``, with its queued effects drained."""
     disc(t, pid, now)
-    t.heard_from(pid, now)
+    t.verified(pid, ADDR[pid], now)
     t.tick(now)
 
 
@@ -69,14 +74,22 @@ def test_discovered_trusted_peer_is_unknown_with_address() -> None:
     t.discovered(A, "10.0.0.1:7452", "sales", "mdns", 100.0, tasks={"fraud": ("fp1", "s1")})
     p = t.get(A)
     assert p is not None
+    # A proposal, not an address in use: nothing is gossiped there before a signed pong came from it.
     assert (p.state, p.address, p.domain, p.source, p.tasks) == (
         PeerState.UNKNOWN,
-        "10.0.0.1:7452",
+        None,
         "sales",
         "mdns",
         {"fraud": ("fp1", "s1")},
     )
+    assert list(p.candidates) == ["10.0.0.1:7452"] and p.candidates["10.0.0.1:7452"].sources == ["mdns"]
     assert p.last_seen is None and p.failures == 0
+    assert t.tick(100.0) == [Ping(A, "10.0.0.1:7452")]  # probed at once
+    assert t.gossip_targets(random.Random(0), 5) == []
+    t.verified(A, "10.0.0.1:7452", 100.5)
+    assert (p.state, p.address) == (PeerState.ALIVE, "10.0.0.1:7452")
+    assert t.tick(100.5) == [AddressChanged(A, None, "10.0.0.1:7452"),
+                             StateChanged(A, PeerState.UNKNOWN, PeerState.ALIVE)]
     assert t.untrusted_snapshot() == []
 
 
@@ -245,7 +258,7 @@ def test_heard_from_revives_from_every_state() -> None:
         assert p is not None and p.last_seen == 30.0 and p.failures == 0
 
 
-def test_heard_from_unknown_peer_creates_it_inbound_and_uses_its_address_as_fallback() -> None:
+def test_heard_from_unknown_peer_creates_it_inbound_and_its_own_address_is_a_candidate() -> None:
     t = table(A)
     t.heard_from(A, 1.0)
     p = t.get(A)
@@ -253,11 +266,15 @@ def test_heard_from_unknown_peer_creates_it_inbound_and_uses_its_address_as_fall
     assert (p.state, p.address, p.source, p.domain) == (PeerState.ALIVE, None, "inbound", "")
     assert t.gossip_targets(random.Random(0), 5) == []  # no address: not a target
     t.heard_from(A, 2.0, address="10.9.9.9:7452")
+    assert p.address is None and list(p.candidates) == ["10.9.9.9:7452"]
+    assert t.tick(2.0) == [Ping(A, "10.9.9.9:7452")]
+    t.verified(A, "10.9.9.9:7452", 2.1)
     assert (p.address, p.source) == ("10.9.9.9:7452", "inbound")
-    disc(t, A, 3.0)
-    assert (p.address, p.source) == (ADDR[A], "mdns")  # discovery wins over self-reported
-    t.heard_from(A, 4.0, address="10.9.9.8:7452")
-    assert (p.address, p.source) == (ADDR[A], "mdns")
+    disc(t, A, 3.0, address="10.9.9.9:7452")
+    assert (p.address, p.source) == ("10.9.9.9:7452", "mdns")  # discovery named before the peer's own word
+    t.heard_from(A, 4.0, address="10.9.9.8:7452")  # it says it moved: probed, not used yet
+    assert (p.address, p.source) == ("10.9.9.9:7452", "mdns")
+    assert pings(t.tick(4.0)) == [A] and p.candidates["10.9.9.8:7452"].probe_due_at == 6.0
 
 
 def test_send_failed_makes_alive_suspect_and_counts() -> None:
@@ -293,7 +310,7 @@ def test_rediscovery_of_left_or_dead_peer_makes_it_unknown_and_pinged() -> None:
         if how == "left":
             t.left(A, 1.0)
         t.tick(20.0)
-        disc(t, A, 21.0)
+        disc(t, A, 21.0, source="static")  # a new proposal (a refresh of a known one changes nothing)
         assert state(t, A) == PeerState.UNKNOWN
         effects = t.tick(21.0)
         assert changes(effects)[-1] == (A, PeerState.DEAD if how == "dead" else PeerState.LEFT, PeerState.UNKNOWN)
@@ -303,13 +320,16 @@ def test_rediscovery_of_left_or_dead_peer_makes_it_unknown_and_pinged() -> None:
         assert changes(t.tick(36.0)) == [(A, PeerState.UNKNOWN, PeerState.DEAD)]
 
 
-def test_rediscovery_of_a_live_peer_keeps_its_state() -> None:
+def test_rediscovery_of_a_live_peer_keeps_its_state_and_address_until_verified() -> None:
     t = table(A)
     alive(t, A, 0.0)
     disc(t, A, 1.0, address="10.0.0.100:7452")
     p = t.get(A)
-    assert p is not None and p.state == PeerState.ALIVE and p.address == "10.0.0.100:7452"
-    assert t.tick(1.0) == []
+    assert p is not None and p.state == PeerState.ALIVE and p.address == ADDR[A]
+    assert t.tick(1.0) == [Ping(A, "10.0.0.100:7452")]  # the proposal is probed
+    t.verified(A, "10.0.0.100:7452", 1.2)  # the peer's key answered there: it moved
+    assert p.address == "10.0.0.100:7452"
+    assert t.tick(1.2) == [AddressChanged(A, ADDR[A], "10.0.0.100:7452")]
 
 
 # ------------------------------------------------------------------ pings
@@ -355,16 +375,54 @@ def test_suspect_peer_keeps_being_pinged() -> None:
     assert pings(t.tick(7.0)) == [A]
 
 
-def test_dead_peer_pinged_every_dead_after_s() -> None:
+def test_dead_peer_is_reprobed_with_backoff_then_reaped() -> None:
     t = table(A)
-    alive(t, A, 0.0)
+    alive(t, A, 0.0)  # mDNS proposed it: no list names it
     assert changes(t.tick(15.0))[-1] == (A, PeerState.SUSPECT, PeerState.DEAD)
-    assert t.tick(29.999) == []
-    assert t.tick(30.0) == [Ping(A, ADDR[A])]
-    assert t.tick(44.0) == []
-    assert t.tick(45.0) == [Ping(A, ADDR[A])]
-    t.heard_from(A, 46.0)  # it came back
-    assert changes(t.tick(46.0)) == [(A, PeerState.DEAD, PeerState.ALIVE)]
+    sent = []
+    now = 15.0
+    while now < 15.0 + 3600.0 and t.get(A) is not None:
+        for e in t.tick(now):
+            if isinstance(e, Ping):
+                assert e.address == ADDR[A]
+                sent.append(now)
+        now += 0.5
+    # dead_after_s after death, then twice as long each time, capped at probe_max_s (300 s).
+    assert sent[:7] == [30.0, 60.0, 120.0, 240.0, 480.0, 780.0, 1080.0]
+    assert all(b - a == 300.0 for a, b in itertools.pairwise(sent[5:]))
+    assert len(sent) == 15  # ~one ping per 5 minutes, not one per dead_after_s (240 an hour)
+    # Reaped reap_after_s (3600 s) after it became DEAD, and reported once.
+    t2 = table(A)
+    alive(t2, A, 0.0)
+    t2.tick(15.0)
+    assert [e for e in t2.tick(3614.9) if isinstance(e, Reaped)] == []
+    assert t2.get(A) is not None
+    assert t2.tick(3615.0) == [Reaped(A, PeerState.DEAD)]
+    assert t2.get(A) is None and t2.tick(4000.0) == [] and t2.counts()["dead"] == 0
+    # It comes back: a message (or a new proposal) makes it a peer again.
+    t2.heard_from(A, 4001.0, address=ADDR[A])
+    assert state(t2, A) == PeerState.ALIVE and t2.tick(4001.0) == [Ping(A, ADDR[A])]
+
+
+def test_a_listed_dead_peer_is_never_reaped_and_left_peers_are() -> None:
+    t = PeerTable(SELF, Timing(suspect_after_s=5.0, dead_after_s=15.0, ping_after_s=2.0, probe_max_s=60.0,
+                               reap_after_s=100.0))
+    t.set_trusted([A, B])
+    disc(t, A, 0.0, source="static")
+    t.verified(A, ADDR[A], 0.0)
+    alive(t, B, 0.0)
+    t.left(B, 1.0)
+    sent = [now for now in range(16, 2000) for e in t.tick(float(now)) if isinstance(e, Ping)]
+    assert t.get(A) is not None and state(t, A) == PeerState.DEAD  # [[peers]] names it: kept, probed
+    assert sent[-1] >= 1900 and all(b - a <= 60 for a, b in itertools.pairwise(sent))
+    assert t.get(B) is None  # LEFT for reap_after_s and only mDNS knew it
+
+
+def test_timing_of_probes_and_reaping_is_validated() -> None:
+    with pytest.raises(ValueError):
+        Timing(ping_after_s=2.0, probe_max_s=1.0)
+    with pytest.raises(ValueError):
+        Timing(reap_after_s=0.0)
 
 
 def test_peer_without_address_is_not_pinged() -> None:
@@ -387,38 +445,85 @@ def test_tick_output_is_ordered_by_peer_id() -> None:
 # ------------------------------------------------------------------ mDNS goodbye and static reloads
 
 
-def test_mdns_goodbye_marks_left_when_mdns_owns_the_address() -> None:
+def test_mdns_goodbye_only_rechecks_the_verified_address() -> None:
     t = table(A)
     alive(t, A, 0.0)
-    t.gone(A, "mdns", 1.0)
-    assert state(t, A) == PeerState.LEFT
-    assert changes(t.tick(1.0)) == [(A, PeerState.ALIVE, PeerState.LEFT)]
-    t.heard_from(A, 2.0)
-    assert state(t, A) == PeerState.ALIVE
-
-
-def test_mdns_goodbye_when_another_source_owns_the_address() -> None:
-    t = table(A)
-    disc(t, A, 0.0, source="mdns", address="10.0.0.50:1")
-    disc(t, A, 1.0, source="static")  # newest report owns the address
-    t.heard_from(A, 1.0)
-    t.gone(A, "mdns", 2.0)
+    t.heard_from(A, 0.5)
+    t.gone(A, "mdns", 1.0, ADDR[A])  # anyone on the LAN can send this
     p = t.get(A)
-    assert p is not None and p.state == PeerState.ALIVE
-    assert (p.address, p.source) == (ADDR[A], "static")
-    t.gone(A, "mdns", 3.0)  # repeated: no-op
+    assert p is not None and (p.state, p.address) == (PeerState.ALIVE, ADDR[A])
+    assert p.candidates[ADDR[A]].recheck and p.candidates[ADDR[A]].sources == []
+    assert t.tick(1.0) == [Ping(A, ADDR[A])]  # re-verified at once, though it is not idle
+    assert [p.peer_id for p in t.gossip_targets(random.Random(0), 5)] == [A]  # still gossiped to meanwhile
+    assert t.tick(2.0) == []
+    t.verified(A, ADDR[A], 2.5)
+    assert not p.candidates[ADDR[A]].recheck and t.tick(2.5) == []
+    # A peer that really went away does not answer the re-check: suspect, then dead, as any silent peer.
+    disc(t, A, 2.6)
+    t.gone(A, "mdns", 3.0, ADDR[A])
+    assert pings(t.tick(3.0)) == [A]
+    t.send_failed(A, 3.1, ADDR[A])
+    assert state(t, A) == PeerState.SUSPECT
+
+
+def test_mdns_goodbye_of_an_unverified_address_forgets_it() -> None:
+    t = table(A)
+    alive(t, A, 0.0)
+    disc(t, A, 1.0, address="10.6.6.6:7452")  # an impersonator advertises A's id
+    p = t.get(A)
+    assert p is not None and set(p.candidates) == {ADDR[A], "10.6.6.6:7452"}
+    t.gone(A, "mdns", 2.0, "10.6.6.6:7452")  # ...and withdraws it
+    assert list(p.candidates) == [ADDR[A]] and p.address == ADDR[A]
+    assert not p.candidates[ADDR[A]].recheck
+    t.gone(A, "mdns", 3.0, "10.6.6.6:7452")  # repeated: no-op
     t.gone(bytes([77]) * 32, "mdns", 3.0)  # unknown: no-op
-    assert p.state == PeerState.ALIVE
+    assert p.state == PeerState.ALIVE and p.address == ADDR[A]
 
 
-def test_mdns_goodbye_falls_back_to_older_address() -> None:
+def test_an_unanswering_proposal_never_takes_over_and_is_probed_with_backoff() -> None:
     t = table(A)
-    disc(t, A, 0.0, source="static", address="10.0.0.50:1")
-    disc(t, A, 1.0, source="mdns")
-    t.gone(A, "mdns", 2.0)
+    alive(t, A, 0.0)
+    bad = "10.6.6.6:7452"
+    sent = []
+    for i in range(1, 1200):
+        now = i * 0.5
+        t.heard_from(A, now)  # the real peer keeps talking
+        if now == 1.0:
+            disc(t, A, now, address=bad)
+        for e in t.tick(now):
+            assert isinstance(e, Ping) and e.address == bad
+            sent.append(now)
+            t.send_failed(A, now + 0.1, bad)  # the impersonator cannot answer with a signed pong
+        assert [p.address for p in t.gossip_targets(random.Random(i), 5)] == [ADDR[A]]
+    assert state(t, A) == PeerState.ALIVE
+    assert sent == [1.0, 3.0, 7.0, 15.0, 31.0, 63.0, 127.0, 255.0, 511.0]  # 2 s, doubling, at most 300 s
     p = t.get(A)
-    assert p is not None and p.state == PeerState.LEFT
-    assert (p.address, p.source) == ("10.0.0.50:1", "static")
+    assert p is not None and p.failures == 0 and p.candidates[bad].failures == len(sent)
+
+
+def test_candidates_per_peer_are_bounded_and_keep_the_verified_address() -> None:
+    t = table(A)
+    alive(t, A, 0.0)
+    for i in range(50):
+        disc(t, A, 1.0 + i, address=f"10.6.6.{i}:7452")
+    p = t.get(A)
+    assert p is not None and len(p.candidates) == MAX_CANDIDATES
+    assert ADDR[A] in p.candidates and p.address == ADDR[A]
+    assert "10.6.6.49:7452" in p.candidates  # the newest proposals turn the unverified ones over
+
+
+def test_a_pong_from_another_address_switches_and_keeps_the_old_as_fallback() -> None:
+    t = table(A)
+    alive(t, A, 0.0)
+    disc(t, A, 1.0, source="static", address="10.0.0.50:1")
+    t.verified(A, "10.0.0.50:1", 1.5)
+    p = t.get(A)
+    assert p is not None and (p.address, p.source) == ("10.0.0.50:1", "static")
+    assert t.tick(1.5) == [AddressChanged(A, ADDR[A], "10.0.0.50:1")]
+    # Alive: the old verified address is not probed; once the peer is silent, every address it had is.
+    assert t.tick(3.0) == []
+    t.send_failed(A, 4.0)
+    assert sorted(e.address for e in t.tick(4.0) if isinstance(e, Ping)) == sorted(["10.0.0.50:1", ADDR[A]])
 
 
 def test_gone_removes_untrusted_sighting_of_that_source() -> None:
@@ -440,6 +545,7 @@ def test_static_delisting_forgets_instead_of_leaving() -> None:
     t.gone(B, "static", 1.0)  # mdns still knows it: stays ALIVE with the mdns address
     p = t.get(B)
     assert p is not None and (p.state, p.address, p.source) == (PeerState.ALIVE, ADDR[B], "mdns")
+    assert list(p.candidates) == [ADDR[B]]
 
 
 def test_forget_source_keeps_listed_heard_and_multi_source_peers() -> None:
@@ -448,11 +554,13 @@ def test_forget_source_keeps_listed_heard_and_multi_source_peers() -> None:
         disc(t, k, 0.0, source="registry")
     t.heard_from(B, 1.0)  # heard from: kept (address gone)
     disc(t, C, 1.0, source="mdns", address="10.0.0.33:1")  # another source: kept
+    t.verified(C, "10.0.0.33:1", 1.0)
+    t.verified(D, ADDR[D], 1.0)
     t.discovered(bytes([9]) * 32, "10.0.0.9:1", "u", "registry", 1.0)  # untrusted registry entry
     t.forget_source("registry", keep={D})
     assert t.get(A) is None
     b, c, d = t.get(B), t.get(C), t.get(D)
-    assert b is not None and b.address is None and b.state == PeerState.ALIVE
+    assert b is not None and b.address is None and b.state == PeerState.ALIVE and b.candidates == {}
     assert c is not None and (c.address, c.source) == ("10.0.0.33:1", "mdns")
     assert d is not None and (d.address, d.source) == (ADDR[D], "registry")
     assert t.untrusted_snapshot() == []
@@ -461,26 +569,29 @@ def test_forget_source_keeps_listed_heard_and_multi_source_peers() -> None:
 # ------------------------------------------------------------------ choices
 
 
-def test_gossip_targets_exclude_dead_left_suspect_self_and_addressless() -> None:
+def test_gossip_targets_exclude_dead_left_suspect_unverified_self_and_addressless() -> None:
     keys = [bytes([10 + i]) * 32 for i in range(8)]
     t = table(*keys)
     for i, k in enumerate(keys):
         t.discovered(k, f"10.0.3.{i}:1", "x", "mdns", 0.0)
-        t.heard_from(k, 0.0)
+        if i != 2:
+            t.verified(k, f"10.0.3.{i}:1", 0.0)
     t.tick(0.0)
     t.left(keys[0], 1.0)
     t.send_failed(keys[1], 1.0)  # suspect
-    t.gone(keys[2], "mdns", 1.0)  # left
-    t.heard_from(keys[3], 1.0)
-    t.forget_source("mdns", keep=set(keys[4:]))  # keys[3] heard from, keeps no address
+    t.heard_from(keys[2], 1.0)  # alive (it sent us a message) but its proposed address never answered a ping
+    t.set_trusted([*keys, bytes([62]) * 32])
+    t.heard_from(bytes([62]) * 32, 1.0)  # alive, no address at all
     dead = bytes([60]) * 32
     fresh = bytes([61]) * 32
-    t.set_trusted([*keys, dead, fresh, SELF])
+    t.set_trusted([*keys, dead, fresh, SELF, bytes([62]) * 32])
     t.discovered(dead, "10.0.3.60:1", "x", "mdns", -100.0)
-    t.tick(-85.0)  # UNKNOWN -> DEAD
-    t.discovered(fresh, "10.0.3.61:1", "x", "mdns", 2.0)  # UNKNOWN: a valid target
-    assert state(t, dead) == PeerState.DEAD
-    allowed = {*keys[4:], fresh}
+    t.verified(dead, "10.0.3.60:1", -100.0)
+    t.tick(-85.0)  # ALIVE -> SUSPECT -> DEAD
+    t.discovered(fresh, "10.0.3.61:1", "x", "mdns", 2.0)  # UNKNOWN: proposed, not verified
+    assert state(t, dead) == PeerState.DEAD and state(t, fresh) == PeerState.UNKNOWN
+    assert state(t, keys[2]) == PeerState.ALIVE
+    allowed = set(keys[3:])
     rng = random.Random(1234)
     seen: set[bytes] = set()
     for _ in range(300):
@@ -498,7 +609,7 @@ def test_gossip_targets_are_deterministic_for_a_seed() -> None:
     def build(order: list[bytes]) -> PeerTable:
         t = table(A, B, C, D)
         for k in order:
-            disc(t, k, 0.0)
+            alive(t, k, 0.0)
         return t
 
     t1, t2 = build([A, B, C, D]), build([D, C, B, A])
@@ -521,7 +632,7 @@ def test_gossip_targets_roughly_uniform() -> None:
 
 def _alive_anywhere(t: PeerTable, pid: bytes) -> None:
     t.discovered(pid, f"10.0.1.{pid[0]}:7452", f"dom-{pid[0]}", "static", 0.0)
-    t.heard_from(pid, 0.0)
+    t.verified(pid, f"10.0.1.{pid[0]}:7452", 0.0)
     t.tick(0.0)
 
 
@@ -582,3 +693,20 @@ def test_gossip_targets_only_among_a_tasks_eligible_peers() -> None:
     assert {p.peer_id for _ in range(20) for p in t.gossip_targets(rng, 1, among={B})} == {B}
     assert t.gossip_targets(rng, 1, among=set()) == []
     assert {p.peer_id for _ in range(40) for p in t.gossip_targets(rng, 1)} == {A, B}
+
+
+def test_goodbyes_in_a_row_cost_one_recheck_ping_per_ping_after_s() -> None:
+    t = table(A)
+    alive(t, A, 0.0)
+    sent = []
+    for i in range(1, 200):  # a goodbye and a re-announcement every 0.1 s, the peer answering every ping
+        now = i * 0.1
+        disc(t, A, now)
+        t.gone(A, "mdns", now, ADDR[A])
+        for e in t.tick(now):
+            assert isinstance(e, Ping) and e.address == ADDR[A]
+            sent.append(now)
+            t.verified(A, ADDR[A], now)
+    assert len(sent) <= 20 / T.ping_after_s + 1, sent
+    p = t.get(A)
+    assert p is not None and (p.state, p.address) == (PeerState.ALIVE, ADDR[A])

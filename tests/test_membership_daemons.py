@@ -105,7 +105,15 @@ class Mesh:
         return [o for o in self.domains if o is not d]
 
     def all_alive(self) -> bool:
-        return all(d.state_of(o) == "alive" for d in self.domains for o in self.others(d))
+        """Everyone alive on everyone, at an address verified by a signed pong (a peer heard from first is
+        alive a moment before its address is verified)."""
+        for d in self.domains:
+            peers = d.peers()
+            for o in self.others(d):
+                row = peers.get(o.peer_id)
+                if row is None or row["state"] != "alive" or row["address"] is None:
+                    return False
+        return True
 
     def describe(self) -> str:
         out = []

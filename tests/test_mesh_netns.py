@@ -32,7 +32,7 @@ import pytest
 
 from meshd import identity as identitymod
 from meshd.ops.config_template import render, set_key
-from tests.helpers import REPO, wait_for
+from tests.helpers import REPO, Fatal, wait_for
 from tests.netns import NetNs, make_mesh_namespaces  # noqa: F401  (pytest fixture)
 
 pytestmark = pytest.mark.netns
@@ -194,3 +194,44 @@ def test_daemons_in_namespaces_find_each_other_by_mdns_and_see_a_leave(
     for d in rest:  # the two that stayed still see each other
         other = next(o for o in rest if o is not d)
         assert d.peers()[other.peer_id]["state"] == "alive"
+
+
+def test_a_wildcard_listener_tells_its_dialable_address_in_its_signed_hellos(
+    make_mesh_namespaces: Callable[..., list[NetNs]],  # noqa: F811
+    started: list[Daemon],
+    tmp_path: Path,
+) -> None:
+    """Two daemons listening on 0.0.0.0, no mDNS: only A is told B's address ([[peers]]). B learns where A
+    listens from the ``addr`` of A's signed pings (the source address of A's route to B), verifies it with a
+    signed pong, and reaches A there."""
+    namespaces = make_mesh_namespaces(2)
+    idents = [identitymod.generate() for _ in namespaces]
+    for i, ns in enumerate(namespaces):
+        name = f"wild-{i}"
+        config = _configure(ns, name, tmp_path / name, idents[i], [idents[1 - i].peer_id])
+        text = set_key(config.read_text(), "discovery.mdns", "enabled", "false")
+        text = set_key(text, "listen", "peer", f'"0.0.0.0:{PEER_PORT}"')
+        if i == 0:
+            text += (f'\n[[peers]]\ndomain = "wild-1"\npeer_id = "{idents[1].peer_id}"\n'
+                     f'address = "{namespaces[1].ip}:{PEER_PORT}"\n')
+        config.write_text(text)
+        started.append(Daemon(ns, name, idents[i].peer_id, config, tmp_path / name / "daemon.log"))
+    for d in started:
+        with d.log_path.open("ab") as log:  # the child keeps its own descriptor
+            d.proc = d.ns.exec([sys.executable, "-m", "meshd", "run", "--config", str(d.config)],
+                               stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    a, b = started
+
+    def b_reaches_a() -> bool:
+        for d in started:
+            assert d.proc is not None
+            if d.proc.poll() is not None:
+                raise Fatal(f"{d.name} exited with {d.proc.returncode}")
+        row = b.peers().get(a.peer_id)
+        return row is not None and row["state"] == "alive" and row["address"] == f"{a.ns.ip}:{PEER_PORT}"
+
+    _poll(b_reaches_a, START_S + DISCOVER_S, "B to reach A at the address A's signed hellos carry", started)
+    row = b.peers()[a.peer_id]
+    assert row["source"] == "inbound"
+    assert [c["address"] for c in row["candidates"] if c["verified"]] == [f"{a.ns.ip}:{PEER_PORT}"]

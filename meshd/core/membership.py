@@ -3,17 +3,27 @@
 Pure: no I/O and no clock. Every method takes ``now`` (seconds, any monotonic origin) and
 :meth:`PeerTable.tick` *returns* what the shell should do (ping a peer, report a state change).
 
+Addresses. Discovery (mDNS, static list, registry) and a peer's own signed ``addr`` only *propose*
+addresses: each peer keeps up to ``MAX_CANDIDATES`` candidate addresses, and gossip goes to its *verified*
+address only, the last one a signed pong from that peer's key came from (:meth:`PeerTable.verified`). A new
+candidate is probed (pinged) at once, then with exponential backoff while it does not answer with a signed
+pong; the verified address is kept until another one is verified. An mDNS goodbye only withdraws that
+proposal: a verified address is kept and re-verified by an immediate ping (a forged goodbye costs one ping).
+
 Liveness rules (all bounds are inclusive: "after X s" means ``now - t >= X``):
 
-- ``UNKNOWN``: an address is known (discovery) but the peer was never heard from. Pinged at once,
-  then every ``ping_after_s`` while no answer; becomes ``DEAD`` after ``dead_after_s`` without contact.
+- ``UNKNOWN``: proposed but never heard from. Its candidates are probed; becomes ``DEAD`` after
+  ``dead_after_s`` without contact.
 - ``ALIVE`` -> ``SUSPECT`` after ``suspect_after_s`` of silence (or at once on a failed send).
 - ``SUSPECT`` -> ``DEAD`` after ``dead_after_s`` of silence (measured from the last contact).
-- ``DEAD`` peers are pinged every ``dead_after_s`` so a restarted peer comes back.
-- ``LEFT`` peers (signed leave, or discovery goodbye) are never pinged.
-- Any valid message (:meth:`PeerTable.heard_from`) makes a peer ``ALIVE`` from any state;
-  a fresh discovery of a ``DEAD``/``LEFT`` peer makes it ``UNKNOWN`` again (discovery is not
-  authenticated, so it does not prove liveness: the immediate ping does).
+- ``DEAD`` peers are re-probed with backoff: ``dead_after_s`` after death, then twice as long each time, at
+  most ``probe_max_s`` apart, so a restarted peer comes back.
+- ``LEFT`` peers (signed leave) are never pinged.
+- A ``DEAD`` or ``LEFT`` peer is removed from the table (reaped) after ``reap_after_s`` in that state,
+  unless a list source (static, registry) names it: those are kept and probed at most every ``probe_max_s``.
+- Any valid message (:meth:`PeerTable.heard_from`) makes a peer ``ALIVE`` from any state; a fresh
+  proposal of a new address for a ``DEAD``/``LEFT`` peer makes it ``UNKNOWN`` again (discovery is not
+  authenticated, so it does not prove liveness: the immediate probe does).
 
 State changes made by event methods (``heard_from``, ``left``...) are queued and returned by the
 next :meth:`PeerTable.tick`, so the caller sees every transition in one place.
@@ -30,11 +40,15 @@ from enum import StrEnum
 
 __all__ = [
     "DISCOVERY_SOURCES",
+    "MAX_CANDIDATES",
+    "AddressChanged",
+    "Candidate",
     "Effect",
     "Peer",
     "PeerState",
     "PeerTable",
     "Ping",
+    "Reaped",
     "RefusedSenders",
     "StateChanged",
     "Timing",
@@ -47,6 +61,9 @@ DISCOVERY_SOURCES = frozenset({"static", "mdns", "registry"})
 _INBOUND = "inbound"
 _LIST_SOURCES = frozenset({"static", "registry"})  # lists of peers; their "gone" means "delisted"
 MAX_TASKS_PER_PEER = 32  # advertised tasks kept per peer (mDNS TXT and pongs are bounded too)
+#: Candidate addresses kept per peer: the verified one, the list sources' and a few proposals (a LAN attacker
+#: advertising a trusted id at many addresses only turns the unverified ones over).
+MAX_CANDIDATES = 8
 
 
 def ring_key(cycle: int, peer_id: bytes) -> bytes:
@@ -60,7 +77,7 @@ class PeerState(StrEnum):
     SUSPECT = "suspect"
     DEAD = "dead"
     LEFT = "left"
-    UNKNOWN = "unknown"  # address known, never heard from
+    UNKNOWN = "unknown"  # proposed by a source, never heard from
 
 
 @dataclass(frozen=True)
@@ -68,8 +85,10 @@ class Timing:
     """Liveness timers, in seconds of silence (time since the last valid message from a peer)."""
 
     suspect_after_s: float = 5.0  # ALIVE -> SUSPECT
-    dead_after_s: float = 15.0  # SUSPECT (or UNKNOWN) -> DEAD; also the re-ping period of DEAD peers
-    ping_after_s: float = 2.0  # silence before a ping is due; also the retry period of unanswered pings
+    dead_after_s: float = 15.0  # SUSPECT (or UNKNOWN) -> DEAD; also the first re-probe delay of a DEAD peer
+    ping_after_s: float = 2.0  # silence before a ping is due; also the first retry of an unanswered probe
+    probe_max_s: float = 300.0  # longest backoff between probes of an unanswering address or a DEAD peer
+    reap_after_s: float = 3600.0  # DEAD or LEFT this long: removed from the table (unless a list names it)
 
     def __post_init__(self) -> None:
         if self.ping_after_s <= 0:
@@ -78,6 +97,23 @@ class Timing:
             raise ValueError(
                 f"need 0 < suspect_after_s < dead_after_s, got {self.suspect_after_s} and {self.dead_after_s}"
             )
+        if self.probe_max_s < self.ping_after_s:
+            raise ValueError(f"probe_max_s must be >= ping_after_s, got {self.probe_max_s}")
+        if self.reap_after_s <= 0:
+            raise ValueError(f"reap_after_s must be > 0, got {self.reap_after_s}")
+
+
+@dataclass
+class Candidate:
+    """An address proposed for a peer. Gossip goes to it only once a signed pong came from it."""
+
+    address: str
+    sources: list[str]  # who proposes it (static, registry, mdns, inbound), newest last; may become empty
+    proposed_at: float
+    verified_at: float | None = None  # the last signed pong from the peer's key at this address
+    recheck: bool = False  # a goodbye withdrew it: ping it again now (it stays in use meanwhile)
+    failures: int = 0  # probes in a row without a signed pong
+    probe_due_at: float | None = None  # next probe (None: at the next tick)
 
 
 @dataclass
@@ -86,8 +122,8 @@ class Peer:
 
     peer_id: bytes
     domain: str
-    address: str | None  # "host:port" to send to; None until some source reports one
-    source: str  # which source the current address came from: static | mdns | registry | inbound
+    address: str | None  # the verified address gossip goes to; None until a signed pong came from one
+    source: str  # who proposed the address in use (or the newest candidate): static|mdns|registry|inbound
     state: PeerState
     last_seen: float | None  # last valid message or ack
     failures: int = 0  # failed sends since the last contact
@@ -95,8 +131,9 @@ class Peer:
     tasks: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
     # Bookkeeping (not part of the status contract):
     since: float | None = None  # when the current state began (None: set by the next tick)
-    ping_due_at: float | None = None  # next time a ping may go out (one outstanding ping at a time)
-    addresses: dict[str, str] = field(default_factory=dict)  # source -> address, oldest report first
+    ping_due_at: float | None = None  # next liveness ping to ``address`` (one outstanding ping at a time)
+    dead_probes: int = 0  # liveness pings sent while DEAD (the backoff exponent)
+    candidates: dict[str, Candidate] = field(default_factory=dict)  # address -> candidate, oldest first
     touched: float = 0.0  # last time anything updated this entry (eviction order)
 
 
@@ -113,7 +150,7 @@ class UntrustedSighting:
 
 @dataclass(frozen=True)
 class Ping:
-    """Send a liveness probe to ``peer_id`` at ``address``; answer with ``heard_from``/``send_failed``."""
+    """Send a signed ping to ``peer_id`` at ``address``; report the answer with ``verified``/``probe_failed``."""
 
     peer_id: bytes
     address: str
@@ -126,11 +163,28 @@ class StateChanged:
     new: PeerState
 
 
-Effect = Ping | StateChanged
+@dataclass(frozen=True)
+class AddressChanged:
+    """A signed pong came from a new address: gossip goes there from now on."""
+
+    peer_id: bytes
+    old: str | None
+    new: str
+
+
+@dataclass(frozen=True)
+class Reaped:
+    """A peer ``DEAD`` or ``LEFT`` for ``reap_after_s`` was removed from the table."""
+
+    peer_id: bytes
+    state: PeerState
+
+
+Effect = Ping | StateChanged | AddressChanged | Reaped
 
 
 class PeerTable:
-    """Trusted keys, discovered addresses and liveness of the peers of one domain."""
+    """Trusted keys, candidate and verified addresses, and liveness of the peers of one domain."""
 
     def __init__(self, self_id: bytes, timing: Timing, max_peers: int = 1024, max_untrusted: int = 256) -> None:
         if max_peers < 1 or max_untrusted < 1:
@@ -171,12 +225,12 @@ class PeerTable:
 
         Peers no longer trusted are dropped at once (they stop being gossip or ping targets); if a
         discovery source had reported them they move to the untrusted sightings. Sightings whose key
-        becomes trusted are promoted to ``UNKNOWN`` peers, so they are pinged on the next tick.
+        becomes trusted are promoted to ``UNKNOWN`` peers, so they are probed on the next tick.
         """
         new = frozenset(k for k in keys if k != self.self_id)
         for pid in [p for p in self._peers if p not in new]:
             peer = self._peers.pop(pid)
-            found = [(s, a) for s, a in peer.addresses.items() if s != _INBOUND]
+            found = [(s, c.address) for c in peer.candidates.values() for s in c.sources if s != _INBOUND]
             if found:
                 source, address = found[-1]
                 self._add_untrusted(UntrustedSighting(pid, peer.domain, address, source, peer.touched))
@@ -185,7 +239,7 @@ class PeerTable:
             s = self._untrusted.pop(pid)
             peer = self._new_peer(pid, s.domain, PeerState.UNKNOWN, s.seen_at)
             peer.since = None  # the UNKNOWN -> DEAD timer starts at the next tick
-            self._set_address(peer, s.source, s.address)
+            self._propose(peer, s.source, s.address, s.seen_at)
 
     # ----------------------------------------------------------------- events
 
@@ -198,7 +252,7 @@ class PeerTable:
         now: float,
         tasks: dict[str, tuple[str | None, str | None]] | None = None,
     ) -> None:
-        """A discovery source reports ``peer_id`` at ``address``."""
+        """A discovery source proposes ``peer_id`` at ``address`` (probed before any gossip goes there)."""
         if peer_id == self.self_id:
             return
         if peer_id not in self._trusted:
@@ -208,13 +262,13 @@ class PeerTable:
         peer = self._peers.get(peer_id)
         if peer is None:
             peer = self._new_peer(peer_id, domain, PeerState.UNKNOWN, now)
-        elif peer.state in (PeerState.DEAD, PeerState.LEFT):
-            self._change(peer, PeerState.UNKNOWN, now)
         peer.domain = domain
         if tasks:
             self._set_tasks(peer, tasks)
         peer.touched = now
-        self._set_address(peer, source, address)
+        news = self._propose(peer, source, address, now)
+        if news and peer.state in (PeerState.DEAD, PeerState.LEFT):
+            self._change(peer, PeerState.UNKNOWN, now)
 
     def advertised(self, peer_id: bytes, tasks: dict[str, tuple[str | None, str | None]]) -> None:
         """The peer told us (signed, in a pong) which tasks it runs: name -> (model fp, data schema fp)."""
@@ -229,34 +283,41 @@ class PeerTable:
             if name in peer.tasks or len(peer.tasks) < MAX_TASKS_PER_PEER:
                 peer.tasks[name] = ids
 
-    def gone(self, peer_id: bytes, source: str, now: float) -> None:
-        """Discovery says the peer went away.
+    def gone(self, peer_id: bytes, source: str, now: float, address: str | None = None) -> None:
+        """A source withdraws what it proposed for the peer (``address``, or all it proposed if None).
 
-        mDNS (a goodbye): if ``source`` provided the address in use, the peer is ``LEFT``; otherwise
-        only that source's address is forgotten. A list source (``static``/``registry``) that no
-        longer lists the peer says nothing about its liveness: that is :meth:`forget_source` for
-        this one peer.
+        mDNS (a goodbye, which anyone on the LAN can forge): the proposal is withdrawn; an unverified
+        address nobody else proposes is forgotten, but the verified address stays in use and is pinged
+        again at once (re-verification): only a failed send or silence demotes the peer, and a signed
+        leave makes it ``LEFT``. A list source (``static``/``registry``) that no longer lists the peer is
+        :meth:`forget_source` for this one peer.
         """
         sighting = self._untrusted.get(peer_id)
-        if sighting is not None and sighting.source == source:
+        if sighting is not None and sighting.source == source and address in (None, sighting.address):
             del self._untrusted[peer_id]
         peer = self._peers.get(peer_id)
-        if peer is None or source not in peer.addresses:
+        if peer is None:
             return
         if source in _LIST_SOURCES:
             self._forget(peer, source)
             return
-        owned = peer.source == source
-        self._drop_address(peer, source)
-        peer.touched = now
-        if owned and peer.state != PeerState.LEFT:
-            self._change(peer, PeerState.LEFT, now)
+        for cand in list(peer.candidates.values()):
+            if (address is not None and cand.address != address) or source not in cand.sources:
+                continue
+            cand.sources.remove(source)
+            peer.touched = now
+            if cand.address == peer.address:
+                # Pinged at the next tick, or (goodbyes in a row) ping_after_s after the last re-check ping.
+                cand.recheck = True
+            elif not cand.sources:
+                del peer.candidates[cand.address]
+        self._refresh_source(peer)
 
     def heard_from(self, peer_id: bytes, now: float, address: str | None = None) -> None:
         """A valid message or ack arrived from ``peer_id``: it is ``ALIVE``.
 
-        ``address`` is the peer's own listening address if the message carried one; it is used only
-        when no discovery source gave an address. Untrusted senders are ignored (the wire layer
+        ``address`` is the peer's own listening address if its signed message carried one: a candidate
+        like any other (probed before gossip goes there). Untrusted senders are ignored (the wire layer
         rejects them first anyway).
         """
         if peer_id == self.self_id or peer_id not in self._trusted:
@@ -269,17 +330,48 @@ class PeerTable:
         peer.last_seen = now
         peer.failures = 0
         peer.ping_due_at = None
+        peer.dead_probes = 0
         peer.touched = now
         if address is not None:
-            self._set_address(peer, _INBOUND, address)
+            self._propose(peer, _INBOUND, address, now)
 
-    def send_failed(self, peer_id: bytes, now: float) -> None:
-        """A send (gossip or ping) to ``peer_id`` failed: an ``ALIVE`` peer becomes ``SUSPECT``."""
+    def verified(self, peer_id: bytes, address: str, now: float) -> None:
+        """A signed pong from ``peer_id`` answered a ping sent to ``address``: gossip goes there now."""
+        peer = self._peers.get(peer_id)
+        if peer is None or peer_id not in self._trusted:
+            return
+        cand = peer.candidates.get(address)
+        if cand is None:  # turned over while the ping was out: it proved itself, keep it
+            cand = self._add_candidate(peer, address, now)
+        cand.verified_at, cand.recheck, cand.failures = now, False, 0
+        if peer.address != address:
+            self._pending.append(AddressChanged(peer_id, peer.address, address))
+            peer.address = address
+        self._refresh_source(peer)
+        self.heard_from(peer_id, now)
+
+    def probe_failed(self, peer_id: bytes, address: str, now: float) -> None:
+        """A ping to ``address`` got no signed pong from ``peer_id``: that address is retried with backoff."""
+        peer = self._peers.get(peer_id)
+        cand = peer.candidates.get(address) if peer is not None else None
+        if cand is not None:
+            cand.failures += 1
+
+    def send_failed(self, peer_id: bytes, now: float, address: str | None = None) -> None:
+        """A send (gossip or ping) to ``peer_id`` failed.
+
+        At its verified address (or ``address`` None): an ``ALIVE`` peer becomes ``SUSPECT``. At another
+        candidate address: only that candidate's probe backoff grows.
+        """
         peer = self._peers.get(peer_id)
         if peer is None:
             return
-        peer.failures += 1
         peer.touched = now
+        if address is not None:
+            self.probe_failed(peer_id, address, now)
+            if address != peer.address:
+                return
+        peer.failures += 1
         if peer.state == PeerState.ALIVE:
             self._change(peer, PeerState.SUSPECT, now)
 
@@ -297,17 +389,17 @@ class PeerTable:
         """After a static/registry reload: forget what ``source`` said about peers not in ``keep``.
 
         An entry that no other source reports and that was never heard from is removed; otherwise
-        only that source's address is dropped.
+        only that source's proposal is dropped (a verified address stays in use).
         """
         for pid in [p for p, s in self._untrusted.items() if s.source == source and p not in keep]:
             del self._untrusted[pid]
-        for pid in [p for p, peer in self._peers.items() if source in peer.addresses and p not in keep]:
+        for pid in [p for p, peer in self._peers.items() if p not in keep and _proposes(peer, source)]:
             self._forget(self._peers[pid], source)
 
     # ----------------------------------------------------------------- time
 
     def tick(self, now: float) -> list[Effect]:
-        """Advance timers to ``now``; return queued state changes, new ones, and due pings."""
+        """Advance timers to ``now``; return queued effects, state changes, reaped peers and due pings."""
         t = self.timing
         effects, self._pending = self._pending, []
         for pid in sorted(self._peers):
@@ -321,20 +413,49 @@ class PeerTable:
                 if now - last >= t.dead_after_s:
                     effects.append(self._transition(peer, PeerState.DEAD, now))
             elif peer.state == PeerState.UNKNOWN and now - peer.since >= t.dead_after_s:
-                # Discovered (or re-discovered) but no answer since: counted from the discovery.
+                # Proposed (or re-proposed) but no answer since: counted from the proposal.
                 effects.append(self._transition(peer, PeerState.DEAD, now))
-            if peer.address is None:
+            if (peer.state in (PeerState.DEAD, PeerState.LEFT) and now - peer.since >= t.reap_after_s
+                    and not any(_proposes(peer, s) for s in _LIST_SOURCES)):
+                del self._peers[pid]
+                effects.append(Reaped(pid, peer.state))
                 continue
-            if peer.state in (PeerState.ALIVE, PeerState.SUSPECT, PeerState.UNKNOWN):
-                # Never heard from: ping at once; otherwise after ping_after_s of silence.
-                idle = peer.last_seen is None or now - peer.last_seen >= t.ping_after_s
-                if idle and (peer.ping_due_at is None or now >= peer.ping_due_at):
-                    peer.ping_due_at = now + t.ping_after_s
-                    effects.append(Ping(pid, peer.address))
-            elif peer.state == PeerState.DEAD and peer.ping_due_at is not None and now >= peer.ping_due_at:
-                peer.ping_due_at = now + t.dead_after_s
-                effects.append(Ping(pid, peer.address))
+            if peer.state == PeerState.LEFT:
+                continue
+            effects.extend(self._due_pings(peer, now))
         return effects
+
+    def _due_pings(self, peer: Peer, now: float) -> list[Ping]:
+        t = self.timing
+        out: list[Ping] = []
+        current = peer.candidates.get(peer.address) if peer.address is not None else None
+        if peer.address is not None:
+            recheck = current is not None and current.recheck and (
+                current.probe_due_at is None or now >= current.probe_due_at)
+            if peer.state == PeerState.DEAD:
+                due = peer.ping_due_at is not None and now >= peer.ping_due_at
+                if due or recheck:
+                    peer.ping_due_at = now + min(t.probe_max_s, t.dead_after_s * 2.0 ** (peer.dead_probes + 1))
+                    peer.dead_probes += 1
+            else:
+                idle = peer.last_seen is None or now - peer.last_seen >= t.ping_after_s
+                due = idle and (peer.ping_due_at is None or now >= peer.ping_due_at)
+                if due or recheck:
+                    peer.ping_due_at = now + t.ping_after_s
+            if due or recheck:
+                if current is not None and current.recheck:
+                    current.probe_due_at = now + t.ping_after_s
+                out.append(Ping(peer.peer_id, peer.address))
+        for cand in peer.candidates.values():
+            if cand.address == peer.address:
+                continue
+            # Unverified addresses are probed; a peer not ALIVE is looked for at every address it had.
+            if cand.verified_at is not None and not cand.recheck and peer.state == PeerState.ALIVE:
+                continue
+            if cand.probe_due_at is None or now >= cand.probe_due_at:
+                cand.probe_due_at = now + min(t.probe_max_s, t.ping_after_s * 2.0 ** min(cand.failures, 30))
+                out.append(Ping(peer.peer_id, cand.address))
+        return out
 
     # ----------------------------------------------------------------- choices
 
@@ -342,11 +463,11 @@ class PeerTable:
         self, rng: random.Random, fanout: int, *, topology: str = "random",
         round_no: int = 0, among: set[bytes] | None = None,
     ) -> list[Peer]:
-        """Up to ``fanout`` distinct peers among ALIVE and UNKNOWN ones with an address.
+        """Up to ``fanout`` distinct ALIVE peers with a verified address.
 
-        UNKNOWN peers are included so that a fresh mesh, where nobody has heard from anybody yet,
-        can start. Never DEAD, LEFT, SUSPECT or self; given ``among`` (a learning task's eligible peers:
-        its cohort, minus those that cannot take its shares), only peers in it.
+        Never UNKNOWN (not verified yet: a discovery proposal alone gets no gossip), DEAD, LEFT, SUSPECT or
+        self; given ``among`` (a learning task's eligible peers: its cohort, minus those that cannot take its
+        shares), only peers in it.
 
         ``topology="random"``: chosen uniformly. ``topology="exponential"``: the one-peer exponential graph
         (Ying et al. 2021) on a ring drawn afresh every cycle: the eligible peers and this node, ordered by
@@ -361,7 +482,7 @@ class PeerTable:
         pool = [
             self._peers[k]
             for k in sorted(self._peers)
-            if self._peers[k].state in (PeerState.ALIVE, PeerState.UNKNOWN) and self._peers[k].address
+            if self._peers[k].state == PeerState.ALIVE and self._peers[k].address
             and (among is None or k in among)
         ]
         if fanout <= 0 or not pool:
@@ -398,6 +519,11 @@ class PeerTable:
                     "source": p.source,
                     "last_seen_s": None if p.last_seen is None else max(0.0, now - p.last_seen),
                     "tasks": {name: {"fp": fp, "schema": schema} for name, (fp, schema) in sorted(p.tasks.items())},
+                    "candidates": [
+                        {"address": c.address, "sources": list(c.sources), "verified": c.verified_at is not None,
+                         "recheck": c.recheck, "failures": c.failures}
+                        for c in p.candidates.values()
+                    ],
                 }
             )
         return rows
@@ -425,8 +551,13 @@ class PeerTable:
         return peer
 
     def _forget(self, peer: Peer, source: str) -> None:
-        self._drop_address(peer, source)
-        if not peer.addresses and peer.last_seen is None:
+        for cand in list(peer.candidates.values()):
+            if source in cand.sources:
+                cand.sources.remove(source)
+                if not cand.sources and cand.address != peer.address:
+                    del peer.candidates[cand.address]
+        self._refresh_source(peer)
+        if not peer.candidates and peer.last_seen is None:
             del self._peers[peer.peer_id]
 
     def _evict_one(self) -> None:
@@ -444,25 +575,52 @@ class PeerTable:
             del self._untrusted[next(iter(self._untrusted))]
         self._untrusted[sighting.peer_id] = sighting
 
-    def _set_address(self, peer: Peer, source: str, address: str) -> None:
-        peer.addresses.pop(source, None)
-        peer.addresses[source] = address  # newest report last
-        self._pick_address(peer)
+    def _propose(self, peer: Peer, source: str, address: str, now: float) -> bool:
+        """``source`` proposes ``address`` for the peer; True if that is news (a new address or proposer)."""
+        if source in _LIST_SOURCES:  # a list names one address per peer: its older proposal is withdrawn
+            for other in list(peer.candidates.values()):
+                if other.address != address and source in other.sources:
+                    other.sources.remove(source)
+                    if not other.sources and other.address != peer.address:
+                        del peer.candidates[other.address]
+        cand = peer.candidates.get(address)
+        news = cand is None or source not in cand.sources
+        if cand is None:
+            cand = self._add_candidate(peer, address, now)
+        elif news and cand.verified_at is None:
+            cand.probe_due_at = None  # proposed by one more source: probe it now, not at the end of its backoff
+        if source in cand.sources:
+            cand.sources.remove(source)
+        cand.sources.append(source)
+        cand.proposed_at = now
+        self._refresh_source(peer)
+        return news
 
-    def _drop_address(self, peer: Peer, source: str) -> None:
-        peer.addresses.pop(source, None)
-        self._pick_address(peer)
+    def _add_candidate(self, peer: Peer, address: str, now: float) -> Candidate:
+        if len(peer.candidates) >= MAX_CANDIDATES:
+            # Turn over the least valuable: never the address in use; unverified before verified, proposals
+            # nobody lists before listed ones, then the oldest proposal.
+            def value(c: Candidate) -> tuple[int, int, float]:
+                listed = any(s in _LIST_SOURCES for s in c.sources)
+                return (1 if c.verified_at is not None else 0, 1 if listed else 0, c.proposed_at)
+
+            victim = min((c for c in peer.candidates.values() if c.address != peer.address), key=value)
+            del peer.candidates[victim.address]
+        cand = Candidate(address, [], now)
+        peer.candidates[address] = cand
+        return cand
 
     @staticmethod
-    def _pick_address(peer: Peer) -> None:
-        # The most recent discovery report wins; a peer's self-reported address is the fallback.
-        found = [(s, a) for s, a in peer.addresses.items() if s != _INBOUND]
-        if found:
-            peer.source, peer.address = found[-1]
-        elif _INBOUND in peer.addresses:
-            peer.source, peer.address = _INBOUND, peer.addresses[_INBOUND]
-        else:
-            peer.address = None
+    def _refresh_source(peer: Peer) -> None:
+        # Who proposed the address in use (discovery before the peer's own word), else the newest candidate.
+        cand: Candidate | None = None
+        if peer.address is not None:
+            cand = peer.candidates.get(peer.address)
+        elif peer.candidates:
+            cand = list(peer.candidates.values())[-1]
+        if cand is not None and cand.sources:
+            found = [s for s in cand.sources if s != _INBOUND]
+            peer.source = found[-1] if found else _INBOUND
 
     def _change(self, peer: Peer, new: PeerState, now: float) -> None:
         self._pending.append(self._transition(peer, new, now))
@@ -473,9 +631,16 @@ class PeerTable:
         peer.since = now
         if new == PeerState.DEAD:
             peer.ping_due_at = now + self.timing.dead_after_s
+            peer.dead_probes = 0
         elif new == PeerState.UNKNOWN:
             peer.ping_due_at = None  # ping at once
+            for cand in peer.candidates.values():
+                cand.probe_due_at = None
         return StateChanged(peer.peer_id, old, new)
+
+
+def _proposes(peer: Peer, source: str) -> bool:
+    return any(source in c.sources for c in peer.candidates.values())
 
 
 @dataclass

@@ -91,8 +91,11 @@ def decode_tasks_txt(text: str) -> dict[str, tuple[str | None, str | None]] | No
 
 @dataclass(frozen=True)
 class PeerGone:
+    """A source withdraws a peer: ``address`` (mDNS: the goodbye of one service), or all it said (None)."""
+
     peer_id: bytes
     source: str
+    address: str | None = None
 
 
 DiscoveryEvent = PeerSeen | PeerGone
@@ -378,7 +381,7 @@ class MdnsDiscovery:
         self._browser: AsyncServiceBrowser | None = None
         self._info: ServiceInfo | None = None
         self._resolving: dict[str, asyncio.Task[None]] = {}
-        self._names: dict[str, bytes] = {}  # service name -> peer id, for PeerGone
+        self._names: dict[str, tuple[bytes, str]] = {}  # service name -> (peer id, address), for PeerGone
         self._quiet = _LogOnce()
 
     @property
@@ -493,9 +496,11 @@ class MdnsDiscovery:
             task = self._resolving.pop(name, None)
             if task is not None:
                 task.cancel()
-            pid = self._names.pop(name, None)
-            if pid is not None and pid not in self._names.values():
-                self._emit(PeerGone(pid, "mdns"))
+            # One service's goodbye withdraws its address only (anyone can send one, for any name, and
+            # another service may advertise the same id elsewhere): the peer table decides what it means.
+            known = self._names.pop(name, None)
+            if known is not None and known not in self._names.values():
+                self._emit(PeerGone(known[0], "mdns", known[1]))
             return
         previous = self._resolving.pop(name, None)
         if previous is not None:
@@ -530,7 +535,10 @@ class MdnsDiscovery:
             return  # our own service under another name (e.g. a stale one from before a restart)
         if name not in self._names and len(self._names) >= self.MAX_NAMES:
             del self._names[next(iter(self._names))]
-        self._names[name] = seen.peer_id
+        before = self._names.get(name)
+        self._names[name] = (seen.peer_id, seen.address)
+        if before is not None and before != self._names[name] and before not in self._names.values():
+            self._emit(PeerGone(before[0], "mdns", before[1]))  # the service moved: its old address is withdrawn
         self._emit(seen)
 
     def _emit(self, event: DiscoveryEvent) -> None:

@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import os
 import random
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
@@ -28,7 +30,17 @@ from meshd import config as configmod
 from meshd import store
 from meshd.config import DEFAULT_TASK, Config
 from meshd.core import wire
-from meshd.core.membership import Peer, PeerState, PeerTable, Ping, RefusedSenders, StateChanged, Timing
+from meshd.core.membership import (
+    AddressChanged,
+    Peer,
+    PeerState,
+    PeerTable,
+    Ping,
+    Reaped,
+    RefusedSenders,
+    StateChanged,
+    Timing,
+)
 from meshd.core.replay import SEQ_LIMIT, ReplayGuard, SequenceCounter
 from meshd.core.stats import GossipStats, smoothed
 from meshd.errors import MeshdError, StoreError, WireError
@@ -97,7 +109,8 @@ class Mesh:
         self._mdns: disc.MdnsDiscovery | None = None
         self._mesh_changed = asyncio.Event()
         self._closed = False
-        self._pinging: set[bytes] = set()
+        self._pinging: set[tuple[bytes, str]] = set()  # (peer, address) with a ping out
+        self._routes: OrderedDict[str, str | None] = OrderedDict()  # peer host -> our address on the route to it
         self._rtt: dict[bytes, float] = {}  # trusted peer -> smoothed seconds from send to answer
         self._announce_wanted = False  # the set of tasks changed: ping every peer, the ping lists them
 
@@ -115,7 +128,8 @@ class Mesh:
     @staticmethod
     def _timing(cfg: Config) -> Timing:
         m = cfg.membership
-        return Timing(suspect_after_s=m.suspect_after_s, dead_after_s=m.dead_after_s, ping_after_s=m.ping_after_s)
+        return Timing(suspect_after_s=m.suspect_after_s, dead_after_s=m.dead_after_s, ping_after_s=m.ping_after_s,
+                      probe_max_s=m.probe_max_s, reap_after_s=m.reap_after_s)
 
     async def open(self) -> None:
         """Load persistent protocol state (replay window, sequence reservation) and the trust list."""
@@ -351,7 +365,14 @@ class Mesh:
         if isinstance(event, disc.PeerSeen):
             self.table.discovered(event.peer_id, event.address, event.domain, event.source, now, event.tasks)
         else:
-            self.table.gone(event.peer_id, event.source, now)
+            self.table.gone(event.peer_id, event.source, now, event.address)
+            peer = self.table.get(event.peer_id)
+            cand = peer.candidates.get(peer.address) if peer is not None and peer.address else None
+            if (cand is not None and cand.recheck and cand.address == event.address
+                    and self._quiet.should_log(("peer_address_recheck", peer_id_of(event.peer_id)))[0]):
+                # Anyone on the LAN can send a goodbye: the verified address stays in use and is pinged now.
+                log.info("peer_address_recheck", peer_id=peer_id_of(event.peer_id), address=event.address,
+                         source=event.source)
 
     async def _discovery_loop(self) -> None:
         """Keeps mDNS registered while the mesh is enabled (stops it, with goodbye packets, otherwise), and
@@ -522,7 +543,7 @@ class Mesh:
         addr = addr if isinstance(addr, str) and disc.check_address(addr) is None else None
         self.table.heard_from(sender, time.monotonic(), address=addr)
         try:
-            reply = await self._dispatch(opened, body)
+            reply = await self._dispatch(opened, body, remote)
         except WireError as exc:
             self.reject(exc.reason, remote, exc.detail, sender)
             return Reply.error(exc.status, exc.reason, exc.detail)
@@ -542,14 +563,14 @@ class Mesh:
             self.stats.bytes_received += len(data)
         return reply
 
-    async def _dispatch(self, opened: wire.Opened, body: dict[str, Any]) -> Reply:
+    async def _dispatch(self, opened: wire.Opened, body: dict[str, Any], remote: str = "") -> Reply:
         kind, sender = opened.kind, opened.sender
         if kind == "ping":
             if not self.cfg.mesh.enabled:
                 raise WireError("not_joined", 503, "this domain has left the mesh")
             if "tasks" in body:  # a ping lists the sender's tasks too: a task it just added is known at once
                 self._note_tasks(sender, body)
-            return Reply(200, await self._seal(sender, "pong", self._pong_body()))
+            return Reply(200, await self._seal(sender, "pong", self._pong_body(toward=remote)))
         if kind == "leave":
             self.table.left(sender, time.monotonic())
             log.info("peer_left", peer_id=peer_id_of(sender), reason=str(body.get("reason", ""))[:64])
@@ -583,12 +604,14 @@ class Mesh:
 
     # --- sending -----------------------------------------------------------------------------------------
 
-    def _pong_body(self) -> dict[str, Any]:
-        """A ping or a pong: who we are, and the tasks we run (name, model and data schema fingerprints)."""
+    def _pong_body(self, toward: str = "") -> dict[str, Any]:
+        """A ping or a pong: who we are, where we listen (as seen from ``toward``, a "host:port" or a host),
+        and the tasks we run (name, model and data schema fingerprints)."""
         ids = self.task_ids()
         fp, schema = _default_ids(ids)
         body: dict[str, Any] = {
             **self.hello_body(),
+            **self._addr_field(toward),
             "tasks": [{"name": n, "fp": f, "schema": s} for n, (f, s) in list(ids.items())[:MAX_PONG_TASKS]],
         }
         if fp is not None:
@@ -596,11 +619,25 @@ class Mesh:
         return body
 
     def _advertised_address(self) -> str | None:
+        """Our dialable address when it does not depend on the peer: ``listen.advertise``, the peer listener's
+        own address, or with a wildcard listener the first mDNS interface."""
         if self.cfg.listen.advertise:
             return self.cfg.listen.advertise
         if self.listen_host not in ("0.0.0.0", "::", ""):
             return f"{self.listen_host}:{self.listen_port}"
+        ifaces = self.cfg.discovery.mdns.interfaces
+        if ifaces:
+            return _join_host_port(ifaces[0], self.listen_port)
         return None
+
+    def _addr_field(self, toward: str) -> dict[str, str]:
+        """``{"addr": ...}`` for a body sent to (or answering) ``toward``: with a wildcard listener and nothing
+        configured, the local address of the route to that peer (what it can dial back); {} if unknown."""
+        addr = self._advertised_address()
+        if addr is None and toward:
+            host = _route_source(self._routes, toward)
+            addr = _join_host_port(host, self.listen_port) if host else None
+        return {"addr": addr} if addr else {}
 
     async def _next_seq(self) -> int:
         seq, reservation = self._seq.next()
@@ -617,6 +654,8 @@ class Mesh:
     async def exchange(self, peer_id: bytes, address: str, kind: str, body: dict[str, Any]) -> tuple[int, bytes, int]:
         """Seal, send, account. Returns (status, body, attempts); raises SendError if nobody answered."""
         assert self._client is not None
+        if "addr" not in body:  # every signed body says where we listen, even behind a wildcard listener
+            body = {**body, **self._addr_field(address)}
         try:
             envelope = await self._seal(peer_id, kind, body)
         except ValueError as exc:  # e.g. a registry key that no envelope can be sealed to: this send fails alone
@@ -627,13 +666,16 @@ class Mesh:
             status, reply, attempts = await self._client.post(address, envelope)
         except SendError:
             self.stats.send_failures += 1
-            self.table.send_failed(peer_id, time.monotonic())
+            self.table.send_failed(peer_id, time.monotonic(), address)
             raise
         elapsed = time.monotonic() - started
         self.stats.sent += 1
         self.stats.bytes_sent += len(envelope)
         self.stats.observe_exchange(kind, elapsed)
-        if status == 503 and b'"not_joined"' in reply:
+        peer = self.table.get(peer_id)
+        if peer is None or peer.address != address:
+            pass  # an address not verified yet: an unsigned status from it says nothing about the peer
+        elif status == 503 and b'"not_joined"' in reply:
             self.table.left(peer_id, time.monotonic())  # it answered: it is there, but out of the mesh
         elif 200 <= status < 300 or status in (409, 503):
             # Accepted, or refused by a meshd that read our envelope (replayed/incompatible, busy). Any other
@@ -671,7 +713,10 @@ class Mesh:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.cfg.gossip.request_timeout_s), asyncio.TaskGroup() as tg:
                 for p in targets:
-                    tg.create_task(self._ping(p.peer_id, p.address or ""))
+                    key = (p.peer_id, p.address or "")
+                    if key not in self._pinging:
+                        self._pinging.add(key)
+                        tg.create_task(self._ping(*key))
         log.info("join_announced", peers=len(targets))
 
     def _note_tasks(self, peer_id: bytes, body: dict[str, Any]) -> None:
@@ -697,30 +742,44 @@ class Mesh:
                 if self._announce_wanted and self.cfg.mesh.enabled:
                     self._announce_wanted = False
                     for p in self.table.peers():
-                        if p.address and p.state != PeerState.LEFT and p.peer_id not in self._pinging:
-                            self._pinging.add(p.peer_id)
+                        if p.address and p.state != PeerState.LEFT and (p.peer_id, p.address) not in self._pinging:
+                            self._pinging.add((p.peer_id, p.address))
                             tg.create_task(self._ping(p.peer_id, p.address))
                 for effect in self.table.tick(now):
                     if isinstance(effect, StateChanged):
                         log.info("peer_state", peer_id=peer_id_of(effect.peer_id),
                                  old=str(effect.old), new=str(effect.new))
+                    elif isinstance(effect, AddressChanged):
+                        log.info("peer_address", peer_id=peer_id_of(effect.peer_id), old=effect.old, new=effect.new)
+                    elif isinstance(effect, Reaped):
+                        self._rtt.pop(effect.peer_id, None)
+                        log.info("peer_reaped", peer_id=peer_id_of(effect.peer_id), state=str(effect.state))
                     elif (isinstance(effect, Ping) and self.cfg.mesh.enabled
-                          and effect.peer_id not in self._pinging and len(self._pinging) < MAX_CONCURRENT_PINGS):
-                        self._pinging.add(effect.peer_id)
+                          and (key := (effect.peer_id, effect.address)) not in self._pinging
+                          and len(self._pinging) < MAX_CONCURRENT_PINGS):
+                        self._pinging.add(key)
                         tg.create_task(self._ping(effect.peer_id, effect.address))
                 await asyncio.sleep(TICK_S)
 
     async def _ping(self, peer_id: bytes, address: str) -> None:
+        """Ping ``peer_id`` at ``address``: a signed pong from its key verifies that address (gossip may go
+        there); anything else (no answer, an unsigned status, a pong from another key) does not."""
         try:
-            status, reply, _ = await self.exchange(peer_id, address, "ping", self._pong_body())
-            if status == 200:
-                pong = await self.open_reply(peer_id, reply, "pong")
-                if pong is not None:
-                    self._note_tasks(peer_id, pong)
+            status, reply, _ = await self.exchange(peer_id, address, "ping", self._pong_body(toward=address))
+            pong = await self.open_reply(peer_id, reply, "pong") if status == 200 else None
+            now = time.monotonic()
+            if pong is None:
+                self.table.probe_failed(peer_id, address, now)
+                return
+            self.table.verified(peer_id, address, now)
+            addr = pong.get("addr")
+            if isinstance(addr, str) and disc.check_address(addr) is None:
+                self.table.heard_from(peer_id, now, address=addr)
+            self._note_tasks(peer_id, pong)
         except (SendError, MeshdError):
             pass
         finally:
-            self._pinging.discard(peer_id)
+            self._pinging.discard((peer_id, address))
 
     # --- rejections and status -----------------------------------------------------------------------------
 
@@ -751,6 +810,43 @@ class Mesh:
                 "mdns": self._mdns is not None,
             },
         }
+
+
+MAX_ROUTES = 256  # peer hosts whose route source address is cached
+
+
+def _join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _route_source(cache: OrderedDict[str, str | None], toward: str) -> str | None:
+    """The local IP address the kernel would send from to reach ``toward`` (a "host:port" or a host): the
+    address that peer can dial back when we listen on a wildcard address. Only IP literals (resolving a
+    name could block); a UDP connect sends nothing. Cached, bounded."""
+    host = toward.rpartition(":")[0] if toward.count(":") == 1 or toward.startswith("[") else toward
+    host = host.strip("[]")
+    if host in cache:
+        cache.move_to_end(host)
+        return cache[host]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    source: str | None = None
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            sock.connect((str(ip), 9))  # no packet: a UDP connect only picks the route
+            source = str(sock.getsockname()[0])
+    except OSError:
+        source = None
+    if source is not None and ipaddress.ip_address(source.split("%")[0]).is_unspecified:
+        source = None
+    cache[host] = source
+    while len(cache) > MAX_ROUTES:
+        cache.popitem(last=False)
+    return source
 
 
 def _remove_durably(path: Path) -> None:

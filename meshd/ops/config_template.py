@@ -59,6 +59,8 @@ retries = 2                      # retries of one exchange (same envelope; a rep
 ping_after_s = 2.0               # silence after which an idle peer gets a signed ping
 suspect_after_s = 5.0            # silence after which a peer is 'suspect'
 dead_after_s = 15.0              # silence after which a peer is 'dead' (no longer a gossip target)
+probe_max_s = 300.0              # longest pause between probes of a silent address or a dead peer
+reap_after_s = 3600.0            # a peer dead or left this long leaves the table (unless listed here)
 
 [limits]
 max_message_mib = 64.0           # [restart] largest envelope accepted or sent, in MiB
