@@ -287,6 +287,9 @@ class TrainingConfig:
     seed: int = field(default=0, metadata=_opt(_non_negative, restart=True))
     eval_interval_s: float = field(default=5.0, metadata=_opt(_positive))
     local_baseline: bool = field(default=True, metadata=_opt(restart=True))
+    # The local-only baseline stops training once its holdout accuracy has not risen by half a point for this
+    # many epochs (it has converged on the domain's own rows); 0 = it trains as long as the task does.
+    local_baseline_patience: float = field(default=5.0, metadata=_opt(_non_negative))
     threads: int = field(default=1, metadata=_opt(_between(1, 256), restart=True))
 
 

@@ -120,6 +120,7 @@ weight_decay = 0.0               # [restart] L2 penalty
 seed = 0                         # [restart] seeds the holdout split and the minibatch order
 eval_interval_s = 5.0            # seconds between holdout evaluations
 local_baseline = true            # [restart] also train a never-averaged copy, to report local-only accuracy (2x CPU)
+local_baseline_patience = 5.0    # epochs without a half-point holdout gain after which the baseline stops (0 = never)
 threads = 1                      # [restart] torch CPU threads for training
 
 [task.gossip]

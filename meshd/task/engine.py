@@ -27,6 +27,9 @@ from meshd.task.privacy import LEDGER_FILE, Ledger, PrivacyPlan, parse_history
 
 log = structlog.get_logger("meshd.task.engine")
 
+# The local-only baseline's holdout accuracy must rise by this much to count as progress (below it: noise).
+BASELINE_MIN_GAIN = 0.005
+
 
 @dataclass
 class TrainingStats:
@@ -77,6 +80,9 @@ class Engine:
         self.stats = TrainingStats()
         self.sha256: str | None = None
         self.threads_in_use: int | None = None
+        self.baseline_converged = False  # the local-only baseline stopped training (local_baseline_patience)
+        self._baseline_best = -1.0
+        self._baseline_best_epoch = 0.0
         # Differential privacy (privacy.enabled): the mechanism and the ledger of spent budget.
         self.plan: PrivacyPlan | None = None
         self.ledger: Ledger | None = None
@@ -250,26 +256,45 @@ class Engine:
                 return start.clone(), TrainResult(steps=0, samples=0, loss=float("nan"))
             self.ledger.reserve(self.plan, steps)  # fsynced before the steps exist: never under-counted
         new, result = self.learner.train(start, steps)
-        if self.baseline is not None and self._baseline_flat is not None:
+        if self.baseline is not None and self._baseline_flat is not None and not self.baseline_converged:
             # The local-only baseline: the same data and steps, never averaged. "Is the mesh helping?"
             self._baseline_flat, _ = self.baseline.train(self._baseline_flat, steps)
         return new, result
 
+    def _baseline_evaluated(self, holdout: float | None) -> None:
+        """Track the baseline's holdout accuracy; once it has not risen by ``BASELINE_MIN_GAIN`` for
+        ``training.local_baseline_patience`` epochs it has converged on this domain's rows alone: it stops
+        training (and being re-scored), which halves the task's training work from then on."""
+        patience = self.cfg.training.local_baseline_patience
+        if holdout is None or patience <= 0 or self.baseline_converged:
+            return
+        if holdout >= self._baseline_best + BASELINE_MIN_GAIN:
+            self._baseline_best, self._baseline_best_epoch = holdout, self.epochs
+        elif self.epochs - self._baseline_best_epoch >= patience:
+            self.baseline_converged = True
+
     def evaluate(self, flat: torch.Tensor) -> dict[str, float | None]:
         out: dict[str, float | None] = {"holdout": None, "local_only": None, "test": None, "local_only_test": None}
         learner = self.learner
+        # A converged baseline no longer changes: its last scores stand.
+        rescore = self.baseline is not None and self._baseline_flat is not None and not self.baseline_converged
         if learner is not None and self.data is not None and self.data.num_holdout > 0:
             out["holdout"] = learner.evaluate(flat, self.data.holdout_x, self.data.holdout_y)
-            if self.baseline is not None and self._baseline_flat is not None:
+            if rescore and self.baseline is not None and self._baseline_flat is not None:
                 out["local_only"] = self.baseline.evaluate(
                     self._baseline_flat, self.data.holdout_x, self.data.holdout_y
                 )
+                self._baseline_evaluated(out["local_only"])
+            else:
+                out["local_only"] = self.stats.local_only_accuracy
         if learner is not None and self.test is not None:
             out["test"] = learner.evaluate(flat, self.test.train_x, self.test.train_y)
-            if self.baseline is not None and self._baseline_flat is not None:
+            if rescore and self.baseline is not None and self._baseline_flat is not None:
                 out["local_only_test"] = self.baseline.evaluate(
                     self._baseline_flat, self.test.train_x, self.test.train_y
                 )
+            else:
+                out["local_only_test"] = self.stats.local_only_test_accuracy
         return out
 
     def served_model(self) -> torch.Tensor:
@@ -391,6 +416,7 @@ class Engine:
             "train_rows": self.data.num_train if self.data else 0,
             "holdout_rows": self.data.num_holdout if self.data else 0,
             "threads": self.threads_in_use,
+            "local_only_converged": self.baseline_converged,
             "weighting": self.cfg.training.weighting,
             "update_scale": round(self.update_scale(), 6),
             "mesh_mean_rows": round(ps.mean_rows, 3) if ps else None,

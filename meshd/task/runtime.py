@@ -85,6 +85,7 @@ class LearningTask:
         self._joined = asyncio.Event()  # set once the first model is settled (pulled, or none to pull)
         self._pull_wanted = asyncio.Event()
         self._gossip_round = 0
+        self._baseline_logged = False
         self._round_hint: int | None = None  # the topology round training asked for (aligned to its epochs)
         self._gossip_now = asyncio.Event()  # set by training after each part of a round
         self._gossip_done = asyncio.Event()  # set by gossip after each round
@@ -735,6 +736,11 @@ class LearningTask:
                 st.evaluated_at_version = version
                 st.evaluated_at_steps = steps
                 self.engine.sha256 = digest
+                if self.engine.baseline_converged and not self._baseline_logged:
+                    self._baseline_logged = True
+                    self._log.info("local_baseline_converged", epochs=round(self.engine.epochs, 1),
+                                   local_only_accuracy=st.local_only_accuracy,
+                                   detail="the local-only baseline stopped training; its last scores stand")
             await asyncio.sleep(self.cfg.training.eval_interval_s)
 
     async def _checkpoint_loop(self) -> None:
