@@ -339,6 +339,37 @@ def test_mesh_beats_local_only_and_resumes_after_kill9(learning_mesh: LocalMesh)
 
 
 @pytest.mark.slow
+def test_the_local_only_baseline_stops_training_once_converged(learning_mesh: LocalMesh) -> None:
+    """`training.local_baseline_patience` (5 epochs by default): a baseline whose holdout accuracy stopped
+    rising stops training and being scored, says so once in the log and in /status, and keeps its last scores
+    while the mesh model trains on."""
+    mesh = learning_mesh
+    others = [d for d in mesh.layout.domains if d.name != mesh.layout.domains[1].name]  # [1] was restarted
+
+    def converged() -> tuple[DomainLayout, dict[str, Any]] | None:
+        for d in others:
+            tr = _status(d)["training"]
+            if tr.get("local_only_converged"):
+                return d, tr
+        return None
+
+    domain, first = wait_for(converged, timeout=240, interval=0.5, what="a local-only baseline to converge")
+    assert first["local_only_accuracy"] is not None
+
+    def evaluated_later() -> dict[str, Any] | None:
+        tr = _status(domain)["training"]
+        per_epoch = first["steps"] / max(first["epochs"], 1e-9)
+        return tr if tr["evaluated_at_steps"] >= first["evaluated_at_steps"] + 2 * per_epoch else None
+
+    later = wait_for(evaluated_later, timeout=240, interval=0.5, what=f"{domain.name} to train two more epochs")
+    assert later["local_only_converged"] is True
+    assert (later["local_only_accuracy"], later["local_only_test_accuracy"]) == (
+        first["local_only_accuracy"], first["local_only_test_accuracy"])  # no longer trained nor re-scored
+    events = [e for e in _events(domain) if e.get("event") == "local_baseline_converged"]
+    assert len(events) == 1, events
+
+
+@pytest.mark.slow
 def test_export_equals_the_served_model_of_the_checkpoint(learning_mesh: LocalMesh, tmp_path: Path) -> None:
     mesh = learning_mesh
     domain = mesh.layout.domains[0]
@@ -374,33 +405,3 @@ def test_export_equals_the_served_model_of_the_checkpoint(learning_mesh: LocalMe
           f"last reported while running {last['test_accuracy']} (local-only {last['local_only_test_accuracy']})")
     _assert_no_blocking_calls(mesh.layout)
 
-
-@pytest.mark.slow
-def test_the_local_only_baseline_stops_training_once_converged(learning_mesh: LocalMesh) -> None:
-    """`training.local_baseline_patience` (5 epochs by default): a baseline whose holdout accuracy stopped
-    rising stops training and being scored, says so once in the log and in /status, and keeps its last scores
-    while the mesh model trains on."""
-    mesh = learning_mesh
-    others = [d for d in mesh.layout.domains if d.name != mesh.layout.domains[1].name]  # [1] was restarted
-
-    def converged() -> tuple[DomainLayout, dict[str, Any]] | None:
-        for d in others:
-            tr = _status(d)["training"]
-            if tr.get("local_only_converged"):
-                return d, tr
-        return None
-
-    domain, first = wait_for(converged, timeout=240, interval=0.5, what="a local-only baseline to converge")
-    assert first["local_only_accuracy"] is not None
-
-    def evaluated_later() -> dict[str, Any] | None:
-        tr = _status(domain)["training"]
-        per_epoch = first["steps"] / max(first["epochs"], 1e-9)
-        return tr if tr["evaluated_at_steps"] >= first["evaluated_at_steps"] + 2 * per_epoch else None
-
-    later = wait_for(evaluated_later, timeout=240, interval=0.5, what=f"{domain.name} to train two more epochs")
-    assert later["local_only_converged"] is True
-    assert (later["local_only_accuracy"], later["local_only_test_accuracy"]) == (
-        first["local_only_accuracy"], first["local_only_test_accuracy"])  # no longer trained nor re-scored
-    events = [e for e in _events(domain) if e.get("event") == "local_baseline_converged"]
-    assert len(events) == 1, events
