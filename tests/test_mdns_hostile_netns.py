@@ -32,7 +32,16 @@ from meshd.ops.config_template import set_key
 from meshd.task.datasets import write_npz_product
 from tests.helpers import REPO, Fatal, log_events, wait_for
 from tests.netns import NetNs, make_mesh_namespaces  # noqa: F401  (pytest fixture)
-from tests.test_mesh_netns import PEER_PORT, POLL_S, START_S, Daemon, _configure, _host_links, started  # noqa: F401
+from tests.test_mesh_netns import (  # noqa: F401  (started: pytest fixture)
+    PEER_PORT,
+    POLL_S,
+    START_S,
+    Daemon,
+    _configure,
+    _host_links,
+    launch,
+    started,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -140,11 +149,7 @@ def _start_pair(namespaces: list[NetNs], started: list[Daemon], tmp: Path) -> tu
         if name == "victim":  # a wildcard listener: its signed hellos must still say where it listens
             config.write_text(set_key(config.read_text(), "listen", "peer", f'"0.0.0.0:{PEER_PORT}"'))
         started.append(Daemon(ns, name, idents[i].peer_id, config, tmp / name / "daemon.log"))
-    for d in started:
-        with d.log_path.open("ab") as log:  # the child keeps its own descriptor
-            d.proc = d.ns.exec([sys.executable, "-m", "meshd", "run", "--config", str(d.config)],
-                               stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    launch(started)
     o, v = started
 
     def reachable() -> bool:

@@ -75,6 +75,15 @@ def _host_links() -> list[str]:
     return sorted(line.split(":", 2)[1].strip().split("@", 1)[0] for line in out.splitlines() if line)
 
 
+def launch(daemons: list[Daemon]) -> None:
+    """Start each daemon's `meshd run` in its namespace, its output appended to its log."""
+    for d in daemons:
+        with d.log_path.open("ab") as log:  # the child keeps its own descriptor
+            d.proc = d.ns.exec([sys.executable, "-m", "meshd", "run", "--config", str(d.config)],
+                               stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
 def _configure(ns: NetNs, name: str, directory: Path, ident: identitymod.Identity, trusted: list[str]) -> Path:
     directory.mkdir(mode=0o700)
     identitymod.save(ident, directory / "identity.key")
@@ -140,11 +149,7 @@ def test_daemons_in_namespaces_find_each_other_by_mdns_and_see_a_leave(
         trusted = [x.peer_id for j, x in enumerate(idents) if j != i]
         config = _configure(ns, name, tmp_path / name, idents[i], trusted)
         started.append(Daemon(ns, name, idents[i].peer_id, config, tmp_path / name / "daemon.log"))
-    for d in started:
-        with d.log_path.open("ab") as log:  # the child keeps its own descriptor
-            d.proc = d.ns.exec([sys.executable, "-m", "meshd", "run", "--config", str(d.config)],
-                               stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    launch(started)
 
     def running(d: Daemon) -> bool:
         assert d.proc is not None
@@ -216,11 +221,7 @@ def test_a_wildcard_listener_tells_its_dialable_address_in_its_signed_hellos(
                      f'address = "{namespaces[1].ip}:{PEER_PORT}"\n')
         config.write_text(text)
         started.append(Daemon(ns, name, idents[i].peer_id, config, tmp_path / name / "daemon.log"))
-    for d in started:
-        with d.log_path.open("ab") as log:  # the child keeps its own descriptor
-            d.proc = d.ns.exec([sys.executable, "-m", "meshd", "run", "--config", str(d.config)],
-                               stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    launch(started)
     a, b = started
 
     def b_reaches_a() -> bool:
