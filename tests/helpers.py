@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -65,6 +66,35 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
+
+
+class KeptAliveEnvelopes:
+    """POSTs envelopes to a daemon's peer listener on loopback over one kept-alive connection, reopened once
+    when the daemon had closed it; (HTTP status, body)."""
+
+    def __init__(self, port: int, timeout: float = 30.0) -> None:
+        self.port, self.timeout = port, timeout
+        self._conn: http.client.HTTPConnection | None = None
+
+    def post(self, envelope: bytes) -> tuple[int, bytes]:
+        for attempt in range(2):
+            if self._conn is None:
+                self._conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
+            try:
+                self._conn.request("POST", "/v1/envelope", body=envelope,
+                                   headers={"Content-Type": "application/x-meshd-envelope"})
+                resp = self._conn.getresponse()
+                return resp.status, resp.read()
+            except (ConnectionError, http.client.HTTPException):
+                self.close()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 def post_envelope(port: int, data: bytes) -> tuple[int, bytes]:

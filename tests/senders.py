@@ -9,11 +9,7 @@ Each sender has its own sequence counter. ``stop()`` (or leaving the ``with`` bl
 
 from __future__ import annotations
 
-import http.client
 import json
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import TracebackType
@@ -23,10 +19,10 @@ from meshd import identity as identitymod
 from meshd.core.replay import ReplayGuard
 from meshd.core.wire import Limits, Wire, encode_body
 from meshd.ops.config_template import render, set_key
-from meshd.ops.localmesh import free_port, get_status
+from meshd.ops.localmesh import free_port
+from tests.helpers import DaemonProc, KeptAliveEnvelopes
 
 REPO = Path(__file__).resolve().parent.parent
-ENVELOPE_CT = "application/x-meshd-envelope"
 
 
 class ManySenders:
@@ -52,48 +48,23 @@ class ManySenders:
                                       ("trust", "registry"): '"registry.toml"', **(settings or {})}.items():
             text = set_key(text, section, key, value)
         (workdir / "meshd.toml").write_text(text)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: Any = None
-        self._conn: http.client.HTTPConnection | None = None
+        self.daemon: DaemonProc | None = None
+        self.envelopes = KeptAliveEnvelopes(self.peer_port, timeout=60)
 
     @property
     def status_url(self) -> str:
         return f"http://127.0.0.1:{self.status_port}"
 
     def start(self, timeout: float = 120.0) -> None:
-        self._log = open(self.workdir / "daemon.log", "ab")  # noqa: SIM115 - closed in stop()
-        cmd = [sys.executable, "-m", "meshd", "run", "--config", str(self.workdir / "meshd.toml")]
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.logs()[-4000:]}")
-            s = get_status(self.status_url)
-            if s and s.get("state") == "running":
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"daemon not running after {timeout}s:\n{self.logs()[-4000:]}")
-            time.sleep(0.1)  # polling interval of a deadline loop
+        self.daemon = DaemonProc(self.workdir / "meshd.toml", self.status_port)
+        self.daemon.wait_ready(timeout)
 
     def logs(self) -> str:
-        if self._log is not None and not self._log.closed:
-            self._log.flush()
-        return (self.workdir / "daemon.log").read_text(errors="replace")
+        return "" if self.daemon is None else self.daemon.logs()
 
     def stop(self) -> int | None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self._log is not None:
-            self._log.close()
-        return None if self.proc is None else self.proc.returncode
+        self.envelopes.close()
+        return None if self.daemon is None else self.daemon.stop(30)
 
     def __enter__(self) -> ManySenders:
         self.start()
@@ -114,19 +85,7 @@ class ManySenders:
 
     def post(self, envelope: bytes) -> tuple[int, bytes]:
         """POST one envelope on the kept-alive connection (reopened once if the daemon closed it)."""
-        for attempt in range(2):
-            if self._conn is None:
-                self._conn = http.client.HTTPConnection("127.0.0.1", self.peer_port, timeout=60)
-            try:
-                self._conn.request("POST", "/v1/envelope", body=envelope, headers={"Content-Type": ENVELOPE_CT})
-                resp = self._conn.getresponse()
-                return resp.status, resp.read()
-            except (ConnectionError, http.client.HTTPException):
-                self._conn.close()
-                self._conn = None
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
+        return self.envelopes.post(envelope)
 
     def ping(self, i: int) -> float:
         """A ping from sender ``i``, answered and its pong opened; returns the seconds it took (raises if not 200)."""

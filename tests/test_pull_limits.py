@@ -12,7 +12,6 @@ own checkpoints before and after). The loop is bounded in count and time and ass
 from __future__ import annotations
 
 import contextlib
-import http.client
 import itertools
 import json
 import time
@@ -30,7 +29,7 @@ from meshd.core.replay import ReplayGuard
 from meshd.core.wire import Limits, Wire, encode_body
 from meshd.ops.localmesh import LocalMesh, build_mesh, get_status
 from meshd.task.checkpoints import CheckpointStore
-from tests.helpers import TIMEOUT_SCALE, http_get, wait_for
+from tests.helpers import TIMEOUT_SCALE, KeptAliveEnvelopes, http_get, wait_for
 
 PULLS = 2000
 FLOOR = 0.1  # gossip.pull_min_weight's default
@@ -59,27 +58,14 @@ class Puller:
         self.ident, self.to, self.port, self.ids = ident, to, port, ids
         self.wire = Wire(ident, Limits())
         self.seqs = itertools.count(1)
-        self.conn: http.client.HTTPConnection | None = None
+        self.envelopes = KeptAliveEnvelopes(port)
 
     def pull(self) -> tuple[int, bytes]:
         return self.send("pull", {"domain": "puller", **self.ids})
 
     def send(self, kind: str, body: dict[str, Any]) -> tuple[int, bytes]:
         env = self.wire.seal(self.to, kind, encode_body(body), next(self.seqs), int(time.time() * 1000))
-        for attempt in range(2):  # a keep-alive connection the server closed is reopened once
-            if self.conn is None:
-                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-            try:
-                self.conn.request("POST", "/v1/envelope", body=env,
-                                  headers={"Content-Type": "application/x-meshd-envelope"})
-                resp = self.conn.getresponse()
-                return resp.status, resp.read()
-            except (ConnectionError, http.client.HTTPException):
-                self.conn.close()
-                self.conn = None
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
+        return self.envelopes.post(env)
 
     def open_model(self, data: bytes) -> dict[str, Any]:
         opened = self.wire.open(data, int(time.time() * 1000), lambda pk: pk == self.to, ReplayGuard())
@@ -89,8 +75,7 @@ class Puller:
         return body
 
     def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
+        self.envelopes.close()
 
 
 @contextlib.contextmanager
