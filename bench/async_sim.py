@@ -41,7 +41,7 @@ import torch
 
 from meshd.core.averaging import PushSum, ServedModel, Share, data_scale
 from meshd.core.codec import encoded_size
-from meshd.core.membership import ring_key
+from meshd.core.membership import exponential_targets
 from meshd.ops.localmesh import build_mesh, load_dataset
 from meshd.task import models
 from meshd.task.data import load_data_product
@@ -78,7 +78,6 @@ class Sim:
         self.training = [False] * DOMAINS
         self.busy = [False] * DOMAINS  # an exchange in flight (the gossip loop runs one round at a time)
         self.rounds = [0] * DOMAINS
-        self.hops = max(1, math.ceil(math.log2(DOMAINS)))
         self.ids = [i.to_bytes(32, "big") for i in range(DOMAINS)]  # stand-ins for peer ids
         self.values_moved = [0] * DOMAINS
         self.queue: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
@@ -97,10 +96,9 @@ class Sim:
         return max(0, min(wanted, math.ceil(allowed))) if allowed > 0 else 0
 
     def exchange(self, t: float, i: int, round_no: int, then: Callable[[float], None] | None) -> None:
-        # The daemons' exponential topology (meshd.core.membership.PeerTable.gossip_targets): a ring drawn
-        # afresh each cycle of `hops` rounds, the same at every domain, walked by powers of two.
-        ring = sorted(range(DOMAINS), key=lambda k: ring_key(round_no // self.hops, self.ids[k]))
-        j = ring[(ring.index(i) + 2 ** (round_no % self.hops)) % DOMAINS]
+        # The daemons' exponential topology: a ring drawn afresh each cycle, walked by powers of two.
+        (target,) = exponential_targets(self.ids, self.ids[i], round_no, 1)
+        j = self.ids.index(target)
         shares = self.ps[i].prepare(1)
         if not shares:
             if then is not None:

@@ -45,7 +45,7 @@ import torch
 
 from meshd.config import PrivacyConfig
 from meshd.core.averaging import PushSum, ServedModel
-from meshd.core.membership import ring_key
+from meshd.core.membership import exponential_targets
 from meshd.ops.localmesh import build_mesh
 from meshd.task import models
 from meshd.task.data import DataProduct, load_data_product
@@ -146,7 +146,6 @@ def _gossip(domains: list[DataProduct], learners: list[Learner], steps: list[int
     nodes = [PushSum(init.clone(), rows=float(d.num_train), codec=CODEC) for d in domains]
     served = [ServedModel(SERVE_WINDOW) for _ in domains]
     ids = [i.to_bytes(32, "big") for i in range(n)]  # stand-ins for peer ids
-    hops = max(1, math.ceil(math.log2(n)))
     mean_rows = sum(d.num_train for d in domains) / n
     gossip_round = 0
     for _ in range(rounds):
@@ -159,9 +158,9 @@ def _gossip(domains: list[DataProduct], learners: list[Learner], steps: list[int
                     new, _ = lr.train(start, k)
                     node.apply_update(new - start, d.num_train / mean_rows)  # training.weighting = "rows"
                     left[i] -= k
-            ring = sorted(range(n), key=lambda k: ring_key(gossip_round // hops, ids[k]))
             for i, node in enumerate(nodes):
-                j = ring[(ring.index(i) + 2 ** (gossip_round % hops)) % n]
+                (target,) = exponential_targets(ids, ids[i], gossip_round, 1)
+                j = ids.index(target)
                 (share,) = node.prepare(1)
                 back = nodes[j].prepare(1, at_most=share.weight)  # its half from before the merge
                 nodes[j].merge(share.values, share.weight, share.version, share.rows)

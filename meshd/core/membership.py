@@ -53,6 +53,7 @@ __all__ = [
     "StateChanged",
     "Timing",
     "UntrustedSighting",
+    "exponential_targets",
     "ring_key",
 ]
 
@@ -64,6 +65,26 @@ MAX_TASKS_PER_PEER = 32  # advertised tasks kept per peer (mDNS TXT and pongs ar
 #: Candidate addresses kept per peer: the verified one, the list sources' and a few proposals (a LAN attacker
 #: advertising a trusted id at many addresses only turns the unverified ones over).
 MAX_CANDIDATES = 8
+
+
+def exponential_targets(ids: list[bytes], me: bytes, round_no: int, count: int) -> list[bytes]:
+    """Up to ``count`` distinct peers ``me`` sends to in round ``round_no`` of the one-peer exponential graph
+    over ``ids`` (``me`` among them) on the ring of the round's cycle: ``2**((round_no + j) mod hops)`` places
+    after ``me`` for ``j = 0, 1, ...``, with ``hops = ceil(log2 len(ids))`` rounds a cycle (see
+    :meth:`PeerTable.gossip_targets`). The benches' simulations call it too, so they walk the daemons' graph."""
+    n = len(ids)
+    hops = max(1, math.ceil(math.log2(n)))
+    cycle = round_no // hops
+    ring = sorted(ids, key=lambda k: ring_key(cycle, k))
+    at = ring.index(me)
+    out: list[bytes] = []
+    for j in range(hops):
+        peer = ring[(at + 2 ** ((round_no + j) % hops)) % n]
+        if peer != me and peer not in out:
+            out.append(peer)
+        if len(out) >= count:
+            break
+    return out
 
 
 def ring_key(cycle: int, peer_id: bytes) -> bytes:
@@ -489,20 +510,9 @@ class PeerTable:
             return []
         if topology != "exponential":
             return rng.sample(pool, min(fanout, len(pool)))
-        n = len(pool) + 1
-        hops = max(1, math.ceil(math.log2(n)))
-        cycle = round_no // hops
-        ring = sorted([self.self_id, *(p.peer_id for p in pool)], key=lambda k: ring_key(cycle, k))
         by_id = {p.peer_id: p for p in pool}
-        me = ring.index(self.self_id)
-        out: list[Peer] = []
-        for j in range(hops):
-            peer = by_id[ring[(me + 2 ** ((round_no + j) % hops)) % n]]
-            if peer not in out:
-                out.append(peer)
-            if len(out) == min(fanout, len(pool)):
-                break
-        return out
+        ids = exponential_targets([self.self_id, *by_id], self.self_id, round_no, min(fanout, len(pool)))
+        return [by_id[k] for k in ids]
 
     # ----------------------------------------------------------------- reports
 
