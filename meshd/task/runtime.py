@@ -678,20 +678,17 @@ class LearningTask:
         round_steps = max(1, self.engine.round_steps)
         total = self.engine.stats.steps + self.engine.stats.steps_dropped
         this_round, within = divmod(total - steps, round_steps)
-        if g.every_steps > 0:
-            await self._exchange_now(None)
-            if g.settle == 0 or total // round_steps == this_round:
-                return
-            for _ in range(g.settle):
-                await self._exchange_now(None)
-        else:
+        first: int | None = None  # every_steps: the gossip loop's own round counter
+        settle: list[int | None] = [None] * g.settle
+        if g.every_steps == 0:
             per_epoch = g.per_round + g.settle
-            await self._exchange_now(this_round * per_epoch
-                                     + min(g.per_round - 1, within * g.per_round // round_steps))
-            if g.settle == 0 or total // round_steps == this_round:
-                return  # no settling, or the round is not over yet
-            for k in range(g.settle):
-                await self._exchange_now(this_round * per_epoch + g.per_round + k)
+            first = this_round * per_epoch + min(g.per_round - 1, within * g.per_round // round_steps)
+            settle = [this_round * per_epoch + g.per_round + k for k in range(g.settle)]
+        await self._exchange_now(first)
+        if not settle or total // round_steps == this_round:
+            return  # no settling, or the round is not over yet
+        for round_no in settle:
+            await self._exchange_now(round_no)
         ps = self.engine.pushsum
         if ps is not None:
             self.engine.served.settle(ps.estimate())
