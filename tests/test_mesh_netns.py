@@ -172,11 +172,15 @@ def test_daemons_in_namespaces_find_each_other_by_mdns_and_see_a_leave(
                 if o is d:
                     continue
                 row = peers.get(o.peer_id)
-                if row is None or row["state"] != "alive" or row["source"] != "mdns":
+                # A peer is 'alive' as soon as one of its signed messages arrives; its address is set
+                # only once it answered a ping at that address (a signed pong), which can come later.
+                if (row is None or row["state"] != "alive" or row["source"] != "mdns"
+                        or row["address"] != f"{o.ns.ip}:{PEER_PORT}"):
                     return False
         return True
 
-    _poll(everyone_alive_by_mdns, DISCOVER_S, "everyone alive on everyone, found by mDNS", started)
+    _poll(everyone_alive_by_mdns, DISCOVER_S, "everyone alive at its verified address on everyone, found by mDNS",
+          started)
     for d in started:
         s = d.status()
         assert s["mesh"]["mdns"] is True and s["mesh"]["joined"] is True
