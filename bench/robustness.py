@@ -1,27 +1,31 @@
 """Poisoning robustness: 8 domains, 2 of them hostile, every attack, plain push-sum against the clipped rule.
 
-An in-process simulation of the mesh's learning that runs meshd's own code for everything a domain does:
-``PushSum`` (prepare / confirm / abandon, q8 codec), the merge rules of ``meshd.core.merge`` with the
-parameters a daemon would give them (weight ceiling and cap = trusted + 1, calibration on 3 peers), the
-served model (``ServedModel``, window 8) and local SGD (``Learner``, the optimizer and data set-up of
-``bench/learning.py``: same splits, same initial weights). What is simulated: the clock (one round = every
-honest domain trains ``STEPS_PER_ROUND`` steps, then sends one share to its exponential-graph target; a
-share is delivered at once) and the network (no loss). The attackers are ``tests/hostile.py``'s attacks
-(``craft``), seeing every share sent to them, sending a share to every honest domain every round (pulling
-from every one, for ``pull``). Real daemons with the socket harness are exercised by
+An in-process simulation of the mesh's learning that runs meshd's own code for everything a domain does, with
+the daemon's defaults (``meshd.config.GossipConfig``, read at run time): ``PushSum`` (prepare / confirm /
+abandon, the ``gossip.codec``, data weighting by rows), the merge rules of ``meshd.core.merge`` with the
+parameters a daemon gives them (``meshd.task.runtime.rule_params``: weight ceiling and cap = trusted + 1,
+calibration on 3 peers), the exchange the daemon uses with that rule (``runtime.asks_answers``: push-pull, or
+one-way shares), pull answers under the rule's pull limits (``gossip.pull_fraction``, ``pull_min_weight``),
+the served model (``ServedModel``, ``gossip.serve_window``) and local SGD (``Learner``, the optimizer and data
+set-up of ``bench/learning.py``: same splits, same initial weights). In lock step, as ``bench/privacy.py``:
+one round = every honest domain trains ``gossip.every_steps`` steps, then runs one exchange with its peer on
+the exponential graph's ring of the cycle (``meshd.core.membership.exponential_targets``); everything is
+delivered at once, and a round is ``ROUND_S`` seconds of the rules' clock (a part and its exchange on a
+daemon). The attackers are ``tests/hostile.py``'s attacks (``craft``), seeing every share sent to them and
+the newest version in them, sending a share to every honest domain every round (a pull, for ``pull``), as
+the harness does every ``interval_s``. Real daemons with the socket harness are exercised by
 ``tests/test_robust_daemons.py``; this bench measures the learning.
 
 For each scenario (digits, MNIST-1D) and each attack: mean accuracy and mean cross-entropy of the 6 honest
 domains' served models on the shared test set, after the same local steps, relative to the clean run under
-the same rule (the 2 hostile domains silent: they send nothing and refuse what they are sent, so the clean
+the same rule (the 2 hostile domains silent: dead to the others, who gossip among themselves, so the clean
 run learns from the same 6 data products, and the table shows what the attack costs, not the 2 domains'
-data). The clean rows compare
-the rules with no attacker: clipped / pushsum accuracy at equal steps.
+data). The clean rows compare the rules with no attacker: clipped / pushsum accuracy at equal steps.
 
-    .venv/bin/python bench/robustness.py [--quick] [--scenario digits|mnist1d|all] [--out DIR]
+    .venv/bin/python bench/robustness.py [--quick] [--scenario digits|mnist1d|all] [--attacks a,b] [--out DIR]
 
 Writes ``DIR/robustness.json`` and ``DIR/robustness.png`` (default ``bench/results``) and prints the table
-(markdown, as in the README).
+(markdown, as in the README). ``--attacks`` (a comma list) runs only those attacks, to iterate on a rule.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,48 +49,65 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from learning import BATCH, LR, MOMENTUM, SEED, _learners
 
-from meshd.core.averaging import PushSum, RejectedUpdate, ServedModel
-from meshd.core.merge import RuleParams, make_rule
+from meshd.config import GossipConfig, TaskConfig
+from meshd.core.averaging import PushSum, RejectedUpdate, ServedModel, data_scale
+from meshd.core.membership import exponential_targets
+from meshd.core.merge import make_rule
 from meshd.errors import ModelError
 from meshd.ops.localmesh import build_mesh, load_dataset
 from meshd.task import models
 from meshd.task.data import DataProduct, load_data_product
+from meshd.task.runtime import asks_answers, rule_params
 from tests.hostile import craft
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ATTACKS = ("scaled", "signflip", "alie", "ipm", "dissensus", "weight", "version", "pull", "replay")
 RULES = ("pushsum", "clipped")
 DOMAINS, HOSTILE = 8, (0, 1)  # domains 0 and 1 are the compromised ones
-STEPS_PER_ROUND = 2
+GOSSIP = GossipConfig()  # the daemon's defaults
+ROUND_S = 0.5  # seconds of the rules' clock per round (quarantines, pull limits)
 SCENARIOS = {  # name: (dataset, samples, model, alpha, rounds full, rounds quick, samples quick)
-    "digits": ("digits", 0, "mlp", 0.1, 300, 200, 0),
-    "mnist1d": ("mnist1d", 40_000, "cnn1d", 0.1, 400, 100, 10_000),
+    "digits": ("digits", 0, "mlp", 0.1, 100, 50, 0),
+    "mnist1d": ("mnist1d", 40_000, "cnn1d", 0.1, 300, 150, 10_000),
 }
-EVAL_EVERY = 25
+EVAL_EVERY = 10
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", choices=("digits", "mnist1d", "all"), default="all")
     parser.add_argument("--quick", action="store_true", help="fewer rounds; MNIST-1D with 10,000 samples")
+    parser.add_argument("--attacks", default=",".join(ATTACKS), help="comma list of attacks to run (default all)")
+    parser.add_argument("--rules", default=",".join(RULES), help="comma list of rules to run (default both)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
                         help="only merge the scenarios of earlier runs' robustness.json files into --out")
     args = parser.parse_args()
     if args.combine:
         runs = [json.loads(p.read_text()) for p in args.combine]
-        out = {**runs[0], "scenarios": {k: v for r in runs for k, v in r["scenarios"].items()},
+        scenarios: dict[str, Any] = {}
+        for r in runs:  # runs of the same scenario (say one per rule) are merged
+            for k, v in r["scenarios"].items():
+                scenarios[k] = {**v, "runs": {**scenarios.get(k, {}).get("runs", {}), **v["runs"]}}
+        out = {**runs[0], "scenarios": scenarios,
                "elapsed_s": sum(r["elapsed_s"] for r in runs), "combined_from": [str(p) for p in args.combine]}
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "robustness.json").write_text(json.dumps(out, indent=1))
         plot(args.out / "robustness.png", out)
         print(table(out))
         return 0
+    attacks = [a for a in args.attacks.split(",") if a]
+    rules = [r for r in args.rules.split(",") if r]
+    unknown = sorted(set(attacks) - set(ATTACKS)) + sorted(set(rules) - set(RULES))
+    if unknown:
+        parser.error(f"unknown attack or rule: {', '.join(unknown)}")
     torch.set_num_threads(1)
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     out: dict[str, Any] = {
         "bench": "robustness", "mode": "quick" if args.quick else "full", "domains": DOMAINS, "hostile": len(HOSTILE),
-        "steps_per_round": STEPS_PER_ROUND, "optimizer": {"lr": LR, "momentum": MOMENTUM, "batch_size": BATCH},
+        "every_steps": GOSSIP.every_steps, "codec": GOSSIP.codec, "serve_window": GOSSIP.serve_window,
+        "topology": "exponential", "round_s": ROUND_S,
+        "optimizer": {"lr": LR, "momentum": MOMENTUM, "batch_size": BATCH},
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
                     "cpus": os.cpu_count()},
         "scenarios": {},
@@ -93,17 +115,18 @@ def main() -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="meshd-robust-") as tmp:
         for name in names:
-            out["scenarios"][name] = run_scenario(name, Path(tmp) / name, args.quick)
+            out["scenarios"][name] = run_scenario(name, Path(tmp) / name, args.quick, rules, attacks)
     out["elapsed_s"] = round(time.monotonic() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "robustness.json").write_text(json.dumps(out, indent=1))
-    plot(args.out / "robustness.png", out)
-    print("\n" + table(out))
-    print(f"\nwrote {args.out / 'robustness.json'} and {args.out / 'robustness.png'} ({out['elapsed_s']:.0f} s)")
+    if set(attacks) == set(ATTACKS) and set(rules) == set(RULES):
+        plot(args.out / "robustness.png", out)
+        print("\n" + table(out))
+    print(f"\nwrote {args.out / 'robustness.json'} ({out['elapsed_s']:.0f} s)")
     return 0
 
 
-def run_scenario(name: str, workdir: Path, quick: bool) -> dict[str, Any]:
+def run_scenario(name: str, workdir: Path, quick: bool, rules: list[str], attacks: list[str]) -> dict[str, Any]:
     dataset, samples, model, alpha, rounds_full, rounds_quick, samples_quick = SCENARIOS[name]
     rounds, samples = (rounds_quick, samples_quick or samples) if quick else (rounds_full, samples)
     data = load_dataset(dataset, SEED, samples) if samples else load_dataset(dataset, SEED)
@@ -115,91 +138,118 @@ def run_scenario(name: str, workdir: Path, quick: bool) -> dict[str, Any]:
     test = load_data_product(layout.test_path, "label", None, 0.0, num_classes, SEED)
     spec = models.ModelSpec(name=model, num_classes=num_classes)
     init = models.flatten(models.build_model(spec, test.input_dim, models.initial_seed(spec, test.input_dim, 0)))
+    steps = GOSSIP.every_steps
     print(f"\n=== {name}: {DOMAINS} domains ({len(HOSTILE)} hostile), {model} ({init.numel()} parameters), "
-          f"{rounds} rounds x {STEPS_PER_ROUND} steps ===", flush=True)
-    res: dict[str, Any] = {"rounds": rounds, "steps": rounds * STEPS_PER_ROUND, "samples": samples,
+          f"{rounds} rounds x {steps} steps ===", flush=True)
+    res: dict[str, Any] = {"rounds": rounds, "steps": rounds * steps, "samples": samples,
                            "parameters": int(init.numel()), "runs": {}}
-    for rule in RULES:
-        for attack in ("clean", *ATTACKS):
+    for rule in rules:
+        for attack in ("clean", *attacks):
             t = time.monotonic()
             run = simulate(spec, init, domains, test, rule, attack, rounds)
             run["elapsed_s"] = round(time.monotonic() - t, 1)
             res["runs"][f"{rule}/{attack}"] = run
             last = run["curve"][-1]
             print(f"  {rule:<8} {attack:<10} acc {last['accuracy']:.3f} loss {last['loss']:.3g} "
-                  f"({run['elapsed_s']:.0f} s) {run['refused']}", flush=True)
+                  f"({run['elapsed_s']:.0f} s) clipped {run['clipped']} {run['refused']}", flush=True)
     return res
 
 
 def simulate(spec: models.ModelSpec, init: torch.Tensor, domains: list[DataProduct], test: DataProduct,
              rule_name: str, attack: str, rounds: int) -> dict[str, Any]:
-    hostile = set(HOSTILE)  # in the clean run they are silent: they refuse shares and send none
+    hostile = set(HOSTILE)
     honest = [i for i in range(DOMAINS) if i not in hostile]
+    cfg = replace(TaskConfig(), gossip=replace(GOSSIP, merge=rule_name))
+    pushpull = asks_answers(cfg)
     learners = _learners(spec, domains)
-    nodes = {i: PushSum(init.clone(), codec="q8", max_weight=float(DOMAINS)) for i in honest}
-    served = {i: ServedModel(8) for i in honest}
-    params = RuleParams(weight_ceiling=float(DOMAINS), min_peers=3)
-    rules = {i: make_rule(rule_name, params) for i in honest}
+    rows = {i: float(domains[i].num_train) for i in honest}
+    nodes = {i: PushSum(init.clone(), codec=GOSSIP.codec, max_weight=float(DOMAINS), rows=rows[i])
+             for i in honest}
+    served = {i: ServedModel(GOSSIP.serve_window) for i in honest}
+    rules = {i: make_rule(rule_name, rule_params(cfg.gossip, DOMAINS - 1)) for i in honest}
     ids = [bytes([i]) * 32 for i in range(DOMAINS)]
+    # In the clean run the hostile domains are silent (dead): the honest ones walk the graph among themselves.
+    ring = [ids[i] for i in (honest if attack == "clean" else range(DOMAINS))]
     views: dict[int, dict[int, torch.Tensor]] = {h: {} for h in hostile}
-    first: dict[int, torch.Tensor] = {}
+    newest = 0  # the newest version the attackers have seen
+    first: dict[int, tuple[torch.Tensor, int]] = {}
     refused: dict[str, int] = {}
     curve = []
-    hops = max(1, math.ceil(math.log2(DOMAINS)))
     for rnd in range(rounds):
-        now = float(rnd)
+        now = rnd * ROUND_S
         for i in honest:  # local steps on a copy, as the train loop does
             start = nodes[i].estimate()
             try:
-                new, _ = learners[i].train(start.to(torch.float32), STEPS_PER_ROUND)
-                nodes[i].apply_update(new.to(torch.float64) - start)
+                new, _ = learners[i].train(start.to(torch.float32), GOSSIP.every_steps)
+                nodes[i].apply_update(new.to(torch.float64) - start, data_scale(rows[i], nodes[i].mean_rows))
             except (ModelError, RejectedUpdate):  # a diverging step is dropped, as the train loop does
                 refused["steps_dropped"] = refused.get("steps_dropped", 0) + 1
-        for i in honest:  # one share to the exponential-graph target of this round
-            j = (i + 2 ** (rnd % hops)) % DOMAINS
-            share = nodes[i].prepare(1)[0]
-            if j in hostile and attack == "clean":
-                nodes[i].abandon(share.id)  # a silent domain: the sender keeps the mass
+        for i in honest:  # one exchange with the exponential graph's peer of this round
+            # A task gossips only with peers it does not quarantine (runtime.eligible).
+            among = [p for p in ring if p == ids[i] or not rules[i].is_quarantined(p, now)]
+            (target,) = exponential_targets(among, ids[i], rnd, 1)
+            j = ids.index(target)
+            shares = nodes[i].prepare(1)
+            if not shares:
                 continue
+            share = shares[0]
             if j in hostile:  # it acknowledges (the sender gives the mass away) and learns the model
                 views[j][i] = share.values
+                newest = max(newest, share.version)
                 nodes[i].confirm(share.id)
+                if pushpull:  # with no share back
+                    rules[i].answered(ids[j], False, now)
                 continue
-            if _deliver(rules[j], nodes[j], served[j], ids[i], share.values, share.weight, share.version, share.rows,
-                        now, refused):
-                nodes[i].confirm(share.id)
-            else:
+            back = nodes[j].prepare(1, at_most=share.weight) if pushpull else []  # as runtime
+            if not _deliver(rules[j], nodes[j], served[j], ids[i], share.values, share.weight, share.version,
+                            share.rows, now, refused):
+                for b in back:
+                    nodes[j].abandon(b.id)
                 nodes[i].abandon(share.id)
+                continue
+            nodes[i].confirm(share.id)
+            if pushpull:
+                rules[i].answered(ids[j], bool(back), now)
+            if back:  # the answer is one-shot: refused by the asker, its mass is lost
+                nodes[j].confirm(back[0].id)
+                _deliver(rules[i], nodes[i], served[i], ids[j], back[0].values, back[0].weight, back[0].version,
+                         back[0].rows, now, refused, prefix="reply_")
         for h in sorted(hostile) if attack != "clean" else ():
             for j in honest:
                 if attack == "pull":
-                    if rules[j].allow_pull(ids[h], now):
-                        views[h][j] = nodes[j].split_for_pull().values  # its mass leaves the mesh
+                    why = rules[j].pull_refusal(ids[h], now)
+                    answer = nodes[j].split_for_pull(GOSSIP.pull_fraction, GOSSIP.pull_min_weight) if why is None \
+                        else None
+                    if answer is not None:
+                        views[h][j] = answer.values  # its mass leaves the mesh
                     else:
-                        refused["pull_rate"] = refused.get("pull_rate", 0) + 1
+                        refused[why or "weight_low"] = refused.get(why or "weight_low", 0) + 1
                     continue
                 view = list(views[h].values()) or [init.to(torch.float64)]
-                first.setdefault(h, torch.stack(view).mean(0))
+                first.setdefault(h, (torch.stack(view).mean(0), newest))
                 vals, weight, version = craft(attack, view, views[h].get(j), first[h],
-                                              receivers_trusted=DOMAINS - 1, max_abs=1e6)
+                                              receivers_trusted=DOMAINS - 1, version=newest, max_abs=1e6)
                 _deliver(rules[j], nodes[j], served[j], ids[h], vals, weight, version, None, now, refused)
         if (rnd + 1) % EVAL_EVERY == 0 or rnd + 1 == rounds:
             curve.append(_evaluate(spec, test, learners, nodes, served, rnd + 1))
-    quarantined = sum(1 for j in honest for h in hostile if rules[j].is_quarantined(ids[h], float(rounds)))
+    end = rounds * ROUND_S
+    quarantined = sum(1 for j in honest for h in hostile if rules[j].is_quarantined(ids[h], end))
     return {"curve": curve, "refused": refused, "quarantined_pairs": quarantined,
-            "weights": [nodes[i].weight for i in honest if i not in HOSTILE]}
+            "weights": [round(nodes[i].weight, 4) for i in honest],
+            "radius": [rules[i].radius(nodes[i], end) for i in honest],
+            "clipped": sum(rules[i].totals(end)["clipped"] for i in honest)}
 
 
 def _deliver(rule: Any, ps: PushSum, served: ServedModel, sender: bytes, values: torch.Tensor, weight: float,
-             version: int, rows: float | None, now: float, refused: dict[str, int]) -> bool:
+             version: int, rows: float | None, now: float, refused: dict[str, int], prefix: str = "") -> bool:
     """What the receiving task does with a share (runtime._model_fields' weight cap, then the rule)."""
     if not 0.0 < weight <= float(DOMAINS):  # trusted + 1 on the receiver
-        refused["bad_values"] = refused.get("bad_values", 0) + 1
+        refused[prefix + "bad_values"] = refused.get(prefix + "bad_values", 0) + 1
         return False
     try:
         merged = rule.merge(ps, sender, values, weight, version, rows, now)
     except RejectedUpdate as exc:
-        refused[exc.reason] = refused.get(exc.reason, 0) + 1
+        refused[prefix + exc.reason] = refused.get(prefix + exc.reason, 0) + 1
         return False
     served.observe(merged.values)
     return True
@@ -222,7 +272,7 @@ def _evaluate(spec: models.ModelSpec, test: DataProduct, learners: list[Any], no
         with torch.no_grad():
             loss = float(torch.nn.functional.cross_entropy(module(test.train_x), test.train_y))
         losses.append(loss if math.isfinite(loss) else math.inf)
-    return {"round": rnd, "steps": rnd * STEPS_PER_ROUND, "accuracy": sum(accs) / len(accs),
+    return {"round": rnd, "steps": rnd * GOSSIP.every_steps, "accuracy": sum(accs) / len(accs),
             "worst": min(accs), "loss": sum(losses) / len(losses)}
 
 

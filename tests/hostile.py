@@ -17,7 +17,11 @@ built by its attack, sealed and encrypted with ``meshd.core.wire`` exactly as a 
 - ``weight``: the mean of its view with the largest weight a receiver accepts (trusted + 1);
 - ``version``: the mean of its view with version ``2**53`` (the largest accepted);
 - ``pull``: sends a ``pull`` to every honest domain every round and throws the answer (and its mass) away;
-- ``replay``: re-sends its own first model (the view mean at its first round) with fresh envelopes.
+- ``replay``: re-sends its own first model (the view mean at its first round), with that round's version, in
+  fresh envelopes.
+
+Every other attack's share carries the newest version the attacker has seen (what an honest domain would
+send), so a receiver cannot tell it from an honest share by its version; ``version`` lies about it.
 
 The harness runs its own event loop in one thread (``start`` / ``stop``: stop joins it); counters of what it
 sent and how it was answered are in ``stats``.
@@ -75,7 +79,8 @@ class HostileDomain:
         self.attack, self.interval_s, self.max_param_abs, self.scale = attack, interval_s, max_param_abs, scale
         self.stats = HostileStats()
         self.view: dict[bytes, torch.Tensor] = {}
-        self._first: torch.Tensor | None = None
+        self.newest_version = 0  # the highest version seen in honest shares
+        self._first: tuple[torch.Tensor, int] | None = None
         self._wire = Wire(ident, Limits())
         self._guard = ReplayGuard()
         self._seq = int(time.time() * 1000)  # above anything a previous run of this identity used
@@ -147,6 +152,8 @@ class HostileDomain:
             with contextlib.suppress(codecmod.CodecError, TypeError):
                 self.view[opened.sender] = codecmod.decode(body["values"], self.count, body["codec"])
                 self.stats.received += 1
+                if type(body.get("version")) is int:
+                    self.newest_version = max(self.newest_version, body["version"])
             return web.Response(status=204)  # acknowledged: the honest sender gives this mass away
         if opened.kind == "leave":
             return web.Response(status=204)
@@ -168,9 +175,10 @@ class HostileDomain:
         if not self.view:
             return None
         if self._first is None:
-            self._first = torch.stack(list(self.view.values())).mean(0)
+            self._first = torch.stack(list(self.view.values())).mean(0), self.newest_version
         return craft(self.attack, list(self.view.values()), self.view.get(target), self._first,
-                     receivers_trusted=len(self.peers) + 1, scale=self.scale, max_abs=self.max_param_abs)
+                     receivers_trusted=len(self.peers) + 1, version=self.newest_version, scale=self.scale,
+                     max_abs=self.max_param_abs)
 
     async def _round(self, session: aiohttp.ClientSession) -> None:
         if self.attack == "pull":
@@ -205,14 +213,16 @@ class HostileDomain:
             self.stats.answers[f"{kind} error"] += 1
 
 
-def craft(attack: str, view: list[torch.Tensor], target_model: torch.Tensor | None, first: torch.Tensor | None,
-          *, receivers_trusted: int, scale: float = -1e3, max_abs: float = 1e6) -> tuple[torch.Tensor, float, int]:
+def craft(attack: str, view: list[torch.Tensor], target_model: torch.Tensor | None,
+          first: tuple[torch.Tensor, int] | None, *, receivers_trusted: int, version: int = 1, scale: float = -1e3,
+          max_abs: float = 1e6) -> tuple[torch.Tensor, float, int]:
     """The share an attack sends: (values, weight, version). ``view``: the honest models the attacker has seen
-    (at least one); ``target_model``: the receiver's own model if seen; ``first``: the attacker's first model;
-    ``receivers_trusted``: how many peers the receiver trusts (its weight cap is that + 1)."""
+    (at least one); ``target_model``: the receiver's own model if seen; ``first``: the attacker's first model and
+    its version; ``receivers_trusted``: how many peers the receiver trusts (its weight cap is that + 1);
+    ``version``: the newest version seen in honest shares."""
     models = torch.stack(view)
     mean = models.mean(0)
-    weight, version = 0.5, 1
+    weight = 0.5
     vals = mean
     if attack == "scaled":
         vals = mean * scale
@@ -230,9 +240,9 @@ def craft(attack: str, view: list[torch.Tensor], target_model: torch.Tensor | No
         weight = float(receivers_trusted + 1)  # the largest weight a receiver accepts
     elif attack == "version":
         version = 2**53
-    elif attack == "replay":
-        vals = mean if first is None else first
-    elif attack not in ("none", "pull"):
+    elif attack == "replay" and first is not None:
+        vals, version = first
+    elif attack not in ("none", "pull", "replay"):
         raise ValueError(f"unknown attack {attack!r}")
     return vals.clamp(-max_abs, max_abs).to(torch.float64), weight, version
 

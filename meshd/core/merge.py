@@ -100,7 +100,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from meshd.core.averaging import PushSum, RejectedUpdate
+from meshd.core.averaging import MAX_VERSION, PushSum, RejectedUpdate
 
 MERGE_RULES = ("pushsum", "clipped")
 HISTORY = 4  # distances remembered per peer (their median is the peer's typical distance)
@@ -118,12 +118,14 @@ class RuleParams:
     clip_factor: float = 2.0  # radius = clip_factor x the lower third of peers' typical distances
     max_peer_shares: float = 1.0  # shares merged from one peer per local gossip round
     max_version_step: int = 16  # a merge raises the local version by at most this
-    quarantine_after: int = 4  # strikes in a row that quarantine a peer
+    quarantine_after: int = 2  # strikes (or push-pull shares unanswered) in a row that quarantine a peer
     quarantine_s: float = 120.0  # how long a quarantine lasts (then probation)
     pull_interval_s: float = 5.0  # one pull answered per peer per this many seconds
     weight_ceiling: float = math.inf  # the local weight is scaled back to this after a merge
     min_peers: int = 3  # peers with a history needed before the radius exists (calibration)
     max_pulls_per_min: float = 30.0  # pulls answered from all peers together (token bucket of this size)
+    stale_versions: int = 16  # a share this many versions behind the peers' median version is refused
+    max_share_weight: float = 1.0  # a share's weight is merged up to this times the receiver's own weight
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,9 @@ class _Account:
     bucket: float = -1.0  # in units of the local weight; < 0 = not filled yet
     bucket_round: int = 0
     last_pull: float = -math.inf
+    version: int = -1  # the version of this peer's latest share (-1: none yet)
+    merged_version: int = -1  # the version of this peer's latest share merged
+    unanswered: int = 0  # push-pull shares in a row this peer took without answering
 
 
 class MergeRule:
@@ -199,6 +204,19 @@ class MergeRule:
     def allow_pull(self, peer: bytes, now: float) -> bool:
         """May ``peer``'s pull be answered now? (:meth:`pull_refusal` is ``None``; counted when it is.)"""
         return self.pull_refusal(peer, now) is None
+
+    def answered(self, peer: bytes, answered: bool, now: float) -> None:
+        """A push-pull share this node sent to ``peer`` was merged there, and ``answered`` says whether the
+        answer carried the peer's share back. The clipped rule quarantines a peer that takes
+        ``quarantine_after`` shares in a row and answers none: a sink that only drains the mesh's mass."""
+
+    def _quarantine(self, peer: bytes, acct: _Account, now: float) -> None:
+        acct.quarantined_until = now + self.params.quarantine_s
+        acct.quarantines += 1
+        acct.probation = False
+        acct.strikes = 0
+        acct.unanswered = 0
+        self._events.append(("quarantined", peer))
 
     def _pull_barred(self, peer: bytes, now: float) -> bool:
         """A rule's own reason to refuse every pull of ``peer`` (the clipped rule: a quarantine)."""
@@ -304,15 +322,35 @@ class ClippedRule(MergeRule):
         self._last_radius = self.params.clip_factor * typical[(len(typical) - 1) // 3]
         return self._last_radius
 
+    def peers_version(self, now: float) -> int | None:
+        """The median of the versions in the latest shares of the peers heard recently (not quarantined);
+        ``None`` until ``min_peers`` of them have sent one. A minority of peers lying about versions, up or
+        down, cannot move it."""
+        versions = [a.version for p, a in self._accounts.items()
+                    if a.version >= 0 and now - a.last_seen <= STALE_S and not self.is_quarantined(p, now)]
+        if len(versions) < max(1, self.params.min_peers):
+            return None
+        return int(statistics.median_low(versions))
+
     def merge(
         self, ps: PushSum, peer: bytes, values: torch.Tensor, weight: float, version: int,
         rows: float | None, now: float,
     ) -> Merged:
         ps.check(values, weight, "merge")  # raises before any accounting on a malformed share
+        if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= MAX_VERSION:
+            raise RejectedUpdate("bad_values", f"version must be an int in [0, 2**53], got {version!r}")
         acct = self._account(peer, now)
         self._expire(peer, acct, now)
         if acct.quarantined_until is not None:
             raise RejectedUpdate("quarantined", f"quarantined for {acct.quarantined_until - now:.0f} s more")
+        reference = self.peers_version(now)
+        old = version < acct.merged_version or (
+            reference is not None and version + self.params.stale_versions < reference)
+        acct.version = version
+        if old:
+            raise RejectedUpdate("old_version", f"version {version} is older than this peer's last merged "
+                                 f"({acct.merged_version}) or {self.params.stale_versions} behind its peers' "
+                                 f"({reference})")
         z = ps.estimate()
         distance = float(torch.linalg.vector_norm(values - z))
         tau = self.radius(ps, now)
@@ -320,21 +358,18 @@ class ClippedRule(MergeRule):
             acct.distances.append(distance)
             self._calibration_refusals += 1
             raise RejectedUpdate("calibrating", "still learning how far peers' models are; send it again later")
-        strike = distance > QUARANTINE_RATIO * tau
+        far = distance > QUARANTINE_RATIO * tau
+        strike = distance > tau  # clipped, or far off
         acct.strikes = acct.strikes + 1 if strike else 0
         # A strike is remembered at the strike threshold, not at its distance: honest distances that grow
         # (training speeds up, a domain drifts) raise the radius by at most that factor per share, while a
         # minority of hostile peers, far off or not, cannot move the lower third.
         acct.distances.append(min(distance, QUARANTINE_RATIO * tau))
         if strike and (acct.probation or acct.strikes >= self.params.quarantine_after):
-            acct.quarantined_until = now + self.params.quarantine_s
-            acct.quarantines += 1
-            acct.probation = False
-            acct.strikes = 0
-            self._events.append(("quarantined", peer))
+            self._quarantine(peer, acct, now)
             raise RejectedUpdate("quarantined", f"{self.params.quarantine_after} shares far beyond the clipping "
                                  f"radius; quarantined for {self.params.quarantine_s:g} s")
-        if strike:
+        if far:
             raise RejectedUpdate("far_off", f"{distance:.3g} from this model, beyond {QUARANTINE_RATIO:g} x the "
                                  f"clipping radius {tau:.3g}")
         acct.probation = False
@@ -347,10 +382,12 @@ class ClippedRule(MergeRule):
             acct.bucket_round = ps.rounds
         if acct.bucket < 1.0:
             raise RejectedUpdate("peer_budget", "this peer's shares for this round are used up; send it later")
-        take = float(weight)
+        take = min(float(weight), self.params.max_share_weight * ps.weight)
         scale = 1.0 if distance <= tau or distance == 0.0 else tau / distance
         merged_values = values if scale == 1.0 else z + (values - z) * scale
         bounded_version = min(version, ps.version + self.params.max_version_step)
+        if reference is not None:  # nor beyond the peers' median by more than a step: no runaway inflation
+            bounded_version = min(bounded_version, max(ps.version, reference + self.params.max_version_step))
         own_rows = ps.mean_rows
         share_rows = rows
         if rows is not None and own_rows > 0:
@@ -359,9 +396,16 @@ class ClippedRule(MergeRule):
         ps.limit_weight(self.params.weight_ceiling)
         acct.bucket -= 1.0
         acct.merged += 1
+        acct.merged_version = version
         if scale < 1.0:
             acct.clipped += 1
         return Merged(distance, scale, take, bounded_version, merged_values, trusted_version=scale == 1.0)
+
+    def answered(self, peer: bytes, answered: bool, now: float) -> None:
+        acct = self._account(peer, now)
+        acct.unanswered = 0 if answered else acct.unanswered + 1
+        if acct.unanswered >= self.params.quarantine_after and not self.is_quarantined(peer, now):
+            self._quarantine(peer, acct, now)
 
     def _pull_barred(self, peer: bytes, now: float) -> bool:
         return self.is_quarantined(peer, now)

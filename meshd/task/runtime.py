@@ -27,7 +27,7 @@ from typing import Any, cast
 import structlog
 import torch
 
-from meshd.config import DEFAULT_TASK, TaskConfig
+from meshd.config import DEFAULT_TASK, GossipConfig, TaskConfig
 from meshd.core import codec as codecmod
 from meshd.core.averaging import RejectedUpdate, Share
 from meshd.core.codec import CodecName
@@ -53,6 +53,26 @@ PACE_HORIZON_S = 30.0  # peers' epoch counts older than this (or than 2 x dead_a
 RULE_REFUSALS = {"quarantined": 409, "far_off": 409, "peer_budget": 429, "calibrating": 503}
 # 409 reasons that block a peer
 REFUSALS = ("schema_mismatch", "incompatible", "unknown_task", "not_in_cohort", "privacy_too_weak")
+
+
+
+def rule_params(g: GossipConfig, trusted: int) -> RuleParams:
+    """The merge rule's parameters for a task's ``gossip`` section and its ``trusted`` peers (bench/robustness.py
+    builds its rules with it too)."""
+    # The weight ceiling is the mesh's honest total weight: one per domain (see _model_fields' cap).
+    return RuleParams(clip_factor=g.clip_factor, max_peer_shares=g.max_peer_shares,
+                      max_version_step=g.max_version_step, quarantine_after=g.quarantine_after,
+                      quarantine_s=g.quarantine_s, pull_interval_s=g.pull_interval_s,
+                      weight_ceiling=float(trusted + 1), min_peers=max(1, min(3, trusted)),
+                      max_pulls_per_min=g.max_pulls_per_min)
+
+
+def asks_answers(cfg: TaskConfig) -> bool:
+    """Does a task's share ask for the receiver's share back (push-pull)? Not with a privacy requirement: a
+    weaker peer's model refused would throw away the half the answering peer gave up; those tasks send one-way
+    shares. (The clipped rule does ask: it refuses an honest answer rarely, and then loses that half, which
+    bench/robustness.py shows costs far less than one-way shares do.)"""
+    return cfg.gossip.exchange == "pushpull" and not cfg.privacy.require_epsilon_at_most
 
 
 @dataclass
@@ -215,14 +235,7 @@ class LearningTask:
     # --- merge rule --------------------------------------------------------------------------------------
 
     def _rule_params(self) -> RuleParams:
-        g = self.cfg.gossip
-        # The weight ceiling is the mesh's honest total weight: one per domain (see _model_fields' cap).
-        return RuleParams(clip_factor=g.clip_factor, max_peer_shares=g.max_peer_shares,
-                          max_version_step=g.max_version_step, quarantine_after=g.quarantine_after,
-                          quarantine_s=g.quarantine_s, pull_interval_s=g.pull_interval_s,
-                          weight_ceiling=float(self.link.trusted_count + 1),
-                          min_peers=max(1, min(3, self.link.trusted_count)),
-                          max_pulls_per_min=g.max_pulls_per_min)
+        return rule_params(self.cfg.gossip, self.link.trusted_count)
 
     def _merge(self, sender: bytes, vec: torch.Tensor, weight: float, version: int, rows: float | None) -> bool:
         """Merge a peer's model through the task's merge rule; True when its version may be believed."""
@@ -327,10 +340,10 @@ class LearningTask:
         far = self.cfg.gossip.far_behind_versions
         # Push-pull: the sender asked for a share back. It is half of this node's free mass *before* the merge
         # (so both end with the pair's average weight and model), subtracted only once the merge succeeded,
-        # and never more weight than the share brought: a peer cannot drain this node with tiny shares. No
-        # answer (a one-way merge, 204) when it would leave this node's weight below the pull floor.
-        floor = self.cfg.gossip.pull_min_weight
-        back = ps.prepare(1, at_most=weight, keep=floor) if body.get("reply") is True else []
+        # and never more weight than the share brought: a peer cannot drain this
+        # node with tiny shares, and an exchange never lowers this node's weight, so no pull floor applies
+        # (with one, a drained domain answered nobody and the clipped rule took it for a sink).
+        back = ps.prepare(1, at_most=weight) if body.get("reply") is True else []
         try:
             believed = self._merge(sender, vec, weight, version, rows)
         except BaseException:
@@ -399,11 +412,7 @@ class LearningTask:
         }
 
     def _asks_answers(self) -> bool:
-        """Push-pull, unless this task may refuse an honest answer: the clipped rule (its calibration and
-        radius refuse some) and a privacy requirement (a weaker peer's model) would throw away the half the
-        answering peer gave up. Those tasks send one-way shares."""
-        return (self.cfg.gossip.exchange == "pushpull" and self.cfg.gossip.merge == "pushsum"
-                and not self.cfg.privacy.require_epsilon_at_most)
+        return asks_answers(self.cfg)
 
     def _training_active(self) -> bool:
         tr = self.cfg.training
@@ -412,10 +421,12 @@ class LearningTask:
 
     def eligible(self, now: float) -> set[bytes]:
         """Trusted peers this task may gossip with now: in its cohort, known to run this task (their signed ping,
-        pong or share said so; before that, their mDNS TXT), and not found unable to take its shares."""
+        pong or share said so; before that, their mDNS TXT), not found unable to take its shares, and not
+        quarantined by the merge rule (a share sent to a quarantined peer would only feed it mass)."""
         out: set[bytes] = set()
         for p in self.link.peers():
-            if not self.cohort.admits(p.peer_id, p.domain) or self.peers.is_blocked(p.peer_id, now):
+            if (not self.cohort.admits(p.peer_id, p.domain) or self.peers.is_blocked(p.peer_id, now)
+                    or self.merge_rule.is_quarantined(p.peer_id, now)):
                 continue
             view = self.peers.get(p.peer_id)
             runs = view.runs if view is not None and view.runs is not None else self.name in p.tasks
@@ -573,6 +584,9 @@ class LearningTask:
             # A retry answered 'replayed' means an earlier attempt did arrive and was merged (its answer, and
             # the receiver's share in it, were lost).
             delivered = status == 204 or (status == 409 and attempts > 1 and b'"replayed"' in reply)
+            if status in (200, 204) and body.get("reply") is True:  # merged there; answered with a share?
+                self.merge_rule.answered(peer_id, status == 200, time.monotonic())
+                self._log_rule_events()
             if status == 200:  # push-pull: merged there, and the answer carries the receiver's share
                 ps.confirm(share.id)
                 self.stats.shares_sent += 1
