@@ -2,12 +2,14 @@
 
 ``HostileDomain`` holds a real identity (trusted by the honest domains' registry), listens on a loopback
 port with aiohttp, answers pings with valid pongs (so the honest domains see it alive and gossip with it),
-acknowledges every share sent to it (204: the honest sender gives that mass away) and keeps the latest model
-of each honest sender as its view of the mesh. Every ``interval_s`` it sends each honest domain a ``share``
+acknowledges every share sent to it (204: the honest sender gives that mass away; while attacking it answers no
+push-pull request with a share, a sink) and keeps the latest model of each honest sender as its view of the
+mesh. Every ``interval_s`` it sends each honest domain a ``share``
 built by its attack, sealed and encrypted with ``meshd.core.wire`` exactly as a daemon would. Attacks
 (``ATTACKS``), after the epfml byzantine-robust decentralized optimizer repository and the issue's list:
 
-- ``none``: behaves: forwards the mean of its view (what a lagging honest domain would send);
+- ``none``: behaves: forwards the mean of its view (what a lagging honest domain would send), and answers
+  push-pull requests with it;
 - ``scaled``: the mean of its view times ``-1e3`` (``scale``), clamped to ``limits.max_param_abs``;
 - ``signflip``: minus the mean of its view;
 - ``alie``: a little is enough (Baruch et al. 2019): mean - ``z_max`` x the per-coordinate std of its view;
@@ -154,7 +156,14 @@ class HostileDomain:
                 self.stats.received += 1
                 if type(body.get("version")) is int:
                     self.newest_version = max(self.newest_version, body["version"])
-            return web.Response(status=204)  # acknowledged: the honest sender gives this mass away
+            weight = body.get("weight")
+            if self.attack == "none" and body.get("reply") is True and isinstance(weight, float | int):
+                # Behaving: a push-pull answer, as an honest domain's (the mean of its view, at most the
+                # weight that came in).
+                answer = self._share_body(self._mean_of_view(), min(float(weight), 0.5), self.newest_version)
+                env = self._seal(opened.sender, "model", answer)
+                return web.Response(status=200, body=env, content_type="application/x-meshd-envelope")
+            return web.Response(status=204)  # acknowledged: the honest sender gives this mass away, none back
         if opened.kind == "leave":
             return web.Response(status=204)
         return web.json_response({"error": "not_ready", "detail": "hostile"}, status=503)
@@ -165,10 +174,13 @@ class HostileDomain:
         self._seq += 1
         return self._wire.seal(to, kind, encode_body(body), self._seq, int(time.time() * 1000))
 
-    def _mean(self) -> torch.Tensor | None:
-        if not self.view:
-            return None
-        return torch.stack(list(self.view.values())).mean(0)
+    def _mean_of_view(self) -> torch.Tensor:
+        return torch.stack(list(self.view.values())).mean(0).to(torch.float64)
+
+    def _share_body(self, vals: torch.Tensor, weight: float, version: int) -> dict[str, Any]:
+        return {"task": self.task, "fp": self.fp, "schema": self.schema, "version": version, "weight": weight,
+                "codec": self.codec, "count": self.count, "values": codecmod.encode(vals, self.codec),
+                "domain": self.domain}
 
     def craft(self, target: bytes) -> tuple[torch.Tensor, float, int] | None:
         """(values, weight, version) of the share the attack sends to ``target``; None before any view."""
@@ -190,11 +202,7 @@ class HostileDomain:
             crafted = self.craft(p.peer_id)
             if crafted is None:
                 continue
-            vals, weight, version = crafted
-            body = {"task": self.task, "fp": self.fp, "schema": self.schema, "version": version,
-                    "weight": weight, "codec": self.codec, "count": self.count,
-                    "values": codecmod.encode(vals, self.codec), "domain": self.domain}
-            jobs.append(self._send(session, p, "share", body))
+            jobs.append(self._send(session, p, "share", self._share_body(*crafted)))
         await asyncio.gather(*jobs)
 
     async def _send(self, session: aiohttp.ClientSession, peer: HonestPeer, kind: str, body: dict[str, Any]) -> None:

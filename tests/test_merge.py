@@ -207,6 +207,77 @@ def test_quarantine_after_persistent_strikes_then_release_and_probation() -> Non
     assert [e for e, _ in rule2.events()] == ["quarantined", "released", "quarantined"]
 
 
+def test_clipped_shares_in_a_row_quarantine_the_peer() -> None:
+    """A peer whose shares keep being clipped (within the strike distance, so merged) is quarantined after
+    ``quarantine_after`` of them in a row; a share within the radius in between resets the count."""
+    ps = PushSum(_vec(1.0, 1.0))
+    rule = ClippedRule(RuleParams(quarantine_after=2, quarantine_s=60.0, max_peer_shares=100.0))
+    _warm(rule, ps)  # radius 0.2
+    inside, clipped = _vec(0.1, 0.0), _vec(0.0, 0.3)
+    assert rule.merge(ps, H, ps.estimate() + clipped, 1e-6, 0, None, 1.0).scale < 1.0
+    assert rule.merge(ps, H, ps.estimate() + inside, 1e-6, 0, None, 2.0).scale == 1.0
+    assert rule.merge(ps, H, ps.estimate() + clipped, 1e-6, 0, None, 3.0).scale < 1.0
+    assert not rule.is_quarantined(H, 3.0)
+    with pytest.raises(RejectedUpdate, match="quarantined"):
+        rule.merge(ps, H, ps.estimate() + clipped, 1e-6, 0, None, 4.0)
+    assert rule.is_quarantined(H, 4.0) and rule.events() == [("quarantined", H)]
+
+
+def test_a_peer_taking_push_pull_shares_and_answering_none_is_quarantined() -> None:
+    """A sink: it acknowledges shares (the sender gives their mass away) and never sends a share back."""
+    rule = ClippedRule(RuleParams(quarantine_after=2, quarantine_s=60.0))
+    rule.answered(H, False, 1.0)
+    rule.answered(H, True, 2.0)  # an answer resets the count: an honest peer low on weight now and then
+    rule.answered(H, False, 3.0)
+    assert not rule.is_quarantined(H, 3.0)
+    rule.answered(H, False, 4.0)
+    assert rule.is_quarantined(H, 4.0) and rule.events() == [("quarantined", H)]
+    assert rule.pull_refusal(H, 10.0) == "pull_rate"  # nor are its pulls answered
+    rule.tick(64.0)
+    assert not rule.is_quarantined(H, 64.0) and rule.events() == [("released", H)]
+    assert not PushSumRule().is_quarantined(H, 0.0)  # plain push-sum keeps no such account
+    plain = PushSumRule()
+    plain.answered(H, False, 1.0)
+    plain.answered(H, False, 2.0)
+    assert not plain.is_quarantined(H, 2.0)
+
+
+def test_a_share_older_than_the_peers_last_or_far_behind_the_peers_is_refused_as_old_version() -> None:
+    """Replaying an old model: refused once its version is ``stale_versions`` behind the median of the
+    peers' versions, and a peer's version may never go back below the last one merged from it."""
+    ps = PushSum(_vec(1.0, 1.0), version=100)
+    rule = ClippedRule(RuleParams(stale_versions=16, min_peers=3, max_peer_shares=100.0))
+    for peer in (A, B, C):  # calibration: the peers are at version 100
+        with pytest.raises(RejectedUpdate, match="calibrating"):
+            rule.merge(ps, peer, ps.estimate() + _vec(0.1, 0.0), 1e-6, 100, None, 0.0)
+    assert rule.peers_version(0.0) == 100
+    rule.merge(ps, A, ps.estimate(), 1e-6, 90, None, 1.0)  # a little behind: merged
+    with pytest.raises(RejectedUpdate, match="old_version"):  # behind its own last merged share
+        rule.merge(ps, A, ps.estimate(), 1e-6, 89, None, 2.0)
+    with pytest.raises(RejectedUpdate, match="old_version"):  # 17 behind the peers' median
+        rule.merge(ps, H, ps.estimate(), 1e-6, 83, None, 3.0)
+    assert rule.snapshot(3.0)[H]["merged"] == 0
+    rule.merge(ps, H, ps.estimate(), 1e-6, 84, None, 4.0)  # 16 behind: still merged
+    # A minority lying high cannot move the median, so honest peers are not made to look old.
+    for t in (5.0, 6.0):
+        rule.merge(ps, H, ps.estimate(), 1e-6, 2**53, None, t)
+    assert rule.peers_version(6.0) == 100 and ps.version <= 100 + 16
+
+
+def test_a_shares_weight_is_merged_up_to_the_receivers_own() -> None:
+    """Weight inflation: a share at the accepted cap adds at most the receiver's weight (the rest is dropped),
+    so one share moves the model at most halfway to the (clipped) values."""
+    ps = PushSum(_vec(0.0, 0.0), weight=0.5)
+    rule = ClippedRule(RuleParams(max_share_weight=1.0, weight_ceiling=1e9, min_peers=1))
+    with pytest.raises(RejectedUpdate, match="calibrating"):
+        rule.merge(ps, H, _vec(0.1, 0.0), 7.0, 0, None, 0.0)
+    out = rule.merge(ps, H, _vec(0.1, 0.0), 7.0, 0, None, 1.0)
+    assert out.weight == pytest.approx(0.5) and ps.weight == pytest.approx(1.0)
+    assert torch.allclose(ps.estimate(), _vec(0.05, 0.0))
+    light = rule.merge(ps, A, ps.estimate(), 0.25, 0, None, 2.0)  # lighter than the receiver: whole
+    assert light.weight == 0.25 and ps.weight == pytest.approx(1.25)
+
+
 def test_a_malformed_share_is_refused_before_any_accounting() -> None:
     ps = PushSum(_vec(1.0, 1.0))
     rule = ClippedRule()
