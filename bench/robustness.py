@@ -67,7 +67,7 @@ DOMAINS, HOSTILE = 8, (0, 1)  # domains 0 and 1 are the compromised ones
 GOSSIP = GossipConfig()  # the daemon's defaults
 ROUND_S = 0.5  # seconds of the rules' clock per round (quarantines, pull limits)
 SCENARIOS = {  # name: (dataset, samples, model, alpha, rounds full, rounds quick, samples quick)
-    "digits": ("digits", 0, "mlp", 0.1, 100, 50, 0),
+    "digits": ("digits", 0, "mlp", 0.1, 200, 100, 0),
     "mnist1d": ("mnist1d", 40_000, "cnn1d", 0.1, 300, 150, 10_000),
 }
 EVAL_EVERY = 10
@@ -79,6 +79,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer rounds; MNIST-1D with 10,000 samples")
     parser.add_argument("--attacks", default=",".join(ATTACKS), help="comma list of attacks to run (default all)")
     parser.add_argument("--rules", default=",".join(RULES), help="comma list of rules to run (default both)")
+    parser.add_argument("--answering", action="store_true",
+                        help="attackers answer push-pull requests with their attack (tests/hostile.py's answer none)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
                         help="only merge the scenarios of earlier runs' robustness.json files into --out")
@@ -106,7 +108,7 @@ def main() -> int:
     out: dict[str, Any] = {
         "bench": "robustness", "mode": "quick" if args.quick else "full", "domains": DOMAINS, "hostile": len(HOSTILE),
         "every_steps": GOSSIP.every_steps, "codec": GOSSIP.codec, "serve_window": GOSSIP.serve_window,
-        "topology": "exponential", "round_s": ROUND_S,
+        "topology": "exponential", "round_s": ROUND_S, "attackers_answer": args.answering,
         "optimizer": {"lr": LR, "momentum": MOMENTUM, "batch_size": BATCH},
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
                     "cpus": os.cpu_count()},
@@ -115,7 +117,7 @@ def main() -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="meshd-robust-") as tmp:
         for name in names:
-            out["scenarios"][name] = run_scenario(name, Path(tmp) / name, args.quick, rules, attacks)
+            out["scenarios"][name] = run_scenario(name, Path(tmp) / name, args.quick, rules, attacks, args.answering)
     out["elapsed_s"] = round(time.monotonic() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "robustness.json").write_text(json.dumps(out, indent=1))
@@ -126,7 +128,8 @@ def main() -> int:
     return 0
 
 
-def run_scenario(name: str, workdir: Path, quick: bool, rules: list[str], attacks: list[str]) -> dict[str, Any]:
+def run_scenario(name: str, workdir: Path, quick: bool, rules: list[str], attacks: list[str],
+                 answering: bool) -> dict[str, Any]:
     dataset, samples, model, alpha, rounds_full, rounds_quick, samples_quick = SCENARIOS[name]
     rounds, samples = (rounds_quick, samples_quick or samples) if quick else (rounds_full, samples)
     data = load_dataset(dataset, SEED, samples) if samples else load_dataset(dataset, SEED)
@@ -146,7 +149,7 @@ def run_scenario(name: str, workdir: Path, quick: bool, rules: list[str], attack
     for rule in rules:
         for attack in ("clean", *attacks):
             t = time.monotonic()
-            run = simulate(spec, init, domains, test, rule, attack, rounds)
+            run = simulate(spec, init, domains, test, rule, attack, rounds, answering)
             run["elapsed_s"] = round(time.monotonic() - t, 1)
             res["runs"][f"{rule}/{attack}"] = run
             last = run["curve"][-1]
@@ -156,7 +159,7 @@ def run_scenario(name: str, workdir: Path, quick: bool, rules: list[str], attack
 
 
 def simulate(spec: models.ModelSpec, init: torch.Tensor, domains: list[DataProduct], test: DataProduct,
-             rule_name: str, attack: str, rounds: int) -> dict[str, Any]:
+             rule_name: str, attack: str, rounds: int, answering: bool = False) -> dict[str, Any]:
     hostile = set(HOSTILE)
     honest = [i for i in range(DOMAINS) if i not in hostile]
     cfg = replace(TaskConfig(), gossip=replace(GOSSIP, merge=rule_name))
@@ -187,8 +190,10 @@ def simulate(spec: models.ModelSpec, init: torch.Tensor, domains: list[DataProdu
         for i in honest:  # one exchange with the exponential graph's peer of this round
             # A task gossips only with peers it does not quarantine (runtime.eligible).
             among = [p for p in ring if p == ids[i] or not rules[i].is_quarantined(p, now)]
-            (target,) = exponential_targets(among, ids[i], rnd, 1)
-            j = ids.index(target)
+            targets = exponential_targets(among, ids[i], rnd, 1)
+            if not targets:  # it quarantines every peer
+                continue
+            j = ids.index(targets[0])
             shares = nodes[i].prepare(1)
             if not shares:
                 continue
@@ -197,8 +202,12 @@ def simulate(spec: models.ModelSpec, init: torch.Tensor, domains: list[DataProdu
                 views[j][i] = share.values
                 newest = max(newest, share.version)
                 nodes[i].confirm(share.id)
-                if pushpull:  # with no share back
-                    rules[i].answered(ids[j], False, now)
+                if pushpull:  # and answers nothing (a sink, as tests/hostile.py), or with its attack
+                    answers = answering and attack != "pull"
+                    answer = _craft(attack, j, i, views, first, newest, init) if answers else None
+                    merged = answer is not None and _deliver(rules[i], nodes[i], served[i], ids[j], answer[0],
+                                                             answer[1], answer[2], None, now, refused, prefix="reply_")
+                    rules[i].answered(ids[j], merged, now)
                 continue
             back = nodes[j].prepare(1, at_most=share.weight) if pushpull else []  # as runtime
             if not _deliver(rules[j], nodes[j], served[j], ids[i], share.values, share.weight, share.version,
@@ -208,12 +217,13 @@ def simulate(spec: models.ModelSpec, init: torch.Tensor, domains: list[DataProdu
                 nodes[i].abandon(share.id)
                 continue
             nodes[i].confirm(share.id)
-            if pushpull:
-                rules[i].answered(ids[j], bool(back), now)
+            merged = False
             if back:  # the answer is one-shot: refused by the asker, its mass is lost
                 nodes[j].confirm(back[0].id)
-                _deliver(rules[i], nodes[i], served[i], ids[j], back[0].values, back[0].weight, back[0].version,
-                         back[0].rows, now, refused, prefix="reply_")
+                merged = _deliver(rules[i], nodes[i], served[i], ids[j], back[0].values, back[0].weight,
+                                  back[0].version, back[0].rows, now, refused, prefix="reply_")
+            if pushpull:
+                rules[i].answered(ids[j], merged, now)
         for h in sorted(hostile) if attack != "clean" else ():
             for j in honest:
                 if attack == "pull":
@@ -225,10 +235,7 @@ def simulate(spec: models.ModelSpec, init: torch.Tensor, domains: list[DataProdu
                     else:
                         refused[why or "weight_low"] = refused.get(why or "weight_low", 0) + 1
                     continue
-                view = list(views[h].values()) or [init.to(torch.float64)]
-                first.setdefault(h, (torch.stack(view).mean(0), newest))
-                vals, weight, version = craft(attack, view, views[h].get(j), first[h],
-                                              receivers_trusted=DOMAINS - 1, version=newest, max_abs=1e6)
+                vals, weight, version = _craft(attack, h, j, views, first, newest, init)
                 _deliver(rules[j], nodes[j], served[j], ids[h], vals, weight, version, None, now, refused)
         if (rnd + 1) % EVAL_EVERY == 0 or rnd + 1 == rounds:
             curve.append(_evaluate(spec, test, learners, nodes, served, rnd + 1))
@@ -238,6 +245,16 @@ def simulate(spec: models.ModelSpec, init: torch.Tensor, domains: list[DataProdu
             "weights": [round(nodes[i].weight, 4) for i in honest],
             "radius": [rules[i].radius(nodes[i], end) for i in honest],
             "clipped": sum(rules[i].totals(end)["clipped"] for i in honest)}
+
+
+def _craft(attack: str, h: int, j: int, views: dict[int, dict[int, torch.Tensor]],
+           first: dict[int, tuple[torch.Tensor, int]], newest: int,
+           init: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """Attacker ``h``'s share for honest domain ``j`` (tests/hostile.py's ``craft`` on what ``h`` has seen)."""
+    view = list(views[h].values()) or [init.to(torch.float64)]
+    first.setdefault(h, (torch.stack(view).mean(0), newest))
+    return craft(attack, view, views[h].get(j), first[h], receivers_trusted=DOMAINS - 1, version=newest,
+                 max_abs=1e6)
 
 
 def _deliver(rule: Any, ps: PushSum, served: ServedModel, sender: bytes, values: torch.Tensor, weight: float,

@@ -208,6 +208,8 @@ class GossipConfig:
     clip_factor: float = field(default=2.0, metadata=_opt(_between(0.1, 100.0)))  # radius / peers' median distance
     max_peer_shares: float = field(default=1.0, metadata=_opt(_between(0.5, 100.0)))  # per peer per round
     max_version_step: int = field(default=16, metadata=_opt(_between(1, 1024)))  # version raise per merge
+    stale_versions: int = field(default=16, metadata=_opt(_between(1, 1_000_000)))  # behind the peers' median
+    max_share_weight: float = field(default=1.0, metadata=_opt(_between(0.01, 100.0)))  # x the receiver's weight
     quarantine_after: int = field(default=2, metadata=_opt(_between(1, 1000)))  # strikes in a row
     quarantine_s: float = field(default=120.0, metadata=_opt(_positive))  # seconds a quarantine lasts
     # Pull answers give weight away at once (docs/protocol.md section 8, Pull): one answered per peer per

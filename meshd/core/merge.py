@@ -108,7 +108,7 @@ QUARANTINE_RATIO = 4.0  # a share farther than this times the radius is a strike
 CALIBRATION_MAX_REFUSALS = 16  # after this many shares refused while calibrating, any peer heard will do
 STALE_S = 300.0  # a peer not heard from for this long is left out of the radius
 MAX_PEERS = 4096  # accounts kept; beyond this the least recently seen are forgotten
-_BUCKET_ROUNDS = 2.0  # the per-peer share bucket holds this many rounds' worth of max_peer_shares
+_BUCKET_SHARES = 2.0  # the per-peer share bucket holds this many shares (or one round's max_peer_shares)
 
 
 @dataclass(frozen=True)
@@ -374,7 +374,7 @@ class ClippedRule(MergeRule):
                                  f"clipping radius {tau:.3g}")
         acct.probation = False
         # The per-peer share bucket, refilled by local gossip rounds.
-        cap = _BUCKET_ROUNDS * self.params.max_peer_shares
+        cap = max(_BUCKET_SHARES, self.params.max_peer_shares)
         if acct.bucket < 0:
             acct.bucket, acct.bucket_round = cap, ps.rounds
         elif ps.rounds > acct.bucket_round:

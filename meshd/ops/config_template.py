@@ -140,10 +140,12 @@ serve_window = 16                # the served model blends in an average of the 
 pull_on_join = true              # a task with no checkpoint first pulls the mesh model from a peer
 far_behind_versions = 0          # pull again when a peer's model version is this far ahead (0 = never)
 merge = "pushsum"                # pushsum (exact averaging) | clipped (poisoning-robust: docs/learning.md §8)
-clip_factor = 2.0                # clipped: radius = this x the median of peers' typical distances to our model
+clip_factor = 2.0                # clipped: radius = this x the lower third of peers' typical distances to our model
 max_peer_shares = 1.0            # clipped: shares merged from one peer per gossip round of ours (at most 2 in a row)
 max_version_step = 16            # clipped: a merge raises our model version by at most this
-quarantine_after = 4             # clipped: shares in a row beyond 2x the radius that quarantine a peer
+stale_versions = 16              # clipped: a share this many versions behind the peers' median is refused
+max_share_weight = 1.0           # clipped: a share's weight is merged up to this x our own weight
+quarantine_after = 2             # clipped: shares clipped (or push-pull asks unanswered) in a row: quarantine
 quarantine_s = 120.0             # clipped: seconds a quarantined peer's shares are refused (then on probation)
 pull_interval_s = 5.0            # one pull answered per peer per this many seconds (0 = no per-peer limit)
 max_pulls_per_min = 30.0         # pulls answered per minute from all peers together (bursts up to this many)

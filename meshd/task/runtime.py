@@ -50,7 +50,7 @@ PACE_WAIT_S = 0.05  # a domain ahead of its peers re-checks this often
 PACE_SLACK_EPOCHS = 0.5  # how far (in passes over its own data) a domain may run ahead of its peers' median
 PACE_HORIZON_S = 30.0  # peers' epoch counts older than this (or than 2 x dead_after_s) are not waited for
 # The merge rule's refusals (meshd/core/merge.py) and their HTTP status; the sender keeps the share's mass.
-RULE_REFUSALS = {"quarantined": 409, "far_off": 409, "peer_budget": 429, "calibrating": 503}
+RULE_REFUSALS = {"quarantined": 409, "far_off": 409, "old_version": 409, "peer_budget": 429, "calibrating": 503}
 # 409 reasons that block a peer
 REFUSALS = ("schema_mismatch", "incompatible", "unknown_task", "not_in_cohort", "privacy_too_weak")
 
@@ -64,7 +64,8 @@ def rule_params(g: GossipConfig, trusted: int) -> RuleParams:
                       max_version_step=g.max_version_step, quarantine_after=g.quarantine_after,
                       quarantine_s=g.quarantine_s, pull_interval_s=g.pull_interval_s,
                       weight_ceiling=float(trusted + 1), min_peers=max(1, min(3, trusted)),
-                      max_pulls_per_min=g.max_pulls_per_min)
+                      max_pulls_per_min=g.max_pulls_per_min, stale_versions=g.stale_versions,
+                      max_share_weight=g.max_share_weight)
 
 
 def asks_answers(cfg: TaskConfig) -> bool:
@@ -584,13 +585,14 @@ class LearningTask:
             # A retry answered 'replayed' means an earlier attempt did arrive and was merged (its answer, and
             # the receiver's share in it, were lost).
             delivered = status == 204 or (status == 409 and attempts > 1 and b'"replayed"' in reply)
-            if status in (200, 204) and body.get("reply") is True:  # merged there; answered with a share?
-                self.merge_rule.answered(peer_id, status == 200, time.monotonic())
-                self._log_rule_events()
+            answered = False
             if status == 200:  # push-pull: merged there, and the answer carries the receiver's share
                 ps.confirm(share.id)
                 self.stats.shares_sent += 1
-                await self._merge_reply(peer_id, address, reply)
+                answered = await self._merge_reply(peer_id, address, reply)
+            if status in (200, 204) and body.get("reply") is True:  # merged there: was a share back merged here?
+                self.merge_rule.answered(peer_id, answered, time.monotonic())
+                self._log_rule_events()
         except (SendError, MeshdError):
             delivered = False
         except Exception as exc:  # contained: this share's mass stays here
@@ -604,20 +606,28 @@ class LearningTask:
             else:
                 ps.abandon(share.id)
 
-    async def _merge_reply(self, peer_id: bytes, address: str, reply: bytes) -> None:
-        """Merge the share a receiver sent back in its answer (push-pull); a bad one is counted, never merged."""
+    async def _merge_reply(self, peer_id: bytes, address: str, reply: bytes) -> bool:
+        """Merge the share a receiver sent back in its answer (push-pull); a bad one is counted, never merged.
+        True when it was merged."""
         body = await self.link.open_reply(peer_id, reply, "model")
         if body is None:
-            return
+            return False
         try:
             vec, weight, version, rows = self._answer_fields(peer_id, body)
             self._merge(peer_id, vec, weight, version, rows)
-        except (WireError, RejectedUpdate) as exc:
+        except WireError as exc:
+            # The merge rule's refusals (quarantined, far_off...) under their own reason, as reply_<reason>.
+            reason = f"reply_{exc.reason}" if exc.reason in RULE_REFUSALS else "bad_share_reply"
+            self.stats.rejected[reason] += 1
+            self.link.reject(reason, address or "?", str(exc), peer_id)
+            return False
+        except RejectedUpdate as exc:
             self.stats.rejected["bad_share_reply"] += 1
             self.link.reject("bad_share_reply", address or "?", str(exc), peer_id)
-            return
+            return False
         self.stats.merged += 1
         self.stats.replies_merged += 1
+        return True
 
     async def _train_loop(self) -> None:
         """Local training back to back in the worker thread: rounds of ``training.steps_per_round`` steps (one
