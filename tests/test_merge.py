@@ -264,18 +264,19 @@ def test_a_share_older_than_the_peers_last_or_far_behind_the_peers_is_refused_as
     assert rule.peers_version(6.0) == 100 and ps.version <= 100 + 16
 
 
-def test_a_shares_weight_is_merged_up_to_the_receivers_own() -> None:
-    """Weight inflation: a share at the accepted cap adds at most the receiver's weight (the rest is dropped),
-    so one share moves the model at most halfway to the (clipped) values."""
+def test_a_heavy_share_moves_the_model_no_more_than_one_of_the_receivers_weight() -> None:
+    """Weight inflation: a share at the accepted cap moves the model as a share of the receiver's own weight
+    would (halfway to its values at most); its weight is merged whole (weight is conserved)."""
     ps = PushSum(_vec(0.0, 0.0), weight=0.5)
     rule = ClippedRule(RuleParams(max_share_weight=1.0, weight_ceiling=1e9, min_peers=1))
     with pytest.raises(RejectedUpdate, match="calibrating"):
         rule.merge(ps, H, _vec(0.1, 0.0), 7.0, 0, None, 0.0)
     out = rule.merge(ps, H, _vec(0.1, 0.0), 7.0, 0, None, 1.0)
-    assert out.weight == pytest.approx(0.5) and ps.weight == pytest.approx(1.0)
-    assert torch.allclose(ps.estimate(), _vec(0.05, 0.0))
-    light = rule.merge(ps, A, ps.estimate(), 0.25, 0, None, 2.0)  # lighter than the receiver: whole
-    assert light.weight == 0.25 and ps.weight == pytest.approx(1.25)
+    assert out.weight == 7.0 and ps.weight == pytest.approx(7.5) and not out.trusted_version
+    assert torch.allclose(ps.estimate(), _vec(0.05, 0.0))  # halfway, not 7 / 7.5 of the way
+    before = ps.estimate()
+    light = rule.merge(ps, A, before + _vec(0.0, 0.1), 0.25, 0, None, 2.0)  # lighter than ours: as it came
+    assert light.scale == 1.0 and torch.allclose(ps.estimate(), before + _vec(0.0, 0.1 * 0.25 / 7.75))
 
 
 def test_a_malformed_share_is_refused_before_any_accounting() -> None:

@@ -104,6 +104,7 @@ from meshd.core.averaging import MAX_VERSION, PushSum, RejectedUpdate
 
 MERGE_RULES = ("pushsum", "clipped")
 HISTORY = 4  # distances remembered per peer (their median is the peer's typical distance)
+STRIKE_RATIO = 1.25  # a share farther than this times the radius (clipped by a fifth or more) is a strike
 QUARANTINE_RATIO = 4.0  # a share farther than this times the radius is a strike
 CALIBRATION_MAX_REFUSALS = 16  # after this many shares refused while calibrating, any peer heard will do
 STALE_S = 300.0  # a peer not heard from for this long is left out of the radius
@@ -359,7 +360,7 @@ class ClippedRule(MergeRule):
             self._calibration_refusals += 1
             raise RejectedUpdate("calibrating", "still learning how far peers' models are; send it again later")
         far = distance > QUARANTINE_RATIO * tau
-        strike = distance > tau  # clipped, or far off
+        strike = distance > STRIKE_RATIO * tau  # clipped well beyond the radius, or far off
         acct.strikes = acct.strikes + 1 if strike else 0
         # A strike is remembered at the strike threshold, not at its distance: honest distances that grow
         # (training speeds up, a domain drifts) raise the radius by at most that factor per share, while a
@@ -382,9 +383,14 @@ class ClippedRule(MergeRule):
             acct.bucket_round = ps.rounds
         if acct.bucket < 1.0:
             raise RejectedUpdate("peer_budget", "this peer's shares for this round are used up; send it later")
-        take = min(float(weight), self.params.max_share_weight * ps.weight)
+        take = float(weight)
         scale = 1.0 if distance <= tau or distance == 0.0 else tau / distance
-        merged_values = values if scale == 1.0 else z + (values - z) * scale
+        # The share moves the model as a share of at most max_share_weight x our weight would: its weight is
+        # merged whole (weight is conserved: cutting it decayed every weight towards 0 with one-way shares),
+        # its values are drawn towards ours so that w z + take v' mixes like w z + cap v.
+        cap = self.params.max_share_weight * ps.weight
+        mix = scale if take <= cap else scale * (cap / (ps.weight + cap)) * ((ps.weight + take) / take)
+        merged_values = values if mix == 1.0 else z + (values - z) * mix
         bounded_version = min(version, ps.version + self.params.max_version_step)
         if reference is not None:  # nor beyond the peers' median by more than a step: no runaway inflation
             bounded_version = min(bounded_version, max(ps.version, reference + self.params.max_version_step))
@@ -399,7 +405,7 @@ class ClippedRule(MergeRule):
         acct.merged_version = version
         if scale < 1.0:
             acct.clipped += 1
-        return Merged(distance, scale, take, bounded_version, merged_values, trusted_version=scale == 1.0)
+        return Merged(distance, mix, take, bounded_version, merged_values, trusted_version=mix == 1.0)
 
     def answered(self, peer: bytes, answered: bool, now: float) -> None:
         acct = self._account(peer, now)
