@@ -169,7 +169,7 @@ def simulate(spec: models.ModelSpec, init: torch.Tensor, domains: list[DataProdu
     nodes = {i: PushSum(init.clone(), codec=GOSSIP.codec, max_weight=float(DOMAINS), rows=rows[i])
              for i in honest}
     served = {i: ServedModel(GOSSIP.serve_window) for i in honest}
-    rules = {i: make_rule(rule_name, rule_params(cfg.gossip, DOMAINS - 1)) for i in honest}
+    rules = {i: make_rule(rule_name, rule_params(cfg.gossip, DOMAINS - 1, pushpull)) for i in honest}
     ids = [bytes([i]) * 32 for i in range(DOMAINS)]
     # In the clean run the hostile domains are silent (dead): the honest ones walk the graph among themselves.
     ring = [ids[i] for i in (honest if attack == "clean" else range(DOMAINS))]
@@ -206,12 +206,13 @@ def simulate(spec: models.ModelSpec, init: torch.Tensor, domains: list[DataProdu
                     answers = answering and attack != "pull"
                     answer = _craft(attack, j, i, views, first, newest, init) if answers else None
                     merged = answer is not None and _deliver(rules[i], nodes[i], served[i], ids[j], answer[0],
-                                                             answer[1], answer[2], None, now, refused, prefix="reply_")
+                                                             answer[1], answer[2], None, now, refused,
+                                                             prefix="reply_", reciprocal=True)
                     rules[i].answered(ids[j], merged, now)
                 continue
             back = nodes[j].prepare(1, at_most=share.weight) if pushpull else []  # as runtime
             if not _deliver(rules[j], nodes[j], served[j], ids[i], share.values, share.weight, share.version,
-                            share.rows, now, refused):
+                            share.rows, now, refused, reciprocal=pushpull):
                 for b in back:
                     nodes[j].abandon(b.id)
                 nodes[i].abandon(share.id)
@@ -221,7 +222,7 @@ def simulate(spec: models.ModelSpec, init: torch.Tensor, domains: list[DataProdu
             if back:  # the answer is one-shot: refused by the asker, its mass is lost
                 nodes[j].confirm(back[0].id)
                 merged = _deliver(rules[i], nodes[i], served[i], ids[j], back[0].values, back[0].weight,
-                                  back[0].version, back[0].rows, now, refused, prefix="reply_")
+                                  back[0].version, back[0].rows, now, refused, prefix="reply_", reciprocal=True)
             if pushpull:
                 rules[i].answered(ids[j], merged, now)
         for h in sorted(hostile) if attack != "clean" else ():
@@ -258,13 +259,14 @@ def _craft(attack: str, h: int, j: int, views: dict[int, dict[int, torch.Tensor]
 
 
 def _deliver(rule: Any, ps: PushSum, served: ServedModel, sender: bytes, values: torch.Tensor, weight: float,
-             version: int, rows: float | None, now: float, refused: dict[str, int], prefix: str = "") -> bool:
+             version: int, rows: float | None, now: float, refused: dict[str, int], prefix: str = "",
+             reciprocal: bool = False) -> bool:
     """What the receiving task does with a share (runtime._model_fields' weight cap, then the rule)."""
     if not 0.0 < weight <= float(DOMAINS):  # trusted + 1 on the receiver
         refused[prefix + "bad_values"] = refused.get(prefix + "bad_values", 0) + 1
         return False
     try:
-        merged = rule.merge(ps, sender, values, weight, version, rows, now)
+        merged = rule.merge(ps, sender, values, weight, version, rows, now, reciprocal=reciprocal)
     except RejectedUpdate as exc:
         refused[prefix + exc.reason] = refused.get(prefix + exc.reason, 0) + 1
         return False

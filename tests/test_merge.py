@@ -75,9 +75,9 @@ def test_a_scaled_model_moves_the_local_model_by_at_most_the_radius() -> None:
     with pytest.raises(RejectedUpdate, match="far_off"):  # far beyond the radius: refused
         rule.merge(ps, H, before * 1e3, ps.weight, ps.version, None, 0.0)
     assert torch.equal(ps.estimate(), before)
-    out = rule.merge(ps, H, before + _vec(0.0, 0.39), ps.weight, ps.version, None, 0.0)  # within 2 tau: clipped
+    out = rule.merge(ps, H, before + _vec(0.0, 0.24), ps.weight, ps.version, None, 0.0)  # within 1.25 tau: clipped
     tau = 0.2
-    assert out.scale == pytest.approx(0.2 / 0.39)
+    assert out.scale == pytest.approx(0.2 / 0.24)
     assert float(torch.linalg.vector_norm(out.values - before)) == pytest.approx(tau, rel=1e-6)
     assert float(torch.linalg.vector_norm(ps.estimate() - before)) <= tau
     assert rule.snapshot(0.0)[H]["clipped"] == 1
@@ -152,7 +152,7 @@ def test_versions_rise_by_at_most_the_step_and_clipped_versions_are_not_believed
     _warm(rule, ps)
     out = rule.merge(ps, H, ps.estimate(), 0.1, 2**53, None, 0.0)
     assert ps.version == 16 and out.trusted_version
-    out = rule.merge(ps, H, ps.estimate() + _vec(0.3, 0.0), 0.1, 2**53, None, 0.0)  # clipped
+    out = rule.merge(ps, H, ps.estimate() + _vec(0.24, 0.0), 0.1, 2**53, None, 0.0)  # clipped
     # No further: the median of the peers' versions is still 0, and a merge never goes a step beyond it.
     assert ps.version == 16 and out.scale < 1.0 and not out.trusted_version
 
@@ -177,7 +177,7 @@ def test_quarantine_after_persistent_strikes_then_release_and_probation() -> Non
             rule.merge(ps, H, far(), 1e-6, 0, None, t)
     assert torch.equal(ps.numerator(), before)
     assert not rule.is_quarantined(H, 2.0) and rule.events() == []
-    clipped = rule.merge(ps, A, ps.estimate() + _vec(0.3, 0.0), 1e-6, 0, None, 2.5)  # between tau and 2 tau
+    clipped = rule.merge(ps, A, ps.estimate() + _vec(0.24, 0.0), 1e-6, 0, None, 2.5)  # between tau and 1.25 tau
     assert 0.0 < clipped.scale < 1.0
     with pytest.raises(RejectedUpdate, match="quarantined"):
         rule.merge(ps, H, far(), 1e-6, 0, None, 3.0)
@@ -207,19 +207,24 @@ def test_quarantine_after_persistent_strikes_then_release_and_probation() -> Non
     assert [e for e, _ in rule2.events()] == ["quarantined", "released", "quarantined"]
 
 
-def test_clipped_shares_in_a_row_quarantine_the_peer() -> None:
-    """A peer whose shares keep being clipped (within the strike distance, so merged) is quarantined after
-    ``quarantine_after`` of them in a row; a share within the radius in between resets the count."""
+def test_shares_beyond_the_strike_distance_in_a_row_quarantine_the_peer() -> None:
+    """A share beyond 1.25 x the radius is refused (``far_off``) and is a strike; ``quarantine_after`` of them in
+    a row quarantine the peer. A share merely clipped (within 1.25 x) is merged and is no strike, and a share
+    within the radius in between resets the count."""
     ps = PushSum(_vec(1.0, 1.0))
     rule = ClippedRule(RuleParams(quarantine_after=2, quarantine_s=60.0, max_peer_shares=100.0))
     _warm(rule, ps)  # radius 0.2
-    inside, clipped = _vec(0.1, 0.0), _vec(0.0, 0.3)
-    assert rule.merge(ps, H, ps.estimate() + clipped, 1e-6, 0, None, 1.0).scale < 1.0
+    inside, clipped, beyond = _vec(0.1, 0.0), _vec(0.0, 0.24), _vec(0.0, 0.26)
+    with pytest.raises(RejectedUpdate, match="far_off"):
+        rule.merge(ps, H, ps.estimate() + beyond, 1e-6, 0, None, 1.0)
     assert rule.merge(ps, H, ps.estimate() + inside, 1e-6, 0, None, 2.0).scale == 1.0
-    assert rule.merge(ps, H, ps.estimate() + clipped, 1e-6, 0, None, 3.0).scale < 1.0
-    assert not rule.is_quarantined(H, 3.0)
+    with pytest.raises(RejectedUpdate, match="far_off"):
+        rule.merge(ps, H, ps.estimate() + beyond, 1e-6, 0, None, 3.0)
+    assert rule.merge(ps, A, ps.estimate() + clipped, 1e-6, 0, None, 3.5).scale < 1.0  # merged, no strike
+    assert rule.merge(ps, A, ps.estimate() + clipped, 1e-6, 0, None, 3.6).scale < 1.0
+    assert not rule.is_quarantined(H, 3.6) and not rule.is_quarantined(A, 3.6)
     with pytest.raises(RejectedUpdate, match="quarantined"):
-        rule.merge(ps, H, ps.estimate() + clipped, 1e-6, 0, None, 4.0)
+        rule.merge(ps, H, ps.estimate() + beyond, 1e-6, 0, None, 4.0)
     assert rule.is_quarantined(H, 4.0) and rule.events() == [("quarantined", H)]
 
 

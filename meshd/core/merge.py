@@ -89,12 +89,12 @@ Public API::
     MERGE_RULES = ("pushsum", "clipped")
     RuleParams(clip_factor, max_peer_shares, max_version_step, quarantine_after, quarantine_s,
                pull_interval_s, weight_ceiling, min_peers, max_pulls_per_min, stale_versions,
-               max_share_weight)                                           # frozen
+               max_share_weight, require_answer)                           # frozen
     Merged(distance, scale, weight, version, values, trusted_version)         # frozen
     make_rule(name, params) -> MergeRule
     MergeRule  (PushSumRule, ClippedRule)
         .name .params
-        .merge(ps, peer, values, weight, version, rows, now) -> Merged       # raises RejectedUpdate
+        .merge(ps, peer, values, weight, version, rows, now, reciprocal=False) -> Merged  # RejectedUpdate
         .refused(peer, reason, now) -> None
         .answered(peer, answered, now) -> None                               # push-pull share taken; answer merged?
         .pull_refusal(peer, now) -> str | None                               # None, "pull_rate", "pull_budget"
@@ -121,8 +121,8 @@ from meshd.core.averaging import MAX_VERSION, PushSum, RejectedUpdate
 
 MERGE_RULES = ("pushsum", "clipped")
 HISTORY = 4  # distances remembered per peer (their median is the peer's typical distance)
-STRIKE_RATIO = 1.25  # a share farther than this times the radius (clipped by a fifth or more) is a strike
-QUARANTINE_RATIO = 4.0  # a share farther than this times the radius is a strike
+STRIKE_RATIO = 1.25  # a share farther than this times the radius is refused (far_off) and is a strike
+QUARANTINE_RATIO = 4.0  # a far-off share is remembered at this times the radius at most
 CALIBRATION_MAX_REFUSALS = 16  # after this many shares refused while calibrating, any peer heard will do
 STALE_S = 300.0  # a peer not heard from for this long is left out of the radius
 MAX_PEERS = 4096  # accounts kept; beyond this the least recently seen are forgotten
@@ -143,7 +143,8 @@ class RuleParams:
     min_peers: int = 3  # peers with a history needed before the radius exists (calibration)
     max_pulls_per_min: float = 30.0  # pulls answered from all peers together (token bucket of this size)
     stale_versions: int = 16  # a share this many versions behind the peers' median version is refused
-    max_share_weight: float = 1.0  # a share's weight is merged up to this times the receiver's own weight
+    max_share_weight: float = 1.0  # a share moves the model at most as one of this times the receiver's weight
+    require_answer: bool = False  # (push-pull tasks) one-way shares count once one of the peer's answers merged
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,7 @@ class _Account:
     version: int = -1  # the version of this peer's latest share (-1: none yet)
     merged_version: int = -1  # the version of this peer's latest share merged
     unanswered: int = 0  # push-pull shares in a row this peer took without answering
+    proven: bool = False  # an answer of this peer's was merged here
 
 
 class MergeRule:
@@ -192,9 +194,11 @@ class MergeRule:
 
     def merge(
         self, ps: PushSum, peer: bytes, values: torch.Tensor, weight: float, version: int,
-        rows: float | None, now: float,
+        rows: float | None, now: float, *, reciprocal: bool = False,
     ) -> Merged:
-        """Screen and merge a peer's share into ``ps``; raises ``RejectedUpdate`` (``ps`` untouched)."""
+        """Screen and merge a peer's share into ``ps``; raises ``RejectedUpdate`` (``ps`` untouched).
+        ``reciprocal``: the share asks for this node's share back (push-pull) or answers a request of this
+        node's (a push-pull answer, a pull's answer)."""
         raise NotImplementedError
 
     def refused(self, peer: bytes, reason: str, now: float) -> None:
@@ -305,7 +309,7 @@ class PushSumRule(MergeRule):
 
     def merge(
         self, ps: PushSum, peer: bytes, values: torch.Tensor, weight: float, version: int,
-        rows: float | None, now: float,
+        rows: float | None, now: float, *, reciprocal: bool = False,
     ) -> Merged:
         acct = self._account(peer, now)
         distance = float(torch.linalg.vector_norm(values - ps.estimate())) if values.shape == (ps.dim,) else 0.0
@@ -352,7 +356,7 @@ class ClippedRule(MergeRule):
 
     def merge(
         self, ps: PushSum, peer: bytes, values: torch.Tensor, weight: float, version: int,
-        rows: float | None, now: float,
+        rows: float | None, now: float, *, reciprocal: bool = False,
     ) -> Merged:
         ps.check(values, weight, "merge")  # raises before any accounting on a malformed share
         if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= MAX_VERSION:
@@ -376,8 +380,7 @@ class ClippedRule(MergeRule):
             acct.distances.append(distance)
             self._calibration_refusals += 1
             raise RejectedUpdate("calibrating", "still learning how far peers' models are; send it again later")
-        far = distance > QUARANTINE_RATIO * tau
-        strike = distance > STRIKE_RATIO * tau  # clipped well beyond the radius, or far off
+        strike = distance > STRIKE_RATIO * tau
         acct.strikes = acct.strikes + 1 if strike else 0
         # A strike is remembered at the strike threshold, not at its distance: honest distances that grow
         # (training speeds up, a domain drifts) raise the radius by at most that factor per share, while a
@@ -387,9 +390,12 @@ class ClippedRule(MergeRule):
             self._quarantine(peer, acct, now)
             raise RejectedUpdate("quarantined", f"{self.params.quarantine_after} shares far beyond the clipping "
                                  f"radius; quarantined for {self.params.quarantine_s:g} s")
-        if far:
-            raise RejectedUpdate("far_off", f"{distance:.3g} from this model, beyond {QUARANTINE_RATIO:g} x the "
+        if strike:
+            raise RejectedUpdate("far_off", f"{distance:.3g} from this model, beyond {STRIKE_RATIO:g} x the "
                                  f"clipping radius {tau:.3g}")
+        if self.params.require_answer and not acct.proven and not reciprocal:
+            raise RejectedUpdate("unproven", "a one-way share, and no answer of this peer's merged here yet: "
+                                 "its one-way shares count once it has answered one of this node's")
         acct.probation = False
         # The per-peer share bucket, refilled by local gossip rounds.
         cap = max(_BUCKET_SHARES, self.params.max_peer_shares)
@@ -427,6 +433,7 @@ class ClippedRule(MergeRule):
     def answered(self, peer: bytes, answered: bool, now: float) -> None:
         acct = self._account(peer, now)
         acct.unanswered = 0 if answered else acct.unanswered + 1
+        acct.proven = acct.proven or answered
         if acct.unanswered >= self.params.quarantine_after and not self.is_quarantined(peer, now):
             self._quarantine(peer, acct, now)
 

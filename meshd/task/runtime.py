@@ -50,22 +50,23 @@ PACE_WAIT_S = 0.05  # a domain ahead of its peers re-checks this often
 PACE_SLACK_EPOCHS = 0.5  # how far (in passes over its own data) a domain may run ahead of its peers' median
 PACE_HORIZON_S = 30.0  # peers' epoch counts older than this (or than 2 x dead_after_s) are not waited for
 # The merge rule's refusals (meshd/core/merge.py) and their HTTP status; the sender keeps the share's mass.
-RULE_REFUSALS = {"quarantined": 409, "far_off": 409, "old_version": 409, "peer_budget": 429, "calibrating": 503}
+RULE_REFUSALS = {"quarantined": 409, "far_off": 409, "old_version": 409, "peer_budget": 429, "calibrating": 503,
+                 "unproven": 503}
 # 409 reasons that block a peer
 REFUSALS = ("schema_mismatch", "incompatible", "unknown_task", "not_in_cohort", "privacy_too_weak")
 
 
 
-def rule_params(g: GossipConfig, trusted: int) -> RuleParams:
-    """The merge rule's parameters for a task's ``gossip`` section and its ``trusted`` peers (bench/robustness.py
-    builds its rules with it too)."""
+def rule_params(g: GossipConfig, trusted: int, pushpull: bool) -> RuleParams:
+    """The merge rule's parameters for a task's ``gossip`` section, its ``trusted`` peers and whether it asks for
+    push-pull answers (bench/robustness.py builds its rules with it too)."""
     # The weight ceiling is the mesh's honest total weight: one per domain (see _model_fields' cap).
     return RuleParams(clip_factor=g.clip_factor, max_peer_shares=g.max_peer_shares,
                       max_version_step=g.max_version_step, quarantine_after=g.quarantine_after,
                       quarantine_s=g.quarantine_s, pull_interval_s=g.pull_interval_s,
                       weight_ceiling=float(trusted + 1), min_peers=max(1, min(3, trusted)),
                       max_pulls_per_min=g.max_pulls_per_min, stale_versions=g.stale_versions,
-                      max_share_weight=g.max_share_weight)
+                      max_share_weight=g.max_share_weight, require_answer=pushpull)
 
 
 def asks_answers(cfg: TaskConfig) -> bool:
@@ -236,16 +237,18 @@ class LearningTask:
     # --- merge rule --------------------------------------------------------------------------------------
 
     def _rule_params(self) -> RuleParams:
-        return rule_params(self.cfg.gossip, self.link.trusted_count)
+        return rule_params(self.cfg.gossip, self.link.trusted_count, self._asks_answers())
 
-    def _merge(self, sender: bytes, vec: torch.Tensor, weight: float, version: int, rows: float | None) -> bool:
-        """Merge a peer's model through the task's merge rule; True when its version may be believed."""
+    def _merge(self, sender: bytes, vec: torch.Tensor, weight: float, version: int, rows: float | None,
+               *, reciprocal: bool) -> bool:
+        """Merge a peer's model through the task's merge rule (``reciprocal``: it asks for our share back, or
+        answers a request of ours); True when its version may be believed."""
         ps = self.engine.pushsum
         assert ps is not None
         rule = self.merge_rule
         rule.params = self._rule_params()  # follows reloads and changes of the trusted set
         try:
-            merged = rule.merge(ps, sender, vec, weight, version, rows, time.monotonic())
+            merged = rule.merge(ps, sender, vec, weight, version, rows, time.monotonic(), reciprocal=reciprocal)
         except RejectedUpdate as exc:
             status = RULE_REFUSALS.get(exc.reason)
             if status is None:
@@ -346,7 +349,7 @@ class LearningTask:
         # (with one, a drained domain answered nobody and the clipped rule took it for a sink).
         back = ps.prepare(1, at_most=weight) if body.get("reply") is True else []
         try:
-            believed = self._merge(sender, vec, weight, version, rows)
+            believed = self._merge(sender, vec, weight, version, rows, reciprocal=body.get("reply") is True)
         except BaseException:
             for share in back:
                 ps.abandon(share.id)
@@ -501,7 +504,7 @@ class LearningTask:
                     ps.adopt(vec, weight, version, rows, keep_own_weight=True)
                     self.engine.served.reset()
                 else:
-                    self._merge(p.peer_id, vec, weight, version, rows)
+                    self._merge(p.peer_id, vec, weight, version, rows, reciprocal=True)
             except (WireError, RejectedUpdate) as exc:
                 self.stats.rejected["bad_pull_reply"] += 1
                 self.link.reject("bad_pull_reply", p.address or "?", str(exc), p.peer_id)
@@ -614,7 +617,7 @@ class LearningTask:
             return False
         try:
             vec, weight, version, rows = self._answer_fields(peer_id, body)
-            self._merge(peer_id, vec, weight, version, rows)
+            self._merge(peer_id, vec, weight, version, rows, reciprocal=True)
         except WireError as exc:
             # The merge rule's refusals (quarantined, far_off...) under their own reason, as reply_<reason>.
             reason = f"reply_{exc.reason}" if exc.reason in RULE_REFUSALS else "bad_share_reply"
