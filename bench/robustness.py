@@ -52,7 +52,7 @@ from learning import BATCH, LR, MOMENTUM, SEED, _learners
 from meshd.config import GossipConfig, TaskConfig
 from meshd.core.averaging import PushSum, RejectedUpdate, ServedModel, data_scale
 from meshd.core.membership import exponential_targets
-from meshd.core.merge import make_rule
+from meshd.core.merge import NEUTRAL_REFUSALS, make_rule
 from meshd.errors import ModelError
 from meshd.ops.localmesh import build_mesh, load_dataset
 from meshd.task import models
@@ -208,7 +208,8 @@ def simulate(spec: models.ModelSpec, init: torch.Tensor, domains: list[DataProdu
                     merged = answer is not None and _deliver(rules[i], nodes[i], served[i], ids[j], answer[0],
                                                              answer[1], answer[2], None, now, refused,
                                                              prefix="reply_", reciprocal=True)
-                    rules[i].answered(ids[j], merged, now)
+                    if merged is not None:
+                        rules[i].answered(ids[j], merged, now)
                 continue
             back = nodes[j].prepare(1, at_most=share.weight) if pushpull else []  # as runtime
             if not _deliver(rules[j], nodes[j], served[j], ids[i], share.values, share.weight, share.version,
@@ -218,7 +219,7 @@ def simulate(spec: models.ModelSpec, init: torch.Tensor, domains: list[DataProdu
                 nodes[i].abandon(share.id)
                 continue
             nodes[i].confirm(share.id)
-            merged = False
+            merged: bool | None = False
             if back:  # the answer is one-shot: refused by the asker, its mass is lost
                 nodes[j].confirm(back[0].id)
                 merged = _deliver(rules[i], nodes[i], served[i], ids[j], back[0].values, back[0].weight,
@@ -260,8 +261,9 @@ def _craft(attack: str, h: int, j: int, views: dict[int, dict[int, torch.Tensor]
 
 def _deliver(rule: Any, ps: PushSum, served: ServedModel, sender: bytes, values: torch.Tensor, weight: float,
              version: int, rows: float | None, now: float, refused: dict[str, int], prefix: str = "",
-             reciprocal: bool = False) -> bool:
-    """What the receiving task does with a share (runtime._model_fields' weight cap, then the rule)."""
+             reciprocal: bool = False) -> bool | None:
+    """What the receiving task does with a share (runtime._model_fields' weight cap, then the rule): True when
+    merged, None when the rule refused it for a reason that says nothing against the sender."""
     if not 0.0 < weight <= float(DOMAINS):  # trusted + 1 on the receiver
         refused[prefix + "bad_values"] = refused.get(prefix + "bad_values", 0) + 1
         return False
@@ -269,7 +271,7 @@ def _deliver(rule: Any, ps: PushSum, served: ServedModel, sender: bytes, values:
         merged = rule.merge(ps, sender, values, weight, version, rows, now, reciprocal=reciprocal)
     except RejectedUpdate as exc:
         refused[prefix + exc.reason] = refused.get(prefix + exc.reason, 0) + 1
-        return False
+        return None if exc.reason in NEUTRAL_REFUSALS else False
     served.observe(merged.values)
     return True
 

@@ -87,6 +87,7 @@ and rate-bounded, and ``bench/robustness.py --answering`` shows it still costs h
 Public API::
 
     MERGE_RULES = ("pushsum", "clipped")
+    NEUTRAL_REFUSALS = ("calibrating", "peer_budget")                    # refusals that say nothing of the peer
     RuleParams(clip_factor, max_peer_shares, max_version_step, quarantine_after, quarantine_s,
                pull_interval_s, weight_ceiling, min_peers, max_pulls_per_min, stale_versions,
                max_share_weight, require_answer)                           # frozen
@@ -120,6 +121,9 @@ import torch
 from meshd.core.averaging import MAX_VERSION, PushSum, RejectedUpdate
 
 MERGE_RULES = ("pushsum", "clipped")
+# Refusals that say nothing against the peer (this node is calibrating, or the peer's budget was spent by its
+# own shares): an answer refused for one of them is neither answered nor unanswered (MergeRule.answered).
+NEUTRAL_REFUSALS = ("calibrating", "peer_budget")
 HISTORY = 4  # distances remembered per peer (their median is the peer's typical distance)
 STRIKE_RATIO = 1.25  # a share farther than this times the radius is refused (far_off) and is a strike
 QUARANTINE_RATIO = 4.0  # a far-off share is remembered at this times the radius at most

@@ -33,7 +33,7 @@ from meshd.core.averaging import RejectedUpdate, Share
 from meshd.core.codec import CodecName
 from meshd.core.cohort import Cohort, TaskPeers
 from meshd.core.membership import PeerState
-from meshd.core.merge import MergeRule, RuleParams, make_rule
+from meshd.core.merge import NEUTRAL_REFUSALS, MergeRule, RuleParams, make_rule
 from meshd.errors import MeshdError, ModelError, StoreError, WireError
 from meshd.identity import peer_id_of
 from meshd.logs import QuietLog
@@ -588,13 +588,13 @@ class LearningTask:
             # A retry answered 'replayed' means an earlier attempt did arrive and was merged (its answer, and
             # the receiver's share in it, were lost).
             delivered = status == 204 or (status == 409 and attempts > 1 and b'"replayed"' in reply)
-            answered = False
+            answered: bool | None = False
             if status == 200:  # push-pull: merged there, and the answer carries the receiver's share
                 ps.confirm(share.id)
                 self.stats.shares_sent += 1
                 answered = await self._merge_reply(peer_id, address, reply)
-            if status in (200, 204) and body.get("reply") is True:  # merged there: was a share back merged here?
-                self.merge_rule.answered(peer_id, answered, time.monotonic())
+            if status in (200, 204) and body.get("reply") is True and answered is not None:
+                self.merge_rule.answered(peer_id, answered, time.monotonic())  # merged there: a share back here?
                 self._log_rule_events()
         except (SendError, MeshdError):
             delivered = False
@@ -609,9 +609,9 @@ class LearningTask:
             else:
                 ps.abandon(share.id)
 
-    async def _merge_reply(self, peer_id: bytes, address: str, reply: bytes) -> bool:
+    async def _merge_reply(self, peer_id: bytes, address: str, reply: bytes) -> bool | None:
         """Merge the share a receiver sent back in its answer (push-pull); a bad one is counted, never merged.
-        True when it was merged."""
+        True when it was merged, None when the merge rule refused it for a reason of ours (NEUTRAL_REFUSALS)."""
         body = await self.link.open_reply(peer_id, reply, "model")
         if body is None:
             return False
@@ -623,7 +623,7 @@ class LearningTask:
             reason = f"reply_{exc.reason}" if exc.reason in RULE_REFUSALS else "bad_share_reply"
             self.stats.rejected[reason] += 1
             self.link.reject(reason, address or "?", str(exc), peer_id)
-            return False
+            return None if exc.reason in NEUTRAL_REFUSALS else False
         except RejectedUpdate as exc:
             self.stats.rejected["bad_share_reply"] += 1
             self.link.reject("bad_share_reply", address or "?", str(exc), peer_id)
