@@ -247,6 +247,26 @@ def test_a_peer_taking_push_pull_shares_and_answering_none_is_quarantined() -> N
     assert not plain.is_quarantined(H, 2.0)
 
 
+def test_in_a_push_pull_task_one_way_shares_count_once_the_peer_has_answered() -> None:
+    """A sink sends one-way shares and answers none: they are refused (``unproven``, the sender keeps the mass)
+    until one of its answers has been merged here. Push-pull shares and answers are merged meanwhile."""
+    ps = PushSum(_vec(0.0, 0.0))
+    rule = ClippedRule(RuleParams(require_answer=True, min_peers=1, max_peer_shares=100.0))
+    with pytest.raises(RejectedUpdate, match="calibrating"):
+        rule.merge(ps, H, _vec(0.1, 0.0), 0.5, 0, None, 0.0)
+    with pytest.raises(RejectedUpdate, match="unproven"):
+        rule.merge(ps, H, _vec(0.1, 0.0), 0.5, 0, None, 1.0)
+    assert ps.merges == 0
+    rule.merge(ps, H, _vec(0.1, 0.0), 0.5, 0, None, 2.0, reciprocal=True)  # it asks for an answer: merged
+    rule.answered(H, True, 3.0)  # one of its answers was merged here
+    rule.merge(ps, H, _vec(0.1, 0.0), 0.5, 0, None, 4.0)
+    assert ps.merges == 2
+    one_way = ClippedRule(RuleParams(min_peers=1))  # a task that asks for no answers requires none
+    with pytest.raises(RejectedUpdate, match="calibrating"):
+        one_way.merge(ps, A, _vec(0.1, 0.0), 0.5, 0, None, 0.0)
+    one_way.merge(ps, A, _vec(0.1, 0.0), 0.5, 0, None, 1.0)
+
+
 def test_a_share_older_than_the_peers_last_or_far_behind_the_peers_is_refused_as_old_version() -> None:
     """Replaying an old model: refused once its version is ``stale_versions`` behind the median of the
     peers' versions, and a peer's version may never go back below the last one merged from it."""

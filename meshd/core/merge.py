@@ -37,10 +37,13 @@ asynchronous, lossy push-sum. A share is screened in this order, and the first c
   peer, so a flooding peer counts once, and the lower third stays an honest distance while fewer than two
   thirds of the peers heard are hostile (ClippedGossip's rule takes the radius from the lower part of the
   neighbours' distances for the same reason; its factor ``1 / sqrt(delta)`` is 2 for a hostile fraction of a
-  quarter). A share farther than ``STRIKE_RATIO`` (1.25) x ``tau`` is a *strike*; farther than
-  ``QUARANTINE_RATIO`` (4) x ``tau`` it is refused (``far_off``), and remembered as ``QUARANTINE_RATIO x tau``,
-  not its distance: far-off models cannot blow ``tau`` up, honest distances that grow still raise it step by
-  step.
+  quarter). A share farther than ``STRIKE_RATIO`` (1.25) x ``tau`` is refused (``far_off``) and is a *strike*
+  (merging such shares clipped let sign-flip and IPM shrink every model before the quarantine); it is
+  remembered as at most ``QUARANTINE_RATIO`` (4) x ``tau``, not its distance: far-off models cannot blow
+  ``tau`` up, honest distances that grow still raise it step by step.
+- **Reciprocity** (``unproven``; push-pull tasks, ``require_answer``). A one-way share (one that asks for no
+  answer) counts only once one of the peer's answers has been merged here: a sink, which takes shares and
+  answers none, never moves the model. Push-pull shares and answers (``reciprocal``) are screened as usual.
 - **Rate bound** (``peer_budget``). One peer's shares merged are at most ``max_peer_shares`` per local gossip
   round (a token bucket refilled by ``PushSum.rounds``, holding ``_BUCKET_SHARES`` = 2): a flood of shares each
   within the radius cannot drag the model by the radius many times a round.
@@ -58,7 +61,8 @@ asynchronous, lossy push-sum. A share is screened in this order, and the first c
 **Quarantine.** ``quarantine_after`` (2) strikes in a row put the peer in quarantine for ``quarantine_s``; so
 do ``quarantine_after`` push-pull shares in a row that the peer took (acknowledged: this node gave the mass
 away) without an answer merged here (:meth:`MergeRule.answered`): a *sink* that only drains the mesh's mass,
-or answers with models this rule refuses. A quarantined peer's shares and pulls are refused, it is left out
+or answers with models this rule refuses (an answer refused for a reason of this node's own,
+``NEUTRAL_REFUSALS``, counts neither way). A quarantined peer's shares and pulls are refused, it is left out
 of the radius and of the version median, and the task sends it nothing (``runtime.eligible``). When the time
 is up it is released on probation: its next share is merged as any other, but a single strike puts it back at
 once. Quarantine is local: it follows only from what this node received itself; no message can quarantine a
@@ -77,12 +81,12 @@ consensus lands 3.5-8 % of the starting spread away from the exact mean (seeds 1
 20 %), where plain push-sum lands within 1e-6. Giving the clipped-off part back to the sender would keep the
 sums exact but leave a hostile sender's mass intact, to be sent again and again; dropping it is what bounds
 what a liar can do. Honest shares are rarely clipped (``tau`` is twice the lower third of the typical
-distances: about 1 merge in 100 in the bench), so learning loses little: ``bench/robustness.py`` measures
+distances: a few merges in a thousand in the bench), so learning loses little: ``bench/robustness.py`` measures
 clipped against plain push-sum with no attacker at equal steps (the ratio is in the README).
 
 **What it does not stop.** An attacker that answers push-pull with models inside the radius, and stays there
-(ALIE, dissensus, a stale model at the right version), is neither a sink nor a striker: it is only clipped
-and rate-bounded, and ``bench/robustness.py --answering`` shows it still costs honest accuracy.
+(ALIE, dissensus, a lagging model at a current version), is neither a sink nor a striker: it is only clipped,
+rate- and mixing-bounded, and ``bench/robustness.py --answering`` measures what it still costs.
 
 Public API::
 
