@@ -210,7 +210,7 @@ class GossipConfig:
     max_version_step: int = field(default=16, metadata=_opt(_between(1, 1024)))  # version raise per merge
     stale_versions: int = field(default=16, metadata=_opt(_between(1, 1_000_000)))  # behind the peers' median
     max_share_weight: float = field(default=1.0, metadata=_opt(_between(0.01, 100.0)))  # x the receiver's weight
-    quarantine_after: int = field(default=2, metadata=_opt(_between(1, 1000)))  # strikes in a row
+    quarantine_after: int = field(default=3, metadata=_opt(_between(1, 1000)))  # strikes in a row
     quarantine_s: float = field(default=120.0, metadata=_opt(_positive))  # seconds a quarantine lasts
     # Pull answers give weight away at once (docs/protocol.md section 8, Pull): one answered per peer per
     # pull_interval_s, max_pulls_per_min from all peers together; an answer carries pull_fraction of the free

@@ -58,7 +58,7 @@ asynchronous, lossy push-sum. A share is screened in this order, and the first c
   peers' median plus that step; a clipped share never asks for a catch-up pull (``Merged.trusted_version``).
 - **Rows.** The share's mean-rows estimate is clamped to ``[m / 2, 2 m]`` of the local one ``m``.
 
-**Quarantine.** ``quarantine_after`` (2) strikes in a row put the peer in quarantine for ``quarantine_s``; so
+**Quarantine.** ``quarantine_after`` (3) strikes in a row put the peer in quarantine for ``quarantine_s``; so
 do ``quarantine_after`` push-pull shares in a row that the peer took (acknowledged: this node gave the mass
 away) without an answer merged here (:meth:`MergeRule.answered`): a *sink* that only drains the mesh's mass,
 or answers with models this rule refuses (an answer refused for a reason of this node's own,
@@ -144,7 +144,7 @@ class RuleParams:
     clip_factor: float = 2.0  # radius = clip_factor x the lower third of peers' typical distances
     max_peer_shares: float = 1.0  # shares merged from one peer per local gossip round
     max_version_step: int = 16  # a merge raises the local version by at most this
-    quarantine_after: int = 2  # strikes (or push-pull shares unanswered) in a row that quarantine a peer
+    quarantine_after: int = 3  # strikes (or push-pull shares unanswered) in a row that quarantine a peer
     quarantine_s: float = 120.0  # how long a quarantine lasts (then probation)
     pull_interval_s: float = 5.0  # one pull answered per peer per this many seconds
     weight_ceiling: float = math.inf  # the local weight is scaled back to this after a merge

@@ -145,7 +145,7 @@ max_peer_shares = 1.0            # clipped: shares merged from one peer per goss
 max_version_step = 16            # clipped: a merge raises our model version by at most this
 stale_versions = 16              # clipped: a share this many versions behind the peers' median is refused
 max_share_weight = 1.0           # clipped: a share's weight is merged up to this x our own weight
-quarantine_after = 2             # clipped: shares clipped (or push-pull asks unanswered) in a row: quarantine
+quarantine_after = 3             # clipped: far-off shares (or push-pull asks unanswered) in a row: quarantine
 quarantine_s = 120.0             # clipped: seconds a quarantined peer's shares are refused (then on probation)
 pull_interval_s = 5.0            # one pull answered per peer per this many seconds (0 = no per-peer limit)
 max_pulls_per_min = 30.0         # pulls answered per minute from all peers together (bursts up to this many)
