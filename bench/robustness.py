@@ -22,10 +22,15 @@ the same rule (the 2 hostile domains silent: dead to the others, who gossip amon
 run learns from the same 6 data products, and the table shows what the attack costs, not the 2 domains'
 data). The clean rows compare the rules with no attacker: clipped / pushsum accuracy at equal steps.
 
-    .venv/bin/python bench/robustness.py [--quick] [--scenario digits|mnist1d|all] [--attacks a,b] [--out DIR]
+    .venv/bin/python bench/robustness.py [--quick] [--scenario digits|mnist1d|all] [--rules pushsum,clipped]
+        [--attacks a,b] [--answering] [--out DIR]
+    .venv/bin/python bench/robustness.py --combine A.json B.json ... [--out DIR]
 
 Writes ``DIR/robustness.json`` and ``DIR/robustness.png`` (default ``bench/results``) and prints the table
-(markdown, as in the README). ``--attacks`` (a comma list) runs only those attacks, to iterate on a rule.
+(markdown, as in the README). ``--attacks`` / ``--rules`` (comma lists) run only those, to iterate on a rule
+(the table and PNG need every attack and both rules, or ``--combine`` of runs that have them: runs of the same
+scenario are merged, later files' runs replacing earlier ones'). ``--answering``: the attackers answer
+push-pull requests with their attack instead of answering none (the harness's behaviour).
 """
 
 from __future__ import annotations
