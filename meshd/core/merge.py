@@ -390,14 +390,15 @@ class ClippedRule(MergeRule):
             raise RejectedUpdate("calibrating", "still learning how far peers' models are; send it again later")
         strike = distance > STRIKE_RATIO * tau
         acct.strikes = acct.strikes + 1 if strike else 0
-        # A strike is remembered at the strike threshold, not at its distance: honest distances that grow
-        # (training speeds up, a domain drifts) raise the radius by at most that factor per share, while a
-        # minority of hostile peers, far off or not, cannot move the lower third.
+        # A distance is remembered at QUARANTINE_RATIO x tau at most: honest distances that grow (training speeds
+        # up, a domain drifts) raise the radius step by step, while a minority of hostile peers, far off or
+        # not, cannot move the lower third.
         acct.distances.append(min(distance, QUARANTINE_RATIO * tau))
         if strike and (acct.probation or acct.strikes >= self.params.quarantine_after):
             self._quarantine(peer, acct, now)
-            raise RejectedUpdate("quarantined", f"{self.params.quarantine_after} shares far beyond the clipping "
-                                 f"radius; quarantined for {self.params.quarantine_s:g} s")
+            raise RejectedUpdate("quarantined", f"{self.params.quarantine_after} shares in a row beyond "
+                                 f"{STRIKE_RATIO:g} x the clipping radius; quarantined for "
+                                 f"{self.params.quarantine_s:g} s")
         if strike:
             raise RejectedUpdate("far_off", f"{distance:.3g} from this model, beyond {STRIKE_RATIO:g} x the "
                                  f"clipping radius {tau:.3g}")
@@ -418,9 +419,9 @@ class ClippedRule(MergeRule):
         scale = 1.0 if distance <= tau or distance == 0.0 else tau / distance
         # The share moves the model as a share of at most max_share_weight x our weight would: its weight is
         # merged whole (weight is conserved: cutting it decayed every weight towards 0 with one-way shares),
-        # its values are drawn towards ours so that w z + take v' mixes like w z + cap v.
-        cap = self.params.max_share_weight * ps.weight
-        mix = scale if take <= cap else scale * (cap / (ps.weight + cap)) * ((ps.weight + take) / take)
+        # its values are drawn towards ours so that w z + take v'' mixes like w z + heavy v'.
+        heavy = self.params.max_share_weight * ps.weight
+        mix = scale if take <= heavy else scale * (heavy / (ps.weight + heavy)) * ((ps.weight + take) / take)
         merged_values = values if mix == 1.0 else z + (values - z) * mix
         bounded_version = min(version, ps.version + self.params.max_version_step)
         if reference is not None:  # nor beyond the peers' median by more than a step: no runaway inflation
