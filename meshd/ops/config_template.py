@@ -56,7 +56,7 @@ request_timeout_s = 20.0         # seconds for one whole exchange
 retries = 2                      # retries of one exchange (same envelope; a replay answer means delivered)
 
 [membership]
-ping_after_s = 2.0               # silence after which an idle peer gets a signed ping
+ping_after_s = 2.0               # silence before an idle peer gets a signed ping (x 1.5 from the larger id)
 suspect_after_s = 5.0            # silence after which a peer is 'suspect'
 dead_after_s = 15.0              # silence after which a peer is 'dead' (no longer a gossip target)
 probe_max_s = 300.0              # longest pause between probes of a silent address or a dead peer
