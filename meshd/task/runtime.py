@@ -45,6 +45,7 @@ from meshd.task.privacy import advertised, weaker_than
 log = structlog.get_logger("meshd.task")
 
 IDLE_S = 0.5  # the training loop's poll while training is off or impossible
+INLINE_VALUES = 65_536  # models up to this many values are encoded on the loop (well under a millisecond)
 GOSSIP_WAIT_S = 2.0  # longest a training part waits for the exchange it asked for
 PACE_WAIT_S = 0.05  # a domain ahead of its peers re-checks this often
 PACE_SLACK_EPOCHS = 0.5  # how far (in passes over its own data) a domain may run ahead of its peers' median
@@ -89,6 +90,7 @@ class LearningTask:
         self._round_hint: int | None = None  # the topology round training asked for (aligned to its epochs)
         self._gossip_now = asyncio.Event()  # set by training after each part of a round
         self._gossip_done = asyncio.Event()  # set by gossip after each round
+        self._part_exchange: asyncio.Task[None] | None = None  # gossip.overlap: the last part's exchange
         self._closed = False
         self._final_ok = True
         # Checkpoint writes run on this one thread, in order: a final write never races a periodic one.
@@ -344,7 +346,7 @@ class LearningTask:
             return Answer(204)
         ps.confirm(back[0].id)  # one-shot, as a pull's answer: a lost answer loses this half
         self.stats.replies_sent += 1
-        answer = await asyncio.to_thread(self._share_body, back[0])
+        answer = await self._share_body_off_loop(back[0])
         answer.pop("reply", None)  # an answer never asks for another one
         return Answer(200, "model", answer)
 
@@ -369,7 +371,7 @@ class LearningTask:
                             f"it keeps at least {g.pull_min_weight:g}")
         self.stats.pulls += 1
         self._log.info("pull_answered", peer_id=peer_id_of(sender), weight=share.weight, version=share.version)
-        reply = await asyncio.to_thread(self._share_body, share)
+        reply = await self._share_body_off_loop(share)
         echo = self.engine.ledgers_seen.get(peer_id_of(sender))
         if echo is not None:
             reply["privacy_echo"] = [list(h) for h in echo]  # what the puller spent, as far as we know
@@ -383,6 +385,13 @@ class LearningTask:
                 "schema_set": self.engine.schema_set,
                 "privacy": advertised(self.cfg.privacy, self.engine.ledger, self.engine.plan)}
 
+    async def _share_body_off_loop(self, share: Share) -> dict[str, Any]:
+        """:meth:`_share_body` on a worker thread for a big model; a small one's encoding takes less time than the
+        hand-over to a thread (which, with many daemons on few cores, waits for a core)."""
+        if share.values.shape[0] <= INLINE_VALUES:
+            return self._share_body(share)
+        return await asyncio.to_thread(self._share_body, share)
+
     def _share_body(self, share: Share) -> dict[str, Any]:
         codec = self.engine.pushsum.codec if self.engine.pushsum is not None else self.cfg.gossip.codec
         return {
@@ -394,7 +403,8 @@ class LearningTask:
             **({"epochs": self.engine.epochs} if self._training_active() else {}),
             "codec": codec,
             "count": int(share.values.shape[0]),
-            "values": codecmod.encode(share.values, codec),  # type: ignore[arg-type]
+            "values": (share.encoded[1] if share.encoded is not None and share.encoded[0] == codec
+                       else codecmod.encode(share.values, codec)),  # type: ignore[arg-type]
             **({"reply": True} if self._asks_answers() else {}),
         }
 
@@ -567,7 +577,7 @@ class LearningTask:
         assert ps is not None
         delivered = False
         try:
-            body = await asyncio.to_thread(self._share_body, share)
+            body = await self._share_body_off_loop(share)
             status, reply, attempts = await self.link.exchange(peer_id, address, "share", body)
             self._note_refusal(peer_id, status, reply)
             # A retry answered 'replayed' means an earlier attempt did arrive and was merged (its answer, and
@@ -616,6 +626,16 @@ class LearningTask:
         others: a domain's steps are proportional to its rows, as in FedAvg's one epoch per round.
         """
         await self._joined.wait()
+        try:
+            await self._train_parts()
+        finally:  # the part's exchange in flight (gossip.overlap) belongs to this loop
+            if self._part_exchange is not None:
+                self._part_exchange.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._part_exchange
+                self._part_exchange = None
+
+    async def _train_parts(self) -> None:
         while True:
             ps = self.engine.pushsum
             if ps is None or not self._training_active():
@@ -654,16 +674,25 @@ class LearningTask:
                 st.steps += result.steps
                 st.samples_seen += result.samples
                 st.loss = result.loss
-                await self._after_part(result.steps)
+                if self.cfg.gossip.overlap:
+                    # At most one exchange in flight: the last part's is done before this part's starts, so
+                    # the next part trains while this one's exchange travels, never further ahead.
+                    if self._part_exchange is not None:
+                        await self._part_exchange
+                    self._part_exchange = asyncio.create_task(self._after_part(result.steps))
+                else:
+                    await self._after_part(result.steps)
             await asyncio.sleep(0)  # let gossip and the status API in between two rounds
 
     async def _after_part(self, steps: int) -> None:
         """The exchanges that follow a trained part: one, and at the end of a training round ``gossip.settle``
         more with no training in between; the model they leave is served.
 
-        The next part waits for them (each bounded by ``GOSSIP_WAIT_S``), so the steps between two exchanges do
-        not depend on how fast this host is, and it starts from the model the exchange left. (Overlapping the
-        exchange with the next part was 25% faster and 6 points worse at equal steps on the quick bench.)
+        With ``gossip.overlap`` (the default) the next part trains meanwhile and waits for them only before its
+        own exchange; otherwise it waits for them (each bounded by ``GOSSIP_WAIT_S``) and starts from the model
+        they left. Either way the steps between two exchanges do not depend on how fast this host is.
+        (Overlapping with per_round parts of up to 18 steps was 6 points worse at equal steps; with 8-step parts
+        it costs nothing measurable and a domain no longer idles for a round trip after every part.)
 
         With ``gossip.every_steps`` (the default) every domain exchanges after the same number of local steps,
         so a domain with many rows exchanges more often per epoch than a small one: drift from the mesh grows
