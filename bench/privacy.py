@@ -33,7 +33,7 @@ Two parts, each with its own data:
    domain's training rows, non-members = as many of its other rows (the same distribution, trained on by no
    domain). Advantage = TPR - FPR at a threshold chosen on half of the rows and scored on the other half
    (both ways, averaged), the losses of all domains pooled (about 800 members, 800 non-members): 0 = no leak,
-   and unbiased (the best threshold scored on the rows that chose it is biased upwards, about +0.03 here:
+   and unbiased (the best threshold scored on the rows that chose it is biased upwards, +0.01 to +0.03 here:
    ``advantage_in_sample`` in the JSON). The **noise floor** is the same attack on the same model with a
    second set of unseen rows in place of the members, so its true value is 0. Run ``i`` draws the members
    afresh (split seed ``i``), so the spread over runs includes which rows are members, not only the noise.
@@ -106,7 +106,7 @@ class Mesh:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer rounds, epsilons and runs (about a minute)")
+    ap.add_argument("--quick", action="store_true", help="fewer rounds, epsilons and runs (about 1.5 minutes of CPU)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--repeats", type=int, default=None,
                     help="runs per (method, epsilon); figures are their mean (default 5, --quick 2)")
