@@ -93,10 +93,13 @@ cohort = ["*"]                   # domains this task learns with: ["*"] = every 
 
 [task.model]
 name = "mlp"                     # [restart] logreg | mlp | cnn1d | package.module:factory
+task = "classification"          # [restart] classification (num_classes outputs, cross-entropy; accuracy) | binary
+                                 # (labels 0/1 or true/false; one logit, BCE; accuracy, ROC AUC, F1) | regression
+                                 # (numeric labels; one output, MSE; RMSE, MAE). Domains must agree on it
 hidden = [64]                    # [restart] mlp hidden layer sizes
 channels = [16, 32]              # [restart] cnn1d convolution channels
 kernel_size = 5                  # [restart] cnn1d kernel size
-num_classes = 10                 # [restart] number of label values (labels are 0 .. num_classes-1)
+num_classes = 10                 # [restart] number of label values (labels are 0 .. num_classes-1); classification only
 init_seed = 0                    # [restart] mesh-wide seed of the initial weights: the same on every domain
 
 [task.data]
@@ -173,7 +176,7 @@ require_epsilon_at_most = 0.0    # refuse peers advertising a weaker budget (or 
 #
 # [task.model]
 # name = "logreg"
-# num_classes = 2
+# task = "binary"                # churned or not: labels 0/1 or true/false; reports accuracy, ROC AUC and F1
 #
 # [task.data]
 # path = "/srv/data/churn.csv"
