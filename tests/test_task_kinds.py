@@ -16,8 +16,11 @@ from sklearn.metrics import mean_absolute_error, mean_squared_error, roc_auc_sco
 
 from meshd import config as configmod
 from meshd.errors import ConfigError, DataError, ModelError
+from meshd.ops import cli
+from meshd.ops.status import render_metrics
 from meshd.task.data import load_data_product, parse_labels
 from meshd.task.datasets import write_npz_product
+from meshd.task.engine import Engine
 from meshd.task.learner import Learner, TrainConfig
 from meshd.task.metrics import TASK_KINDS, f1_score, mae, rmse, roc_auc, task_kind
 from meshd.task.models import ModelSpec, build_model, fingerprint, flatten, initial_seed
@@ -221,3 +224,46 @@ def test_binary_learner_separates_the_classes(tmp_path: Path, dp: bool) -> None:
     assert scores["roc_auc"] is not None and scores["roc_auc"] > 0.95, scores
     assert scores["accuracy"] is not None and scores["accuracy"] > 0.85, scores
     assert learner.evaluate(vec, data.holdout_x, data.holdout_y) == scores["accuracy"]
+
+
+# --- status: fields, /metrics series, `meshd status`, docs -------------------------------------------------
+
+
+def _training(kind: str) -> dict[str, object]:
+    cfg = configmod.from_dict({"node": {"domain": "a"}, "model": {"task": kind}}, base_dir=Path(".")).tasks[0]
+    engine = Engine(cfg, Path("/nonexistent"))
+    fields = engine.score_fields
+    return {"task": kind, "metric": engine.kind.primary, "higher_is_better": engine.kind.higher_is_better,
+            **{k: 0.5 for k in fields}} | ({k: None for k in fields if k.endswith("_accuracy")}
+                                           if kind == "regression" else {})
+
+
+def test_every_score_field_is_documented_and_exported() -> None:
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "status.md").read_text()
+    for kind in TASK_KINDS:
+        tr = _training(kind)
+        m = render_metrics({"tasks": {"t": {"state": "running", "training": tr}}}).decode()
+        assert f'meshd_task_kind{{kind="{kind}",metric="{tr["metric"]}",task="t"}} 1.0' in m
+        for key, value in tr.items():
+            assert f"`{key}`" in docs, f"training.{key} is not documented in docs/status.md"
+            if key.endswith(("_accuracy", "_roc_auc", "_f1", "_rmse", "_mae")):
+                sample = f'meshd_{key}{{task="t"}} 0.5'
+                assert (sample in m) == (value is not None), (kind, key)
+    # classification keeps exactly the fields it had
+    assert [k for k in _training("classification") if k.endswith("accuracy")] == [
+        "holdout_accuracy", "local_only_accuracy", "test_accuracy", "local_only_test_accuracy"]
+
+
+def test_meshd_status_names_the_metric_of_each_task() -> None:
+    tasks = {name: {"state": "running", "joined": True, "model": {"name": "logreg", "version": 3, "task": kind},
+                    "training": _training(kind), "gossip": {"merged": 1}}
+             for name, kind in (("default", "regression"), ("fraud", "binary"))}
+    s = {"domain": "a", "model": tasks["default"]["model"], "training": tasks["default"]["training"], "tasks": tasks}
+    out = cli.format_status(s)
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert "holdout rmse 0.5, mae 0.5; local-only rmse 0.5, mae 0.5" in lines["training"]
+    assert "regression" in lines["model"]
+    assert "HOLDOUT" in lines["TASK"] and "HOLDOUT ACC" not in lines["TASK"]
+    assert lines["default"].split()[7:9] == ["rmse", "0.5"] and lines["fraud"].split()[7:9] == ["auc", "0.5"]
+    s["tasks"] = {"default": {**tasks["default"], "training": _training("classification")}}
+    assert "HOLDOUT ACC" in cli.format_status(s)  # classifiers only: the table reads as before
