@@ -32,12 +32,12 @@ def _status(d: DomainLayout) -> dict[str, Any]:
     return s
 
 
-def _price(rng: np.random.Generator, n: int, shift: float) -> tuple[np.ndarray, np.ndarray]:
+def price_rows(rng: np.random.Generator, n: int, shift: float) -> tuple[np.ndarray, np.ndarray]:
     x = rng.normal(size=(n, 4)) + np.array([shift, -shift, 0.0, 0.0])
     return x, x @ W_PRICE + 3.0 + 0.1 * rng.normal(size=n)
 
 
-def _fraud(rng: np.random.Generator, n: int, shift: float) -> tuple[np.ndarray, np.ndarray]:
+def fraud_rows(rng: np.random.Generator, n: int, shift: float) -> tuple[np.ndarray, np.ndarray]:
     x = rng.normal(size=(n, 4)) + np.array([shift, 0.0, 0.0, 0.0])
     return x, (x @ W_FRAUD > 0).astype(np.float32)
 
@@ -55,15 +55,15 @@ def test_regression_and_binary_tasks_learn_and_report_their_metrics(tmp_path: Pa
     layout = build_mesh(tmp_path / "kinds", 3, dataset="digits", alpha=100.0, seed=0)
     a, b, c = layout.domains
     shared = layout.workdir / "shared"
-    x_test, y_test = _price(rng, 600, 0.0)
+    x_test, y_test = price_rows(rng, 600, 0.0)
     write_npz_product(shared / "price-test.npz", x_test, y_test, label_dtype=np.float32)
-    write_npz_product(shared / "fraud-test.npz", *_fraud(rng, 600, 0.0), label_dtype=np.float32)
+    write_npz_product(shared / "fraud-test.npz", *fraud_rows(rng, 600, 0.0), label_dtype=np.float32)
     train_targets = []
     for d, shift in ((a, 1.0), (b, -1.0), (c, 0.0)):
-        x, y = _price(rng, 300, shift)
+        x, y = price_rows(rng, 300, shift)
         train_targets.append(y)
         write_npz_product(d.directory / "price.npz", x, y, label_dtype=np.float32)
-        write_npz_product(d.directory / "fraud.npz", *_fraud(rng, 300, shift), label_dtype=np.float32)
+        write_npz_product(d.directory / "fraud.npz", *fraud_rows(rng, 300, shift), label_dtype=np.float32)
     # The reference: predict the mean of A's and B's training targets for every test row.
     mean_rmse = math.sqrt(float(np.mean((y_test - np.concatenate(train_targets[:2]).mean()) ** 2)))
     for d in (a, b):
