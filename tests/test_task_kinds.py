@@ -206,6 +206,8 @@ def test_learner_learns_both_new_kinds_with_and_without_dp(tmp_path: Path, task:
     vec, res = learner.train(flatten(model), 300)
     assert math.isfinite(res.loss)
     scores = learner.scores(vec, data.holdout_x, data.holdout_y)
+    with pytest.raises(ModelError, match="not read for a classification task"):
+        Learner(model, data, TrainConfig())
     if task == "regression":
         mean_rmse = float((data.holdout_y - data.train_y.mean()).pow(2).mean().sqrt())
         assert set(scores) == {"rmse", "mae"}

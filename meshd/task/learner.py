@@ -77,6 +77,9 @@ class Learner:
                  dp: PrivacyPlan | None = None) -> None:
         if data.num_train < 1:
             raise ModelError("the data product has no training rows")
+        if (data.train_y.dtype == torch.int64) != (cfg.task == "classification"):
+            raise ModelError(f"the data product's labels ({data.train_y.dtype}) were not read for a {cfg.task} task; "
+                             f"load it with load_data_product(..., task={cfg.task!r})")
         self._model = model
         self._data = data
         self._cfg = cfg
