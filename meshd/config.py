@@ -255,6 +255,11 @@ class LimitsConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = field(default="mlp", metadata=_opt(_model_name, restart=True))
+    # What the model learns (docs/learning.md, "Tasks"): class labels (num_classes logits, cross-entropy), a binary
+    # label (one logit, BCE; accuracy, ROC AUC, F1) or a number (one output, MSE; RMSE, MAE). Part of the model
+    # fingerprint: domains with different tasks refuse each other as incompatible.
+    task: str = field(default="classification", metadata=_opt(_one_of("classification", "binary", "regression"),
+                                                              restart=True))
     hidden: tuple[int, ...] = field(default=(64,), metadata=_opt(_positive_ints, restart=True))
     channels: tuple[int, ...] = field(default=(16, 32), metadata=_opt(_positive_ints, restart=True))
     kernel_size: int = field(default=5, metadata=_opt(_between(1, 64), restart=True))

@@ -136,6 +136,13 @@ def set_toml(path: Path, section: str, key: str, value: str) -> None:
     path.write_text(set_key(path.read_text(), section, key, value))
 
 
+def mesh_part(text: str) -> str:
+    """A rendered config without its tasks: everything before the first [[task]] table."""
+    lines = text.splitlines()
+    first = next((i for i, line in enumerate(lines) if line.strip() == "[[task]]"), len(lines))
+    return "\n".join(lines[:first]) + "\n"
+
+
 class Fatal(Exception):
     """Raised by a `wait_for` condition to stop waiting at once (e.g. the process already exited)."""
 

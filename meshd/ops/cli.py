@@ -464,6 +464,25 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
             for r in [header, *rows]]
 
 
+# The scores `meshd status` shows per task kind (training.task), and their short names.
+_SHOWN_SCORES = {"classification": ("accuracy",), "binary": ("roc_auc", "accuracy", "f1"),
+                 "regression": ("rmse", "mae")}
+_SHORT = {"accuracy": "acc", "roc_auc": "auc", "f1": "f1", "rmse": "rmse", "mae": "mae"}
+
+
+def _scores(training: dict[str, Any], scope: str) -> str:
+    """'acc 0.91' or 'auc 0.95, acc 0.9, f1 0.88' or 'rmse 0.31, mae 0.24': a task's scores in one scope."""
+    names = _SHOWN_SCORES.get(str(training.get("task") or "classification"), ("accuracy",))
+    return ", ".join(f"{_SHORT[m]} {_fmt(training.get(f'{scope}_{m}'))}" for m in names)
+
+
+def _headline(training: dict[str, Any], scope: str) -> str:
+    """The headline score alone, named unless it is accuracy: '0.91', 'auc 0.95', 'rmse 0.31'."""
+    metric = str(training.get("metric") or "accuracy")
+    value = _fmt(training.get(f"{scope}_{metric}"))
+    return value if metric == "accuracy" else f"{_SHORT.get(metric, metric)} {value}"
+
+
 def _compatible_peers(task: dict[str, Any]) -> str:
     """'ok/known': peers known to run this task with our model and schema, of the peers the task knows of."""
     views = [v for v in (task.get("peers") or {}).values() if isinstance(v, dict)]
@@ -490,11 +509,11 @@ def format_status(s: dict[str, Any]) -> str:
     if model or not tasks:
         rows += [
             ("model", f"{model.get('name', '-')} v{_fmt(model.get('version'))} "
-                      f"({_fmt(model.get('parameters'))} params, fp {str(model.get('fingerprint', '-'))[:12]})"),
+                      f"({_fmt(model.get('parameters'))} params, fp {str(model.get('fingerprint', '-'))[:12]}, "
+                      f"{model.get('task') or 'classification'})"),
             ("training", f"steps {_fmt(tr.get('steps'))} ({_fmt(tr.get('epochs'))} epochs, scale "
                          f"{_fmt(tr.get('update_scale'))}), loss {_fmt(tr.get('loss'))}, "
-                         f"holdout acc {_fmt(tr.get('holdout_accuracy'))}, "
-                         f"local-only {_fmt(tr.get('local_only_accuracy'))}"),
+                         f"holdout {_scores(tr, 'holdout')}; local-only {_scores(tr, 'local_only')}"),
         ]
     rows += [
         ("gossip", f"rounds {_fmt(g.get('rounds'))}, sent {_fmt(g.get('sent'))}, received {_fmt(g.get('received'))}, "
@@ -507,8 +526,10 @@ def format_status(s: dict[str, Any]) -> str:
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     if tasks:
-        header = ("TASK", "STATE", "JOINED", "MODEL", "VERSION", "STEPS", "EPOCHS", "HOLDOUT ACC", "LOCAL-ONLY",
-                  "MERGED", "PEERS OK", "COHORT")
+        # Accuracy columns as long as every task is a classifier; otherwise each cell names its metric.
+        kinds = {str((t.get("training") or {}).get("metric") or "accuracy") for t in tasks.values()}
+        header = ("TASK", "STATE", "JOINED", "MODEL", "VERSION", "STEPS", "EPOCHS",
+                  "HOLDOUT ACC" if kinds == {"accuracy"} else "HOLDOUT", "LOCAL-ONLY", "MERGED", "PEERS OK", "COHORT")
         table: list[tuple[str, ...]] = []
         for name, t in tasks.items():
             tm, tt, tg = (t.get(k) or {} for k in ("model", "training", "gossip"))
@@ -516,7 +537,7 @@ def format_status(s: dict[str, Any]) -> str:
             table.append((
                 name, str(t.get("state") or "-"), "yes" if t.get("joined") else "no", str(tm.get("name") or "-"),
                 "-" if version is None else f"v{version}", _fmt(tt.get("steps")), _fmt(tt.get("epochs")),
-                _fmt(tt.get("holdout_accuracy")), _fmt(tt.get("local_only_accuracy")), _fmt(tg.get("merged")),
+                _headline(tt, "holdout"), _headline(tt, "local_only"), _fmt(tg.get("merged")),
                 _compatible_peers(t), ",".join(t.get("cohort") or []) or "-",
             ))
         lines += ["", *_table(header, table)]

@@ -93,10 +93,13 @@ cohort = ["*"]                   # domains this task learns with: ["*"] = every 
 
 [task.model]
 name = "mlp"                     # [restart] logreg | mlp | cnn1d | package.module:factory
+task = "classification"          # [restart] classification (num_classes outputs, cross-entropy; accuracy) | binary
+                                 # (labels 0/1 or true/false; one logit, BCE; accuracy, ROC AUC, F1) | regression
+                                 # (numeric labels; one output, MSE; RMSE, MAE). Domains must agree on it
 hidden = [64]                    # [restart] mlp hidden layer sizes
 channels = [16, 32]              # [restart] cnn1d convolution channels
 kernel_size = 5                  # [restart] cnn1d kernel size
-num_classes = 10                 # [restart] number of label values (labels are 0 .. num_classes-1)
+num_classes = 10                 # [restart] number of label values (labels are 0 .. num_classes-1); classification only
 init_seed = 0                    # [restart] mesh-wide seed of the initial weights: the same on every domain
 
 [task.data]
@@ -136,7 +139,8 @@ exchange = "pushpull"            # pushpull: a share asks for the receiver's sha
 jitter = 0.25                    # fraction of interval_s added or removed at random
 fanout = 1                       # peers sent a share of the model each round
 topology = "exponential"         # exponential (peer 2^r places on in the ring of peer ids, round r) | random
-codec = "q4"                     # q4 (4-bit blocks, ~0.58 bytes/value) | q8 (~1.08) | f16 | f32 | f64
+codec = "q4"                     # q4 (4-bit blocks, ~0.58 bytes/value) | q8 (~1.08) | f16 | f32 | f64; a regression
+                                 # task wants q8 or finer: q4 doubles its RMSE (docs/learning.md section 9)
 serve_window = 16                # the served model blends in an average of the last ~N models peers sent (0 = off)
 pull_on_join = true              # a task with no checkpoint first pulls the mesh model from a peer
 far_behind_versions = 0          # pull again when a peer's model version is this far ahead (0 = never)
@@ -174,7 +178,7 @@ require_epsilon_at_most = 0.0    # refuse peers advertising a weaker budget (or 
 #
 # [task.model]
 # name = "logreg"
-# num_classes = 2
+# task = "binary"                # churned or not: labels 0/1 or true/false; reports accuracy, ROC AUC and F1
 #
 # [task.data]
 # path = "/srv/data/churn.csv"

@@ -11,7 +11,9 @@ Formats:
   Files are opened with ``allow_pickle=False``.  :func:`meshd.task.datasets.write_npz_product` writes this
   layout (arrays ``x`` and ``label``).
 
-Labels must be integers (``3`` or ``3.0``) in ``[0, num_classes)``.
+Labels depend on the task kind (``model.task``, :func:`parse_labels`): integers (``3`` or ``3.0``) in
+``[0, num_classes)`` for classification; 0 or 1 (also ``true``/``false``) for binary; finite numbers for
+regression.
 
 No feature scaling is done here, on purpose: a scaler fitted on one domain's data would differ from every
 other domain's, and the shared model would see differently scaled inputs in each domain.  Data products
@@ -34,7 +36,9 @@ import torch
 
 from meshd.errors import DataError
 
-__all__ = ["MAX_HOLDOUT", "SUPPORTED_SUFFIXES", "DataProduct", "load_data_product", "schema_fingerprint"]
+__all__ = [
+    "MAX_HOLDOUT", "SUPPORTED_SUFFIXES", "DataProduct", "load_data_product", "parse_labels", "schema_fingerprint",
+]
 
 MAX_HOLDOUT = 0.9
 SUPPORTED_SUFFIXES = (".csv", ".npz")
@@ -45,9 +49,9 @@ class DataProduct:
     """One domain's examples, split into training and holdout rows."""
 
     train_x: torch.Tensor  # float32 [N_train, D]
-    train_y: torch.Tensor  # int64 [N_train]
+    train_y: torch.Tensor  # int64 [N_train] (classification) or float32 [N_train] (binary 0/1, regression)
     holdout_x: torch.Tensor  # float32 [N_holdout, D] (N_holdout may be 0)
-    holdout_y: torch.Tensor  # int64 [N_holdout]
+    holdout_y: torch.Tensor  # as train_y [N_holdout]
     feature_names: tuple[str, ...]
     label: str
     schema_fingerprint: str  # sha256 hex[:16] of feature names + label + dtype; advertised to peers
@@ -72,8 +76,12 @@ def load_data_product(
     holdout: float,
     num_classes: int,
     seed: int,
+    *,
+    task: str = "classification",
 ) -> DataProduct:
     """Read, validate and split a data product; every problem raises :class:`DataError` naming the file.
+
+    ``task`` (``model.task``) says what the labels are (:func:`parse_labels`).
 
     ``holdout`` is the fraction of rows (rounded down, in ``[0, 0.9]``) held out for evaluation, chosen
     by a permutation seeded with ``seed``; at least one row always stays in training.
@@ -100,7 +108,7 @@ def load_data_product(
         raise DataError(
             f"{path}: unsupported data product extension {path.suffix!r}; use one of {', '.join(SUPPORTED_SUFFIXES)}"
         )
-    y = _check_labels(path, y_raw, num_classes)
+    y = parse_labels(path, y_raw, task, num_classes)
 
     n = int(x.shape[0])
     rng = np.random.default_rng(int(seed))
@@ -110,13 +118,29 @@ def load_data_product(
     train_idx = np.sort(perm[n_holdout:])
     return DataProduct(
         train_x=torch.from_numpy(np.ascontiguousarray(x[train_idx], dtype=np.float32)),
-        train_y=torch.from_numpy(np.ascontiguousarray(y[train_idx], dtype=np.int64)),
+        train_y=torch.from_numpy(np.ascontiguousarray(y[train_idx])),
         holdout_x=torch.from_numpy(np.ascontiguousarray(x[hold_idx], dtype=np.float32)),
-        holdout_y=torch.from_numpy(np.ascontiguousarray(y[hold_idx], dtype=np.int64)),
+        holdout_y=torch.from_numpy(np.ascontiguousarray(y[hold_idx])),
         feature_names=tuple(names),
         label=label,
         schema_fingerprint=schema_fingerprint(names, label),
     )
+
+
+def parse_labels(path: Path, raw: Sequence[str] | np.ndarray, task: str, num_classes: int) -> np.ndarray:
+    """The label column as the task kind needs it; a bad label raises :class:`DataError` naming its row.
+
+    * ``classification``: int64, each an integer in ``[0, num_classes)``;
+    * ``binary``: float32 0.0/1.0, from 0/1 (``1.0`` too), booleans, or the words true/false (any case);
+    * ``regression``: float32, each a finite number.
+    """
+    if task == "classification":
+        return _check_labels(path, raw, num_classes)
+    if task == "binary":
+        return _binary_labels(path, raw)
+    if task == "regression":
+        return _regression_labels(path, raw)
+    raise DataError(f"{path}: model.task must be classification, binary or regression, got {task!r}")
 
 
 def schema_fingerprint(feature_names: Sequence[str], label: str, dtype: str = "float32") -> str:
@@ -319,6 +343,48 @@ def _parse_label(cell: object) -> int | None:
     if not math.isfinite(f) or not f.is_integer():
         return None
     return int(f)
+
+
+_BOOL_WORDS = {"true": 1.0, "false": 0.0}
+
+
+def _binary_labels(path: Path, raw: Sequence[object] | np.ndarray) -> np.ndarray:
+    if isinstance(raw, np.ndarray) and (np.issubdtype(raw.dtype, np.number) or raw.dtype == np.bool_):
+        f = raw.astype(np.float64)
+        bad = (f != 0.0) & (f != 1.0)  # NaN is neither
+        if not bad.any():
+            return f.astype(np.float32)
+        first = int(np.argmax(bad))
+        raise DataError(f"{path}: label {_show(raw[first])} at row {first + 1} is not 0 or 1 (model.task = "
+                        "\"binary\" needs labels 0/1 or true/false)")
+    out = np.empty(len(raw), dtype=np.float32)
+    for i, cell in enumerate(raw):
+        word = _BOOL_WORDS.get(cell.strip().lower()) if isinstance(cell, str) else None
+        value = word if word is not None else _parse_label(cell)
+        if value not in (0, 1):
+            raise DataError(f"{path}: label {_show(cell)} at row {i + 1} is not 0 or 1 (model.task = "
+                            "\"binary\" needs labels 0/1 or true/false)")
+        out[i] = float(value)
+    return out
+
+
+def _regression_labels(path: Path, raw: Sequence[object] | np.ndarray) -> np.ndarray:
+    if isinstance(raw, np.ndarray) and (np.issubdtype(raw.dtype, np.number) or raw.dtype == np.bool_):
+        f = raw.astype(np.float64)
+    else:
+        f = np.empty(len(raw), dtype=np.float64)
+        for i, cell in enumerate(raw):
+            try:
+                f[i] = float(cell.strip() if isinstance(cell, str) else cell)
+            except (TypeError, ValueError):
+                raise DataError(f"{path}: label {_show(cell)} at row {i + 1} is not a number "
+                                "(model.task = \"regression\" needs numeric targets)") from None
+    bad = ~np.isfinite(f) | (np.abs(f) > np.finfo(np.float32).max)
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise DataError(f"{path}: label {f[first]} at row {first + 1} is not a finite number "
+                        "(model.task = \"regression\" needs finite targets)")
+    return f.astype(np.float32)
 
 
 def _show(cell: object) -> str:

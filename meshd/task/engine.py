@@ -9,7 +9,7 @@ import hashlib
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +23,14 @@ from meshd.task import models
 from meshd.task.checkpoints import Checkpoint, CheckpointStore
 from meshd.task.data import DataProduct, load_data_product, schema_fingerprint
 from meshd.task.learner import Learner, TrainConfig, TrainResult, limit_torch_threads
+from meshd.task.metrics import task_kind
 from meshd.task.privacy import LEDGER_FILE, Ledger, PrivacyPlan, parse_history
 
 log = structlog.get_logger("meshd.task.engine")
 
-# The local-only baseline's holdout accuracy must rise by this much to count as progress (below it: noise).
-BASELINE_MIN_GAIN = 0.005
+# Where a task is scored, as /status names its fields ("<scope>_<metric>": holdout_accuracy, local_only_rmse...):
+# the served model and the local-only baseline, on the holdout split and on data.test_path.
+SCOPES = ("holdout", "local_only", "test", "local_only_test")
 
 
 @dataclass
@@ -36,10 +38,7 @@ class TrainingStats:
     steps: int = 0
     samples_seen: int = 0
     loss: float | None = None
-    holdout_accuracy: float | None = None
-    local_only_accuracy: float | None = None
-    test_accuracy: float | None = None
-    local_only_test_accuracy: float | None = None
+    scores: dict[str, float | None] = field(default_factory=dict)  # score_fields(kind) -> value, from evaluate()
     evaluated_at_version: int | None = None
     evaluated_at_steps: int | None = None  # local SGD steps this domain had taken when that model was scored
     steps_dropped: int = 0  # steps of rounds whose update was refused (diverged)
@@ -61,7 +60,9 @@ class Engine:
             channels=cfg.model.channels,
             kernel_size=cfg.model.kernel_size,
             num_classes=cfg.model.num_classes,
+            task=cfg.model.task,
         )
+        self.kind = task_kind(cfg.model.task)
         self._store: CheckpointStore | None = None  # created in load(): it touches the disk
         self.data: DataProduct | None = None
         self.test: DataProduct | None = None
@@ -81,7 +82,7 @@ class Engine:
         self.sha256: str | None = None
         self.threads_in_use: int | None = None
         self.baseline_converged = False  # the local-only baseline stopped training (local_baseline_patience)
-        self._baseline_best = -1.0
+        self._baseline_best: float | None = None
         self._baseline_best_epoch = 0.0
         # Differential privacy (privacy.enabled): the mechanism and the ledger of spent budget.
         self.plan: PrivacyPlan | None = None
@@ -109,13 +110,13 @@ class Engine:
         if cfg.data.path is not None:
             self.data = load_data_product(
                 cfg.data.path, cfg.data.label, cfg.data.features or None, cfg.data.holdout,
-                cfg.model.num_classes, cfg.training.seed,
+                cfg.model.num_classes, cfg.training.seed, task=cfg.model.task,
             )
             self.input_dim = self.data.input_dim
         if cfg.data.test_path is not None:
             self.test = load_data_product(
                 cfg.data.test_path, cfg.data.label, cfg.data.features or None, 0.0,
-                cfg.model.num_classes, cfg.training.seed,
+                cfg.model.num_classes, cfg.training.seed, task=cfg.model.task,
             )
             if self.data is not None and self.test.feature_names != self.data.feature_names:
                 raise DataError(f"{cfg.data.test_path}: its features differ from the data product's")
@@ -134,7 +135,7 @@ class Engine:
         self.parameters = models.param_count(self.module)
         tcfg = TrainConfig(
             batch_size=cfg.training.batch_size, lr=cfg.training.lr, momentum=cfg.training.momentum,
-            weight_decay=cfg.training.weight_decay, seed=cfg.training.seed,
+            weight_decay=cfg.training.weight_decay, seed=cfg.training.seed, task=cfg.model.task,
         )
         if self.data is not None and cfg.privacy.enabled:
             self.plan = PrivacyPlan.build(cfg.privacy, cfg.training.batch_size, self.data.num_train)
@@ -262,39 +263,47 @@ class Engine:
         return new, result
 
     def _baseline_evaluated(self, holdout: float | None) -> None:
-        """Track the baseline's holdout accuracy; once it has not risen by ``BASELINE_MIN_GAIN`` for
-        ``training.local_baseline_patience`` epochs it has converged on this domain's rows alone: it stops
-        training (and being re-scored), which halves the task's training work from then on."""
+        """Track the baseline's headline holdout score (accuracy, ROC AUC or RMSE: ``TaskKind.headline``); once
+        it has not improved by ``metrics.BASELINE_MIN_GAIN`` for ``training.local_baseline_patience`` epochs it
+        has converged on this domain's rows alone: it stops training (and being re-scored), which halves the
+        task's training work from then on."""
         patience = self.cfg.training.local_baseline_patience
         if holdout is None or patience <= 0 or self.baseline_converged:
             return
-        if holdout >= self._baseline_best + BASELINE_MIN_GAIN:
+        if self.kind.improved(holdout, self._baseline_best):
             self._baseline_best, self._baseline_best_epoch = holdout, self.epochs
         elif self.epochs - self._baseline_best_epoch >= patience:
             self.baseline_converged = True
 
+    @property
+    def score_fields(self) -> list[str]:
+        """The /status fields of this task's scores: accuracy's four always (null for regression, so the
+        classification fields never disappear), then the task kind's other metrics, scope by scope."""
+        names = ("accuracy", *(m for m in self.kind.metrics if m != "accuracy"))
+        return [f"{scope}_{m}" for m in names for scope in SCOPES]
+
     def evaluate(self, flat: torch.Tensor) -> dict[str, float | None]:
-        out: dict[str, float | None] = {"holdout": None, "local_only": None, "test": None, "local_only_test": None}
-        learner = self.learner
+        """The served model's and the local-only baseline's scores, keyed by :attr:`score_fields`."""
+        out: dict[str, float | None] = dict.fromkeys(self.score_fields)
+        learner, baseline, base_flat = self.learner, self.baseline, self._baseline_flat
         # A converged baseline no longer changes: its last scores stand.
-        rescore = self.baseline is not None and self._baseline_flat is not None and not self.baseline_converged
-        if learner is not None and self.data is not None and self.data.num_holdout > 0:
-            out["holdout"] = learner.evaluate(flat, self.data.holdout_x, self.data.holdout_y)
-            if rescore and self.baseline is not None and self._baseline_flat is not None:
-                out["local_only"] = self.baseline.evaluate(
-                    self._baseline_flat, self.data.holdout_x, self.data.holdout_y
-                )
-                self._baseline_evaluated(out["local_only"])
+        rescore = baseline is not None and base_flat is not None and not self.baseline_converged
+        if learner is None:
+            return out
+        sets: list[tuple[str, str, torch.Tensor, torch.Tensor]] = []
+        if self.data is not None and self.data.num_holdout > 0:
+            sets.append(("holdout", "local_only", self.data.holdout_x, self.data.holdout_y))
+        if self.test is not None:
+            sets.append(("test", "local_only_test", self.test.train_x, self.test.train_y))
+        for scope, base_scope, x, y in sets:
+            out |= _scoped(scope, learner.scores(flat, x, y))
+            if rescore and baseline is not None and base_flat is not None:
+                base = baseline.scores(base_flat, x, y)
+                out |= _scoped(base_scope, base)
+                if scope == "holdout":
+                    self._baseline_evaluated(self.kind.headline(base))
             else:
-                out["local_only"] = self.stats.local_only_accuracy
-        if learner is not None and self.test is not None:
-            out["test"] = learner.evaluate(flat, self.test.train_x, self.test.train_y)
-            if rescore and self.baseline is not None and self._baseline_flat is not None:
-                out["local_only_test"] = self.baseline.evaluate(
-                    self._baseline_flat, self.test.train_x, self.test.train_y
-                )
-            else:
-                out["local_only_test"] = self.stats.local_only_test_accuracy
+                out |= {k: self.stats.scores.get(k) for k in _scoped(base_scope, dict.fromkeys(self.kind.metrics))}
         return out
 
     def served_model(self) -> torch.Tensor:
@@ -400,6 +409,7 @@ class Engine:
             "sha256": self.sha256,
             "codec": self.cfg.gossip.codec,
             "data_schema": self.schema or None,
+            "task": self.kind.name,
         }
         s = self.stats
         training = {
@@ -407,10 +417,10 @@ class Engine:
             "steps": s.steps,
             "samples_seen": s.samples_seen,
             "loss": _finite(s.loss),
-            "holdout_accuracy": s.holdout_accuracy,
-            "local_only_accuracy": s.local_only_accuracy,
-            "test_accuracy": s.test_accuracy,
-            "local_only_test_accuracy": s.local_only_test_accuracy,
+            "task": self.kind.name,
+            "metric": self.kind.primary,
+            "higher_is_better": self.kind.higher_is_better,
+            **{k: s.scores.get(k) for k in self.score_fields},
             "evaluated_at_version": s.evaluated_at_version,
             "evaluated_at_steps": s.evaluated_at_steps,
             "train_rows": self.data.num_train if self.data else 0,
@@ -437,6 +447,10 @@ def _spend_key(hist: list[tuple[float, float, int]]) -> int:
 def task_state_dir(state_dir: Path, name: str) -> Path:
     """Where a task keeps its checkpoints: ``STATE/tasks/NAME``."""
     return state_dir / "tasks" / name
+
+
+def _scoped(scope: str, scores: dict[str, float | None]) -> dict[str, float | None]:
+    return {f"{scope}_{metric}": value for metric, value in scores.items()}
 
 
 def _finite(x: float | None) -> float | None:

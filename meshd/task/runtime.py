@@ -757,15 +757,15 @@ class LearningTask:
                 result = await asyncio.to_thread(self.engine.evaluate, flat)
                 digest = await asyncio.to_thread(self.engine.digest, flat)
                 st = self.engine.stats
-                st.holdout_accuracy, st.local_only_accuracy = result["holdout"], result["local_only"]
-                st.test_accuracy, st.local_only_test_accuracy = result["test"], result["local_only_test"]
+                st.scores = result
                 st.evaluated_at_version = version
                 st.evaluated_at_steps = steps
                 self.engine.sha256 = digest
                 if self.engine.baseline_converged and not self._baseline_logged:
                     self._baseline_logged = True
                     self._log.info("local_baseline_converged", epochs=round(self.engine.epochs, 1),
-                                   local_only_accuracy=st.local_only_accuracy,
+                                   metric=self.engine.kind.primary,
+                                   local_only=st.scores.get(f"local_only_{self.engine.kind.primary}"),
                                    detail="the local-only baseline stopped training; its last scores stand")
             await asyncio.sleep(self.cfg.training.eval_interval_s)
 
