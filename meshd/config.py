@@ -202,7 +202,8 @@ class GossipConfig:
     exchange: str = field(default="pushpull", metadata=_opt(_one_of("pushpull", "push")))
     serve_window: int = field(default=16, metadata=_opt(_between(0, 1000)))
     topology: str = field(default="exponential", metadata=_opt(_one_of("exponential", "random")))
-    codec: str = field(default="q4", metadata=_opt(_one_of("f64", "f32", "f16", "q8", "q4")))
+    # "auto": q4 for classification and binary tasks, q8 for regression (see codec_for).
+    codec: str = field(default="auto", metadata=_opt(_one_of("auto", "f64", "f32", "f16", "q8", "q4")))
     pull_on_join: bool = True
     far_behind_versions: int = field(default=0, metadata=_opt(_non_negative))
     # Merge rule (meshd/core/merge.py, docs/learning.md section 8): "pushsum" merges shares as they come;
@@ -402,6 +403,15 @@ class Config:
 
 
 # --- public API -----------------------------------------------------------------------------------------
+
+
+def codec_for(task: TaskConfig) -> str:
+    """The task's wire codec: ``gossip.codec``, with ``"auto"`` resolved by the model's task kind. A classifier
+    only needs the right logit to be the largest, and q4's rounding costs it nothing on the learning bench; a
+    regression's output is the number itself, and q4 doubled its RMSE (bench/task_kinds.py), q8 did not."""
+    if task.gossip.codec != "auto":
+        return task.gossip.codec
+    return "q8" if task.model.task == "regression" else "q4"
 
 
 def split_host_port(text: str) -> tuple[str, int]:

@@ -52,7 +52,10 @@ def test_two_tasks_inherit_top_level_defaults_key_by_key(tmp_path: Path) -> None
     assert fraud.training.lr == 0.01 and fraud.training.batch_size == 16
     assert churn.training.lr == 0.2 and churn.training.batch_size == 16
     assert fraud.gossip.fanout == churn.gossip.fanout == 2
-    assert churn.gossip.codec == "f32" and fraud.gossip.codec == "q4"
+    assert churn.gossip.codec == "f32" and fraud.gossip.codec == "auto"
+    assert configmod.codec_for(churn) == "f32" and configmod.codec_for(fraud) == "q4"
+    regression = dataclasses.replace(fraud, model=dataclasses.replace(fraud.model, task="regression"))
+    assert configmod.codec_for(regression) == "q8"  # q4 doubled a regression's RMSE
     assert fraud.gossip.retries == churn.gossip.retries == cfg.gossip.retries == 5  # mesh-wide, from [gossip]
     assert fraud.checkpoint.keep == churn.checkpoint.keep == 4
     assert churn.data.label == fraud.data.label == "y"

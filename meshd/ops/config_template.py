@@ -139,8 +139,9 @@ exchange = "pushpull"            # pushpull: a share asks for the receiver's sha
 jitter = 0.25                    # fraction of interval_s added or removed at random
 fanout = 1                       # peers sent a share of the model each round
 topology = "exponential"         # exponential (peer 2^r places on in the ring of peer ids, round r) | random
-codec = "q4"                     # q4 (4-bit blocks, ~0.58 bytes/value) | q8 (~1.08) | f16 | f32 | f64; a regression
-                                 # task wants q8 or finer: q4 doubles its RMSE (docs/learning.md section 9)
+codec = "auto"                   # auto (q4 for classification and binary, q8 for regression: q4 doubles a
+                                 # regression's RMSE, docs/learning.md section 9) | q4 (4-bit blocks, ~0.58
+                                 # bytes/value) | q8 (~1.08) | f16 | f32 | f64
 serve_window = 16                # the served model blends in an average of the last ~N models peers sent (0 = off)
 pull_on_join = true              # a task with no checkpoint first pulls the mesh model from a peer
 far_behind_versions = 0          # pull again when a peer's model version is this far ahead (0 = never)

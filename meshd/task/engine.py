@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 import torch
 
-from meshd.config import DEFAULT_TASK, TaskConfig
+from meshd.config import DEFAULT_TASK, TaskConfig, codec_for
 from meshd.core.averaging import MAX_ROWS, PushSum, ServedModel, data_scale
 from meshd.errors import DataError
 from meshd.task import models
@@ -149,7 +149,7 @@ class Engine:
         start = models.flatten(self.module)
         ckpt, store_warnings = self.store.load_latest()
         warnings += store_warnings
-        opts: dict[str, Any] = {"max_abs": self._max_param_abs, "codec": cfg.gossip.codec}
+        opts: dict[str, Any] = {"max_abs": self._max_param_abs, "codec": codec_for(cfg)}
         if ckpt is not None and ckpt.fingerprint != self.fingerprint:
             warnings.append(
                 f"checkpoint {ckpt.file_name} is for another model (fingerprint {ckpt.fingerprint[:12]}); ignored"
@@ -407,7 +407,7 @@ class Engine:
             "parameters": self.parameters,
             "version": ps.version if ps else 0,
             "sha256": self.sha256,
-            "codec": self.cfg.gossip.codec,
+            "codec": codec_for(self.cfg),
             "data_schema": self.schema or None,
             "task": self.kind.name,
         }

@@ -27,7 +27,7 @@ from typing import Any, cast
 import structlog
 import torch
 
-from meshd.config import DEFAULT_TASK, TaskConfig
+from meshd.config import DEFAULT_TASK, TaskConfig, codec_for
 from meshd.core import codec as codecmod
 from meshd.core.averaging import RejectedUpdate, Share
 from meshd.core.codec import CodecName
@@ -176,7 +176,7 @@ class LearningTask:
             self.engine.exhausted = False  # an explicit raise of the budget: training resumes
             self._log.warning("privacy_budget_raised", epsilon_budget=cfg.privacy.epsilon, previous=old_budget)
         if self.engine.pushsum is not None:
-            self.engine.pushsum.codec = cast(CodecName, cfg.gossip.codec)
+            self.engine.pushsum.codec = cast(CodecName, codec_for(cfg))
         if cfg.gossip.merge != self.merge_rule.name:
             self.merge_rule = make_rule(cfg.gossip.merge, self._rule_params())
             self._log.info("task_merge_rule_changed", rule=cfg.gossip.merge)
@@ -393,7 +393,7 @@ class LearningTask:
         return await asyncio.to_thread(self._share_body, share)
 
     def _share_body(self, share: Share) -> dict[str, Any]:
-        codec = self.engine.pushsum.codec if self.engine.pushsum is not None else self.cfg.gossip.codec
+        codec = self.engine.pushsum.codec if self.engine.pushsum is not None else codec_for(self.cfg)
         return {
             **self.link.hello_body(),
             **self.model_ids(),
