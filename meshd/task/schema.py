@@ -20,6 +20,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -28,8 +29,9 @@ import tomlkit
 
 from meshd.config import ColumnConfig
 from meshd.errors import DataError
+from meshd.task.tables import TABLE_SUFFIXES, TableFile, table_format
 
-__all__ = ["Encoded", "describe", "describe_toml", "encode", "encoded_names", "schema_fingerprint"]
+__all__ = ["Encoded", "describe", "describe_data_product", "encode", "encoded_names", "schema_fingerprint"]
 
 UNKNOWN = "<unknown>"
 MISSING_SUFFIX = ":missing"
@@ -134,8 +136,17 @@ def describe(table: pa.Table, label: str) -> tuple[list[ColumnConfig], list[str]
     return cols, skipped
 
 
-def describe_toml(path: object, table: pa.Table, label: str) -> str:
-    """``meshd data describe``'s output: a ``[data]`` table to paste into the config, with comments."""
+def describe_data_product(path: Path, label: str) -> str:
+    """``meshd data describe``'s output: the inferred schema of a table data product as a ``[data]`` table to
+    paste into the config, with comments."""
+    if table_format(path) is None:
+        raise DataError(f"{path}: describe reads tables ({', '.join(TABLE_SUFFIXES)}, or a folder of Parquet "
+                        "files); an .npz data product is one numeric array and needs no schema")
+    table_file = TableFile(path)
+    if label not in table_file.names:
+        raise DataError(f"{path}: label column {label!r} not found (pass --label); available columns: "
+                        f"{', '.join(table_file.names)}")
+    table = table_file.read(table_file.names, as_string=[])
     cols, skipped = describe(table, label)
     lines = [
         f"# meshd data describe {path}: {table.num_rows} rows, {len(cols)} feature columns "
