@@ -17,6 +17,7 @@ import torch
 
 from meshd import config as configmod
 from meshd.config import ColumnConfig
+from meshd.core.cohort import TaskPeers
 from meshd.errors import ConfigError, DataError
 from meshd.task.data import DataProduct, load_data_product, schema_fingerprint
 from meshd.task.engine import Engine
@@ -179,15 +180,28 @@ def test_all_numeric_typed_schema_keeps_the_untyped_fingerprint(tmp_path: Path) 
     assert torch.equal(typed.train_x, untyped.train_x)
 
 
-def test_engine_input_is_the_encoded_width(tmp_path: Path) -> None:
-    path = _parquet(tmp_path)
+def _engine(tmp_path: Path, path: Path, columns: tuple[ColumnConfig, ...], name: str) -> Engine:
     cfg = configmod.from_dict({"node": {"domain": "d"}, "model": {"name": "logreg", "num_classes": 2},
                                "data": {"path": str(path), "holdout": 0.0,
-                                        "columns": [_toml_table(c) for c in SCHEMA]}}, base_dir=tmp_path)
-    engine = Engine(cfg.tasks[0], tmp_path / "state")
+                                        "columns": [_toml_table(c) for c in columns]}}, base_dir=tmp_path)
+    engine = Engine(cfg.tasks[0], tmp_path / name)
     engine.load()
-    assert engine.input_dim == 7
-    assert engine.schema == _load(path, SCHEMA).schema_fingerprint
+    return engine
+
+
+def test_engine_input_is_the_encoded_width_and_other_categories_are_refused(tmp_path: Path) -> None:
+    path = _parquet(tmp_path)
+    ours = _engine(tmp_path, path, SCHEMA, "ours")
+    assert ours.input_dim == 7
+    assert ours.schema == _load(path, SCHEMA).schema_fingerprint
+    # A domain that lists ES where we list IT: the same model shape, another meaning of its inputs.
+    es = ColumnConfig(name="country", type="categorical", categories=("DE", "FR", "ES"), unknown=True,
+                      missing="unknown")
+    theirs = _engine(tmp_path, path, (SCHEMA[0], es, SCHEMA[2]), "theirs")
+    assert theirs.fingerprint == ours.fingerprint
+    peers = TaskPeers(ours.fingerprint, ours.schema)
+    assert peers.incompatibility(theirs.fingerprint, theirs.schema) == "schema_mismatch"
+    assert peers.incompatibility(ours.fingerprint, _engine(tmp_path, path, SCHEMA, "same").schema) is None
 
 
 # ------------------------------------------------------------------------------------------ describe

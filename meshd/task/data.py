@@ -128,7 +128,7 @@ def load_data_product(
     n_holdout = min(math.floor(holdout * n), n - 1)
     hold_idx = np.sort(perm[:n_holdout])
     train_idx = np.sort(perm[n_holdout:])
-    # Without a holdout every row trains: no copy of a possibly large matrix.
+    # Without a holdout every row trains: no gather, only (for a column-major table) the row-major copy.
     train_x = x if n_holdout == 0 else x[train_idx]
     return DataProduct(
         train_x=torch.from_numpy(np.ascontiguousarray(train_x, dtype=np.float32)),
