@@ -1,7 +1,8 @@
 """Data product loading: time and peak RSS of `load_data_product` on a 1-million-row, 30-column file, CSV and
 Parquet through pyarrow, against the CSV reader meshd had before (csv module, one Python float list per row).
 
-Run: ``.venv/bin/python bench/dataload.py [--quick] [--rows N] [--out bench/results/dataload.json]``.
+Run: ``.venv/bin/python bench/dataload.py [--quick] [--rows N] [--out FILE]`` (default
+bench/results/dataload.json; ``--quick``: 100,000 rows, bench/results/dataload-quick.json).
 
 The old reader is not copied here: its module, ``meshd/task/data.py`` as of commit ``OLD_READER_COMMIT`` (the
 last one with the csv-module reader), is read from git history (``git show``) and imported under another name, so
@@ -49,6 +50,13 @@ def make_files(directory: Path, rows: int, seed: int = 0) -> dict[str, Path]:
     pa_csv.write_csv(table, paths["csv"])
     pq.write_table(table, paths["parquet"])
     return paths
+
+
+def make_child(directory: str, rows: str) -> None:
+    """Write the files in a child process, so the parent stays small: a child's ru_maxrss would count the
+    parent's pages that it inherits at fork."""
+    paths = make_files(Path(directory), int(rows))
+    print(json.dumps({k: str(p) for k, p in paths.items()}))
 
 
 def child(reader: str, path: str) -> None:
@@ -109,16 +117,24 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="100,000 rows, one repetition (smoke run)")
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--repeat", type=int, default=2, help="runs per reader; the fastest is reported")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT})")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"JSON results (default {DEFAULT_OUT}; with --quick, dataload-quick.json beside it)")
     ap.add_argument("--child", nargs=2, metavar=("READER", "PATH"), help=argparse.SUPPRESS)
+    ap.add_argument("--make", nargs=2, metavar=("DIR", "ROWS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(*args.child)
         return
+    if args.make:
+        make_child(*args.make)
+        return
     rows, repeat = (100_000, 1) if args.quick else (args.rows, args.repeat)
+    out = args.out or (DEFAULT_OUT.with_name("dataload-quick.json") if args.quick else DEFAULT_OUT)
     with tempfile.TemporaryDirectory(prefix="meshd-dataload-") as tmp:
         t0 = time.perf_counter()
-        paths = make_files(Path(tmp), rows)
+        made = subprocess.run([sys.executable, __file__, "--make", tmp, str(rows)], check=True, capture_output=True,
+                              text=True, cwd=REPO).stdout
+        paths = {k: Path(p) for k, p in json.loads(made).items()}
         print(f"{rows} rows x {COLS} features: CSV {paths['csv'].stat().st_size / 2**20:.0f} MiB, Parquet "
               f"{paths['parquet'].stat().st_size / 2**20:.0f} MiB (written in {time.perf_counter() - t0:.1f} s)")
         results: dict[str, dict[str, Any]] = {}
@@ -153,9 +169,9 @@ def main() -> None:
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "load_avg": os.getloadavg()},
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
