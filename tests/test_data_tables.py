@@ -3,9 +3,11 @@ encoding, missing values, fingerprints, `meshd data describe`, and the errors th
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +23,7 @@ from meshd.core.cohort import TaskPeers
 from meshd.errors import ConfigError, DataError
 from meshd.task.data import DataProduct, load_data_product, schema_fingerprint
 from meshd.task.engine import Engine
-from tests.helpers import run_cli
+from tests.helpers import DaemonProc, Fatal, init_domain, run_cli, set_toml, wait_for
 
 ROWS = {
     "amount": [10.0, None, 30.0, 40.0, 1e6, 0.001],
@@ -337,3 +339,63 @@ def test_example_config_columns_uncommented_are_valid(tmp_path: Path) -> None:
     assert [(c.name, c.type) for c in cfg.tasks[0].data.columns] == [
         ("amount", "numeric"), ("country", "categorical"), ("merchant", "categorical"), ("vip", "boolean")]
     assert cfg.tasks[0].data.columns[2].buckets == 64
+
+
+# ------------------------------------------------------------------------------------------ a daemon
+
+
+def test_a_daemon_learns_from_a_partitioned_parquet_product_and_restarts_the_task_on_a_new_category(
+        tmp_path: Path) -> None:
+    """`meshd data describe` on a hive-partitioned Parquet folder, pasted into a real daemon's config: the task
+    trains on the encoded width; a reload with another category list restarts the task with another schema."""
+    root = tmp_path / "product"
+    rng = np.random.default_rng(0)
+    for country in ("DE", "FR"):
+        part = root / f"country={country}"
+        part.mkdir(parents=True)
+        amount = rng.normal(0.0, 1.0, 40)
+        pq.write_table(pa.table({"amount": pa.array([None if i % 7 == 0 else float(a) for i, a in enumerate(amount)]),
+                                 "label": (amount > 0).astype(np.int64)}), part / "part-0.parquet")
+    described = run_cli("data", "describe", str(root))
+    assert described.returncode == 0, described.stderr
+    columns = tomllib.loads(described.stdout)["data"]["columns"]
+    assert [c["name"] for c in columns] == ["amount", "country"]
+    config, _, _, status_port = init_domain(tmp_path / "d", "alpha")
+    set_toml(config, "data", "path", f'"{root}"')
+    set_toml(config, "data", "columns", _inline_list(columns))
+    set_toml(config, "model", "name", '"logreg"')
+    set_toml(config, "model", "num_classes", "2")
+    cfg = configmod.load(config)
+    expected = _load(root, cfg.tasks[0].data.columns)
+    assert expected.feature_names == ("amount", "amount:missing", "country=DE", "country=FR")
+    daemon = DaemonProc(config, status_port)
+    try:
+        daemon.wait_ready(timeout=60)
+
+        def trained(schema: str) -> Any:
+            task = daemon.status()["tasks"]["default"]
+            if task["state"] == "failed":
+                raise Fatal(f"task failed: {task.get('error')}\n{daemon.logs()}")
+            ok = task["model"].get("data_schema") == schema and task["training"]["steps"] > 0
+            return task if ok else None
+
+        task = wait_for(lambda: trained(expected.schema_fingerprint), timeout=90, what="training on the product")
+        assert task["model"]["parameters"] == 4 * 2 + 2  # logreg over the 4 encoded inputs, 2 classes
+        assert task["training"]["train_rows"] + task["training"]["holdout_rows"] == 80
+        # another domain lists IT too: this one follows, and its schema (so its compatibility) changes
+        widened = [{**c, "categories": ["DE", "FR", "IT"]} if c["name"] == "country" else c for c in columns]
+        set_toml(config, "data", "columns", _inline_list(widened))
+        assert run_cli("reload", "--config", str(config)).returncode == 0
+        cfg = configmod.load(config)
+        after = _load(root, cfg.tasks[0].data.columns)
+        assert after.schema_fingerprint != expected.schema_fingerprint
+        task = wait_for(lambda: trained(after.schema_fingerprint), timeout=90, what="the task restarted")
+        assert task["model"]["parameters"] == 5 * 2 + 2
+        assert "BlockingError" not in daemon.logs()  # the product is read in a worker thread, never on the loop
+    finally:
+        daemon.stop()
+
+
+def _inline_list(tables: list[dict[str, object]]) -> str:
+    """A list of tables as TOML on one line (JSON's strings, lists and booleans are TOML's)."""
+    return "[" + ", ".join("{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in t.items()) + "}" for t in tables) + "]"
