@@ -341,6 +341,17 @@ def test_example_config_columns_uncommented_are_valid(tmp_path: Path) -> None:
     assert cfg.tasks[0].data.columns[2].buckets == 64
 
 
+def test_doctor_accepts_a_parquet_folder(tmp_path: Path) -> None:
+    root = tmp_path / "product"
+    for country in ("DE", "FR"):
+        (root / f"country={country}").mkdir(parents=True)
+        pq.write_table(pa.table(_numeric_rows(4)), root / f"country={country}" / "part-0.parquet")
+    cfg, *_ = init_domain(tmp_path / "d", "sales")
+    set_toml(cfg, "data", "path", f'"{root}"')
+    r = run_cli("doctor", "--offline", "--config", str(cfg))
+    assert f"ok    data[default]: data.path {root} is readable (2 .parquet files)" in r.stdout, r.stdout
+
+
 # ------------------------------------------------------------------------------------------ a daemon
 
 
