@@ -322,6 +322,18 @@ def test_data_errors_name_the_column_row_and_fix(tmp_path: Path) -> None:
         _load(all_missing, (ColumnConfig(name="amount", missing="mean"),))
 
 
+def test_unreadable_tables_are_data_errors(tmp_path: Path) -> None:
+    folder = tmp_path / "product"
+    folder.mkdir()
+    pq.write_table(pa.table({"x": [1.0, 2.0], "label": [0, 1]}), folder / "a.parquet")
+    pq.write_table(pa.table({"x": ["a", "b"], "label": [0, 1]}), folder / "b.parquet")  # x changed type
+    with pytest.raises(DataError, match=r"product: cannot read data product: .*as a scalar of type double"):
+        _load(folder)
+    nested = _parquet(tmp_path, {"x": [[1], [2]], "label": [0, 1]})
+    with pytest.raises(DataError, match=r"feature 'x' has type list<.*cannot be read as category text"):
+        _load(nested, (ColumnConfig(name="x", type="categorical", buckets=2),))
+
+
 def test_encoded_names_must_not_collide(tmp_path: Path) -> None:
     path = _parquet(tmp_path, {"c": ["<unknown>", "x"], "label": [0, 1]})
     cols = (ColumnConfig(name="c", type="categorical", categories=("<unknown>", "x"), unknown=True),)

@@ -295,7 +295,11 @@ def _fill(where: _Where, values: np.ndarray, missing: np.ndarray) -> np.ndarray:
 def _categorical(where: _Where, arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """One-hot [N, width] of a categorical column and its missing mask."""
     col = where.col
-    text = arr if pa.types.is_string(arr.type) else pc.cast(arr, pa.string())
+    try:
+        text = arr if pa.types.is_string(arr.type) else pc.cast(arr, pa.string())
+    except pa.ArrowException:
+        raise DataError(f"{where.path}: feature {col.name!r} has type {arr.type}, whose values cannot be read as "
+                        f"category text; declare another type for it, or leave it out") from None
     missing = text.is_null().to_numpy(zero_copy_only=False)
     n = len(text)
     if col.buckets:

@@ -69,9 +69,7 @@ class TableFile:
                 table = self._dataset.to_table(columns=list(columns))
             else:
                 table = self._read_csv(columns, as_string, as_float)
-        except pa.ArrowInvalid as exc:
-            raise DataError(f"{self.path}: cannot read data product: {exc}") from exc
-        except OSError as exc:
+        except (pa.ArrowException, OSError) as exc:  # e.g. a file of a folder whose column types differ
             raise DataError(f"{self.path}: cannot read data product: {exc}") from exc
         return table
 
@@ -89,7 +87,7 @@ class TableFile:
                 return pa_ds.dataset(sorted(str(p) for p in files), format="parquet",
                                      partitioning=pa_ds.partitioning(flavor="hive"), partition_base_dir=str(path))
             return pa_ds.dataset(str(path), format=self.format)
-        except (pa.ArrowInvalid, OSError) as exc:
+        except (pa.ArrowException, OSError) as exc:
             kind = "Parquet" if self.format == "parquet" else "Arrow IPC / Feather"
             raise DataError(f"{path}: not a readable {kind} data product ({exc})") from exc
 
