@@ -134,6 +134,17 @@ def test_csv_with_categorical_and_missing_cells(tmp_path: Path) -> None:
     assert dp.train_x.tolist() == [[1.5, 0, 1, 0, 1], [0, 1, 0, 1, 0], [0, 1, 0, 0, 1], [2.5, 0, 0, 0, 0]]
 
 
+def test_dictionary_encoded_columns_as_pandas_categoricals_write_them(tmp_path: Path) -> None:
+    country = pa.array(["FR", "DE", "FR"]).dictionary_encode()
+    path = tmp_path / "d.feather"
+    feather.write_feather(pa.table({"country": country, "label": [0, 1, 0]}), path)
+    assert pa.types.is_dictionary(feather.read_table(path).schema.field("country").type)
+    dp = _load(path, (ColumnConfig(name="country", type="categorical", categories=("DE", "FR")),))
+    assert dp.train_x.tolist() == [[0, 1], [1, 0], [0, 1]]
+    described = run_cli("data", "describe", str(path))
+    assert tomllib.loads(described.stdout)["data"]["columns"][0]["categories"] == ["DE", "FR"]
+
+
 def test_hashed_categories_are_stable_and_fill_buckets(tmp_path: Path) -> None:
     merchants = [f"m{i}" for i in range(40)]
     path = _parquet(tmp_path, {"merchant": merchants + merchants[:5], "label": [0] * 45})

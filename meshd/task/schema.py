@@ -86,9 +86,7 @@ def encode(path: object, table: pa.Table, columns: Sequence[ColumnConfig], *, ty
     j = 0
     for col in columns:
         where = _Where(path, col, typed)
-        arr = table.column(col.name).combine_chunks()
-        if isinstance(arr.type, pa.DictionaryType):
-            arr = arr.dictionary_decode()
+        arr = _column(table, col.name)
         if col.type == "categorical":
             block, missing = _categorical(where, arr)
         else:
@@ -113,9 +111,7 @@ def describe(table: pa.Table, label: str) -> tuple[list[ColumnConfig], list[str]
     for name in table.column_names:
         if name == label:
             continue
-        arr = table.column(name).combine_chunks()
-        if isinstance(arr.type, pa.DictionaryType):
-            arr = arr.dictionary_decode()
+        arr = _column(table, name)
         t = arr.type
         nulls = arr.null_count > 0
         if pa.types.is_boolean(t):
@@ -168,6 +164,12 @@ def describe_data_product(path: Path, label: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- helpers
+
+
+def _column(table: pa.Table, name: str) -> pa.Array:
+    """One column as a single array of plain values (dictionary-encoded columns, e.g. Parquet's, decoded)."""
+    arr = table.column(name).combine_chunks()
+    return arr.dictionary_decode() if isinstance(arr.type, pa.DictionaryType) else arr
 
 
 @dataclass(frozen=True)
