@@ -271,11 +271,35 @@ class ModelConfig:
                                                     restart=True))
 
 
+#: Feature types of a typed schema ([[data.columns]]); docs/data.md.
+COLUMN_TYPES = ("numeric", "categorical", "boolean")
+#: What a missing cell becomes, per type: numeric and boolean columns take the column's mean or 0; a categorical
+#: one sets no category ("zero") or its unknown column; "error" refuses the data product.
+MISSING_BY_TYPE = {"numeric": ("error", "mean", "zero"), "boolean": ("error", "mean", "zero"),
+                   "categorical": ("error", "zero", "unknown")}
+
+
+@dataclass(frozen=True)
+class ColumnConfig:
+    """One feature column of a typed schema: its type, its encoding and what a missing cell becomes."""
+
+    name: str = field(default="", metadata=_opt(doc="column name in the data product"))
+    type: str = field(default="numeric", metadata=_opt(_one_of(*COLUMN_TYPES)))
+    # categorical: the values, one-hot encoded in this order ("country=FR"); or, instead, hash buckets.
+    categories: tuple[str, ...] = ()
+    buckets: int = field(default=0, metadata=_opt(_between(0, 1 << 20)))
+    unknown: bool = False  # categorical with categories: one more column for values not in the list
+    missing: str = field(default="error", metadata=_opt(_one_of("error", "mean", "zero", "unknown")))
+    indicator: bool = False  # one more column, 1 where the cell was missing ("amount:missing")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     path: Path | None = field(default=None, metadata=_opt(restart=True))
     label: str = field(default="label", metadata=_opt(restart=True))
     features: tuple[str, ...] = field(default=(), metadata=_opt(restart=True))
+    # A typed schema: the feature columns in order, each with its type; replaces `features` when set.
+    columns: tuple[ColumnConfig, ...] = field(default=(), metadata=_opt(restart=True))
     holdout: float = field(default=0.2, metadata=_opt(_between(0.0, 0.9), restart=True))
     test_path: Path | None = field(default=None, metadata=_opt(restart=True))
 
@@ -479,7 +503,8 @@ def task_needs_restart(old: TaskConfig, new: TaskConfig) -> list[str]:
     """A task's changed keys that only a restart of the task applies (its model, data product, seed...)."""
     keys: set[str] = set()
     _walk_restart(TaskConfig, "", keys)
-    return [k for k in sorted(_diff(old, new, "")) if k in keys]
+    # an item of a list of tables (data.columns[2].type) restarts with its list
+    return [k for k in sorted(_diff(old, new, "")) if k in keys or k.split("[")[0] in keys]
 
 
 def field_docs() -> dict[str, str]:
@@ -660,12 +685,56 @@ def _cross_checks(cfg: Config) -> list[str]:
         names.add(task.name)
     for prefix, task in ([("", t) for t in cfg.tasks] if not cfg.task
                          else [(f"task[{i}].", t) for i, t in enumerate(cfg.task)]):
+        problems.extend(column_problems(task.data, f"{prefix}data."))
         pv = task.privacy
         if pv.enabled and pv.noise_multiplier == 0 and pv.planned_steps == 0:
             problems.append(f"{prefix}privacy.noise_multiplier: is 0 and {prefix}privacy.planned_steps is 0; set "
                             f"noise_multiplier (e.g. 1.0), or planned_steps (the SGD steps the epsilon budget must "
                             f"last) to calibrate the noise")
     # A domain without a data product just averages; the daemon reports that task's training as idle.
+    return problems
+
+
+def column_problems(data: DataConfig, prefix: str = "data.") -> list[str]:
+    """What is wrong with a typed schema (``data.columns``), each naming its key and the fix."""
+    problems: list[str] = []
+    if data.columns and data.features:
+        problems.append(f"{prefix}features: set either {prefix}features (untyped, all numeric) or {prefix}columns "
+                        f"(typed), not both; the columns list is the feature list, in order")
+    seen: set[str] = set()
+    for i, col in enumerate(data.columns):
+        key = f"{prefix}columns[{i}]"
+        if not col.name:
+            problems.append(f"{key}.name: is required (got nothing); the name of a column of the data product")
+        elif col.name in seen:
+            problems.append(f"{key}.name: column {col.name!r} is declared twice")
+        elif col.name == data.label:
+            problems.append(f"{key}.name: {col.name!r} is the label column ({prefix}label); it cannot be a feature")
+        seen.add(col.name)
+        allowed = MISSING_BY_TYPE[col.type]
+        if col.missing not in allowed:
+            problems.append(f"{key}.missing: a {col.type} column takes " + " | ".join(f'"{m}"' for m in allowed)
+                            + f" (got {col.missing!r})")
+        if col.type != "categorical":
+            for name, value in (("categories", col.categories), ("buckets", col.buckets), ("unknown", col.unknown)):
+                if value:
+                    problems.append(f"{key}.{name}: only a categorical column has {name}; remove it or set "
+                                    f"type = \"categorical\" (got {value!r})")
+            continue
+        if not col.categories and not col.buckets:
+            problems.append(f"{key}.categories: a categorical column needs its category list (categories = "
+                            f"[\"a\", \"b\"], one-hot encoded) or a number of hash buckets (buckets = 64); "
+                            f"`meshd data describe PATH` prints the list it finds")
+        elif col.categories and col.buckets:
+            problems.append(f"{key}.buckets: set either categories (one-hot) or buckets (hashed), not both")
+        if len(set(col.categories)) != len(col.categories):
+            problems.append(f"{key}.categories: lists the same value twice")
+        if col.buckets and col.unknown:
+            problems.append(f"{key}.unknown: a hashed column (buckets) has no unknown column: every value falls "
+                            f"in a bucket; remove unknown")
+        if col.missing == "unknown" and not (col.unknown and col.categories):
+            problems.append(f"{key}.missing: \"unknown\" puts missing cells in the unknown column, which needs "
+                            f"unknown = true and a categories list; or use missing = \"zero\" or \"error\"")
     return problems
 
 

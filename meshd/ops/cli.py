@@ -1,5 +1,5 @@
-"""Command line: `meshd init | keygen | id | config check | run | status | peers | reload | trust | doctor |
-export | demo`.
+"""Command line: `meshd init | keygen | id | config check | data describe | run | status | peers | reload | trust |
+doctor | export | demo`.
 
 Exit codes: 0 ok, 1 runtime failure (daemon unreachable, daemon crashed), 2 bad input (config, key, usage).
 """
@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--dir", type=Path, default=Path("."), help="folder for meshd.toml and identity.key (default: .)")
     s.add_argument("--peer-addr", default="0.0.0.0:7452", help="HOST:PORT of the gossip listener")
     s.add_argument("--status-addr", default=DEFAULT_STATUS, help="HOST:PORT of the local status API")
-    s.add_argument("--data", default="", help="path of the domain's data product (CSV or .npz)")
+    s.add_argument("--data", default="",
+                   help="path of the domain's data product (Parquet file or folder, Arrow/Feather, CSV or .npz)")
     s.add_argument("--state-dir", default="state",
                    help="state directory (checkpoints, replay state); relative to --dir (default: state)")
     s.add_argument("--force", action="store_true", help="overwrite an existing config and key")
@@ -72,6 +73,14 @@ def _parser() -> argparse.ArgumentParser:
     c = csub.add_parser("check", help="validate a config file: prints ok, or every problem (exit 2)")
     c.add_argument("path", type=Path)
     c.set_defaults(func=cmd_config_check)
+
+    s = sub.add_parser("data", help="data product tools")
+    dsub = s.add_subparsers(title="data commands", metavar="ACTION")
+    d = dsub.add_parser("describe", help="infer a data product's typed schema and print it as TOML to paste into "
+                                         "[data] (Parquet file or folder, Arrow/Feather, CSV)")
+    d.add_argument("path", type=Path, help="the data product: a table file or a folder of Parquet files")
+    d.add_argument("--label", default="label", help="the label column (default: label)")
+    d.set_defaults(func=cmd_data_describe)
 
     s = sub.add_parser("run", help="run the daemon in the foreground")
     s.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
@@ -217,6 +226,18 @@ def cmd_config_check(args: argparse.Namespace) -> int:
             print(f"  {line}", file=sys.stderr)
         return 2
     print("ok")
+    return 0
+
+
+def cmd_data_describe(args: argparse.Namespace) -> int:
+    from meshd.task.schema import describe_data_product  # pyarrow only for this command
+
+    try:
+        text = describe_data_product(args.path, args.label)
+    except DataError as exc:
+        _err(str(exc))
+        return 2
+    sys.stdout.write(text)
     return 0
 
 

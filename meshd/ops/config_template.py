@@ -103,11 +103,32 @@ num_classes = 10                 # [restart] number of label values (labels are 
 init_seed = 0                    # [restart] mesh-wide seed of the initial weights: the same on every domain
 
 [task.data]
-path = "{data_path}"             # [restart] the domain's data product: CSV with a header, or .npz; "" = none
-label = "label"                  # [restart] label column (CSV) or array (.npz)
-features = []                    # [restart] feature columns; [] = every column but the label
+path = "{data_path}"             # [restart] the domain's data product: .parquet (or a folder of them, hive partitions
+                                 # like country=FR/ included), .feather/.arrow, .csv with a header, or .npz; "" = none
+label = "label"                  # [restart] label column (or array, in an .npz)
+features = []                    # [restart] feature columns, all numeric; [] = every column but the label
 holdout = 0.2                    # [restart] fraction kept for this domain's own evaluation, never sent
 test_path = ""                   # [restart] optional extra evaluation set (same format), e.g. a shared test set
+columns = []                     # [restart] a typed schema instead of `features`: the feature columns in order, each
+                                 # with its type; `meshd data describe PATH` prints one for a data product. Names,
+                                 # types, order and categories are part of the schema fingerprint: every domain of a
+                                 # mesh declares the same (docs/data.md). For example:
+# columns = [
+#   {{ name = "amount", type = "numeric", missing = "mean", indicator = true }},
+#   {{ name = "country", type = "categorical", categories = ["DE", "FR"], unknown = true, missing = "unknown" }},
+#   {{ name = "merchant", type = "categorical", buckets = 64, missing = "zero" }},
+#   {{ name = "vip", type = "boolean" }},
+# ]
+# A column's keys:
+#   name        its name in the data product
+#   type        numeric | categorical | boolean (true/false, yes/no, t/f, 1/0)
+#   categories  categorical: its values, one-hot encoded in this order (columns country=DE, country=FR)
+#   buckets     categorical, instead of categories: hash the values into this many columns (merchant#0 ...)
+#   unknown     categorical with categories: true adds a column country=<unknown> for values not listed
+#               (false, the default: such a value refuses the data product)
+#   missing     a missing cell (empty, null; NaN in a numeric column): "error" (the default) refuses the data
+#               product; numeric and boolean: "mean" | "zero"; categorical: "zero" (no category) | "unknown"
+#   indicator   true adds a column amount:missing, 1 where the cell was missing
 
 [task.training]
 enabled = true                   # local SGD training, back to back in a worker thread (needs data.path)

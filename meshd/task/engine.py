@@ -21,7 +21,7 @@ from meshd.core.averaging import MAX_ROWS, PushSum, ServedModel, data_scale
 from meshd.errors import DataError
 from meshd.task import models
 from meshd.task.checkpoints import Checkpoint, CheckpointStore
-from meshd.task.data import DataProduct, load_data_product, schema_fingerprint
+from meshd.task.data import DataProduct, load_data_product
 from meshd.task.learner import Learner, TrainConfig, TrainResult, limit_torch_threads
 from meshd.task.metrics import task_kind
 from meshd.task.privacy import LEDGER_FILE, Ledger, PrivacyPlan, parse_history
@@ -110,13 +110,13 @@ class Engine:
         if cfg.data.path is not None:
             self.data = load_data_product(
                 cfg.data.path, cfg.data.label, cfg.data.features or None, cfg.data.holdout,
-                cfg.model.num_classes, cfg.training.seed, task=cfg.model.task,
+                cfg.model.num_classes, cfg.training.seed, task=cfg.model.task, columns=cfg.data.columns,
             )
             self.input_dim = self.data.input_dim
         if cfg.data.test_path is not None:
             self.test = load_data_product(
                 cfg.data.test_path, cfg.data.label, cfg.data.features or None, 0.0,
-                cfg.model.num_classes, cfg.training.seed, task=cfg.model.task,
+                cfg.model.num_classes, cfg.training.seed, task=cfg.model.task, columns=cfg.data.columns,
             )
             if self.data is not None and self.test.feature_names != self.data.feature_names:
                 raise DataError(f"{cfg.data.test_path}: its features differ from the data product's")
@@ -125,7 +125,7 @@ class Engine:
         product = self.data if self.data is not None else self.test
         if product is not None:
             self.schema = product.schema_fingerprint
-            self.schema_set = schema_fingerprint(sorted(product.feature_names), product.label)
+            self.schema_set = product.schema_set_fingerprint
         if self.input_dim == 0:
             warnings.append("data.path is not set: this domain has no model and does not learn until it is set")
             return warnings

@@ -267,8 +267,8 @@ class LearningTask:
             # Averaging models trained on different column meanings is silent corruption: refused.
             detail = f"data schema differs (ours {self.engine.schema}, yours {str(body.get('schema'))[:32]})"
             if body.get("schema_set") == self.engine.schema_set:
-                detail = ("same feature columns in a different order: list data.features in the mesh's order "
-                          "on one side")
+                detail = ("same feature columns in a different order: list data.features (or data.columns) in the "
+                          "mesh's order on one side")
             why = WireError("schema_mismatch", 409, detail)
         privacy = body.get("privacy")
         at_most = self.cfg.privacy.require_epsilon_at_most
