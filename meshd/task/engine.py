@@ -25,6 +25,7 @@ from meshd.task.data import DataProduct, load_data_product
 from meshd.task.learner import Learner, TrainConfig, TrainResult, limit_torch_threads
 from meshd.task.metrics import task_kind
 from meshd.task.privacy import LEDGER_FILE, Ledger, PrivacyPlan, parse_history
+from meshd.task.versions import DataVersion, data_version, signature
 
 log = structlog.get_logger("meshd.task.engine")
 
@@ -91,6 +92,11 @@ class Engine:
         # Per peer (hex id): the largest ledger history it advertised, echoed back in pull replies so a
         # peer restored from an older state dir gets its spent budget back (docs/privacy.md).
         self.ledgers_seen: dict[str, list[tuple[float, float, int]]] = {}
+        # The data product as last read (data.reload_check_s): reloads keep the model and the epoch count.
+        self.data_version: DataVersion | None = None
+        self.data_reloads = 0
+        self._epoch_base = 0.0  # epochs trained before the last reload
+        self._epoch_steps0 = 0  # steps (attempted) at the last reload
 
     # --- start-up (worker thread) ------------------------------------------------------------------------
 
@@ -108,16 +114,12 @@ class Engine:
         if moved:
             warnings.append(moved)
         if cfg.data.path is not None:
-            self.data = load_data_product(
-                cfg.data.path, cfg.data.label, cfg.data.features or None, cfg.data.holdout,
-                cfg.model.num_classes, cfg.training.seed, task=cfg.model.task, columns=cfg.data.columns,
-            )
+            self.data = self._read_product(cfg.data.path, cfg.data.holdout)
             self.input_dim = self.data.input_dim
+            self.data_version = data_version(cfg.data.path, self.data.num_train + self.data.num_holdout,
+                                             signature(cfg.data.path))
         if cfg.data.test_path is not None:
-            self.test = load_data_product(
-                cfg.data.test_path, cfg.data.label, cfg.data.features or None, 0.0,
-                cfg.model.num_classes, cfg.training.seed, task=cfg.model.task, columns=cfg.data.columns,
-            )
+            self.test = self._read_product(cfg.data.test_path, 0.0)
             if self.data is not None and self.test.feature_names != self.data.feature_names:
                 raise DataError(f"{cfg.data.test_path}: its features differ from the data product's")
             self.input_dim = self.input_dim or self.test.input_dim
@@ -207,6 +209,48 @@ class Engine:
         os.replace(legacy, target)
         return f"moved the single-model checkpoints {legacy} to {target} (the task '{self.name}')"
 
+    def _read_product(self, path: Path, holdout: float) -> DataProduct:
+        cfg = self.cfg
+        return load_data_product(path, cfg.data.label, cfg.data.features or None, holdout, cfg.model.num_classes,
+                                 cfg.training.seed, task=cfg.model.task, columns=cfg.data.columns)
+
+    # --- data that keeps arriving (worker thread, then the loop) -----------------------------------------
+
+    def read_data(self) -> tuple[DataProduct, DataVersion]:
+        """Worker thread: the data product as it is now; a DataError if it changed while being read or its
+        schema is not the running one (a new schema is a new model: it takes a restart of the task)."""
+        path = self.cfg.data.path
+        assert path is not None
+        before = signature(path)
+        product = self._read_product(path, self.cfg.data.holdout)
+        after = signature(path)
+        if after != before:
+            raise DataError(f"{path}: changed while it was being read; read again at the next check")
+        if product.schema_fingerprint != self.schema:
+            raise DataError(
+                f"{path}: its schema changed (fingerprint {product.schema_fingerprint}, the task runs {self.schema}); "
+                "the task keeps training on the rows it has: restart it (or the daemon) to train a model for the "
+                "new schema"
+            )
+        return product, data_version(path, product.num_train + product.num_holdout, after)
+
+    def swap_learner_data(self, product: DataProduct) -> None:
+        """Worker thread: hand the new rows to the learners (each waits for a training part in progress)."""
+        for learner in (self.learner, self.baseline):
+            if learner is not None:
+                learner.replace_data(product)
+
+    def adopt_data(self, product: DataProduct, version: DataVersion) -> int:
+        """On the loop, after :meth:`swap_learner_data`: the task trains on ``product`` from now on; the rows
+        estimate of the mesh takes in the change. Returns the change in training rows."""
+        self._epoch_base, self._epoch_steps0 = self.epochs, self.stats.steps + self.stats.steps_dropped
+        delta = product.num_train - self.train_rows
+        self.data, self.data_version = product, version
+        self.data_reloads += 1
+        if self.pushsum is not None and delta:
+            self.pushsum.inject_rows(float(delta))
+        return delta
+
     @property
     def steps_per_epoch(self) -> int:
         """SGD steps of one pass over this domain's training rows."""
@@ -231,7 +275,8 @@ class Engine:
     @property
     def epochs(self) -> float:
         """Passes over its own data this domain has trained (steps attempted / steps per epoch)."""
-        return (self.stats.steps + self.stats.steps_dropped) / self.steps_per_epoch
+        steps = self.stats.steps + self.stats.steps_dropped - self._epoch_steps0
+        return self._epoch_base + steps / self.steps_per_epoch
 
     @property
     def train_rows(self) -> int:
@@ -328,6 +373,8 @@ class Engine:
         extra["served"] = self.served_model().numpy().tobytes()
         if self.ledger is not None:
             extra["privacy"] = self.ledger.to_extra()
+        if self.data_version is not None:
+            extra["data"] = self.data_version.snapshot()  # the data product version it was trained on
         if self.ledgers_seen:
             extra["ledgers_seen"] = {k: [list(h) for h in v] for k, v in self.ledgers_seen.items()}
         return Checkpoint(

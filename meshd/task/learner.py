@@ -112,6 +112,21 @@ class Learner:
         self._perm_epoch = -1
         self._perm = torch.empty(0, dtype=torch.int64)
 
+    def replace_data(self, data: DataProduct) -> None:
+        """Train on ``data`` from the next step on (the data product was reloaded); the model, the optimizer's
+        momentum and the step count stay. Not for DP-SGD: its sampling rate was planned for the old rows."""
+        if self._dp is not None:
+            raise ModelError("a DP-SGD learner keeps the data product its privacy budget was planned for")
+        if data.num_train < 1:
+            raise ModelError("the data product has no training rows")
+        if data.train_y.dtype != self._data.train_y.dtype or data.input_dim != self._data.input_dim:
+            raise ModelError("the new data product's features or labels differ from the ones this learner trains on")
+        with self._lock:
+            self._data = data
+            self._batch = min(self._cfg.batch_size, data.num_train)
+            self._steps_per_epoch = math.ceil(data.num_train / self._batch)
+            self._perm_epoch = -1  # the next step draws a permutation of the new rows
+
     @property
     def steps_done(self) -> int:
         """SGD steps taken over this learner's life (or restored by :meth:`load_optimizer_state`)."""

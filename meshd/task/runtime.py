@@ -34,16 +34,18 @@ from meshd.core.codec import CodecName
 from meshd.core.cohort import Cohort, TaskPeers
 from meshd.core.membership import PeerState
 from meshd.core.merge import MergeRule, RuleParams, make_rule
-from meshd.errors import MeshdError, ModelError, StoreError, WireError
+from meshd.errors import DataError, MeshdError, ModelError, StoreError, WireError
 from meshd.identity import peer_id_of
 from meshd.logs import QuietLog
 from meshd.mesh.link import Answer, MeshLink
 from meshd.mesh.transport import SendError
 from meshd.task.engine import Engine
 from meshd.task.privacy import advertised, weaker_than
+from meshd.task.versions import Signature, signature
 
 log = structlog.get_logger("meshd.task")
 
+DATA_IDLE_S = 5.0  # the data loop's look at its config while data.reload_check_s = 0
 IDLE_S = 0.5  # the training loop's poll while training is off or impossible
 INLINE_VALUES = 65_536  # models up to this many values are encoded on the loop (well under a millisecond)
 GOSSIP_WAIT_S = 2.0  # longest a training part waits for the exchange it asked for
@@ -90,6 +92,8 @@ class LearningTask:
         self._round_hint: int | None = None  # the topology round training asked for (aligned to its epochs)
         self._gossip_now = asyncio.Event()  # set by training after each part of a round
         self._gossip_done = asyncio.Event()  # set by gossip after each round
+        self.data_reload_error: str | None = None  # why the last change of the data product was not adopted
+        self._data_failed: Signature | None = None  # that change: not read again until the files change again
         self._part_exchange: asyncio.Task[None] | None = None  # gossip.overlap: the last part's exchange
         self._closed = False
         self._final_ok = True
@@ -142,6 +146,7 @@ class LearningTask:
             "train": self._train_loop(),
             "evaluate": self._evaluate_loop(),
             "checkpoint": self._checkpoint_loop(),
+            "data": self._data_loop(),
         }
 
     async def close(self) -> bool:
@@ -801,6 +806,69 @@ class LearningTask:
         (self._log.info if final else self._log.debug)("checkpoint_saved", file=name, version=ckpt.version,
                                                        final=final)
 
+    # --- data that keeps arriving --------------------------------------------------------------------------
+
+    async def _data_loop(self) -> None:
+        """Every ``data.reload_check_s``, look at the data product's files (names, sizes, modification times);
+        a change seen at two looks in a row (so a file still being written is not read half-way) is read in a
+        worker thread and trained on from the next part, with the model, its push-sum state and the epoch
+        count kept. A product that cannot be read, or whose schema changed, is not adopted: the task keeps
+        training on the rows it has, and says why in ``/status`` ``data.reload_error`` and one log line."""
+        engine = self.engine
+        path = self.cfg.data.path
+        if path is None or engine.data_version is None or engine.learner is None:
+            return
+        seen: Signature | None = None  # a change noticed at the last look
+        while True:
+            every = self.cfg.data.reload_check_s
+            await asyncio.sleep(every if every > 0 else DATA_IDLE_S)
+            if every <= 0 or engine.data_version is None:
+                continue
+            try:
+                now = await asyncio.to_thread(signature, path)
+            except OSError as exc:
+                self._data_refused(None, f"{path}: {exc.strerror or exc}; training goes on with the rows it has")
+                continue
+            if now == engine.data_version.signature or now == self._data_failed:
+                seen = None
+                continue
+            if now != seen:
+                seen = now  # changed since the last look: read it once it holds still
+                continue
+            seen = None
+            await self._reload_data(now)
+
+    async def _reload_data(self, sig: Signature) -> None:
+        engine = self.engine
+        if engine.plan is not None:
+            self._data_refused(sig, "a task with differential privacy trains on the rows its budget was planned "
+                                    "for: restart the task to read the new data product")
+            return
+        try:
+            product, version = await asyncio.to_thread(engine.read_data)
+            await asyncio.to_thread(engine.swap_learner_data, product)
+        except (DataError, ModelError) as exc:
+            self._data_refused(sig, str(exc))
+            return
+        before = engine.data_version
+        delta = engine.adopt_data(product, version)
+        self.data_reload_error, self._data_failed = None, None
+        self._log.info("data_reloaded", rows=version.rows, train_rows_change=delta, content=version.content,
+                       previous=before.content if before else None, files=version.files)
+
+    def _data_refused(self, sig: Signature | None, why: str) -> None:
+        self._data_failed = sig
+        if why != self.data_reload_error:
+            self._log.warning("data_reload_refused", detail=why)
+        self.data_reload_error = why
+
+    def data_snapshot(self) -> dict[str, Any]:
+        e = self.engine
+        return {"path": str(self.cfg.data.path) if self.cfg.data.path else None,
+                "version": e.data_version.snapshot() if e.data_version else None,
+                "reloads": e.data_reloads, "reload_check_s": self.cfg.data.reload_check_s,
+                "reload_error": self.data_reload_error}
+
     # --- status ------------------------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
@@ -832,6 +900,7 @@ class LearningTask:
             "gossip": gossip,
             "checkpoint": dict(self.checkpoints),
             "privacy": self.engine.privacy_snapshot(),
+            "data": self.data_snapshot(),
         }
 
 
