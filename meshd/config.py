@@ -302,6 +302,9 @@ class DataConfig:
     columns: tuple[ColumnConfig, ...] = field(default=(), metadata=_opt(restart=True))
     holdout: float = field(default=0.2, metadata=_opt(_between(0.0, 0.9), restart=True))
     test_path: Path | None = field(default=None, metadata=_opt(restart=True))
+    # "mesh": numeric inputs scaled by the mesh's mean and standard deviation, estimated by gossip before
+    # training (docs/data.md); part of the schema fingerprint. "none": inputs as read.
+    standardize: str = field(default="none", metadata=_opt(_one_of("none", "mesh"), restart=True))
     # Seconds between two looks at data.path for a change (a file added, replaced, rewritten); a change seen
     # at two looks in a row is read in the background and trained on without a restart; 0 = read once.
     reload_check_s: float = field(default=30.0, metadata=_opt(_non_negative))

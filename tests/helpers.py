@@ -136,6 +136,11 @@ def set_toml(path: Path, section: str, key: str, value: str) -> None:
     path.write_text(set_key(path.read_text(), section, key, value))
 
 
+def toml_inline_tables(tables: list[dict[str, object]]) -> str:
+    """A list of tables as TOML on one line (JSON's strings, lists and booleans are TOML's)."""
+    return "[" + ", ".join("{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in t.items()) + "}" for t in tables) + "]"
+
+
 def mesh_part(text: str) -> str:
     """A rendered config without its tasks: everything before the first [[task]] table."""
     lines = text.splitlines()

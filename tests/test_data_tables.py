@@ -3,7 +3,6 @@ encoding, missing values, fingerprints, `meshd data describe`, and the errors th
 
 from __future__ import annotations
 
-import json
 import re
 import tomllib
 from pathlib import Path
@@ -23,7 +22,7 @@ from meshd.core.cohort import TaskPeers
 from meshd.errors import ConfigError, DataError
 from meshd.task.data import DataProduct, load_data_product, schema_fingerprint
 from meshd.task.engine import Engine
-from tests.helpers import DaemonProc, Fatal, init_domain, run_cli, set_toml, wait_for
+from tests.helpers import DaemonProc, Fatal, init_domain, run_cli, set_toml, toml_inline_tables, wait_for
 
 ROWS = {
     "amount": [10.0, None, 30.0, 40.0, 1e6, 0.001],
@@ -396,7 +395,7 @@ def test_a_daemon_learns_from_a_partitioned_parquet_product_and_restarts_the_tas
     assert [c["name"] for c in columns] == ["amount", "country"]
     config, _, _, status_port = init_domain(tmp_path / "d", "alpha")
     set_toml(config, "data", "path", f'"{root}"')
-    set_toml(config, "data", "columns", _inline_list(columns))
+    set_toml(config, "data", "columns", toml_inline_tables(columns))
     set_toml(config, "model", "name", '"logreg"')
     set_toml(config, "model", "num_classes", "2")
     cfg = configmod.load(config)
@@ -418,7 +417,7 @@ def test_a_daemon_learns_from_a_partitioned_parquet_product_and_restarts_the_tas
         assert task["training"]["train_rows"] + task["training"]["holdout_rows"] == 80
         # another domain lists IT too: this one follows, and its schema (so its compatibility) changes
         widened = [{**c, "categories": ["DE", "FR", "IT"]} if c["name"] == "country" else c for c in columns]
-        set_toml(config, "data", "columns", _inline_list(widened))
+        set_toml(config, "data", "columns", toml_inline_tables(widened))
         assert run_cli("reload", "--config", str(config)).returncode == 0
         cfg = configmod.load(config)
         after = _load(root, cfg.tasks[0].data.columns)
@@ -428,8 +427,3 @@ def test_a_daemon_learns_from_a_partitioned_parquet_product_and_restarts_the_tas
         assert "BlockingError" not in daemon.logs()  # the product is read in a worker thread, never on the loop
     finally:
         daemon.stop()
-
-
-def _inline_list(tables: list[dict[str, object]]) -> str:
-    """A list of tables as TOML on one line (JSON's strings, lists and booleans are TOML's)."""
-    return "[" + ", ".join("{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in t.items()) + "}" for t in tables) + "]"

@@ -127,9 +127,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--offline", action="store_true", help="only the checks that need no running daemon")
     s.set_defaults(func=cmd_doctor)
 
-    s = sub.add_parser("export", help="write the current model (newest checkpoint) as a torch state_dict")
+    s = sub.add_parser("export", help="write the current model (newest checkpoint): torch state_dict or safetensors")
     s.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    s.add_argument("--out", type=Path, required=True, help="output file, e.g. model.pt")
+    s.add_argument("--out", type=Path, required=True,
+                   help="model.pt (a torch state_dict) or model.safetensors (tensors, input scaler, metadata)")
     s.add_argument("--task", default=None, help="the task whose model to write (needed when the domain runs several)")
     s.set_defaults(func=cmd_export)
 

@@ -109,6 +109,8 @@ label = "label"                  # [restart] label column (or array, in an .npz)
 features = []                    # [restart] feature columns, all numeric; [] = every column but the label
 holdout = 0.2                    # [restart] fraction kept for this domain's own evaluation, never sent
 test_path = ""                   # [restart] optional extra evaluation set (same format), e.g. a shared test set
+standardize = "none"             # [restart] "mesh": numeric inputs scaled by the mesh's mean and std, estimated
+                                 # by gossip before training (docs/data.md); every domain must agree | "none"
 reload_check_s = 30.0            # seconds between looks at `path` for a change (a file added or replaced): a change
                                  # seen twice in a row is read and trained on, model kept (docs/data.md); 0 = never
 columns = []                     # [restart] a typed schema instead of `features`: the feature columns in order, each

@@ -25,6 +25,7 @@ from meshd.task.data import DataProduct, load_data_product
 from meshd.task.learner import Learner, TrainConfig, TrainResult, limit_torch_threads
 from meshd.task.metrics import task_kind
 from meshd.task.privacy import LEDGER_FILE, Ledger, PrivacyPlan, parse_history
+from meshd.task.standardize import MeshMoments, Scaler, local_moments
 from meshd.task.versions import DataVersion, data_version, signature
 
 log = structlog.get_logger("meshd.task.engine")
@@ -97,6 +98,9 @@ class Engine:
         self.data_reloads = 0
         self._epoch_base = 0.0  # epochs trained before the last reload
         self._epoch_steps0 = 0  # steps (attempted) at the last reload
+        # data.standardize = "mesh": the mesh's moments until they settle, then the scaler applied to the data.
+        self.moments: MeshMoments | None = None
+        self.scaler_ready = False  # the frozen scaler is applied to the data and the learners: training may start
 
     # --- start-up (worker thread) ------------------------------------------------------------------------
 
@@ -128,6 +132,11 @@ class Engine:
         if product is not None:
             self.schema = product.schema_fingerprint
             self.schema_set = product.schema_set_fingerprint
+            if cfg.data.standardize == "mesh":  # scaled inputs mean other numbers: another schema
+                self.schema, self.schema_set = _standardized(self.schema), _standardized(self.schema_set)
+        if self.data is not None and cfg.data.standardize == "mesh":
+            columns = scaled_columns(self.data)
+            self.moments = MeshMoments(local_moments(self.data.train_x, columns), columns)
         if self.input_dim == 0:
             warnings.append("data.path is not set: this domain has no model and does not learn until it is set")
             return warnings
@@ -177,6 +186,13 @@ class Engine:
             base = extra.get("baseline")
             if isinstance(base, bytes) and self._baseline_flat is not None and len(base) == 8 * start.numel():
                 self._baseline_flat = torch.frombuffer(bytearray(base), dtype=torch.float64).clone()
+            if self.moments is not None and extra.get("scaler") is not None:
+                try:  # the scaler this model was trained with: no new estimate, the mesh moved on with it
+                    scaler = Scaler.from_wire(extra["scaler"], self.moments.columns)
+                except ValueError as exc:
+                    warnings.append(f"checkpoint {ckpt.file_name}: its scaler is unusable ({exc}); estimated again")
+                else:
+                    self.apply_scaler(self.moments.freeze("checkpoint", scaler))
             seen = extra.get("ledgers_seen")
             if isinstance(seen, dict):
                 for peer, raw_hist in list(seen.items())[:4096]:
@@ -226,13 +242,25 @@ class Engine:
         after = signature(path)
         if after != before:
             raise DataError(f"{path}: changed while it was being read; read again at the next check")
-        if product.schema_fingerprint != self.schema:
+        if _standardized(product.schema_fingerprint, self.moments is not None) != self.schema:
             raise DataError(
                 f"{path}: its schema changed (fingerprint {product.schema_fingerprint}, the task runs {self.schema}); "
                 "the task keeps training on the rows it has: restart it (or the daemon) to train a model for the "
                 "new schema"
             )
-        return product, data_version(path, product.num_train + product.num_holdout, after)
+        version = data_version(path, product.num_train + product.num_holdout, after)
+        if self.moments is not None and self.moments.frozen is not None:
+            product = self.moments.frozen.apply_product(product)  # the mesh's scaler, not one of the new rows
+        return product, version
+
+    def apply_scaler(self, scaler: Scaler) -> None:
+        """Worker thread: the data product, the test set and the learners' rows, scaled; then training may start."""
+        if self.data is not None:
+            self.data = scaler.apply_product(self.data)
+            self.swap_learner_data(self.data)
+        if self.test is not None:
+            self.test = scaler.apply_product(self.test)
+        self.scaler_ready = True
 
     def swap_learner_data(self, product: DataProduct) -> None:
         """Worker thread: hand the new rows to the learners (each waits for a training part in progress)."""
@@ -374,7 +402,9 @@ class Engine:
         if self.ledger is not None:
             extra["privacy"] = self.ledger.to_extra()
         if self.data_version is not None:
-            extra["data"] = self.data_version.snapshot()  # the data product version it was trained on
+            extra["data"] = self.data_version.snapshot()
+        if self.moments is not None and self.moments.frozen is not None:
+            extra["scaler"] = self.moments.frozen.to_wire()  # the data product version it was trained on
         if self.ledgers_seen:
             extra["ledgers_seen"] = {k: [list(h) for h in v] for k, v in self.ledgers_seen.items()}
         return Checkpoint(
@@ -489,6 +519,20 @@ def _spend_key(hist: list[tuple[float, float, int]]) -> int:
     # A sender's history only grows (steps are appended), so the one with more steps is the later one; no
     # accounting here: this runs on the loop, and even in tasks without DP (which never import Opacus).
     return sum(n for _, _, n in hist)
+
+
+def scaled_columns(product: DataProduct) -> tuple[int, ...]:
+    """The inputs data.standardize scales: every input of an untyped product; a typed one's numeric columns
+    (not one-hot categories, booleans or missing-value indicators)."""
+    if not product.columns:
+        return tuple(range(product.input_dim))
+    numeric = {c.name for c in product.columns if c.type == "numeric"}
+    return tuple(i for i, name in enumerate(product.feature_names) if name in numeric)
+
+
+def _standardized(fingerprint: str, on: bool = True) -> str:
+    """The schema fingerprint of a product whose numeric inputs the mesh standardises."""
+    return hashlib.sha256(f"{fingerprint}:standardize=mesh".encode()).hexdigest()[:16] if on else fingerprint
 
 
 def task_state_dir(state_dir: Path, name: str) -> Path:

@@ -114,9 +114,9 @@ class Learner:
 
     def replace_data(self, data: DataProduct) -> None:
         """Train on ``data`` from the next step on (the data product was reloaded); the model, the optimizer's
-        momentum and the step count stay. Not for DP-SGD: its sampling rate was planned for the old rows."""
-        if self._dp is not None:
-            raise ModelError("a DP-SGD learner keeps the data product its privacy budget was planned for")
+        momentum and the step count stay. DP-SGD: the same number of rows only (its sampling rate was planned)."""
+        if self._dp is not None and data.num_train != self._data.num_train:
+            raise ModelError("a DP-SGD learner keeps the rows its privacy budget was planned for")
         if data.num_train < 1:
             raise ModelError("the data product has no training rows")
         if data.train_y.dtype != self._data.train_y.dtype or data.input_dim != self._data.input_dim:

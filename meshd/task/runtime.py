@@ -18,7 +18,7 @@ import math
 import statistics
 import time
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,10 +41,13 @@ from meshd.mesh.link import Answer, MeshLink
 from meshd.mesh.transport import SendError
 from meshd.task.engine import Engine
 from meshd.task.privacy import advertised, weaker_than
+from meshd.task.standardize import WAIT_S, Scaler
 from meshd.task.versions import Signature, signature
 
 log = structlog.get_logger("meshd.task")
 
+STANDARDIZE_WAIT_S = WAIT_S
+STANDARDIZE_POLL_S = 0.2  # how often the standardisation loop looks whether the moments settled
 DATA_IDLE_S = 5.0  # the data loop's look at its config while data.reload_check_s = 0
 IDLE_S = 0.5  # the training loop's poll while training is off or impossible
 INLINE_VALUES = 65_536  # models up to this many values are encoded on the loop (well under a millisecond)
@@ -147,6 +150,7 @@ class LearningTask:
             "evaluate": self._evaluate_loop(),
             "checkpoint": self._checkpoint_loop(),
             "data": self._data_loop(),
+            "standardize": self._standardize_loop(),
         }
 
     async def close(self) -> bool:
@@ -339,11 +343,14 @@ class LearningTask:
         floor = self.cfg.gossip.pull_min_weight
         back = ps.prepare(1, at_most=weight, keep=floor) if body.get("reply") is True else []
         try:
+            standardize = self._read_standardize(sender, body)  # checked before anything is merged
             believed = self._merge(sender, vec, weight, version, rows)
         except BaseException:
             for share in back:
                 ps.abandon(share.id)
             raise
+        standardize()
+        moments_back = self._standardize_fields(half=bool(back))
         self.stats.merged += 1
         if far and believed and version - ps.version > far:
             self._pull_wanted.set()
@@ -353,6 +360,8 @@ class LearningTask:
         self.stats.replies_sent += 1
         answer = await self._share_body_off_loop(back[0])
         answer.pop("reply", None)  # an answer never asks for another one
+        answer.pop("moments", None)
+        answer |= moments_back
         return Answer(200, "model", answer)
 
     async def _answer_pull(self, sender: bytes, body: dict[str, Any]) -> Answer:
@@ -377,6 +386,7 @@ class LearningTask:
         self.stats.pulls += 1
         self._log.info("pull_answered", peer_id=peer_id_of(sender), weight=share.weight, version=share.version)
         reply = await self._share_body_off_loop(share)
+        reply.pop("moments", None)  # a pull answer carries the frozen scaler only (a joiner adopts it)
         echo = self.engine.ledgers_seen.get(peer_id_of(sender))
         if echo is not None:
             reply["privacy_echo"] = [list(h) for h in echo]  # what the puller spent, as far as we know
@@ -399,7 +409,7 @@ class LearningTask:
 
     def _share_body(self, share: Share) -> dict[str, Any]:
         codec = self.engine.pushsum.codec if self.engine.pushsum is not None else codec_for(self.cfg)
-        return {
+        return self._standardize_fields(half=False) | {
             **self.link.hello_body(),
             **self.model_ids(),
             "version": int(share.version),
@@ -423,7 +433,7 @@ class LearningTask:
     def _training_active(self) -> bool:
         tr = self.cfg.training
         return (tr.enabled and self.engine.learner is not None and tr.steps_per_round != 0
-                and not self.engine.exhausted)
+                and not self.engine.exhausted and (self.engine.moments is None or self.engine.scaler_ready))
 
     def eligible(self, now: float) -> set[bytes]:
         """Trusted peers this task may gossip with now: in its cohort, known to run this task (their signed ping,
@@ -498,6 +508,7 @@ class LearningTask:
                 continue
             try:
                 vec, weight, version, rows = self._answer_fields(p.peer_id, body)
+                self._read_standardize(p.peer_id, body)()
                 if adopt:
                     # Keep this domain's own weight (now carrying the mesh's model): the mesh's total weight
                     # keeps counting every domain, which the mean-rows estimate of data weighting needs.
@@ -580,14 +591,19 @@ class LearningTask:
     async def _send_share(self, peer_id: bytes, address: str, share: Share) -> None:
         ps = self.engine.pushsum
         assert ps is not None
-        delivered = False
+        delivered = merged_there = False  # merged there: a 204, a 200 (push-pull), or a retry found merged
+        moments = self.engine.moments
+        half = moments.ps.prepare(1) if moments is not None and moments.frozen is None else []
         try:
             body = await self._share_body_off_loop(share)
+            if half:
+                body["moments"] = _moments_field(half[0])
             status, reply, attempts = await self.link.exchange(peer_id, address, "share", body)
             self._note_refusal(peer_id, status, reply)
             # A retry answered 'replayed' means an earlier attempt did arrive and was merged (its answer, and
             # the receiver's share in it, were lost).
             delivered = status == 204 or (status == 409 and attempts > 1 and b'"replayed"' in reply)
+            merged_there = delivered or status == 200
             if status == 200:  # push-pull: merged there, and the answer carries the receiver's share
                 ps.confirm(share.id)
                 self.stats.shares_sent += 1
@@ -604,6 +620,8 @@ class LearningTask:
                 self.stats.shares_sent += 1
             else:
                 ps.abandon(share.id)
+            if half and moments is not None:  # the moments half went (or not) with the share
+                (moments.ps.confirm if merged_there else moments.ps.abandon)(half[0].id)
 
     async def _merge_reply(self, peer_id: bytes, address: str, reply: bytes) -> None:
         """Merge the share a receiver sent back in its answer (push-pull); a bad one is counted, never merged."""
@@ -612,7 +630,9 @@ class LearningTask:
             return
         try:
             vec, weight, version, rows = self._answer_fields(peer_id, body)
+            standardize = self._read_standardize(peer_id, body)
             self._merge(peer_id, vec, weight, version, rows)
+            standardize()
         except (WireError, RejectedUpdate) as exc:
             self.stats.rejected["bad_share_reply"] += 1
             self.link.reject("bad_share_reply", address or "?", str(exc), peer_id)
@@ -806,6 +826,74 @@ class LearningTask:
         (self._log.info if final else self._log.debug)("checkpoint_saved", file=name, version=ckpt.version,
                                                        final=final)
 
+    # --- federated standardisation (data.standardize = "mesh") ---------------------------------------------
+
+    def _standardize_fields(self, half: bool) -> dict[str, Any]:
+        """What a body says of the standardisation: the frozen scaler; or, while estimating and when ``half``
+        (an answer to a share), half of this domain's moments, given away at once (one-shot, as the answer)."""
+        m = self.engine.moments
+        if m is None:
+            return {}
+        if m.frozen is not None:
+            return {"scaler": m.frozen.to_wire()}
+        if not half:
+            return {}
+        shares = m.ps.prepare(1)
+        if not shares:
+            return {}
+        m.ps.confirm(shares[0].id)
+        return {"moments": _moments_field(shares[0])}
+
+    def _read_standardize(self, sender: bytes, body: dict[str, Any]) -> Callable[[], None]:
+        """Check a peer's frozen scaler or moments half (WireError if bad); returns what takes it in: adopting
+        the scaler while this domain still estimates, or merging the half. Nothing when this domain is frozen."""
+        m = self.engine.moments
+        if m is None or m.frozen is not None:
+            return _nothing
+        try:
+            if "scaler" in body:
+                scaler = Scaler.from_wire(body["scaler"], m.columns)
+
+                def adopt() -> None:
+                    if m.frozen is None:
+                        m.freeze("peer", scaler)
+                        self._log.info("standardization_adopted", peer_id=peer_id_of(sender))
+                return adopt
+            moments = body.get("moments")
+            if not isinstance(moments, dict):
+                return _nothing
+            values, weight = moments.get("values"), moments.get("weight")
+            if (not isinstance(values, bytes) or isinstance(weight, bool)
+                    or not isinstance(weight, int | float) or not 0.0 < float(weight) <= 1e6):
+                raise ValueError("moments need values (f64 bytes) and a weight in (0, 1e6]")
+            vec = codecmod.decode(values, m.ps.dim, "f64")
+            m.ps.check(vec, float(weight), "moments")
+        except (ValueError, RejectedUpdate) as exc:
+            raise WireError("bad_values", 400, f"standardisation: {exc}") from None
+        return lambda: m.merge(vec, float(weight)) if m.frozen is None else None
+
+    async def _standardize_loop(self) -> None:
+        """Until the scaler is frozen (settled here, adopted from a peer, alone, or after WAIT_S) and applied."""
+        m = self.engine.moments
+        if m is None or self.engine.scaler_ready:
+            return
+        await self._joined.wait()
+        deadline = time.monotonic() + STANDARDIZE_WAIT_S
+        while m.frozen is None:
+            if self.link.trusted_count == 0:
+                m.freeze("alone")
+            elif m.settled:
+                m.freeze("mesh")
+            elif time.monotonic() >= deadline:
+                m.freeze("timeout")
+                self._log.warning("standardization_timeout", merges=m.merges, waited_s=STANDARDIZE_WAIT_S,
+                                  detail="the mesh's moments did not settle; training starts with this estimate")
+            else:
+                await asyncio.sleep(STANDARDIZE_POLL_S)
+        assert m.frozen is not None
+        await asyncio.to_thread(self.engine.apply_scaler, m.frozen)
+        self._log.info("standardization_settled", source=m.source, merges=m.merges, inputs=len(m.columns))
+
     # --- data that keeps arriving --------------------------------------------------------------------------
 
     async def _data_loop(self) -> None:
@@ -867,7 +955,9 @@ class LearningTask:
         return {"path": str(self.cfg.data.path) if self.cfg.data.path else None,
                 "version": e.data_version.snapshot() if e.data_version else None,
                 "reloads": e.data_reloads, "reload_check_s": self.cfg.data.reload_check_s,
-                "reload_error": self.data_reload_error}
+                "reload_error": self.data_reload_error,
+                "standardize": ({"mode": "mesh", **e.moments.snapshot()} if e.moments is not None
+                                else {"mode": self.cfg.data.standardize})}
 
     # --- status ------------------------------------------------------------------------------------------
 
@@ -906,3 +996,11 @@ class LearningTask:
 
 def _now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _moments_field(share: Share) -> dict[str, Any]:
+    return {"values": codecmod.encode(share.values, "f64"), "weight": float(share.weight)}
+
+
+def _nothing() -> None:
+    return None
