@@ -18,19 +18,25 @@ def _domain(seed: int, n: int, loc: float, scale: float) -> torch.Tensor:
 
 
 def test_push_pull_pairs_converge_to_the_pooled_mean_and_std() -> None:
-    """Push-pull exchanges (each half merged, as the daemons do) reach the pooled rows' statistics."""
+    """Push-pull exchanges (each half merged, as the daemons do) reach the pooled rows' statistics, although
+    every domain's first halves are masked: the masks cancel in the mesh's total."""
     xs = [_domain(i, n, loc, 1e6) for i, (n, loc) in enumerate(((300, 2e6), (50, 3e6), (900, 4e6), (10, 1e6)))]
     cols = (0, 1, 2)
     nodes = [MeshMoments(local_moments(x, cols), cols) for x in xs]
+    total = sum(n.ps.numerator() for n in nodes)
     rng = random.Random(0)
-    for _ in range(400):
+    for k in range(400):
         i, j = rng.sample(range(len(nodes)), 2)
-        (mine,) = nodes[i].ps.prepare(1)
-        (theirs,) = nodes[j].ps.prepare(1)  # the receiver's half, from before the merge
-        nodes[j].ps.confirm(theirs.id)
+        mine = nodes[i].outgoing()
+        theirs = nodes[j].outgoing(one_shot=True)  # the receiver's half, from before the merge
+        assert mine is not None and theirs is not None
+        if k == 0:  # a domain's own sums never leave in clear: the first half is noise around them
+            clear = nodes[i].ps.estimate()
+            assert float((mine.values - clear).abs().min()) > 1.0
         nodes[j].merge(mine.values, mine.weight)
-        nodes[i].ps.confirm(mine.id)
+        nodes[i].delivered(mine.id)
         nodes[i].merge(theirs.values, theirs.weight)
+    torch.testing.assert_close(sum(n.ps.numerator() for n in nodes), total, rtol=1e-12, atol=1e-6)
     pooled = torch.cat(xs)
     for node in nodes:
         assert node.settled
@@ -79,3 +85,12 @@ def test_a_constant_input_keeps_unit_scale_and_bad_halves_leave_the_state_alone(
     with pytest.raises(RejectedUpdate):
         node.merge(torch.tensor([1.0, float("inf"), 0.0, 0.0, 0.0], dtype=torch.float64), 0.5)
     assert torch.equal(node.ps.estimate(), before) and node.merges == 0
+
+
+def test_a_lost_masked_half_leaves_the_state_as_it_was() -> None:
+    node = MeshMoments(local_moments(_domain(0, 20, 1e6, 1e6), (0, 1, 2)), (0, 1, 2))
+    before = node.ps.numerator()
+    share = node.outgoing()
+    assert share is not None and node.ps.pending == 1
+    node.lost(share.id)
+    assert node.ps.pending == 0 and torch.equal(node.ps.numerator(), before)

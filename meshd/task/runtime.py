@@ -593,11 +593,11 @@ class LearningTask:
         assert ps is not None
         delivered = merged_there = False  # merged there: a 204, a 200 (push-pull), or a retry found merged
         moments = self.engine.moments
-        half = moments.ps.prepare(1) if moments is not None and moments.frozen is None else []
+        half = moments.outgoing() if moments is not None and moments.frozen is None else None
         try:
             body = await self._share_body_off_loop(share)
-            if half:
-                body["moments"] = _moments_field(half[0])
+            if half is not None:
+                body["moments"] = _moments_field(half)
             status, reply, attempts = await self.link.exchange(peer_id, address, "share", body)
             self._note_refusal(peer_id, status, reply)
             # A retry answered 'replayed' means an earlier attempt did arrive and was merged (its answer, and
@@ -620,8 +620,8 @@ class LearningTask:
                 self.stats.shares_sent += 1
             else:
                 ps.abandon(share.id)
-            if half and moments is not None:  # the moments half went (or not) with the share
-                (moments.ps.confirm if merged_there else moments.ps.abandon)(half[0].id)
+            if half is not None and moments is not None:  # the moments half went (or not) with the share
+                (moments.delivered if merged_there else moments.lost)(half.id)
 
     async def _merge_reply(self, peer_id: bytes, address: str, reply: bytes) -> None:
         """Merge the share a receiver sent back in its answer (push-pull); a bad one is counted, never merged."""
@@ -836,13 +836,8 @@ class LearningTask:
             return {}
         if m.frozen is not None:
             return {"scaler": m.frozen.to_wire()}
-        if not half:
-            return {}
-        shares = m.ps.prepare(1)
-        if not shares:
-            return {}
-        m.ps.confirm(shares[0].id)
-        return {"moments": _moments_field(shares[0])}
+        share = m.outgoing(one_shot=True) if half else None
+        return {} if share is None else {"moments": _moments_field(share)}
 
     def _read_standardize(self, sender: bytes, body: dict[str, Any]) -> Callable[[], None]:
         """Check a peer's frozen scaler or moments half (WireError if bad); returns what takes it in: adopting

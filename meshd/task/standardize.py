@@ -12,21 +12,25 @@ instead of its moments, and trains. A domain still estimating adopts the first f
 mesh trains with one scaler, and a domain that joins late takes it from its first exchange or pull); the
 scaler is checkpointed and exported with the model, so a restart keeps it and serving applies it.
 
-What a peer learns: a domain's first share carries half of its own ``(n, sums, sums of squares)``, so the peer
-it reaches can read that domain's row count and feature means; from then on only mixtures. Masking them
-(pairwise masks that cancel in the sum, as secure aggregation does) needs every trusted domain online during
-the estimate, and is not done.
+What a peer learns: nothing of one domain's own sums. Until a domain has merged a peer's half (its state is
+then a mixture), every half it sends is **masked**: a random vector ``r`` (OS entropy, 1,000 times the
+half's magnitude) is added to what leaves and subtracted from what stays, once the receiver merged it. The
+mesh's total is unchanged, so the estimate converges to the same pooled statistics (the masks cancel to
+within float64 rounding, ~1e-13 relative); a receiver sees noise. Receivers of *all* of a domain's masked
+halves, colluding with a view of its state, could still subtract the masks: the guarantee is against one
+curious peer, not a coalition.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from meshd.core.averaging import PushSum
+from meshd.core.averaging import PushSum, Share
 from meshd.task.data import DataProduct
 
 __all__ = ["REL_TOL", "STABLE_MERGES", "WAIT_S", "MeshMoments", "Scaler", "local_moments"]
@@ -34,6 +38,7 @@ __all__ = ["REL_TOL", "STABLE_MERGES", "WAIT_S", "MeshMoments", "Scaler", "local
 STABLE_MERGES = 8  # merges in a row that leave the estimate still before a domain settles
 REL_TOL = 1e-12  # what "still" means: the largest relative change of an entry
 WAIT_S = 120.0  # a domain that has not settled this long after joining settles with what it has (warning)
+MASK_SCALE = 1e3  # a mask is up to this many times the half it hides (and never below 1 per entry)
 _MAX_ABS = 1e300  # sums of squares of inputs at 1e6 over millions of rows: far above a model's max_param_abs
 
 
@@ -100,6 +105,36 @@ class MeshMoments:
         self.source = ""  # "mesh" (settled here), "peer" (adopted), "checkpoint", "alone", "timeout"
         self.merges = 0
         self._stable = 0
+        self._masks: dict[int, torch.Tensor] = {}  # share id -> the mask added to that outgoing half
+
+    def outgoing(self, one_shot: bool = False) -> Share | None:
+        """Half of this domain's moments to send (None: nothing to give), masked until a peer's half was merged.
+        ``one_shot`` (an answer): given away now; otherwise :meth:`delivered` or :meth:`lost` settles it."""
+        shares = self.ps.prepare(1)
+        if not shares:
+            return None
+        share = shares[0]
+        if self.merges == 0:  # our own sums alone: hide them
+            gen = torch.Generator().manual_seed(secrets.randbits(63))  # a known seed would unmask them
+            noise = torch.rand(self.ps.dim, generator=gen, dtype=torch.float64) * 2.0 - 1.0
+            mask = noise * MASK_SCALE * (share.values.abs() * share.weight + 1.0)
+            self._masks[share.id] = mask
+            share = replace(share, values=share.values + mask / share.weight, encoded=None)
+        if one_shot:
+            self.delivered(share.id)
+        return share
+
+    def delivered(self, share_id: int) -> None:
+        """The half was merged where it went: it leaves this state, and so does its mask (with the opposite
+        sign: the mesh's total keeps no trace of it)."""
+        self.ps.confirm(share_id)
+        mask = self._masks.pop(share_id, None)
+        if mask is not None:
+            self.ps.apply_update(-mask / self.ps.weight)
+
+    def lost(self, share_id: int) -> None:
+        self.ps.abandon(share_id)
+        self._masks.pop(share_id, None)
 
     @property
     def settled(self) -> bool:
