@@ -17,7 +17,7 @@ from meshd.errors import ModelError
 from meshd.task import models
 from meshd.task.checkpoints import CheckpointStore
 from meshd.task.data import load_data_product
-from meshd.task.engine import task_state_dir
+from meshd.task.engine import Engine, task_state_dir
 from meshd.task.learner import Learner, TrainConfig
 from meshd.task.versions import data_version, signature
 from tests.helpers import DaemonProc, Fatal, init_domain, log_events, set_toml, wait_for
@@ -73,6 +73,34 @@ def test_a_learner_takes_new_rows_and_keeps_its_model_and_steps(tmp_path: Path) 
         learner.replace_data(wide)
 
 
+def _rows_of(x: torch.Tensor) -> set[tuple[float, ...]]:
+    return {tuple(r) for r in x.tolist()}
+
+
+def test_appended_rows_leave_the_old_split_alone_and_a_rewrite_draws_it_again(tmp_path: Path) -> None:
+    """A row the model trained on is never held out after a reload that only added rows."""
+    root = tmp_path / "product"
+    _part(root / "day=1" / "part.parquet", 200, 0)
+    cfg = configmod.from_dict({"node": {"domain": "d"}, "model": {"name": "logreg", "num_classes": 2},
+                               "data": {"path": str(root), "holdout": 0.25}}, base_dir=tmp_path)
+    engine = Engine(cfg.tasks[0], tmp_path / "state")
+    engine.load()
+    assert engine.data is not None and engine.data.num_holdout == 50
+    trained, held = _rows_of(engine.data.train_x), _rows_of(engine.data.holdout_x)
+
+    _part(root / "day=2" / "part.parquet", 100, 1)  # sorts after day=1: appended
+    product, version, mask = engine.read_data()
+    assert version.rows == 300 and product.num_holdout == 50 + 25
+    assert trained <= _rows_of(product.train_x) and held <= _rows_of(product.holdout_x)
+    engine.adopt_data(product, version, mask)
+    assert engine.holdout_kept is True and engine.data is product
+
+    _part(root / "day=1" / "part.parquet", 200, 7)  # the first day rewritten: the old rows are gone
+    product, version, mask = engine.read_data()
+    engine.adopt_data(product, version, mask)
+    assert engine.holdout_kept is False and product.num_holdout == 75
+
+
 def test_a_daemon_trains_on_files_that_arrive_and_refuses_a_broken_one(tmp_path: Path) -> None:
     """A folder of daily Parquet files: a new day's file is read without a restart, the model, its version
     and the epoch count kept; a file that cannot be read is refused with its reason, once, and training goes
@@ -105,6 +133,7 @@ def test_a_daemon_trains_on_files_that_arrive_and_refuses_a_broken_one(tmp_path:
         assert second["data"]["version"]["rows"] == 200 and second["data"]["version"]["files"] == 2
         assert second["data"]["version"]["content"] != first["data"]["version"]["content"]
         assert second["training"]["train_rows"] == 160  # holdout 0.2 of 200 rows
+        assert second["data"]["holdout"] == "kept"  # day 2 sorts last: the first day's split stays
         assert second["model"]["version"] >= first["model"]["version"]  # the model was kept, not rebuilt
         assert second["training"]["steps"] >= first["training"]["steps"]
         assert second["training"]["epochs"] >= first["training"]["epochs"]

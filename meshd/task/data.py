@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +42,8 @@ from meshd.task.schema import encode, schema_fingerprint
 from meshd.task.tables import TABLE_SUFFIXES, TableFile, table_format
 
 __all__ = [
-    "MAX_HOLDOUT", "SUPPORTED_SUFFIXES", "DataProduct", "load_data_product", "parse_labels", "schema_fingerprint",
+    "MAX_HOLDOUT", "SUPPORTED_SUFFIXES", "DataProduct", "holdout_mask", "load_data_product", "parse_labels",
+    "schema_fingerprint", "split_product",
 ]
 
 MAX_HOLDOUT = 0.9
@@ -129,14 +130,10 @@ def load_data_product(
         )
     y = parse_labels(path, y_raw, task, num_classes)
 
-    n = int(x.shape[0])
-    rng = np.random.default_rng(int(seed))
-    perm = rng.permutation(n)
-    n_holdout = min(math.floor(holdout * n), n - 1)
-    hold_idx = np.sort(perm[:n_holdout])
-    train_idx = np.sort(perm[n_holdout:])
+    mask = holdout_mask(int(x.shape[0]), holdout, seed)
+    hold_idx, train_idx = np.flatnonzero(mask), np.flatnonzero(~mask)
     # Without a holdout every row trains: no gather, only (for a column-major table) the row-major copy.
-    train_x = x if n_holdout == 0 else x[train_idx]
+    train_x = x if hold_idx.size == 0 else x[train_idx]
     return DataProduct(
         train_x=torch.from_numpy(np.ascontiguousarray(train_x, dtype=np.float32)),
         train_y=torch.from_numpy(np.ascontiguousarray(y[train_idx])),
@@ -147,6 +144,22 @@ def load_data_product(
         schema_fingerprint=schema_fingerprint(names, label, columns=columns),
         columns=columns,
     )
+
+
+def holdout_mask(n: int, holdout: float, seed: int) -> np.ndarray:
+    """True for the rows held out of ``n``: ``floor(holdout * n)`` of them (at least one row trains), drawn by a
+    permutation seeded with ``seed``."""
+    perm = np.random.default_rng(int(seed)).permutation(n)
+    mask = np.zeros(n, dtype=bool)
+    mask[perm[: max(0, min(math.floor(holdout * n), n - 1))]] = True
+    return mask
+
+
+def split_product(full: DataProduct, mask: np.ndarray) -> DataProduct:
+    """``full`` (every row in ``train_x``, file order) split by ``mask`` (True = held out)."""
+    held = torch.from_numpy(mask)
+    return replace(full, train_x=full.train_x[~held].contiguous(), train_y=full.train_y[~held].contiguous(),
+                   holdout_x=full.train_x[held].contiguous(), holdout_y=full.train_y[held].contiguous())
 
 
 def parse_labels(path: Path, raw: Sequence[str] | np.ndarray, task: str, num_classes: int) -> np.ndarray:

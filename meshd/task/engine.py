@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import structlog
 import torch
 
@@ -21,7 +22,7 @@ from meshd.core.averaging import MAX_ROWS, PushSum, ServedModel, data_scale
 from meshd.errors import DataError
 from meshd.task import models
 from meshd.task.checkpoints import Checkpoint, CheckpointStore
-from meshd.task.data import DataProduct, load_data_product
+from meshd.task.data import DataProduct, holdout_mask, load_data_product, split_product
 from meshd.task.learner import Learner, TrainConfig, TrainResult, limit_torch_threads
 from meshd.task.metrics import task_kind
 from meshd.task.privacy import LEDGER_FILE, Ledger, PrivacyPlan, parse_history
@@ -96,6 +97,8 @@ class Engine:
         # The data product as last read (data.reload_check_s): reloads keep the model and the epoch count.
         self.data_version: DataVersion | None = None
         self.data_reloads = 0
+        self.holdout_kept: bool | None = None  # at the last reload: the old rows kept their split (appended rows)
+        self._holdout = np.zeros(0, dtype=bool)  # per row of the product, in file order: held out
         self._epoch_base = 0.0  # epochs trained before the last reload
         self._epoch_steps0 = 0  # steps (attempted) at the last reload
         # data.standardize = "mesh": the mesh's moments until they settle, then the scaler applied to the data.
@@ -120,8 +123,9 @@ class Engine:
         if cfg.data.path is not None:
             self.data = self._read_product(cfg.data.path, cfg.data.holdout)
             self.input_dim = self.data.input_dim
-            self.data_version = data_version(cfg.data.path, self.data.num_train + self.data.num_holdout,
-                                             signature(cfg.data.path))
+            total = self.data.num_train + self.data.num_holdout
+            self._holdout = holdout_mask(total, cfg.data.holdout, cfg.training.seed)  # load_data_product's split
+            self.data_version = data_version(cfg.data.path, total, signature(cfg.data.path))
         if cfg.data.test_path is not None:
             self.test = self._read_product(cfg.data.test_path, 0.0)
             if self.data is not None and self.test.feature_names != self.data.feature_names:
@@ -232,26 +236,45 @@ class Engine:
 
     # --- data that keeps arriving (worker thread, then the loop) -----------------------------------------
 
-    def read_data(self) -> tuple[DataProduct, DataVersion]:
-        """Worker thread: the data product as it is now; a DataError if it changed while being read or its
-        schema is not the running one (a new schema is a new model: it takes a restart of the task)."""
+    def read_data(self) -> tuple[DataProduct, DataVersion, np.ndarray]:
+        """Worker thread: the data product as it is now, split, and its holdout mask; a DataError if it changed
+        while being read or its schema is not the running one (a new schema is a new model: it takes a restart
+        of the task).
+
+        Rows appended after the ones read before (a new file that sorts last, rows added at the end) leave the
+        old rows' split as it was and draw only the new rows' (seeded by ``training.seed`` and the old row
+        count): a row the model trained on is never held out afterwards. A product whose old rows changed
+        (a file replaced or inserted) is split afresh."""
         path = self.cfg.data.path
         assert path is not None
         before = signature(path)
-        product = self._read_product(path, self.cfg.data.holdout)
+        full = self._read_product(path, 0.0)  # every row, in file order
         after = signature(path)
         if after != before:
             raise DataError(f"{path}: changed while it was being read; read again at the next check")
-        if _standardized(product.schema_fingerprint, self.moments is not None) != self.schema:
+        if _standardized(full.schema_fingerprint, self.moments is not None) != self.schema:
             raise DataError(
-                f"{path}: its schema changed (fingerprint {product.schema_fingerprint}, the task runs {self.schema}); "
+                f"{path}: its schema changed (fingerprint {full.schema_fingerprint}, the task runs {self.schema}); "
                 "the task keeps training on the rows it has: restart it (or the daemon) to train a model for the "
                 "new schema"
             )
-        version = data_version(path, product.num_train + product.num_holdout, after)
+        version = data_version(path, full.num_train, after)
         if self.moments is not None and self.moments.frozen is not None:
-            product = self.moments.frozen.apply_product(product)  # the mesh's scaler, not one of the new rows
-        return product, version
+            full = self.moments.frozen.apply_product(full)  # the mesh's scaler, not one of the new rows
+        mask = self._reload_mask(full)
+        return split_product(full, mask), version, mask
+
+    def _reload_mask(self, full: DataProduct) -> np.ndarray:
+        old, mask, cfg = self.data, self._holdout, self.cfg
+        n_old, n = len(mask), full.num_train
+        if old is not None and n_old <= n and old.num_train + old.num_holdout == n_old:
+            held = torch.from_numpy(mask)
+            prefix_x, prefix_y = full.train_x[:n_old], full.train_y[:n_old]
+            if (torch.equal(prefix_x[~held], old.train_x) and torch.equal(prefix_x[held], old.holdout_x)
+                    and torch.equal(prefix_y[~held], old.train_y) and torch.equal(prefix_y[held], old.holdout_y)):
+                new = holdout_mask(n - n_old, cfg.data.holdout, cfg.training.seed + n_old)
+                return np.concatenate([mask, new])
+        return holdout_mask(n, cfg.data.holdout, cfg.training.seed)
 
     def apply_scaler(self, scaler: Scaler) -> None:
         """Worker thread: the data product, the test set and the learners' rows, scaled; then training may start."""
@@ -268,12 +291,14 @@ class Engine:
             if learner is not None:
                 learner.replace_data(product)
 
-    def adopt_data(self, product: DataProduct, version: DataVersion) -> int:
+    def adopt_data(self, product: DataProduct, version: DataVersion, mask: np.ndarray) -> int:
         """On the loop, after :meth:`swap_learner_data`: the task trains on ``product`` from now on; the rows
         estimate of the mesh takes in the change. Returns the change in training rows."""
         self._epoch_base, self._epoch_steps0 = self.epochs, self.stats.steps + self.stats.steps_dropped
         delta = product.num_train - self.train_rows
-        self.data, self.data_version = product, version
+        n_old = len(self._holdout)
+        self.holdout_kept = len(mask) >= n_old and bool(np.array_equal(mask[:n_old], self._holdout))
+        self.data, self.data_version, self._holdout = product, version, mask
         self.data_reloads += 1
         if self.pushsum is not None and delta:
             self.pushsum.inject_rows(float(delta))

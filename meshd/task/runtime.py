@@ -928,16 +928,17 @@ class LearningTask:
                                     "for: restart the task to read the new data product")
             return
         try:
-            product, version = await asyncio.to_thread(engine.read_data)
+            product, version, mask = await asyncio.to_thread(engine.read_data)
             await asyncio.to_thread(engine.swap_learner_data, product)
         except (DataError, ModelError) as exc:
             self._data_refused(sig, str(exc))
             return
         before = engine.data_version
-        delta = engine.adopt_data(product, version)
+        delta = engine.adopt_data(product, version, mask)
         self.data_reload_error, self._data_failed = None, None
         self._log.info("data_reloaded", rows=version.rows, train_rows_change=delta, content=version.content,
-                       previous=before.content if before else None, files=version.files)
+                       previous=before.content if before else None, files=version.files,
+                       holdout="kept" if engine.holdout_kept else "redrawn")
 
     def _data_refused(self, sig: Signature | None, why: str) -> None:
         self._data_failed = sig
@@ -950,6 +951,7 @@ class LearningTask:
         return {"path": str(self.cfg.data.path) if self.cfg.data.path else None,
                 "version": e.data_version.snapshot() if e.data_version else None,
                 "reloads": e.data_reloads, "reload_check_s": self.cfg.data.reload_check_s,
+                "holdout": None if e.holdout_kept is None else ("kept" if e.holdout_kept else "redrawn"),
                 "reload_error": self.data_reload_error,
                 "standardize": ({"mode": "mesh", **e.moments.snapshot()} if e.moments is not None
                                 else {"mode": self.cfg.data.standardize})}
