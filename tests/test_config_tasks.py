@@ -266,3 +266,19 @@ def test_peers_shows_the_tasks_each_peer_runs_and_whether_ours_can_learn_with_it
     out = cli.format_peers(s)
     assert "  yes  " in _row(out, "sales") and "no: incompatible" in _row(out, "support")
     assert cli.format_peers({"mesh": {"peers": []}}) == "no peers known"
+
+
+def test_peers_lists_addresses_proposed_but_not_verified() -> None:
+    s = _snapshot()
+    sales = s["mesh"]["peers"][0]
+    sales["candidates"] = [
+        {"address": sales["address"], "sources": ["mdns"], "verified": True, "recheck": False, "failures": 0},
+        {"address": "10.6.6.6:7452", "sources": ["mdns"], "verified": False, "recheck": False, "failures": 3},
+    ]
+    out = cli.format_peers(s)
+    assert "not verified by a signed pong" in out
+    row = next(line for line in out.splitlines() if "10.6.6.6:7452" in line)
+    assert row.split()[:4] == ["sales", "10.6.6.6:7452", "mdns", "3"]
+    assert sales["address"] not in out.split("not verified")[1]  # the verified one is not listed there
+    del sales["candidates"]
+    assert "not verified" not in cli.format_peers(s)

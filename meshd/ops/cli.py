@@ -606,7 +606,19 @@ def format_peers(s: dict[str, Any]) -> str:
             for p in peers
         ]
         lines = _table(header, rows)
-    return "\n".join(lines + _untrusted_lines(mesh))
+    return "\n".join(lines + _candidate_lines(peers) + _untrusted_lines(mesh))
+
+
+def _candidate_lines(peers: list[dict[str, Any]]) -> list[str]:
+    """Addresses proposed for trusted peers that no signed pong has verified (a moved peer, or an impersonator
+    advertising a trusted id somewhere else): gossip never goes to them (docs/protocol.md, discovery)."""
+    rows = [(str(p.get("domain") or "?"), str(c.get("address")), ",".join(c.get("sources") or []) or "withdrawn",
+             str(c.get("failures", 0)), str(p.get("peer_id", ""))[:16] + "…")
+            for p in peers for c in p.get("candidates") or [] if not c.get("verified")]
+    if not rows:
+        return []
+    header = ("DOMAIN", "ADDRESS", "PROPOSED BY", "PINGS UNANSWERED", "PEER ID")
+    return ["", "addresses proposed but not verified by a signed pong (never gossiped to):", *_table(header, rows)]
 
 
 def _untrusted_lines(mesh: dict[str, Any]) -> list[str]:
