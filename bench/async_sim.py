@@ -77,6 +77,7 @@ class Sim:
         self.heard: list[dict[int, float]] = [{} for _ in self.doms]
         self.training = [False] * DOMAINS
         self.busy = [False] * DOMAINS  # an exchange in flight (the gossip loop runs one round at a time)
+        self.chain = [False] * DOMAINS  # a part's exchanges not done yet
         self.rounds = [0] * DOMAINS
         self.ids = [i.to_bytes(32, "big") for i in range(DOMAINS)]  # stand-ins for peer ids
         self.values_moved = [0] * DOMAINS
@@ -152,6 +153,9 @@ class Sim:
         self.training[i] = True
 
         def done(t2: float) -> None:
+            if self.chain[i]:  # overlap: the last part's exchange is still in flight; this part waits for it
+                self.at(t2 + 0.005, done)
+                return
             self.training[i] = False
             ps.apply_update(new - start, data_scale(self.rows[i], ps.mean_rows))
             this_round, within = divmod(self.steps[i], self.spe[i])
@@ -168,14 +172,19 @@ class Sim:
                 if idx == len(rounds):
                     if settling:
                         self.served[i].settle(ps.estimate())
-                    self.train(t3, i)
+                    self.chain[i] = False
+                    if not self.a.overlap:
+                        self.train(t3, i)
                 elif self.busy[i]:  # a timer round in flight: the next one waits for it
                     self.at(t3 + 0.005, run, idx)
                 else:
                     r = self.rounds[i] if rounds[idx] < 0 else rounds[idx]
                     self.exchange(t3, i, r, lambda t4: run(t4, idx + 1))
 
+            self.chain[i] = True
             run(t2)
+            if self.a.overlap:  # gossip.overlap: the next part trains while this one's exchange travels
+                self.train(t2, i)
 
         self.at(t + duration, done)
 
@@ -220,6 +229,7 @@ def main() -> int:
     ap.add_argument("--serve-window", type=int, default=16)
     ap.add_argument("--codec", default="q8")
     ap.add_argument("--settle", type=int, default=0)
+    ap.add_argument("--overlap", action="store_true", help="gossip.overlap: train the next part during the exchange")
     ap.add_argument("--samples", type=int, default=10_000, help="MNIST-1D samples (the quick bench's 10,000)")
     ap.add_argument("--marks", default="200,400,800", help="mean local steps per domain to report at")
     ap.add_argument("--step-ms", type=float, default=10.0, help="one SGD step on one core (daemon overheads in)")

@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from learning import BATCH, LR, MOMENTUM, SEED, _learners
 
-from meshd.config import GossipConfig, TaskConfig
+from meshd.config import GossipConfig, TaskConfig, codec_for
 from meshd.core.averaging import PushSum, RejectedUpdate, ServedModel, data_scale
 from meshd.core.membership import exponential_targets
 from meshd.core.merge import NEUTRAL_REFUSALS, make_rule
@@ -112,7 +112,7 @@ def main() -> int:
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     out: dict[str, Any] = {
         "bench": "robustness", "mode": "quick" if args.quick else "full", "domains": DOMAINS, "hostile": len(HOSTILE),
-        "every_steps": GOSSIP.every_steps, "codec": GOSSIP.codec, "serve_window": GOSSIP.serve_window,
+        "every_steps": GOSSIP.every_steps, "codec": codec_for(TaskConfig()), "serve_window": GOSSIP.serve_window,
         "topology": "exponential", "round_s": ROUND_S, "attackers_answer": args.answering,
         "optimizer": {"lr": LR, "momentum": MOMENTUM, "batch_size": BATCH},
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
@@ -171,7 +171,7 @@ def simulate(spec: models.ModelSpec, init: torch.Tensor, domains: list[DataProdu
     pushpull = asks_answers(cfg)
     learners = _learners(spec, domains)
     rows = {i: float(domains[i].num_train) for i in honest}
-    nodes = {i: PushSum(init.clone(), codec=GOSSIP.codec, max_weight=float(DOMAINS), rows=rows[i])
+    nodes = {i: PushSum(init.clone(), codec=codec_for(cfg), max_weight=float(DOMAINS), rows=rows[i])
              for i in honest}
     served = {i: ServedModel(GOSSIP.serve_window) for i in honest}
     rules = {i: make_rule(rule_name, rule_params(cfg.gossip, DOMAINS - 1, pushpull)) for i in honest}

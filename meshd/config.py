@@ -192,6 +192,9 @@ class GossipConfig:
     # round into per_round parts instead.
     every_steps: int = field(default=8, metadata=_opt(_between(0, 1_000_000)))
     per_round: int = field(default=8, metadata=_opt(_between(0, 1000)))
+    # The next training part runs while the last part's exchange is in flight (at most one in flight);
+    # false: each part waits for its exchange (docs/learning.md section 4).
+    overlap: bool = True
     # Exchanges at the end of each training round, with no training in between (docs/learning.md section 4).
     settle: int = field(default=0, metadata=_opt(_between(0, 64)))
     # "pushpull": a share asks the receiver for its own share back in the answer (weights stay balanced);
@@ -199,7 +202,8 @@ class GossipConfig:
     exchange: str = field(default="pushpull", metadata=_opt(_one_of("pushpull", "push")))
     serve_window: int = field(default=16, metadata=_opt(_between(0, 1000)))
     topology: str = field(default="exponential", metadata=_opt(_one_of("exponential", "random")))
-    codec: str = field(default="q4", metadata=_opt(_one_of("f64", "f32", "f16", "q8", "q4")))
+    # "auto": q4 for classification and binary tasks, q8 for regression (see codec_for).
+    codec: str = field(default="auto", metadata=_opt(_one_of("auto", "f64", "f32", "f16", "q8", "q4")))
     pull_on_join: bool = True
     far_behind_versions: int = field(default=0, metadata=_opt(_non_negative))
     # Merge rule (meshd/core/merge.py, docs/learning.md section 8): "pushsum" merges shares as they come;
@@ -254,6 +258,11 @@ class LimitsConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = field(default="mlp", metadata=_opt(_model_name, restart=True))
+    # What the model learns (docs/learning.md, "Tasks"): class labels (num_classes logits, cross-entropy), a binary
+    # label (one logit, BCE; accuracy, ROC AUC, F1) or a number (one output, MSE; RMSE, MAE). Part of the model
+    # fingerprint: domains with different tasks refuse each other as incompatible.
+    task: str = field(default="classification", metadata=_opt(_one_of("classification", "binary", "regression"),
+                                                              restart=True))
     hidden: tuple[int, ...] = field(default=(64,), metadata=_opt(_positive_ints, restart=True))
     channels: tuple[int, ...] = field(default=(16, 32), metadata=_opt(_positive_ints, restart=True))
     kernel_size: int = field(default=5, metadata=_opt(_between(1, 64), restart=True))
@@ -264,13 +273,43 @@ class ModelConfig:
                                                     restart=True))
 
 
+#: Feature types of a typed schema ([[data.columns]]); docs/data.md.
+COLUMN_TYPES = ("numeric", "categorical", "boolean")
+#: What a missing cell becomes, per type: numeric and boolean columns take the column's mean or 0; a categorical
+#: one sets no category ("zero") or its unknown column; "error" refuses the data product.
+MISSING_BY_TYPE = {"numeric": ("error", "mean", "zero"), "boolean": ("error", "mean", "zero"),
+                   "categorical": ("error", "zero", "unknown")}
+
+
+@dataclass(frozen=True)
+class ColumnConfig:
+    """One feature column of a typed schema: its type, its encoding and what a missing cell becomes."""
+
+    name: str = field(default="", metadata=_opt(doc="column name in the data product"))
+    type: str = field(default="numeric", metadata=_opt(_one_of(*COLUMN_TYPES)))
+    # categorical: the values, one-hot encoded in this order ("country=FR"); or, instead, hash buckets.
+    categories: tuple[str, ...] = ()
+    buckets: int = field(default=0, metadata=_opt(_between(0, 1 << 20)))
+    unknown: bool = False  # categorical with categories: one more column for values not in the list
+    missing: str = field(default="error", metadata=_opt(_one_of("error", "mean", "zero", "unknown")))
+    indicator: bool = False  # one more column, 1 where the cell was missing ("amount:missing")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     path: Path | None = field(default=None, metadata=_opt(restart=True))
     label: str = field(default="label", metadata=_opt(restart=True))
     features: tuple[str, ...] = field(default=(), metadata=_opt(restart=True))
+    # A typed schema: the feature columns in order, each with its type; replaces `features` when set.
+    columns: tuple[ColumnConfig, ...] = field(default=(), metadata=_opt(restart=True))
     holdout: float = field(default=0.2, metadata=_opt(_between(0.0, 0.9), restart=True))
     test_path: Path | None = field(default=None, metadata=_opt(restart=True))
+    # "mesh": numeric inputs scaled by the mesh's mean and standard deviation, estimated by gossip before
+    # training (docs/data.md); part of the schema fingerprint. "none": inputs as read.
+    standardize: str = field(default="none", metadata=_opt(_one_of("none", "mesh"), restart=True))
+    # Seconds between two looks at data.path for a change (a file added, replaced, rewritten); a change seen
+    # at two looks in a row is read in the background and trained on without a restart; 0 = read once.
+    reload_check_s: float = field(default=30.0, metadata=_opt(_non_negative))
 
 
 @dataclass(frozen=True)
@@ -398,6 +437,15 @@ class Config:
 # --- public API -----------------------------------------------------------------------------------------
 
 
+def codec_for(task: TaskConfig) -> str:
+    """The task's wire codec: ``gossip.codec``, with ``"auto"`` resolved by the model's task kind. A classifier
+    only needs the right logit to be the largest, and q4's rounding costs it nothing on the learning bench; a
+    regression's output is the number itself, and q4 doubled its RMSE (bench/task_kinds.py), q8 did not."""
+    if task.gossip.codec != "auto":
+        return task.gossip.codec
+    return "q8" if task.model.task == "regression" else "q4"
+
+
 def split_host_port(text: str) -> tuple[str, int]:
     """'host:port' (or '[v6]:port') -> (host, port); raises ValueError saying what is wrong."""
     if not isinstance(text, str) or ":" not in text:
@@ -463,7 +511,8 @@ def task_needs_restart(old: TaskConfig, new: TaskConfig) -> list[str]:
     """A task's changed keys that only a restart of the task applies (its model, data product, seed...)."""
     keys: set[str] = set()
     _walk_restart(TaskConfig, "", keys)
-    return [k for k in sorted(_diff(old, new, "")) if k in keys]
+    # an item of a list of tables (data.columns[2].type) restarts with its list
+    return [k for k in sorted(_diff(old, new, "")) if k in keys or k.split("[")[0] in keys]
 
 
 def field_docs() -> dict[str, str]:
@@ -644,12 +693,56 @@ def _cross_checks(cfg: Config) -> list[str]:
         names.add(task.name)
     for prefix, task in ([("", t) for t in cfg.tasks] if not cfg.task
                          else [(f"task[{i}].", t) for i, t in enumerate(cfg.task)]):
+        problems.extend(column_problems(task.data, f"{prefix}data."))
         pv = task.privacy
         if pv.enabled and pv.noise_multiplier == 0 and pv.planned_steps == 0:
             problems.append(f"{prefix}privacy.noise_multiplier: is 0 and {prefix}privacy.planned_steps is 0; set "
                             f"noise_multiplier (e.g. 1.0), or planned_steps (the SGD steps the epsilon budget must "
                             f"last) to calibrate the noise")
     # A domain without a data product just averages; the daemon reports that task's training as idle.
+    return problems
+
+
+def column_problems(data: DataConfig, prefix: str = "data.") -> list[str]:
+    """What is wrong with a typed schema (``data.columns``), each naming its key and the fix."""
+    problems: list[str] = []
+    if data.columns and data.features:
+        problems.append(f"{prefix}features: set either {prefix}features (untyped, all numeric) or {prefix}columns "
+                        f"(typed), not both; the columns list is the feature list, in order")
+    seen: set[str] = set()
+    for i, col in enumerate(data.columns):
+        key = f"{prefix}columns[{i}]"
+        if not col.name:
+            problems.append(f"{key}.name: is required (got nothing); the name of a column of the data product")
+        elif col.name in seen:
+            problems.append(f"{key}.name: column {col.name!r} is declared twice")
+        elif col.name == data.label:
+            problems.append(f"{key}.name: {col.name!r} is the label column ({prefix}label); it cannot be a feature")
+        seen.add(col.name)
+        allowed = MISSING_BY_TYPE[col.type]
+        if col.missing not in allowed:
+            problems.append(f"{key}.missing: a {col.type} column takes " + " | ".join(f'"{m}"' for m in allowed)
+                            + f" (got {col.missing!r})")
+        if col.type != "categorical":
+            for name, value in (("categories", col.categories), ("buckets", col.buckets), ("unknown", col.unknown)):
+                if value:
+                    problems.append(f"{key}.{name}: only a categorical column has {name}; remove it or set "
+                                    f"type = \"categorical\" (got {value!r})")
+            continue
+        if not col.categories and not col.buckets:
+            problems.append(f"{key}.categories: a categorical column needs its category list (categories = "
+                            f"[\"a\", \"b\"], one-hot encoded) or a number of hash buckets (buckets = 64); "
+                            f"`meshd data describe PATH` prints the list it finds")
+        elif col.categories and col.buckets:
+            problems.append(f"{key}.buckets: set either categories (one-hot) or buckets (hashed), not both")
+        if len(set(col.categories)) != len(col.categories):
+            problems.append(f"{key}.categories: lists the same value twice")
+        if col.buckets and col.unknown:
+            problems.append(f"{key}.unknown: a hashed column (buckets) has no unknown column: every value falls "
+                            f"in a bucket; remove unknown")
+        if col.missing == "unknown" and not (col.unknown and col.categories):
+            problems.append(f"{key}.missing: \"unknown\" puts missing cells in the unknown column, which needs "
+                            f"unknown = true and a categories list; or use missing = \"zero\" or \"error\"")
     return problems
 
 

@@ -373,6 +373,7 @@ class Daemon:
             "training": primary.get("training", {}),
             "gossip": gossip,
             "checkpoint": primary.get("checkpoint", {}),
+            "data": primary.get("data", {}),
         }
 
 

@@ -136,6 +136,18 @@ def set_toml(path: Path, section: str, key: str, value: str) -> None:
     path.write_text(set_key(path.read_text(), section, key, value))
 
 
+def toml_inline_tables(tables: list[dict[str, object]]) -> str:
+    """A list of tables as TOML on one line (JSON's strings, lists and booleans are TOML's)."""
+    return "[" + ", ".join("{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in t.items()) + "}" for t in tables) + "]"
+
+
+def mesh_part(text: str) -> str:
+    """A rendered config without its tasks: everything before the first [[task]] table."""
+    lines = text.splitlines()
+    first = next((i for i, line in enumerate(lines) if line.strip() == "[[task]]"), len(lines))
+    return "\n".join(lines[:first]) + "\n"
+
+
 class Fatal(Exception):
     """Raised by a `wait_for` condition to stop waiting at once (e.g. the process already exited)."""
 

@@ -9,7 +9,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshd.core.codec import CODECS, Q8_BLOCK, CodecError, CodecName, decode, encode, encoded_size, itemsize, quantize
+from meshd.core.codec import (
+    CODECS,
+    Q8_BLOCK,
+    CodecError,
+    CodecName,
+    decode,
+    encode,
+    encoded_size,
+    itemsize,
+    quantize,
+    quantize_encoded,
+)
 from meshd.errors import MeshdError
 
 
@@ -32,6 +43,9 @@ def test_round_trip_matches_quantize(codec: CodecName) -> None:
         assert encode(out, codec) == data
     assert torch.equal(decode(encode(out, codec), len(vec), codec), out)
     assert torch.equal(quantize(out, codec), out)
+    # One pass gives both: the values a share carries and the bytes that decode to exactly them.
+    values, payload = quantize_encoded(vec, codec)
+    assert payload == data and torch.equal(values, out)
 
 
 def test_f64_is_exact_and_others_are_close() -> None:

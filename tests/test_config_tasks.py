@@ -52,7 +52,10 @@ def test_two_tasks_inherit_top_level_defaults_key_by_key(tmp_path: Path) -> None
     assert fraud.training.lr == 0.01 and fraud.training.batch_size == 16
     assert churn.training.lr == 0.2 and churn.training.batch_size == 16
     assert fraud.gossip.fanout == churn.gossip.fanout == 2
-    assert churn.gossip.codec == "f32" and fraud.gossip.codec == "q4"
+    assert churn.gossip.codec == "f32" and fraud.gossip.codec == "auto"
+    assert configmod.codec_for(churn) == "f32" and configmod.codec_for(fraud) == "q4"
+    regression = dataclasses.replace(fraud, model=dataclasses.replace(fraud.model, task="regression"))
+    assert configmod.codec_for(regression) == "q8"  # q4 doubled a regression's RMSE
     assert fraud.gossip.retries == churn.gossip.retries == cfg.gossip.retries == 5  # mesh-wide, from [gossip]
     assert fraud.checkpoint.keep == churn.checkpoint.keep == 4
     assert churn.data.label == fraud.data.label == "y"
@@ -263,3 +266,19 @@ def test_peers_shows_the_tasks_each_peer_runs_and_whether_ours_can_learn_with_it
     out = cli.format_peers(s)
     assert "  yes  " in _row(out, "sales") and "no: incompatible" in _row(out, "support")
     assert cli.format_peers({"mesh": {"peers": []}}) == "no peers known"
+
+
+def test_peers_lists_addresses_proposed_but_not_verified() -> None:
+    s = _snapshot()
+    sales = s["mesh"]["peers"][0]
+    sales["candidates"] = [
+        {"address": sales["address"], "sources": ["mdns"], "verified": True, "recheck": False, "failures": 0},
+        {"address": "10.6.6.6:7452", "sources": ["mdns"], "verified": False, "recheck": False, "failures": 3},
+    ]
+    out = cli.format_peers(s)
+    assert "not verified by a signed pong" in out
+    row = next(line for line in out.splitlines() if "10.6.6.6:7452" in line)
+    assert row.split()[:4] == ["sales", "10.6.6.6:7452", "mdns", "3"]
+    assert sales["address"] not in out.split("not verified")[1]  # the verified one is not listed there
+    del sales["candidates"]
+    assert "not verified" not in cli.format_peers(s)

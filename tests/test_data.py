@@ -97,10 +97,18 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_unsupported_extension(tmp_path: Path) -> None:
-    path = tmp_path / "data.parquet"
-    path.write_bytes(b"PAR1")
-    with pytest.raises(DataError, match=r"data\.parquet: unsupported data product extension '\.parquet'.*\.csv, \.npz"):
+    path = tmp_path / "data.xlsx"
+    path.write_bytes(b"PK")
+    with pytest.raises(DataError, match=r"data\.xlsx: unsupported data product extension '\.xlsx'.*\.csv.*\.npz"):
         _load(path)
+
+
+def test_corrupt_parquet_and_feather(tmp_path: Path) -> None:
+    for name in ("data.parquet", "data.feather"):
+        path = tmp_path / name
+        path.write_bytes(b"PAR1")
+        with pytest.raises(DataError, match=rf"{re.escape(name)}: not a readable (Parquet|Arrow IPC / Feather) data"):
+            _load(path)
 
 
 def test_empty_csv(tmp_path: Path) -> None:
@@ -144,7 +152,7 @@ def test_non_numeric_feature_names_row_and_column(tmp_path: Path) -> None:
 
 def test_empty_feature_cell(tmp_path: Path) -> None:
     path = _write_csv(tmp_path / "n.csv", ["f1", "label"], [[1, 0], ["", 1]])
-    with pytest.raises(DataError, match=r"non-numeric value '' in feature column 'f1' at row 2"):
+    with pytest.raises(DataError, match=r"feature 'f1' at row 2 is missing; .*data\.columns with missing = \"mean\""):
         _load(path)
 
 
@@ -172,14 +180,14 @@ def test_label_out_of_range_bounds(tmp_path: Path, bad: str) -> None:
 @pytest.mark.parametrize("bad", ["2.5", "cat", ""])
 def test_label_not_integer(tmp_path: Path, bad: str) -> None:
     path = _write_csv(tmp_path / "l.csv", ["f", "label"], [[0.1, 1], [0.2, bad]])
-    with pytest.raises(DataError, match=rf"label '{bad}' at row 2 is not an integer"):
+    with pytest.raises(DataError, match=rf"label '?{bad}'? at row 2 is not an integer"):
         _load(path)
 
 
 def test_ragged_row(tmp_path: Path) -> None:
     path = tmp_path / "r.csv"
     path.write_text("a,b,label\n1,2,0\n1,2\n")
-    with pytest.raises(DataError, match=r"row 2 has 2 fields, the header has 3"):
+    with pytest.raises(DataError, match=r"r\.csv: malformed CSV: a row has 2 fields, the header has 3 \(row '1,2'\)"):
         _load(path)
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from meshd.core.membership import (
     MAX_CANDIDATES,
+    PING_DEFER,
     AddressChanged,
     Effect,
     PeerState,
@@ -710,3 +711,28 @@ def test_goodbyes_in_a_row_cost_one_recheck_ping_per_ping_after_s() -> None:
     assert len(sent) <= 20 / T.ping_after_s + 1, sent
     p = t.get(A)
     assert p is not None and (p.state, p.address) == (PeerState.ALIVE, ADDR[A])
+
+
+def test_of_a_silent_pair_only_the_smaller_id_pings_first() -> None:
+    """Any signed message refreshes both ends, so the larger id waits PING_DEFER x longer: one ping per pair."""
+    small, big = PeerTable(A, T), PeerTable(B, T)
+    small.set_trusted([B])
+    big.set_trusted([A])
+    for t, other in ((small, B), (big, A)):
+        disc(t, other, 0.0, address=ADDR[other])
+        t.verified(other, ADDR[other], 0.0)
+        t.heard_from(other, 0.0)
+        t.tick(0.0)
+    assert pings(small.tick(T.ping_after_s)) == [B]
+    assert pings(big.tick(T.ping_after_s)) == []
+    big.heard_from(A, T.ping_after_s + 0.01)  # the small one's ping arrived
+    assert pings(big.tick(T.ping_after_s * PING_DEFER)) == []
+    # Had it not arrived, the larger id pings in time, before the peer turns suspect.
+    lone = PeerTable(B, T)
+    lone.set_trusted([A])
+    disc(lone, A, 0.0)
+    lone.verified(A, ADDR[A], 0.0)
+    lone.heard_from(A, 0.0)
+    lone.tick(0.0)
+    assert pings(lone.tick(T.ping_after_s * PING_DEFER)) == [A]
+    assert T.ping_after_s * PING_DEFER < T.suspect_after_s

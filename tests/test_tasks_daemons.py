@@ -22,7 +22,7 @@ import torch
 from meshd.ops.localmesh import DomainLayout, LocalMesh, build_mesh, get_status
 from meshd.task.checkpoints import CheckpointStore
 from meshd.task.datasets import write_npz_product
-from tests.helpers import assert_no_blocking_calls, http_get, run_cli, wait_for
+from tests.helpers import assert_no_blocking_calls, http_get, mesh_part, run_cli, wait_for
 
 GAIN = 0.10  # mesh test accuracy above local-only, per domain and task
 
@@ -52,13 +52,6 @@ def _task(name: str, cohort: list[str], model: str, classes: int, data: str, tes
             f'[task.training]\nlr = 0.1\nmomentum = 0.5\neval_interval_s = 0.5\n[task.checkpoint]\ninterval_s = 2.0\n')
 
 
-def _mesh_part(text: str) -> str:
-    """A rendered config without its tasks: everything before the first [[task]] table."""
-    lines = text.splitlines()
-    first = next((i for i, line in enumerate(lines) if line.strip() == "[[task]]"), len(lines))
-    return "\n".join(lines[:first]) + "\n"
-
-
 def _gains(s: dict[str, Any], task: str) -> tuple[float | None, float | None]:
     t = s["tasks"][task]["training"]
     return t.get("test_accuracy"), t.get("local_only_test_accuracy")
@@ -81,7 +74,7 @@ def test_two_tasks_with_their_own_cohorts_and_a_task_added_and_removed_by_reload
     fraud = {d.name: _task("fraud", [a.name, b.name], "mlp", 10, "data.npz", "../shared/test.npz") for d in (a, b)}
     churn = {d.name: _task("churn", [b.name, c.name, a.name], "logreg", 2, "churn.npz", "../shared/churn-test.npz")
              for d in (a, b, c)}
-    base = {d.name: _mesh_part(d.config.read_text()) for d in layout.domains}
+    base = {d.name: mesh_part(d.config.read_text()) for d in layout.domains}
     a.config.write_text(base[a.name] + fraud[a.name])
     b.config.write_text(base[b.name] + fraud[b.name] + churn[b.name])
     # C also runs a task whose data product is missing: that task fails alone, churn and the mesh carry on.

@@ -70,7 +70,7 @@ still held (as if abandoned).
 
 Public API::
 
-    Share(id: int, values: Tensor, weight: float, version: int, rows: float)       # frozen
+    Share(id, values: Tensor, weight, version, rows, encoded: (codec, bytes) | None)  # frozen
     PushSumState(numerator: Tensor, weight: float, version: int, rows: float)      # frozen
     RejectedUpdate(reason: str, detail: str = "")                        # MeshdError, ValueError
     consensus_distance(z_self, z_other, eps=1e-12) -> float              # relative L2
@@ -106,7 +106,7 @@ from dataclasses import dataclass
 
 import torch
 
-from meshd.core.codec import CODECS, CodecName, quantize
+from meshd.core.codec import CODECS, CodecName, quantize_encoded
 from meshd.errors import MeshdError
 
 DISTANCE_WINDOW = 16
@@ -141,6 +141,7 @@ class Share:
     weight: float
     version: int
     rows: float = 0.0  # the sender's estimate of the mesh's mean rows per domain; moves rows * weight
+    encoded: tuple[str, bytes] | None = None  # (codec, ``values`` encoded in it), from the quantizing pass
 
 
 @dataclass(frozen=True)
@@ -388,9 +389,10 @@ class PushSum:
             share_weight = min(share_weight, float(at_most))
         if not share_weight >= _MIN_SHARE_WEIGHT or free - m * share_weight < keep:
             return []
-        values = quantize(self._s / self._w, self.codec)
+        values, payload = quantize_encoded(self._s / self._w, self.codec)
         rows = self._r / self._w
-        shares = [Share(self._new_id(), values, share_weight, self._version, rows) for _ in range(m)]
+        shares = [Share(self._new_id(), values, share_weight, self._version, rows, (self.codec, payload))
+                  for _ in range(m)]
         for share in shares:
             self._pending[share.id] = share
         self._rounds += 1
@@ -428,12 +430,12 @@ class PushSum:
         share_weight = free * fraction
         if not share_weight >= _MIN_SHARE_WEIGHT or free - share_weight < floor:
             return None
-        values = quantize(self._s / self._w, self.codec)
+        values, payload = quantize_encoded(self._s / self._w, self.codec)
         rows = self._r / self._w
         self._s.sub_(values * share_weight)
         self._w -= share_weight
         self._r = max(0.0, self._r - rows * share_weight)
-        return Share(self._new_id(), values, share_weight, self._version, rows)
+        return Share(self._new_id(), values, share_weight, self._version, rows, (self.codec, payload))
 
     # -- receiving ---------------------------------------------------------------------------------
 

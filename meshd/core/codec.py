@@ -27,6 +27,7 @@ API:
   ``count * itemsize(codec)``; returns a fresh, writable 1-D float64 tensor (one copy, from the buffer).
 - ``quantize(vec, codec) -> torch.Tensor``: what the receiver will decode, as float64; bit-identical to
   ``decode(encode(vec, codec), len(vec), codec)`` and idempotent (re-encoding a quantized vector is exact).
+  ``quantize_encoded`` returns it with ``encode(vec, codec)``, from one pass.
 - ``itemsize(codec) -> int`` and ``CODECS``.
 
 ``decode`` checks framing only; whether the values are acceptable (finite, bounded) is the merger's call.
@@ -137,13 +138,19 @@ def decode(data: bytes | bytearray | memoryview, count: int, codec: CodecName) -
 
 def quantize(vec: torch.Tensor, codec: CodecName) -> torch.Tensor:
     """``vec`` as the receiver will decode it (float64); raises ``CodecError`` where ``encode`` would."""
+    return quantize_encoded(vec, codec)[0]
+
+
+def quantize_encoded(vec: torch.Tensor, codec: CodecName) -> tuple[torch.Tensor, bytes]:
+    """``quantize(vec, codec)`` and ``encode(vec, codec)`` from one encoding pass."""
     if codec in _LEVELS:
         header, q = _q8_encode(_cast(vec, "f64"), _LEVELS[codec])
-        return torch.from_numpy(_q8_decode(header, q))
+        payload = header.tobytes() + (_pack4(q) if codec == "q4" else q).tobytes()
+        return torch.from_numpy(_q8_decode(header, q)), payload
     cast = _cast(vec, codec)
     if cast.dtype == np.float64 and cast.dtype.isnative:
-        return vec.detach().cpu().clone()
-    return torch.from_numpy(cast.astype(np.float64))
+        return vec.detach().cpu().clone(), cast.tobytes()
+    return torch.from_numpy(cast.astype(np.float64)), cast.tobytes()
 
 
 # --- q8 -------------------------------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ MAX_TASKS_PER_PEER = 32  # advertised tasks kept per peer (mDNS TXT and pongs ar
 #: Candidate addresses kept per peer: the verified one, the list sources' and a few proposals (a LAN attacker
 #: advertising a trusted id at many addresses only turns the unverified ones over).
 MAX_CANDIDATES = 8
+PING_DEFER = 1.5  # the larger id of a silent pair pings after ping_after_s x this: one ping per pair, not two
 
 
 def exponential_targets(ids: list[bytes], me: bytes, round_no: int, count: int) -> list[bytes]:
@@ -459,7 +460,11 @@ class PeerTable:
                     peer.ping_due_at = now + min(t.probe_max_s, t.dead_after_s * 2.0 ** (peer.dead_probes + 1))
                     peer.dead_probes += 1
             else:
-                idle = peer.last_seen is None or now - peer.last_seen >= t.ping_after_s
+                # Of two peers silent towards each other, the one with the larger id waits half as long again:
+                # the other's ping reaches it first (any signed message refreshes both ends), so a quiet pair
+                # exchanges one ping per period instead of two.
+                after = t.ping_after_s * (PING_DEFER if self.self_id > peer.peer_id else 1.0)
+                idle = peer.last_seen is None or now - peer.last_seen >= after
                 due = idle and (peer.ping_due_at is None or now >= peer.ping_due_at)
                 if due or recheck:
                     peer.ping_due_at = now + t.ping_after_s

@@ -54,6 +54,9 @@ log = structlog.get_logger("meshd.mesh")
 T = TypeVar("T")
 
 TICK_S = 0.25
+#: Bodies up to this size are decoded on the loop (tens of microseconds); larger ones on the wire thread, whose
+#: hand-over costs more than decoding a small body and, with many daemons on few cores, waits for a core.
+INLINE_BYTES = 256 * 1024
 LEASE_STEP_MS = 1_000  # the timestamp lease is extended this far past the envelope that needed it
 MAX_CONCURRENT_PINGS = 32
 MAX_PONG_TASKS = 32  # tasks listed in a pong; a domain runs at most config.MAX_TASKS
@@ -432,6 +435,12 @@ class Mesh:
     async def _in_wire(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._wire_exec, fn, *args)
 
+    async def _decode(self, body: bytes) -> dict[str, Any]:
+        """An opened body as a map: on the loop when small, on the wire thread (decoding megabytes) when not."""
+        if len(body) <= INLINE_BYTES:
+            return wire.decode_body(body, self._wire_limits(self.cfg))
+        return await self._in_wire(wire.decode_body, body, self._wire_limits(self.cfg))
+
     def _open_checked(self, data: bytes, now_ms: int) -> wire.Opened:
         """Wire thread: verify and open an envelope, not yet recorded as seen: :meth:`_settle` records it once
         it took effect, so a refused one (503 busy...) can be retried with the same bytes. Two copies of one
@@ -533,8 +542,8 @@ class Mesh:
             self._wire_exec.submit(self._settle, opened, took_effect)
 
     async def _handle_opened(self, opened: wire.Opened, data: bytes, remote: str) -> Reply:
-        try:  # on the wire thread: decoding megabytes is no work for the loop
-            body = await self._in_wire(wire.decode_body, opened.body, self._wire_limits(self.cfg))
+        try:
+            body = await self._decode(opened.body)
         except WireError as exc:
             self.reject(exc.reason, remote, exc.detail, opened.sender)
             return Reply.error(exc.status, exc.reason, exc.detail)
@@ -694,7 +703,7 @@ class Mesh:
             opened = await self._in_wire(self._open_reply_checked, reply, int(time.time() * 1000))
             if opened.sender != peer_id or opened.kind != want_kind:
                 raise WireError("bad_reply", 400, "unexpected reply")
-            return await self._in_wire(wire.decode_body, opened.body, self._wire_limits(self.cfg))
+            return await self._decode(opened.body)
         except WireError as exc:
             self.reject("reply_" + exc.reason, peer_id_of(peer_id)[:16], exc.detail, peer_id)
             return None

@@ -1,5 +1,5 @@
-"""Command line: `meshd init | keygen | id | config check | run | status | peers | reload | trust | doctor |
-export | demo`.
+"""Command line: `meshd init | keygen | id | config check | data describe | run | status | peers | reload | trust |
+doctor | export | demo`.
 
 Exit codes: 0 ok, 1 runtime failure (daemon unreachable, daemon crashed), 2 bad input (config, key, usage).
 """
@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--dir", type=Path, default=Path("."), help="folder for meshd.toml and identity.key (default: .)")
     s.add_argument("--peer-addr", default="0.0.0.0:7452", help="HOST:PORT of the gossip listener")
     s.add_argument("--status-addr", default=DEFAULT_STATUS, help="HOST:PORT of the local status API")
-    s.add_argument("--data", default="", help="path of the domain's data product (CSV or .npz)")
+    s.add_argument("--data", default="",
+                   help="path of the domain's data product (Parquet file or folder, Arrow/Feather, CSV or .npz)")
     s.add_argument("--state-dir", default="state",
                    help="state directory (checkpoints, replay state); relative to --dir (default: state)")
     s.add_argument("--force", action="store_true", help="overwrite an existing config and key")
@@ -72,6 +73,14 @@ def _parser() -> argparse.ArgumentParser:
     c = csub.add_parser("check", help="validate a config file: prints ok, or every problem (exit 2)")
     c.add_argument("path", type=Path)
     c.set_defaults(func=cmd_config_check)
+
+    s = sub.add_parser("data", help="data product tools")
+    dsub = s.add_subparsers(title="data commands", metavar="ACTION")
+    d = dsub.add_parser("describe", help="infer a data product's typed schema and print it as TOML to paste into "
+                                         "[data] (Parquet file or folder, Arrow/Feather, CSV)")
+    d.add_argument("path", type=Path, help="the data product: a table file or a folder of Parquet files")
+    d.add_argument("--label", default="label", help="the label column (default: label)")
+    d.set_defaults(func=cmd_data_describe)
 
     s = sub.add_parser("run", help="run the daemon in the foreground")
     s.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
@@ -118,9 +127,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--offline", action="store_true", help="only the checks that need no running daemon")
     s.set_defaults(func=cmd_doctor)
 
-    s = sub.add_parser("export", help="write the current model (newest checkpoint) as a torch state_dict")
+    s = sub.add_parser("export", help="write the current model (newest checkpoint): torch state_dict or safetensors")
     s.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    s.add_argument("--out", type=Path, required=True, help="output file, e.g. model.pt")
+    s.add_argument("--out", type=Path, required=True,
+                   help="model.pt (a torch state_dict) or model.safetensors (tensors, input scaler, metadata)")
     s.add_argument("--task", default=None, help="the task whose model to write (needed when the domain runs several)")
     s.set_defaults(func=cmd_export)
 
@@ -217,6 +227,18 @@ def cmd_config_check(args: argparse.Namespace) -> int:
             print(f"  {line}", file=sys.stderr)
         return 2
     print("ok")
+    return 0
+
+
+def cmd_data_describe(args: argparse.Namespace) -> int:
+    from meshd.task.schema import describe_data_product  # pyarrow only for this command
+
+    try:
+        text = describe_data_product(args.path, args.label)
+    except DataError as exc:
+        _err(str(exc))
+        return 2
+    sys.stdout.write(text)
     return 0
 
 
@@ -464,6 +486,25 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
             for r in [header, *rows]]
 
 
+# The scores `meshd status` shows per task kind (training.task), and their short names.
+_SHOWN_SCORES = {"classification": ("accuracy",), "binary": ("roc_auc", "accuracy", "f1"),
+                 "regression": ("rmse", "mae")}
+_SHORT = {"accuracy": "acc", "roc_auc": "auc", "f1": "f1", "rmse": "rmse", "mae": "mae"}
+
+
+def _scores(training: dict[str, Any], scope: str) -> str:
+    """'acc 0.91' or 'auc 0.95, acc 0.9, f1 0.88' or 'rmse 0.31, mae 0.24': a task's scores in one scope."""
+    names = _SHOWN_SCORES.get(str(training.get("task") or "classification"), ("accuracy",))
+    return ", ".join(f"{_SHORT[m]} {_fmt(training.get(f'{scope}_{m}'))}" for m in names)
+
+
+def _headline(training: dict[str, Any], scope: str) -> str:
+    """The headline score alone, named unless it is accuracy: '0.91', 'auc 0.95', 'rmse 0.31'."""
+    metric = str(training.get("metric") or "accuracy")
+    value = _fmt(training.get(f"{scope}_{metric}"))
+    return value if metric == "accuracy" else f"{_SHORT.get(metric, metric)} {value}"
+
+
 def _compatible_peers(task: dict[str, Any]) -> str:
     """'ok/known': peers known to run this task with our model and schema, of the peers the task knows of."""
     views = [v for v in (task.get("peers") or {}).values() if isinstance(v, dict)]
@@ -490,11 +531,11 @@ def format_status(s: dict[str, Any]) -> str:
     if model or not tasks:
         rows += [
             ("model", f"{model.get('name', '-')} v{_fmt(model.get('version'))} "
-                      f"({_fmt(model.get('parameters'))} params, fp {str(model.get('fingerprint', '-'))[:12]})"),
+                      f"({_fmt(model.get('parameters'))} params, fp {str(model.get('fingerprint', '-'))[:12]}, "
+                      f"{model.get('task') or 'classification'})"),
             ("training", f"steps {_fmt(tr.get('steps'))} ({_fmt(tr.get('epochs'))} epochs, scale "
                          f"{_fmt(tr.get('update_scale'))}), loss {_fmt(tr.get('loss'))}, "
-                         f"holdout acc {_fmt(tr.get('holdout_accuracy'))}, "
-                         f"local-only {_fmt(tr.get('local_only_accuracy'))}"),
+                         f"holdout {_scores(tr, 'holdout')}; local-only {_scores(tr, 'local_only')}"),
         ]
     rows += [
         ("gossip", f"rounds {_fmt(g.get('rounds'))}, sent {_fmt(g.get('sent'))}, received {_fmt(g.get('received'))}, "
@@ -507,8 +548,10 @@ def format_status(s: dict[str, Any]) -> str:
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     if tasks:
-        header = ("TASK", "STATE", "JOINED", "MODEL", "VERSION", "STEPS", "EPOCHS", "HOLDOUT ACC", "LOCAL-ONLY",
-                  "MERGED", "PEERS OK", "COHORT")
+        # Accuracy columns as long as every task is a classifier; otherwise each cell names its metric.
+        kinds = {str((t.get("training") or {}).get("metric") or "accuracy") for t in tasks.values()}
+        header = ("TASK", "STATE", "JOINED", "MODEL", "VERSION", "STEPS", "EPOCHS",
+                  "HOLDOUT ACC" if kinds == {"accuracy"} else "HOLDOUT", "LOCAL-ONLY", "MERGED", "PEERS OK", "COHORT")
         table: list[tuple[str, ...]] = []
         for name, t in tasks.items():
             tm, tt, tg = (t.get(k) or {} for k in ("model", "training", "gossip"))
@@ -516,7 +559,7 @@ def format_status(s: dict[str, Any]) -> str:
             table.append((
                 name, str(t.get("state") or "-"), "yes" if t.get("joined") else "no", str(tm.get("name") or "-"),
                 "-" if version is None else f"v{version}", _fmt(tt.get("steps")), _fmt(tt.get("epochs")),
-                _fmt(tt.get("holdout_accuracy")), _fmt(tt.get("local_only_accuracy")), _fmt(tg.get("merged")),
+                _headline(tt, "holdout"), _headline(tt, "local_only"), _fmt(tg.get("merged")),
                 _compatible_peers(t), ",".join(t.get("cohort") or []) or "-",
             ))
         lines += ["", *_table(header, table)]
@@ -563,7 +606,19 @@ def format_peers(s: dict[str, Any]) -> str:
             for p in peers
         ]
         lines = _table(header, rows)
-    return "\n".join(lines + _untrusted_lines(mesh))
+    return "\n".join(lines + _candidate_lines(peers) + _untrusted_lines(mesh))
+
+
+def _candidate_lines(peers: list[dict[str, Any]]) -> list[str]:
+    """Addresses proposed for trusted peers that no signed pong has verified (a moved peer, or an impersonator
+    advertising a trusted id somewhere else): gossip never goes to them (docs/protocol.md, discovery)."""
+    rows = [(str(p.get("domain") or "?"), str(c.get("address")), ",".join(c.get("sources") or []) or "withdrawn",
+             str(c.get("failures", 0)), str(p.get("peer_id", ""))[:16] + "…")
+            for p in peers for c in p.get("candidates") or [] if not c.get("verified")]
+    if not rows:
+        return []
+    header = ("DOMAIN", "ADDRESS", "PROPOSED BY", "PINGS UNANSWERED", "PEER ID")
+    return ["", "addresses proposed but not verified by a signed pong (never gossiped to):", *_table(header, rows)]
 
 
 def _untrusted_lines(mesh: dict[str, Any]) -> list[str]:

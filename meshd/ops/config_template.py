@@ -56,7 +56,7 @@ request_timeout_s = 20.0         # seconds for one whole exchange
 retries = 2                      # retries of one exchange (same envelope; a replay answer means delivered)
 
 [membership]
-ping_after_s = 2.0               # silence after which an idle peer gets a signed ping
+ping_after_s = 2.0               # silence before an idle peer gets a signed ping (x 1.5 from the larger id)
 suspect_after_s = 5.0            # silence after which a peer is 'suspect'
 dead_after_s = 15.0              # silence after which a peer is 'dead' (no longer a gossip target)
 probe_max_s = 300.0              # longest pause between probes of a silent address or a dead peer
@@ -93,18 +93,46 @@ cohort = ["*"]                   # domains this task learns with: ["*"] = every 
 
 [task.model]
 name = "mlp"                     # [restart] logreg | mlp | cnn1d | package.module:factory
+task = "classification"          # [restart] classification (num_classes outputs, cross-entropy; accuracy) | binary
+                                 # (labels 0/1 or true/false; one logit, BCE; accuracy, ROC AUC, F1) | regression
+                                 # (numeric labels; one output, MSE; RMSE, MAE). Domains must agree on it
 hidden = [64]                    # [restart] mlp hidden layer sizes
 channels = [16, 32]              # [restart] cnn1d convolution channels
 kernel_size = 5                  # [restart] cnn1d kernel size
-num_classes = 10                 # [restart] number of label values (labels are 0 .. num_classes-1)
+num_classes = 10                 # [restart] number of label values (labels are 0 .. num_classes-1); classification only
 init_seed = 0                    # [restart] mesh-wide seed of the initial weights: the same on every domain
 
 [task.data]
-path = "{data_path}"             # [restart] the domain's data product: CSV with a header, or .npz; "" = none
-label = "label"                  # [restart] label column (CSV) or array (.npz)
-features = []                    # [restart] feature columns; [] = every column but the label
+path = "{data_path}"             # [restart] the domain's data product: .parquet (or a folder of them, hive partitions
+                                 # like country=FR/ included), .feather/.arrow, .csv with a header, or .npz; "" = none
+label = "label"                  # [restart] label column (or array, in an .npz)
+features = []                    # [restart] feature columns, all numeric; [] = every column but the label
 holdout = 0.2                    # [restart] fraction kept for this domain's own evaluation, never sent
 test_path = ""                   # [restart] optional extra evaluation set (same format), e.g. a shared test set
+standardize = "none"             # [restart] "mesh": numeric inputs scaled by the mesh's mean and std, estimated
+                                 # by gossip before training (docs/data.md); every domain must agree | "none"
+reload_check_s = 30.0            # seconds between looks at `path` for a change (a file added or replaced): a change
+                                 # seen twice in a row is read and trained on, model kept (docs/data.md); 0 = never
+columns = []                     # [restart] a typed schema instead of `features`: the feature columns in order, each
+                                 # with its type; `meshd data describe PATH` prints one for a data product. Names,
+                                 # types, order and categories are part of the schema fingerprint: every domain of a
+                                 # mesh declares the same (docs/data.md). For example:
+# columns = [
+#   {{ name = "amount", type = "numeric", missing = "mean", indicator = true }},
+#   {{ name = "country", type = "categorical", categories = ["DE", "FR"], unknown = true, missing = "unknown" }},
+#   {{ name = "merchant", type = "categorical", buckets = 64, missing = "zero" }},
+#   {{ name = "vip", type = "boolean" }},
+# ]
+# A column's keys:
+#   name        its name in the data product
+#   type        numeric | categorical | boolean (true/false, yes/no, t/f, 1/0)
+#   categories  categorical: its values, one-hot encoded in this order (columns country=DE, country=FR)
+#   buckets     categorical, instead of categories: hash the values into this many columns (merchant#0 ...)
+#   unknown     categorical with categories: true adds a column country=<unknown> for values not listed
+#               (false, the default: such a value refuses the data product)
+#   missing     a missing cell (empty, null; NaN in a numeric column): "error" (the default) refuses the data
+#               product; numeric and boolean: "mean" | "zero"; categorical: "zero" (no category) | "unknown"
+#   indicator   true adds a column amount:missing, 1 where the cell was missing
 
 [task.training]
 enabled = true                   # local SGD training, back to back in a worker thread (needs data.path)
@@ -128,6 +156,7 @@ interval_s = 1.0                 # seconds between gossip rounds (jittered) whil
 every_steps = 8                  # local SGD steps between two gossip rounds while training (0 = use per_round)
 per_round = 8                    # with every_steps = 0: exchanges per training round, the round trained in this
                                  # many parts, each followed by one gossip round (both 0 = by interval_s only)
+overlap = true                   # the next part trains while the last part's gossip round is in flight
 settle = 0                       # more gossip rounds at the end of each training round, with no training in
                                  # between; the model they leave is the one served until the next round
 exchange = "pushpull"            # pushpull: a share asks for the receiver's share back (weights stay balanced;
@@ -135,7 +164,9 @@ exchange = "pushpull"            # pushpull: a share asks for the receiver's sha
 jitter = 0.25                    # fraction of interval_s added or removed at random
 fanout = 1                       # peers sent a share of the model each round
 topology = "exponential"         # exponential (peer 2^r places on in the ring of peer ids, round r) | random
-codec = "q4"                     # q4 (4-bit blocks, ~0.58 bytes/value) | q8 (~1.08) | f16 | f32 | f64
+codec = "auto"                   # auto (q4 for classification and binary, q8 for regression: q4 doubles a
+                                 # regression's RMSE, docs/learning.md section 9) | q4 (4-bit blocks, ~0.58
+                                 # bytes/value) | q8 (~1.08) | f16 | f32 | f64
 serve_window = 16                # the served model blends in an average of the last ~N models peers sent (0 = off)
 pull_on_join = true              # a task with no checkpoint first pulls the mesh model from a peer
 far_behind_versions = 0          # pull again when a peer's model version is this far ahead (0 = never)
@@ -175,7 +206,7 @@ require_epsilon_at_most = 0.0    # refuse peers advertising a weaker budget (or 
 #
 # [task.model]
 # name = "logreg"
-# num_classes = 2
+# task = "binary"                # churned or not: labels 0/1 or true/false; reports accuracy, ROC AUC and F1
 #
 # [task.data]
 # path = "/srv/data/churn.csv"

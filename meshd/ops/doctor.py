@@ -171,7 +171,8 @@ def _data(cfg: Config) -> list[Check]:
         if not files:
             out.append(Check(OK, name, "no data product (this task only averages)"))
         for key, p in files:
-            why = _unreadable(p) or (user.denied(p, os.R_OK) if user else None)
+            want = os.R_OK | (os.X_OK if p.is_dir() else 0)  # a folder is listed, too
+            why = _unreadable(p) or (user.denied(p, want) if user else None)
             if why:
                 out.append(Check(FAIL, name, f"data.{key} {p}: {why}",
                                  f"put the file there or fix data.{key}; the service user "
@@ -179,18 +180,21 @@ def _data(cfg: Config) -> list[Check]:
                                  "(ProtectHome=yes)"))
             else:
                 who = f" by {user.name}" if user else ""
-                out.append(Check(OK, name, f"data.{key} {p} is readable{who} ({p.stat().st_size} bytes)"))
+                size = (f"{sum(1 for _ in p.rglob('*.parquet'))} .parquet files" if p.is_dir()
+                        else f"{p.stat().st_size} bytes")
+                out.append(Check(OK, name, f"data.{key} {p} is readable{who} ({size})"))
     return out
 
 
 def _unreadable(p: Path) -> str | None:
     try:
+        if p.is_dir():  # a folder of Parquet files (meshd/task/tables.py)
+            next(p.iterdir(), None)
+            return None
         with p.open("rb") as f:
             f.read(1)
     except FileNotFoundError:
         return "does not exist"
-    except IsADirectoryError:
-        return "is a directory, not a file"
     except OSError as exc:
         return f"cannot be read ({exc.strerror})"
     return None

@@ -185,6 +185,15 @@ class _Collector(Collector):
                          c.get("last_reload_ok"))
 
 
+# The scores of a task (docs/status.md, training): accuracy for classification and binary tasks, ROC AUC and F1
+# for binary ones, RMSE and MAE for regression; each for the served model and the local-only baseline, on the
+# holdout and on data.test_path. A task has samples only in its kind's series.
+_SCORES = {"accuracy": "Accuracy", "roc_auc": "ROC AUC (binary tasks)", "f1": "F1 at probability 0.5 (binary tasks)",
+           "rmse": "RMSE (regression tasks)", "mae": "MAE (regression tasks)"}
+_SCOPES = {"holdout": "of the mesh model on this domain's holdout",
+           "local_only": "on the same holdout of a model trained on local data alone",
+           "test": "of the mesh model on data.test_path",
+           "local_only_test": "of the local-only model on data.test_path"}
 # Per-task series: (metric, help, section of the task's status, key, counter?)
 _TASK_SERIES = [
     ("meshd_gossip_rounds", "Gossip rounds run", "gossip", "rounds", True),
@@ -197,13 +206,10 @@ _TASK_SERIES = [
     ("meshd_training_steps", "Local SGD steps", "training", "steps", True),
     ("meshd_training_samples", "Samples seen by local training", "training", "samples_seen", True),
     ("meshd_training_loss", "Latest training loss", "training", "loss", False),
-    ("meshd_holdout_accuracy", "Accuracy of the mesh model on this domain's holdout", "training", "holdout_accuracy",
-     False),
-    ("meshd_local_only_accuracy", "Accuracy on the same holdout of a model trained on local data alone",
-     "training", "local_only_accuracy", False),
-    ("meshd_test_accuracy", "Accuracy of the mesh model on data.test_path", "training", "test_accuracy", False),
-    ("meshd_local_only_test_accuracy", "Accuracy of the local-only model on data.test_path", "training",
-     "local_only_test_accuracy", False),
+    *(  # meshd_holdout_accuracy ... meshd_local_only_test_mae: the task kind's scores (engine.SCOPES x metrics)
+        (f"meshd_{scope}_{metric}", f"{metric_doc} {scope_doc}", "training", f"{scope}_{metric}", False)
+        for metric, metric_doc in _SCORES.items() for scope, scope_doc in _SCOPES.items()
+    ),
     ("meshd_training_epochs", "Passes over this domain's data", "training", "epochs", False),
     ("meshd_checkpoint_failures", "Checkpoint writes that failed (disk full, I/O error)", "checkpoint", "failures",
      True),
@@ -224,6 +230,13 @@ def _task_metrics(tasks: dict[str, Any]) -> Iterator[Any]:
     for name, ts in sorted(tasks.items()):
         up.add_metric([name, str(ts.get("state"))], 1.0 if ts.get("state") == "running" else 0.0)
     yield up
+    kind = GaugeMetricFamily("meshd_task_kind", "1 for the kind of a task (model.task) and its headline metric",
+                             labels=["task", "kind", "metric"])
+    for name, ts in sorted(tasks.items()):
+        tr = ts.get("training") or {}
+        if tr.get("task"):
+            kind.add_metric([name, str(tr["task"]), str(tr.get("metric"))], 1.0)
+    yield kind
     acc = GaugeMetricFamily("meshd_privacy_accountant", "1 for the accountant of a task's privacy ledger",
                             labels=["task", "accountant"])
     for name, ts in sorted(tasks.items()):

@@ -119,8 +119,9 @@ def train_test_split_indices(n: int, test_fraction: float, seed: int) -> tuple[n
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])
 
 
-def write_npz_product(path: Path, x: np.ndarray, y: np.ndarray) -> None:
-    """Write a data product ``.npz`` with arrays ``x`` (float32 [N, D]) and ``label`` (int64 [N]), atomically.
+def write_npz_product(path: Path, x: np.ndarray, y: np.ndarray, label_dtype: type[np.generic] = np.int64) -> None:
+    """Write a data product ``.npz`` with arrays ``x`` (float32 [N, D]) and ``label`` ([N], int64 class labels
+    unless ``label_dtype`` says otherwise, e.g. float32 regression targets), atomically.
 
     Load it with ``meshd.task.data.load_data_product(path, label="label", features=None, ...)``.
     """
@@ -129,7 +130,7 @@ def write_npz_product(path: Path, x: np.ndarray, y: np.ndarray) -> None:
     if x.ndim != 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
         raise ValueError(f"need x [N, D] and y [N], got {x.shape} and {y.shape}")
     buf = io.BytesIO()
-    np.savez(buf, x=x.astype(np.float32), label=y.astype(np.int64))
+    np.savez(buf, x=x.astype(np.float32), label=y.astype(label_dtype))
     atomic_write(Path(path), buf.getvalue(), mode=0o644)
 
 

@@ -9,26 +9,31 @@ import hashlib
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import structlog
 import torch
 
-from meshd.config import DEFAULT_TASK, TaskConfig
+from meshd.config import DEFAULT_TASK, TaskConfig, codec_for
 from meshd.core.averaging import MAX_ROWS, PushSum, ServedModel, data_scale
 from meshd.errors import DataError
 from meshd.task import models
 from meshd.task.checkpoints import Checkpoint, CheckpointStore
-from meshd.task.data import DataProduct, load_data_product, schema_fingerprint
+from meshd.task.data import DataProduct, holdout_mask, load_data_product, split_product
 from meshd.task.learner import Learner, TrainConfig, TrainResult, limit_torch_threads
+from meshd.task.metrics import task_kind
 from meshd.task.privacy import LEDGER_FILE, Ledger, PrivacyPlan, parse_history
+from meshd.task.standardize import MeshMoments, Scaler, local_moments
+from meshd.task.versions import DataVersion, data_version, signature
 
 log = structlog.get_logger("meshd.task.engine")
 
-# The local-only baseline's holdout accuracy must rise by this much to count as progress (below it: noise).
-BASELINE_MIN_GAIN = 0.005
+# Where a task is scored, as /status names its fields ("<scope>_<metric>": holdout_accuracy, local_only_rmse...):
+# the served model and the local-only baseline, on the holdout split and on data.test_path.
+SCOPES = ("holdout", "local_only", "test", "local_only_test")
 
 
 @dataclass
@@ -36,10 +41,7 @@ class TrainingStats:
     steps: int = 0
     samples_seen: int = 0
     loss: float | None = None
-    holdout_accuracy: float | None = None
-    local_only_accuracy: float | None = None
-    test_accuracy: float | None = None
-    local_only_test_accuracy: float | None = None
+    scores: dict[str, float | None] = field(default_factory=dict)  # score_fields(kind) -> value, from evaluate()
     evaluated_at_version: int | None = None
     evaluated_at_steps: int | None = None  # local SGD steps this domain had taken when that model was scored
     steps_dropped: int = 0  # steps of rounds whose update was refused (diverged)
@@ -61,7 +63,9 @@ class Engine:
             channels=cfg.model.channels,
             kernel_size=cfg.model.kernel_size,
             num_classes=cfg.model.num_classes,
+            task=cfg.model.task,
         )
+        self.kind = task_kind(cfg.model.task)
         self._store: CheckpointStore | None = None  # created in load(): it touches the disk
         self.data: DataProduct | None = None
         self.test: DataProduct | None = None
@@ -81,7 +85,7 @@ class Engine:
         self.sha256: str | None = None
         self.threads_in_use: int | None = None
         self.baseline_converged = False  # the local-only baseline stopped training (local_baseline_patience)
-        self._baseline_best = -1.0
+        self._baseline_best: float | None = None
         self._baseline_best_epoch = 0.0
         # Differential privacy (privacy.enabled): the mechanism and the ledger of spent budget.
         self.plan: PrivacyPlan | None = None
@@ -90,6 +94,16 @@ class Engine:
         # Per peer (hex id): the largest ledger history it advertised, echoed back in pull replies so a
         # peer restored from an older state dir gets its spent budget back (docs/privacy.md).
         self.ledgers_seen: dict[str, list[tuple[float, float, int]]] = {}
+        # The data product as last read (data.reload_check_s): reloads keep the model and the epoch count.
+        self.data_version: DataVersion | None = None
+        self.data_reloads = 0
+        self.holdout_kept: bool | None = None  # at the last reload: the old rows kept their split (appended rows)
+        self._holdout = np.zeros(0, dtype=bool)  # per row of the product, in file order: held out
+        self._epoch_base = 0.0  # epochs trained before the last reload
+        self._epoch_steps0 = 0  # steps (attempted) at the last reload
+        # data.standardize = "mesh": the mesh's moments until they settle, then the scaler applied to the data.
+        self.moments: MeshMoments | None = None
+        self.scaler_ready = False  # the frozen scaler is applied to the data and the learners: training may start
 
     # --- start-up (worker thread) ------------------------------------------------------------------------
 
@@ -107,16 +121,13 @@ class Engine:
         if moved:
             warnings.append(moved)
         if cfg.data.path is not None:
-            self.data = load_data_product(
-                cfg.data.path, cfg.data.label, cfg.data.features or None, cfg.data.holdout,
-                cfg.model.num_classes, cfg.training.seed,
-            )
+            self.data = self._read_product(cfg.data.path, cfg.data.holdout)
             self.input_dim = self.data.input_dim
+            total = self.data.num_train + self.data.num_holdout
+            self._holdout = holdout_mask(total, cfg.data.holdout, cfg.training.seed)  # load_data_product's split
+            self.data_version = data_version(cfg.data.path, total, signature(cfg.data.path))
         if cfg.data.test_path is not None:
-            self.test = load_data_product(
-                cfg.data.test_path, cfg.data.label, cfg.data.features or None, 0.0,
-                cfg.model.num_classes, cfg.training.seed,
-            )
+            self.test = self._read_product(cfg.data.test_path, 0.0)
             if self.data is not None and self.test.feature_names != self.data.feature_names:
                 raise DataError(f"{cfg.data.test_path}: its features differ from the data product's")
             self.input_dim = self.input_dim or self.test.input_dim
@@ -124,7 +135,12 @@ class Engine:
         product = self.data if self.data is not None else self.test
         if product is not None:
             self.schema = product.schema_fingerprint
-            self.schema_set = schema_fingerprint(sorted(product.feature_names), product.label)
+            self.schema_set = product.schema_set_fingerprint
+            if cfg.data.standardize == "mesh":  # scaled inputs mean other numbers: another schema
+                self.schema, self.schema_set = _standardized(self.schema), _standardized(self.schema_set)
+        if self.data is not None and cfg.data.standardize == "mesh":
+            columns = scaled_columns(self.data)
+            self.moments = MeshMoments(local_moments(self.data.train_x, columns), columns)
         if self.input_dim == 0:
             warnings.append("data.path is not set: this domain has no model and does not learn until it is set")
             return warnings
@@ -134,7 +150,7 @@ class Engine:
         self.parameters = models.param_count(self.module)
         tcfg = TrainConfig(
             batch_size=cfg.training.batch_size, lr=cfg.training.lr, momentum=cfg.training.momentum,
-            weight_decay=cfg.training.weight_decay, seed=cfg.training.seed,
+            weight_decay=cfg.training.weight_decay, seed=cfg.training.seed, task=cfg.model.task,
         )
         if self.data is not None and cfg.privacy.enabled:
             self.plan = PrivacyPlan.build(cfg.privacy, cfg.training.batch_size, self.data.num_train)
@@ -148,7 +164,7 @@ class Engine:
         start = models.flatten(self.module)
         ckpt, store_warnings = self.store.load_latest()
         warnings += store_warnings
-        opts: dict[str, Any] = {"max_abs": self._max_param_abs, "codec": cfg.gossip.codec}
+        opts: dict[str, Any] = {"max_abs": self._max_param_abs, "codec": codec_for(cfg)}
         if ckpt is not None and ckpt.fingerprint != self.fingerprint:
             warnings.append(
                 f"checkpoint {ckpt.file_name} is for another model (fingerprint {ckpt.fingerprint[:12]}); ignored"
@@ -174,6 +190,13 @@ class Engine:
             base = extra.get("baseline")
             if isinstance(base, bytes) and self._baseline_flat is not None and len(base) == 8 * start.numel():
                 self._baseline_flat = torch.frombuffer(bytearray(base), dtype=torch.float64).clone()
+            if self.moments is not None and extra.get("scaler") is not None:
+                try:  # the scaler this model was trained with: no new estimate, the mesh moved on with it
+                    scaler = Scaler.from_wire(extra["scaler"], self.moments.columns)
+                except ValueError as exc:
+                    warnings.append(f"checkpoint {ckpt.file_name}: its scaler is unusable ({exc}); estimated again")
+                else:
+                    self.apply_scaler(self.moments.freeze("checkpoint", scaler))
             seen = extra.get("ledgers_seen")
             if isinstance(seen, dict):
                 for peer, raw_hist in list(seen.items())[:4096]:
@@ -206,6 +229,81 @@ class Engine:
         os.replace(legacy, target)
         return f"moved the single-model checkpoints {legacy} to {target} (the task '{self.name}')"
 
+    def _read_product(self, path: Path, holdout: float) -> DataProduct:
+        cfg = self.cfg
+        return load_data_product(path, cfg.data.label, cfg.data.features or None, holdout, cfg.model.num_classes,
+                                 cfg.training.seed, task=cfg.model.task, columns=cfg.data.columns)
+
+    # --- data that keeps arriving (worker thread, then the loop) -----------------------------------------
+
+    def read_data(self) -> tuple[DataProduct, DataVersion, np.ndarray]:
+        """Worker thread: the data product as it is now, split, and its holdout mask; a DataError if it changed
+        while being read or its schema is not the running one (a new schema is a new model: it takes a restart
+        of the task).
+
+        Rows appended after the ones read before (a new file that sorts last, rows added at the end) leave the
+        old rows' split as it was and draw only the new rows' (seeded by ``training.seed`` and the old row
+        count): a row the model trained on is never held out afterwards. A product whose old rows changed
+        (a file replaced or inserted) is split afresh."""
+        path = self.cfg.data.path
+        assert path is not None
+        before = signature(path)
+        full = self._read_product(path, 0.0)  # every row, in file order
+        after = signature(path)
+        if after != before:
+            raise DataError(f"{path}: changed while it was being read; read again at the next check")
+        if _standardized(full.schema_fingerprint, self.moments is not None) != self.schema:
+            raise DataError(
+                f"{path}: its schema changed (fingerprint {full.schema_fingerprint}, the task runs {self.schema}); "
+                "the task keeps training on the rows it has: restart it (or the daemon) to train a model for the "
+                "new schema"
+            )
+        version = data_version(path, full.num_train, after)
+        if self.moments is not None and self.moments.frozen is not None:
+            full = self.moments.frozen.apply_product(full)  # the mesh's scaler, not one of the new rows
+        mask = self._reload_mask(full)
+        return split_product(full, mask), version, mask
+
+    def _reload_mask(self, full: DataProduct) -> np.ndarray:
+        old, mask, cfg = self.data, self._holdout, self.cfg
+        n_old, n = len(mask), full.num_train
+        if old is not None and n_old <= n and old.num_train + old.num_holdout == n_old:
+            held = torch.from_numpy(mask)
+            prefix_x, prefix_y = full.train_x[:n_old], full.train_y[:n_old]
+            if (torch.equal(prefix_x[~held], old.train_x) and torch.equal(prefix_x[held], old.holdout_x)
+                    and torch.equal(prefix_y[~held], old.train_y) and torch.equal(prefix_y[held], old.holdout_y)):
+                new = holdout_mask(n - n_old, cfg.data.holdout, cfg.training.seed + n_old)
+                return np.concatenate([mask, new])
+        return holdout_mask(n, cfg.data.holdout, cfg.training.seed)
+
+    def apply_scaler(self, scaler: Scaler) -> None:
+        """Worker thread: the data product, the test set and the learners' rows, scaled; then training may start."""
+        if self.data is not None:
+            self.data = scaler.apply_product(self.data)
+            self.swap_learner_data(self.data)
+        if self.test is not None:
+            self.test = scaler.apply_product(self.test)
+        self.scaler_ready = True
+
+    def swap_learner_data(self, product: DataProduct) -> None:
+        """Worker thread: hand the new rows to the learners (each waits for a training part in progress)."""
+        for learner in (self.learner, self.baseline):
+            if learner is not None:
+                learner.replace_data(product)
+
+    def adopt_data(self, product: DataProduct, version: DataVersion, mask: np.ndarray) -> int:
+        """On the loop, after :meth:`swap_learner_data`: the task trains on ``product`` from now on; the rows
+        estimate of the mesh takes in the change. Returns the change in training rows."""
+        self._epoch_base, self._epoch_steps0 = self.epochs, self.stats.steps + self.stats.steps_dropped
+        delta = product.num_train - self.train_rows
+        n_old = len(self._holdout)
+        self.holdout_kept = len(mask) >= n_old and bool(np.array_equal(mask[:n_old], self._holdout))
+        self.data, self.data_version, self._holdout = product, version, mask
+        self.data_reloads += 1
+        if self.pushsum is not None and delta:
+            self.pushsum.inject_rows(float(delta))
+        return delta
+
     @property
     def steps_per_epoch(self) -> int:
         """SGD steps of one pass over this domain's training rows."""
@@ -230,7 +328,8 @@ class Engine:
     @property
     def epochs(self) -> float:
         """Passes over its own data this domain has trained (steps attempted / steps per epoch)."""
-        return (self.stats.steps + self.stats.steps_dropped) / self.steps_per_epoch
+        steps = self.stats.steps + self.stats.steps_dropped - self._epoch_steps0
+        return self._epoch_base + steps / self.steps_per_epoch
 
     @property
     def train_rows(self) -> int:
@@ -262,39 +361,47 @@ class Engine:
         return new, result
 
     def _baseline_evaluated(self, holdout: float | None) -> None:
-        """Track the baseline's holdout accuracy; once it has not risen by ``BASELINE_MIN_GAIN`` for
-        ``training.local_baseline_patience`` epochs it has converged on this domain's rows alone: it stops
-        training (and being re-scored), which halves the task's training work from then on."""
+        """Track the baseline's headline holdout score (accuracy, ROC AUC or RMSE: ``TaskKind.headline``); once
+        it has not improved by ``metrics.BASELINE_MIN_GAIN`` for ``training.local_baseline_patience`` epochs it
+        has converged on this domain's rows alone: it stops training (and being re-scored), which halves the
+        task's training work from then on."""
         patience = self.cfg.training.local_baseline_patience
         if holdout is None or patience <= 0 or self.baseline_converged:
             return
-        if holdout >= self._baseline_best + BASELINE_MIN_GAIN:
+        if self.kind.improved(holdout, self._baseline_best):
             self._baseline_best, self._baseline_best_epoch = holdout, self.epochs
         elif self.epochs - self._baseline_best_epoch >= patience:
             self.baseline_converged = True
 
+    @property
+    def score_fields(self) -> list[str]:
+        """The /status fields of this task's scores: accuracy's four always (null for regression, so the
+        classification fields never disappear), then the task kind's other metrics, scope by scope."""
+        names = ("accuracy", *(m for m in self.kind.metrics if m != "accuracy"))
+        return [f"{scope}_{m}" for m in names for scope in SCOPES]
+
     def evaluate(self, flat: torch.Tensor) -> dict[str, float | None]:
-        out: dict[str, float | None] = {"holdout": None, "local_only": None, "test": None, "local_only_test": None}
-        learner = self.learner
+        """The served model's and the local-only baseline's scores, keyed by :attr:`score_fields`."""
+        out: dict[str, float | None] = dict.fromkeys(self.score_fields)
+        learner, baseline, base_flat = self.learner, self.baseline, self._baseline_flat
         # A converged baseline no longer changes: its last scores stand.
-        rescore = self.baseline is not None and self._baseline_flat is not None and not self.baseline_converged
-        if learner is not None and self.data is not None and self.data.num_holdout > 0:
-            out["holdout"] = learner.evaluate(flat, self.data.holdout_x, self.data.holdout_y)
-            if rescore and self.baseline is not None and self._baseline_flat is not None:
-                out["local_only"] = self.baseline.evaluate(
-                    self._baseline_flat, self.data.holdout_x, self.data.holdout_y
-                )
-                self._baseline_evaluated(out["local_only"])
+        rescore = baseline is not None and base_flat is not None and not self.baseline_converged
+        if learner is None:
+            return out
+        sets: list[tuple[str, str, torch.Tensor, torch.Tensor]] = []
+        if self.data is not None and self.data.num_holdout > 0:
+            sets.append(("holdout", "local_only", self.data.holdout_x, self.data.holdout_y))
+        if self.test is not None:
+            sets.append(("test", "local_only_test", self.test.train_x, self.test.train_y))
+        for scope, base_scope, x, y in sets:
+            out |= _scoped(scope, learner.scores(flat, x, y))
+            if rescore and baseline is not None and base_flat is not None:
+                base = baseline.scores(base_flat, x, y)
+                out |= _scoped(base_scope, base)
+                if scope == "holdout":
+                    self._baseline_evaluated(self.kind.headline(base))
             else:
-                out["local_only"] = self.stats.local_only_accuracy
-        if learner is not None and self.test is not None:
-            out["test"] = learner.evaluate(flat, self.test.train_x, self.test.train_y)
-            if rescore and self.baseline is not None and self._baseline_flat is not None:
-                out["local_only_test"] = self.baseline.evaluate(
-                    self._baseline_flat, self.test.train_x, self.test.train_y
-                )
-            else:
-                out["local_only_test"] = self.stats.local_only_test_accuracy
+                out |= {k: self.stats.scores.get(k) for k in _scoped(base_scope, dict.fromkeys(self.kind.metrics))}
         return out
 
     def served_model(self) -> torch.Tensor:
@@ -319,6 +426,10 @@ class Engine:
         extra["served"] = self.served_model().numpy().tobytes()
         if self.ledger is not None:
             extra["privacy"] = self.ledger.to_extra()
+        if self.data_version is not None:
+            extra["data"] = self.data_version.snapshot()
+        if self.moments is not None and self.moments.frozen is not None:
+            extra["scaler"] = self.moments.frozen.to_wire()  # the data product version it was trained on
         if self.ledgers_seen:
             extra["ledgers_seen"] = {k: [list(h) for h in v] for k, v in self.ledgers_seen.items()}
         return Checkpoint(
@@ -398,8 +509,9 @@ class Engine:
             "parameters": self.parameters,
             "version": ps.version if ps else 0,
             "sha256": self.sha256,
-            "codec": self.cfg.gossip.codec,
+            "codec": codec_for(self.cfg),
             "data_schema": self.schema or None,
+            "task": self.kind.name,
         }
         s = self.stats
         training = {
@@ -407,10 +519,10 @@ class Engine:
             "steps": s.steps,
             "samples_seen": s.samples_seen,
             "loss": _finite(s.loss),
-            "holdout_accuracy": s.holdout_accuracy,
-            "local_only_accuracy": s.local_only_accuracy,
-            "test_accuracy": s.test_accuracy,
-            "local_only_test_accuracy": s.local_only_test_accuracy,
+            "task": self.kind.name,
+            "metric": self.kind.primary,
+            "higher_is_better": self.kind.higher_is_better,
+            **{k: s.scores.get(k) for k in self.score_fields},
             "evaluated_at_version": s.evaluated_at_version,
             "evaluated_at_steps": s.evaluated_at_steps,
             "train_rows": self.data.num_train if self.data else 0,
@@ -434,9 +546,27 @@ def _spend_key(hist: list[tuple[float, float, int]]) -> int:
     return sum(n for _, _, n in hist)
 
 
+def scaled_columns(product: DataProduct) -> tuple[int, ...]:
+    """The inputs data.standardize scales: every input of an untyped product; a typed one's numeric columns
+    (not one-hot categories, booleans or missing-value indicators)."""
+    if not product.columns:
+        return tuple(range(product.input_dim))
+    numeric = {c.name for c in product.columns if c.type == "numeric"}
+    return tuple(i for i, name in enumerate(product.feature_names) if name in numeric)
+
+
+def _standardized(fingerprint: str, on: bool = True) -> str:
+    """The schema fingerprint of a product whose numeric inputs the mesh standardises."""
+    return hashlib.sha256(f"{fingerprint}:standardize=mesh".encode()).hexdigest()[:16] if on else fingerprint
+
+
 def task_state_dir(state_dir: Path, name: str) -> Path:
     """Where a task keeps its checkpoints: ``STATE/tasks/NAME``."""
     return state_dir / "tasks" / name
+
+
+def _scoped(scope: str, scores: dict[str, float | None]) -> dict[str, float | None]:
+    return {f"{scope}_{metric}": value for metric, value in scores.items()}
 
 
 def _finite(x: float | None) -> float | None:

@@ -1,13 +1,23 @@
-"""`meshd export`: the model a domain serves, from its newest valid checkpoint, as a torch state_dict."""
+"""`meshd export`: the model a domain serves, from its newest valid checkpoint, as a torch state_dict, or (an
+``--out`` ending in ``.safetensors``) as safetensors with the input scaler and the metadata serving needs.
+
+The safetensors file holds the model's tensors under their state_dict names (float32), ``input.mean`` and
+``input.std`` (one per input: the mesh's scaler with ``data.standardize = "mesh"``, else 0 and 1), and string
+metadata: ``meshd.model``, ``meshd.task`` (classification, binary, regression), ``meshd.features`` (the
+encoded input names in order, JSON), ``meshd.fingerprint``, ``meshd.version``. docs/data.md shows the ten
+lines of torch and safetensors that score rows with it (logreg and mlp models)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save as safetensors_save
 
 from meshd import config as configmod
 from meshd.errors import MeshdError
+from meshd.store import atomic_write
 from meshd.task import models
 from meshd.task.checkpoints import CheckpointStore, export_state_dict
 
@@ -41,5 +51,17 @@ def export_model(config_path: Path, out: Path, task: str | None = None) -> Path:
     if isinstance(served, bytes) and len(served) == 8 * int(values.numel()):
         values = torch.frombuffer(bytearray(served), dtype=torch.float64).clone()  # the model the domain serves
     models.load_flat(engine.module, values)
-    export_state_dict(engine.module, out)
+    if out.suffix != ".safetensors":
+        export_state_dict(engine.module, out)
+        return out
+    tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in engine.module.state_dict().items()}
+    mean, std = torch.zeros(engine.input_dim, dtype=torch.float64), torch.ones(engine.input_dim, dtype=torch.float64)
+    if engine.moments is not None and engine.moments.frozen is not None:
+        mean, std = engine.moments.frozen.full(engine.input_dim)
+    tensors["input.mean"], tensors["input.std"] = mean.to(torch.float32), std.to(torch.float32)
+    product = engine.data if engine.data is not None else engine.test
+    meta = {"meshd.model": chosen.model.name, "meshd.task": chosen.model.task,
+            "meshd.features": json.dumps(list(product.feature_names) if product is not None else []),
+            "meshd.fingerprint": engine.fingerprint, "meshd.version": str(ckpt.version)}
+    atomic_write(out, safetensors_save(tensors, metadata=meta), mode=0o600)
     return out

@@ -23,6 +23,7 @@ from torch import nn
 
 from meshd.errors import ModelError
 from meshd.task.data import DataProduct
+from meshd.task.metrics import task_kind
 from meshd.task.models import flatten, load_flat
 from meshd.task.privacy import PrivacyPlan
 
@@ -38,8 +39,10 @@ class TrainConfig:
     momentum: float = 0.0  # SGD momentum; its buffers persist across train() calls
     weight_decay: float = 0.0  # L2 penalty, as torch.optim.SGD applies it
     seed: int = 0  # seeds the minibatch sampler
+    task: str = "classification"  # model.task: the loss and the metrics (meshd.task.metrics)
 
     def __post_init__(self) -> None:
+        task_kind(self.task)  # raises ModelError for an unknown kind
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -54,7 +57,7 @@ class TrainConfig:
 class TrainResult:
     steps: int  # SGD steps taken
     samples: int  # examples seen (sum of batch sizes)
-    loss: float  # mean training cross-entropy over those examples; nan when steps == 0
+    loss: float  # mean training loss (the task kind's) over those examples; nan when steps == 0
 
 
 def limit_torch_threads(n: int) -> None:
@@ -74,6 +77,9 @@ class Learner:
                  dp: PrivacyPlan | None = None) -> None:
         if data.num_train < 1:
             raise ModelError("the data product has no training rows")
+        if (data.train_y.dtype == torch.int64) != (cfg.task == "classification"):
+            raise ModelError(f"the data product's labels ({data.train_y.dtype}) were not read for a {cfg.task} task; "
+                             f"load it with load_data_product(..., task={cfg.task!r})")
         self._model = model
         self._data = data
         self._cfg = cfg
@@ -98,13 +104,28 @@ class Learner:
                 expected_batch_size=dp.expected_batch, loss_reduction="mean",
                 generator=torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1),
             )
-        self._loss_fn = nn.CrossEntropyLoss(reduction="mean")
+        self._kind = task_kind(cfg.task)
         self._steps_done = 0
         n = data.num_train
         self._batch = min(cfg.batch_size, n)
         self._steps_per_epoch = math.ceil(n / self._batch)
         self._perm_epoch = -1
         self._perm = torch.empty(0, dtype=torch.int64)
+
+    def replace_data(self, data: DataProduct) -> None:
+        """Train on ``data`` from the next step on (the data product was reloaded); the model, the optimizer's
+        momentum and the step count stay. DP-SGD: the same number of rows only (its sampling rate was planned)."""
+        if self._dp is not None and data.num_train != self._data.num_train:
+            raise ModelError("a DP-SGD learner keeps the rows its privacy budget was planned for")
+        if data.num_train < 1:
+            raise ModelError("the data product has no training rows")
+        if data.train_y.dtype != self._data.train_y.dtype or data.input_dim != self._data.input_dim:
+            raise ModelError("the new data product's features or labels differ from the ones this learner trains on")
+        with self._lock:
+            self._data = data
+            self._batch = min(self._cfg.batch_size, data.num_train)
+            self._steps_per_epoch = math.ceil(data.num_train / self._batch)
+            self._perm_epoch = -1  # the next step draws a permutation of the new rows
 
     @property
     def steps_done(self) -> int:
@@ -136,7 +157,7 @@ class Learner:
                     continue  # an empty Poisson batch: the step is counted (and accounted), nothing is released
                 x, y = x_all[idx], y_all[idx]
                 self._optimizer.zero_grad(set_to_none=True)
-                loss = self._loss_fn(self._forward(x), y)
+                loss = self._kind.loss(self._forward(x), y)
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     self._optimizer.state.clear()
@@ -144,7 +165,7 @@ class Learner:
                         f"training diverged: loss is {value} at step {self._steps_done + i} "
                         f"(lr={self._cfg.lr}); the model was not updated"
                     )
-                loss.backward()
+                torch.autograd.backward(loss)
                 self._optimizer.step()
                 total_loss += value * len(idx)
                 samples += len(idx)
@@ -154,7 +175,17 @@ class Learner:
         return out, TrainResult(steps=steps, samples=samples, loss=mean_loss)
 
     def evaluate(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
-        """Accuracy in [0, 1] of the model with weights ``flat`` on ``(x, y)``; ``x`` must have rows."""
+        """Accuracy in [0, 1] of the model with weights ``flat`` on ``(x, y)``; ``x`` must have rows.
+
+        For classification and binary tasks; a regression task has no accuracy (use :meth:`scores`)."""
+        value = self.scores(flat, x, y).get("accuracy")
+        if value is None:
+            raise ModelError(f"a {self._kind.name} task has no accuracy; it reports {', '.join(self._kind.metrics)}")
+        return value
+
+    def scores(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> dict[str, float | None]:
+        """Every metric of the task kind (:mod:`meshd.task.metrics`) of the model with weights ``flat`` on
+        ``(x, y)``; ``x`` must have rows."""
         if x.shape[0] == 0:
             raise ValueError("cannot evaluate on zero rows")
         if y.shape[0] != x.shape[0]:
@@ -162,13 +193,14 @@ class Learner:
         with self._lock:
             load_flat(self._model, flat)
             self._model.eval()
-            correct = 0
-            with torch.no_grad():
-                for lo in range(0, x.shape[0], _EVAL_CHUNK):
-                    pred = self._model(x[lo : lo + _EVAL_CHUNK]).argmax(dim=1)
-                    correct += int((pred == y[lo : lo + _EVAL_CHUNK]).sum())
-            self._model.train()
-        return correct / x.shape[0]
+            try:
+                with torch.no_grad():
+                    # Chunked forward passes bound peak memory on large sets; one value per row is kept.
+                    pred = torch.cat([self._kind.predictions(self._model(x[lo : lo + _EVAL_CHUNK]))
+                                      for lo in range(0, x.shape[0], _EVAL_CHUNK)])
+            finally:
+                self._model.train()
+        return self._kind.score(pred, y)
 
     def holdout_accuracy(self, flat: torch.Tensor) -> float | None:
         """Accuracy on the data product's holdout rows, or None when it has none."""

@@ -2,7 +2,9 @@
 
 Built-in models are ``logreg``, ``mlp`` and ``cnn1d``; any ``package.module:factory`` entry point builds
 a custom torch model.  A model is exchanged as one float64 vector (:func:`flatten` / :func:`load_flat`)
-and two domains may merge only when their :func:`fingerprint` (architecture and parameter shapes) agree.
+and two domains may merge only when their :func:`fingerprint` (architecture, parameter shapes and the task
+kind, ``model.task``) agree.  Classification models have ``num_classes`` outputs; binary and regression
+models one (:mod:`meshd.task.metrics`).
 
 Why no BatchNorm in the built-ins: gossip averages every floating ``state_dict`` entry, and BatchNorm's
 running mean/variance are statistics of one domain's (non-IID) data, not parameters; averaging them gives
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from meshd.errors import ModelError
+from meshd.task.metrics import task_kind
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -47,6 +50,7 @@ class ModelSpec:
     channels: tuple[int, ...] = (16, 32)  # cnn1d conv channels; first conv stride 1, the others stride 2
     kernel_size: int = 5  # cnn1d kernel size (odd keeps the sequence length with "same" padding)
     num_classes: int = 10
+    task: str = "classification"  # model.task: "classification" (num_classes logits) | "binary" | "regression" (1)
 
     def __post_init__(self) -> None:
         # Config layers may hand over lists; normalise to tuples so the spec stays hashable.
@@ -71,6 +75,12 @@ class ModelSpec:
             raise ModelError(f"model.kernel_size must be a positive integer, got {self.kernel_size!r}")
         if not _is_pos_int(self.num_classes) or self.num_classes < 2:
             raise ModelError(f"model.num_classes must be an integer >= 2, got {self.num_classes!r}")
+        task_kind(self.task)  # raises ModelError naming model.task
+
+    @property
+    def outputs(self) -> int:
+        """Width of the last layer: ``num_classes`` for classification, 1 for binary and regression."""
+        return task_kind(self.task).outputs(self.num_classes)
 
     @property
     def is_custom(self) -> bool:
@@ -105,22 +115,24 @@ def initial_seed(spec: ModelSpec, input_dim: int, mesh_seed: int) -> int:
     """The seed of a mesh's initial weights: a function of the model spec, the input width and the mesh-wide
     ``model.init_seed`` only, never of the domain, so every domain starts from the very same model."""
     canonical = json.dumps(
-        {"name": spec.name, "input_dim": int(input_dim), "num_classes": spec.num_classes, "hidden": list(spec.hidden),
-         "channels": list(spec.channels), "kernel_size": spec.kernel_size, "mesh_seed": int(mesh_seed)},
+        {"name": spec.name, "input_dim": int(input_dim), "hidden": list(spec.hidden),
+         "channels": list(spec.channels), "kernel_size": spec.kernel_size, "mesh_seed": int(mesh_seed),
+         **_task_fields(spec)},
         sort_keys=True, separators=(",", ":"),
     )
     return int.from_bytes(hashlib.sha256(canonical.encode("utf-8")).digest()[:8], "little") >> 1
 
 
 def fingerprint(spec: ModelSpec, module: nn.Module, input_dim: int) -> str:
-    """Architecture fingerprint: sha256 hex[:32] of the spec name, sizes and every shared entry's shape.
+    """Architecture fingerprint: sha256 hex[:32] of the spec name, task, sizes and every shared entry's shape.
 
     Covers every floating ``state_dict`` entry (parameters and float buffers), i.e. exactly what
-    :func:`flatten` exchanges, so equal fingerprints mean the flat vectors line up element by element.
+    :func:`flatten` exchanges, so equal fingerprints mean the flat vectors line up element by element, and the
+    task kind (``model.task``): a binary model and a regression model of the same shape never merge.
     """
     entries = [[name, list(t.shape), str(t.dtype)] for name, t in _floating_entries(module)]
     canonical = json.dumps(
-        {"name": spec.name, "input_dim": int(input_dim), "num_classes": spec.num_classes, "entries": entries},
+        {"name": spec.name, "input_dim": int(input_dim), "entries": entries, **_task_fields(spec)},
         sort_keys=True,
         separators=(",", ":"),
     )
@@ -169,13 +181,21 @@ def _is_pos_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
+def _task_fields(spec: ModelSpec) -> dict[str, object]:
+    # A classification spec hashes exactly as before model.task existed (its checkpoints and its peers'
+    # fingerprints stay valid); the other kinds hash their kind and output width instead of num_classes.
+    if spec.task == "classification":
+        return {"num_classes": spec.num_classes}
+    return {"task": spec.task, "outputs": spec.outputs}
+
+
 def _floating_entries(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     # state_dict() tensors are detached views sharing storage with the module, so copy_ writes through.
     return [(name, t) for name, t in module.state_dict().items() if t.is_floating_point()]
 
 
 def _build_logreg(spec: ModelSpec, input_dim: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(input_dim, spec.num_classes, device="meta"))
+    return nn.Sequential(nn.Linear(input_dim, spec.outputs, device="meta"))
 
 
 def _build_mlp(spec: ModelSpec, input_dim: int) -> nn.Module:
@@ -184,7 +204,7 @@ def _build_mlp(spec: ModelSpec, input_dim: int) -> nn.Module:
     for h in spec.hidden:
         layers += [nn.Linear(width, h, device="meta"), nn.ReLU()]
         width = h
-    layers.append(nn.Linear(width, spec.num_classes, device="meta"))
+    layers.append(nn.Linear(width, spec.outputs, device="meta"))
     return nn.Sequential(*layers)
 
 
@@ -199,7 +219,7 @@ def _build_cnn1d(spec: ModelSpec, input_dim: int) -> nn.Module:
         length = (length + 2 * pad - k) // stride + 1  # padding k // 2 keeps length >= 1
         layers += [nn.Conv1d(in_ch, out_ch, k, stride=stride, padding=pad, device="meta"), nn.ReLU()]
         in_ch = out_ch
-    layers += [nn.Flatten(), nn.Linear(in_ch * length, spec.num_classes, device="meta")]
+    layers += [nn.Flatten(), nn.Linear(in_ch * length, spec.outputs, device="meta")]
     return nn.Sequential(*layers)
 
 
@@ -230,11 +250,11 @@ def _build_custom(spec: ModelSpec, input_dim: int, seed: int) -> nn.Module:
     with _CUSTOM_BUILD_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         try:
-            built = factory(input_dim=input_dim, num_classes=spec.num_classes)
+            built = factory(input_dim=input_dim, num_classes=spec.outputs)
         except Exception as exc:
             raise ModelError(
                 f"custom model {spec.name!r}: factory(input_dim={input_dim}, "
-                f"num_classes={spec.num_classes}) raised {type(exc).__name__}: {exc}"
+                f"num_classes={spec.outputs}) raised {type(exc).__name__}: {exc}"
             ) from exc
     if not isinstance(built, nn.Module):
         raise ModelError(

@@ -18,7 +18,7 @@ import math
 import statistics
 import time
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,24 +27,30 @@ from typing import Any, cast
 import structlog
 import torch
 
-from meshd.config import DEFAULT_TASK, GossipConfig, TaskConfig
+from meshd.config import DEFAULT_TASK, GossipConfig, TaskConfig, codec_for
 from meshd.core import codec as codecmod
 from meshd.core.averaging import RejectedUpdate, Share
 from meshd.core.codec import CodecName
 from meshd.core.cohort import Cohort, TaskPeers
 from meshd.core.membership import PeerState
 from meshd.core.merge import NEUTRAL_REFUSALS, MergeRule, RuleParams, make_rule
-from meshd.errors import MeshdError, ModelError, StoreError, WireError
+from meshd.errors import DataError, MeshdError, ModelError, StoreError, WireError
 from meshd.identity import peer_id_of
 from meshd.logs import QuietLog
 from meshd.mesh.link import Answer, MeshLink
 from meshd.mesh.transport import SendError
 from meshd.task.engine import Engine
 from meshd.task.privacy import advertised, weaker_than
+from meshd.task.standardize import WAIT_S, Scaler
+from meshd.task.versions import Signature, signature
 
 log = structlog.get_logger("meshd.task")
 
+STANDARDIZE_WAIT_S = WAIT_S
+STANDARDIZE_POLL_S = 0.2  # how often the standardisation loop looks whether the moments settled
+DATA_IDLE_S = 5.0  # the data loop's look at its config while data.reload_check_s = 0
 IDLE_S = 0.5  # the training loop's poll while training is off or impossible
+INLINE_VALUES = 65_536  # models up to this many values are encoded on the loop (well under a millisecond)
 GOSSIP_WAIT_S = 2.0  # longest a training part waits for the exchange it asked for
 PACE_WAIT_S = 0.05  # a domain ahead of its peers re-checks this often
 PACE_SLACK_EPOCHS = 0.5  # how far (in passes over its own data) a domain may run ahead of its peers' median
@@ -111,6 +117,9 @@ class LearningTask:
         self._round_hint: int | None = None  # the topology round training asked for (aligned to its epochs)
         self._gossip_now = asyncio.Event()  # set by training after each part of a round
         self._gossip_done = asyncio.Event()  # set by gossip after each round
+        self.data_reload_error: str | None = None  # why the last change of the data product was not adopted
+        self._data_failed: Signature | None = None  # that change: not read again until the files change again
+        self._part_exchange: asyncio.Task[None] | None = None  # gossip.overlap: the last part's exchange
         self._closed = False
         self._final_ok = True
         # Checkpoint writes run on this one thread, in order: a final write never races a periodic one.
@@ -162,6 +171,8 @@ class LearningTask:
             "train": self._train_loop(),
             "evaluate": self._evaluate_loop(),
             "checkpoint": self._checkpoint_loop(),
+            "data": self._data_loop(),
+            "standardize": self._standardize_loop(),
         }
 
     async def close(self) -> bool:
@@ -196,7 +207,7 @@ class LearningTask:
             self.engine.exhausted = False  # an explicit raise of the budget: training resumes
             self._log.warning("privacy_budget_raised", epsilon_budget=cfg.privacy.epsilon, previous=old_budget)
         if self.engine.pushsum is not None:
-            self.engine.pushsum.codec = cast(CodecName, cfg.gossip.codec)
+            self.engine.pushsum.codec = cast(CodecName, codec_for(cfg))
         if cfg.gossip.merge != self.merge_rule.name:
             self.merge_rule = make_rule(cfg.gossip.merge, self._rule_params())
             self._log.info("task_merge_rule_changed", rule=cfg.gossip.merge)
@@ -282,8 +293,8 @@ class LearningTask:
             # Averaging models trained on different column meanings is silent corruption: refused.
             detail = f"data schema differs (ours {self.engine.schema}, yours {str(body.get('schema'))[:32]})"
             if body.get("schema_set") == self.engine.schema_set:
-                detail = ("same feature columns in a different order: list data.features in the mesh's order "
-                          "on one side")
+                detail = ("same feature columns in a different order: list data.features (or data.columns) in the "
+                          "mesh's order on one side")
             why = WireError("schema_mismatch", 409, detail)
         privacy = body.get("privacy")
         at_most = self.cfg.privacy.require_epsilon_at_most
@@ -349,11 +360,14 @@ class LearningTask:
         # (with one, a drained domain answered nobody and the clipped rule took it for a sink).
         back = ps.prepare(1, at_most=weight) if body.get("reply") is True else []
         try:
+            standardize = self._read_standardize(sender, body)  # checked before anything is merged
             believed = self._merge(sender, vec, weight, version, rows, reciprocal=body.get("reply") is True)
         except BaseException:
             for share in back:
                 ps.abandon(share.id)
             raise
+        standardize()
+        moments_back = self._standardize_fields(half=bool(back))
         self.stats.merged += 1
         if far and believed and version - ps.version > far:
             self._pull_wanted.set()
@@ -361,8 +375,10 @@ class LearningTask:
             return Answer(204)
         ps.confirm(back[0].id)  # one-shot, as a pull's answer: a lost answer loses this half
         self.stats.replies_sent += 1
-        answer = await asyncio.to_thread(self._share_body, back[0])
+        answer = await self._share_body_off_loop(back[0])
         answer.pop("reply", None)  # an answer never asks for another one
+        answer.pop("moments", None)
+        answer |= moments_back
         return Answer(200, "model", answer)
 
     async def _answer_pull(self, sender: bytes, body: dict[str, Any]) -> Answer:
@@ -386,7 +402,8 @@ class LearningTask:
                             f"it keeps at least {g.pull_min_weight:g}")
         self.stats.pulls += 1
         self._log.info("pull_answered", peer_id=peer_id_of(sender), weight=share.weight, version=share.version)
-        reply = await asyncio.to_thread(self._share_body, share)
+        reply = await self._share_body_off_loop(share)
+        reply.pop("moments", None)  # a pull answer carries the frozen scaler only (a joiner adopts it)
         echo = self.engine.ledgers_seen.get(peer_id_of(sender))
         if echo is not None:
             reply["privacy_echo"] = [list(h) for h in echo]  # what the puller spent, as far as we know
@@ -400,9 +417,16 @@ class LearningTask:
                 "schema_set": self.engine.schema_set,
                 "privacy": advertised(self.cfg.privacy, self.engine.ledger, self.engine.plan)}
 
+    async def _share_body_off_loop(self, share: Share) -> dict[str, Any]:
+        """:meth:`_share_body` on a worker thread for a big model; a small one's encoding takes less time than the
+        hand-over to a thread (which, with many daemons on few cores, waits for a core)."""
+        if share.values.shape[0] <= INLINE_VALUES:
+            return self._share_body(share)
+        return await asyncio.to_thread(self._share_body, share)
+
     def _share_body(self, share: Share) -> dict[str, Any]:
-        codec = self.engine.pushsum.codec if self.engine.pushsum is not None else self.cfg.gossip.codec
-        return {
+        codec = self.engine.pushsum.codec if self.engine.pushsum is not None else codec_for(self.cfg)
+        return self._standardize_fields(half=False) | {
             **self.link.hello_body(),
             **self.model_ids(),
             "version": int(share.version),
@@ -411,7 +435,8 @@ class LearningTask:
             **({"epochs": self.engine.epochs} if self._training_active() else {}),
             "codec": codec,
             "count": int(share.values.shape[0]),
-            "values": codecmod.encode(share.values, codec),  # type: ignore[arg-type]
+            "values": (share.encoded[1] if share.encoded is not None and share.encoded[0] == codec
+                       else codecmod.encode(share.values, codec)),  # type: ignore[arg-type]
             **({"reply": True} if self._asks_answers() else {}),
         }
 
@@ -421,7 +446,7 @@ class LearningTask:
     def _training_active(self) -> bool:
         tr = self.cfg.training
         return (tr.enabled and self.engine.learner is not None and tr.steps_per_round != 0
-                and not self.engine.exhausted)
+                and not self.engine.exhausted and (self.engine.moments is None or self.engine.scaler_ready))
 
     def eligible(self, now: float) -> set[bytes]:
         """Trusted peers this task may gossip with now: in its cohort, known to run this task (their signed ping,
@@ -498,6 +523,7 @@ class LearningTask:
                 continue
             try:
                 vec, weight, version, rows = self._answer_fields(p.peer_id, body)
+                self._read_standardize(p.peer_id, body)()
                 if adopt:
                     # Keep this domain's own weight (now carrying the mesh's model): the mesh's total weight
                     # keeps counting every domain, which the mean-rows estimate of data weighting needs.
@@ -580,14 +606,19 @@ class LearningTask:
     async def _send_share(self, peer_id: bytes, address: str, share: Share) -> None:
         ps = self.engine.pushsum
         assert ps is not None
-        delivered = False
+        delivered = merged_there = False  # merged there: a 204, a 200 (push-pull), or a retry found merged
+        moments = self.engine.moments
+        half = moments.outgoing() if moments is not None and moments.frozen is None else None
         try:
-            body = await asyncio.to_thread(self._share_body, share)
+            body = await self._share_body_off_loop(share)
+            if half is not None:
+                body["moments"] = _moments_field(half)
             status, reply, attempts = await self.link.exchange(peer_id, address, "share", body)
             self._note_refusal(peer_id, status, reply)
             # A retry answered 'replayed' means an earlier attempt did arrive and was merged (its answer, and
             # the receiver's share in it, were lost).
             delivered = status == 204 or (status == 409 and attempts > 1 and b'"replayed"' in reply)
+            merged_there = delivered or status == 200
             answered: bool | None = False
             if status == 200:  # push-pull: merged there, and the answer carries the receiver's share
                 ps.confirm(share.id)
@@ -608,6 +639,8 @@ class LearningTask:
                 self.stats.shares_sent += 1
             else:
                 ps.abandon(share.id)
+            if half is not None and moments is not None:  # the moments half went (or not) with the share
+                (moments.delivered if merged_there else moments.lost)(half.id)
 
     async def _merge_reply(self, peer_id: bytes, address: str, reply: bytes) -> bool | None:
         """Merge the share a receiver sent back in its answer (push-pull); a bad one is counted, never merged.
@@ -617,7 +650,9 @@ class LearningTask:
             return False
         try:
             vec, weight, version, rows = self._answer_fields(peer_id, body)
+            standardize = self._read_standardize(peer_id, body)
             self._merge(peer_id, vec, weight, version, rows, reciprocal=True)
+            standardize()
         except WireError as exc:
             # The merge rule's refusals (quarantined, far_off...) under their own reason, as reply_<reason>.
             reason = f"reply_{exc.reason}" if exc.reason in RULE_REFUSALS else "bad_share_reply"
@@ -643,6 +678,16 @@ class LearningTask:
         others: a domain's steps are proportional to its rows, as in FedAvg's one epoch per round.
         """
         await self._joined.wait()
+        try:
+            await self._train_parts()
+        finally:  # the part's exchange in flight (gossip.overlap) belongs to this loop
+            if self._part_exchange is not None:
+                self._part_exchange.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._part_exchange
+                self._part_exchange = None
+
+    async def _train_parts(self) -> None:
         while True:
             ps = self.engine.pushsum
             if ps is None or not self._training_active():
@@ -681,16 +726,25 @@ class LearningTask:
                 st.steps += result.steps
                 st.samples_seen += result.samples
                 st.loss = result.loss
-                await self._after_part(result.steps)
+                if self.cfg.gossip.overlap:
+                    # At most one exchange in flight: the last part's is done before this part's starts, so
+                    # the next part trains while this one's exchange travels, never further ahead.
+                    if self._part_exchange is not None:
+                        await self._part_exchange
+                    self._part_exchange = asyncio.create_task(self._after_part(result.steps))
+                else:
+                    await self._after_part(result.steps)
             await asyncio.sleep(0)  # let gossip and the status API in between two rounds
 
     async def _after_part(self, steps: int) -> None:
         """The exchanges that follow a trained part: one, and at the end of a training round ``gossip.settle``
         more with no training in between; the model they leave is served.
 
-        The next part waits for them (each bounded by ``GOSSIP_WAIT_S``), so the steps between two exchanges do
-        not depend on how fast this host is, and it starts from the model the exchange left. (Overlapping the
-        exchange with the next part was 25% faster and 6 points worse at equal steps on the quick bench.)
+        With ``gossip.overlap`` (the default) the next part trains meanwhile and waits for them only before its
+        own exchange; otherwise it waits for them (each bounded by ``GOSSIP_WAIT_S``) and starts from the model
+        they left. Either way the steps between two exchanges do not depend on how fast this host is.
+        (Overlapping with per_round parts of up to 18 steps was 6 points worse at equal steps; with 8-step parts
+        it costs nothing measurable and a domain no longer idles for a round trip after every part.)
 
         With ``gossip.every_steps`` (the default) every domain exchanges after the same number of local steps,
         so a domain with many rows exchanges more often per epoch than a small one: drift from the mesh grows
@@ -755,15 +809,15 @@ class LearningTask:
                 result = await asyncio.to_thread(self.engine.evaluate, flat)
                 digest = await asyncio.to_thread(self.engine.digest, flat)
                 st = self.engine.stats
-                st.holdout_accuracy, st.local_only_accuracy = result["holdout"], result["local_only"]
-                st.test_accuracy, st.local_only_test_accuracy = result["test"], result["local_only_test"]
+                st.scores = result
                 st.evaluated_at_version = version
                 st.evaluated_at_steps = steps
                 self.engine.sha256 = digest
                 if self.engine.baseline_converged and not self._baseline_logged:
                     self._baseline_logged = True
                     self._log.info("local_baseline_converged", epochs=round(self.engine.epochs, 1),
-                                   local_only_accuracy=st.local_only_accuracy,
+                                   metric=self.engine.kind.primary,
+                                   local_only=st.scores.get(f"local_only_{self.engine.kind.primary}"),
                                    detail="the local-only baseline stopped training; its last scores stand")
             await asyncio.sleep(self.cfg.training.eval_interval_s)
 
@@ -799,6 +853,136 @@ class LearningTask:
         (self._log.info if final else self._log.debug)("checkpoint_saved", file=name, version=ckpt.version,
                                                        final=final)
 
+    # --- federated standardisation (data.standardize = "mesh") ---------------------------------------------
+
+    def _standardize_fields(self, half: bool) -> dict[str, Any]:
+        """What a body says of the standardisation: the frozen scaler; or, while estimating and when ``half``
+        (an answer to a share), half of this domain's moments, given away at once (one-shot, as the answer)."""
+        m = self.engine.moments
+        if m is None:
+            return {}
+        if m.frozen is not None:
+            return {"scaler": m.frozen.to_wire()}
+        share = m.outgoing(one_shot=True) if half else None
+        return {} if share is None else {"moments": _moments_field(share)}
+
+    def _read_standardize(self, sender: bytes, body: dict[str, Any]) -> Callable[[], None]:
+        """Check a peer's frozen scaler or moments half (WireError if bad); returns what takes it in: adopting
+        the scaler while this domain still estimates, or merging the half. Nothing when this domain is frozen."""
+        m = self.engine.moments
+        if m is None or m.frozen is not None:
+            return _nothing
+        try:
+            if "scaler" in body:
+                scaler = Scaler.from_wire(body["scaler"], m.columns)
+
+                def adopt() -> None:
+                    if m.frozen is None:
+                        m.freeze("peer", scaler)
+                        self._log.info("standardization_adopted", peer_id=peer_id_of(sender))
+                return adopt
+            moments = body.get("moments")
+            if not isinstance(moments, dict):
+                return _nothing
+            values, weight = moments.get("values"), moments.get("weight")
+            if (not isinstance(values, bytes) or isinstance(weight, bool)
+                    or not isinstance(weight, int | float) or not 0.0 < float(weight) <= 1e6):
+                raise ValueError("moments need values (f64 bytes) and a weight in (0, 1e6]")
+            vec = codecmod.decode(values, m.ps.dim, "f64")
+            m.ps.check(vec, float(weight), "moments")
+        except (ValueError, RejectedUpdate) as exc:
+            raise WireError("bad_values", 400, f"standardisation: {exc}") from None
+        return lambda: m.merge(vec, float(weight)) if m.frozen is None else None
+
+    async def _standardize_loop(self) -> None:
+        """Until the scaler is frozen (settled here, adopted from a peer, alone, or after WAIT_S) and applied."""
+        m = self.engine.moments
+        if m is None or self.engine.scaler_ready:
+            return
+        await self._joined.wait()
+        deadline = time.monotonic() + STANDARDIZE_WAIT_S
+        while m.frozen is None:
+            if self.link.trusted_count == 0:
+                m.freeze("alone")
+            elif m.settled:
+                m.freeze("mesh")
+            elif time.monotonic() >= deadline:
+                m.freeze("timeout")
+                self._log.warning("standardization_timeout", merges=m.merges, waited_s=STANDARDIZE_WAIT_S,
+                                  detail="the mesh's moments did not settle; training starts with this estimate")
+            else:
+                await asyncio.sleep(STANDARDIZE_POLL_S)
+        assert m.frozen is not None
+        await asyncio.to_thread(self.engine.apply_scaler, m.frozen)
+        self._log.info("standardization_settled", source=m.source, merges=m.merges, inputs=len(m.columns))
+
+    # --- data that keeps arriving --------------------------------------------------------------------------
+
+    async def _data_loop(self) -> None:
+        """Every ``data.reload_check_s``, look at the data product's files (names, sizes, modification times);
+        a change seen at two looks in a row (so a file still being written is not read half-way) is read in a
+        worker thread and trained on from the next part, with the model, its push-sum state and the epoch
+        count kept. A product that cannot be read, or whose schema changed, is not adopted: the task keeps
+        training on the rows it has, and says why in ``/status`` ``data.reload_error`` and one log line."""
+        engine = self.engine
+        path = self.cfg.data.path
+        if path is None or engine.data_version is None or engine.learner is None:
+            return
+        seen: Signature | None = None  # a change noticed at the last look
+        while True:
+            every = self.cfg.data.reload_check_s
+            await asyncio.sleep(every if every > 0 else DATA_IDLE_S)
+            if every <= 0 or engine.data_version is None:
+                continue
+            try:
+                now = await asyncio.to_thread(signature, path)
+            except OSError as exc:
+                self._data_refused(None, f"{path}: {exc.strerror or exc}; training goes on with the rows it has")
+                continue
+            if now == engine.data_version.signature or now == self._data_failed:
+                seen = None
+                continue
+            if now != seen:
+                seen = now  # changed since the last look: read it once it holds still
+                continue
+            seen = None
+            await self._reload_data(now)
+
+    async def _reload_data(self, sig: Signature) -> None:
+        engine = self.engine
+        if engine.plan is not None:
+            self._data_refused(sig, "a task with differential privacy trains on the rows its budget was planned "
+                                    "for: restart the task to read the new data product")
+            return
+        try:
+            product, version, mask = await asyncio.to_thread(engine.read_data)
+            await asyncio.to_thread(engine.swap_learner_data, product)
+        except (DataError, ModelError) as exc:
+            self._data_refused(sig, str(exc))
+            return
+        before = engine.data_version
+        delta = engine.adopt_data(product, version, mask)
+        self.data_reload_error, self._data_failed = None, None
+        self._log.info("data_reloaded", rows=version.rows, train_rows_change=delta, content=version.content,
+                       previous=before.content if before else None, files=version.files,
+                       holdout="kept" if engine.holdout_kept else "redrawn")
+
+    def _data_refused(self, sig: Signature | None, why: str) -> None:
+        self._data_failed = sig
+        if why != self.data_reload_error:
+            self._log.warning("data_reload_refused", detail=why)
+        self.data_reload_error = why
+
+    def data_snapshot(self) -> dict[str, Any]:
+        e = self.engine
+        return {"path": str(self.cfg.data.path) if self.cfg.data.path else None,
+                "version": e.data_version.snapshot() if e.data_version else None,
+                "reloads": e.data_reloads, "reload_check_s": self.cfg.data.reload_check_s,
+                "holdout": None if e.holdout_kept is None else ("kept" if e.holdout_kept else "redrawn"),
+                "reload_error": self.data_reload_error,
+                "standardize": ({"mode": "mesh", **e.moments.snapshot()} if e.moments is not None
+                                else {"mode": self.cfg.data.standardize})}
+
     # --- status ------------------------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
@@ -830,8 +1014,17 @@ class LearningTask:
             "gossip": gossip,
             "checkpoint": dict(self.checkpoints),
             "privacy": self.engine.privacy_snapshot(),
+            "data": self.data_snapshot(),
         }
 
 
 def _now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _moments_field(share: Share) -> dict[str, Any]:
+    return {"values": codecmod.encode(share.values, "f64"), "weight": float(share.weight)}
+
+
+def _nothing() -> None:
+    return None
