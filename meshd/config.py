@@ -194,7 +194,7 @@ class GossipConfig:
     per_round: int = field(default=8, metadata=_opt(_between(0, 1000)))
     # The next training part runs while the last part's exchange is in flight (at most one in flight);
     # false: each part waits for its exchange (docs/learning.md section 4).
-    overlap: bool = True
+    overlap: bool = False
     # Exchanges at the end of each training round, with no training in between (docs/learning.md section 4).
     settle: int = field(default=0, metadata=_opt(_between(0, 64)))
     # "pushpull": a share asks the receiver for its own share back in the answer (weights stay balanced);

@@ -156,7 +156,7 @@ interval_s = 1.0                 # seconds between gossip rounds (jittered) whil
 every_steps = 8                  # local SGD steps between two gossip rounds while training (0 = use per_round)
 per_round = 8                    # with every_steps = 0: exchanges per training round, the round trained in this
                                  # many parts, each followed by one gossip round (both 0 = by interval_s only)
-overlap = true                   # the next part trains while the last part's gossip round is in flight
+overlap = false                  # true: the next part trains while the last part's gossip round is in flight
 settle = 0                       # more gossip rounds at the end of each training round, with no training in
                                  # between; the model they leave is the one served until the next round
 exchange = "pushpull"            # pushpull: a share asks for the receiver's share back (weights stay balanced;
