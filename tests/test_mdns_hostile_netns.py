@@ -192,6 +192,23 @@ def _keeps_gossiping(o: Daemon, v: Daemon, daemons: list[Daemon], attacker: Atta
     _poll(merged_more, DISCOVER_S, f"{what}: V merging {SHARES} more shares from O", daemons, attacker)
 
 
+def _pair_and_attacker(
+    make_mesh_namespaces: Callable[..., list[NetNs]],  # noqa: F811
+    started: list[Daemon],  # noqa: F811
+    attackers: list[AttackerProc],
+    tmp_path: Path,
+) -> tuple[list[NetNs], Daemon, Daemon, AttackerProc]:
+    """Three confined namespaces: O and V alive on each other (namespaces 0 and 1), an attacker started in 2."""
+    namespaces = make_mesh_namespaces(3)
+    for ns in namespaces:
+        assert sorted(ns.link_names()) == ["lo", "veth0"]
+    o, v = _start_pair(namespaces, started, tmp_path)
+    attacker = AttackerProc(namespaces[2], tmp_path / "attacker.out", tmp_path / "attacker.err")
+    attackers.append(attacker)
+    attacker.wait_event("started")
+    return namespaces, o, v, attacker
+
+
 def test_forged_goodbyes_do_not_cut_a_peer_off(
     make_mesh_namespaces: Callable[..., list[NetNs]],  # noqa: F811
     started: list[Daemon],  # noqa: F811
@@ -199,14 +216,8 @@ def test_forged_goodbyes_do_not_cut_a_peer_off(
     tmp_path: Path,
 ) -> None:
     host_before = _host_links()
-    namespaces = make_mesh_namespaces(3)
+    _, o, v, attacker = _pair_and_attacker(make_mesh_namespaces, started, attackers, tmp_path)
     assert _host_links() == host_before
-    for ns in namespaces:
-        assert sorted(ns.link_names()) == ["lo", "veth0"]
-    o, v = _start_pair(namespaces, started, tmp_path)
-    attacker = AttackerProc(namespaces[2], tmp_path / "attacker.out", tmp_path / "attacker.err")
-    attackers.append(attacker)
-    attacker.wait_event("started")
 
     name, _ = _mdns_name(v)
     steady_at = max(_mdns_name(d)[1] for d in (o, v)) + BROWSER_STARTUP_S
@@ -240,13 +251,7 @@ def test_an_impersonator_gets_no_gossip_and_its_goodbye_changes_nothing(
     attackers: list[AttackerProc],
     tmp_path: Path,
 ) -> None:
-    namespaces = make_mesh_namespaces(3)
-    for ns in namespaces:
-        assert sorted(ns.link_names()) == ["lo", "veth0"]
-    o, v = _start_pair(namespaces, started, tmp_path)
-    attacker = AttackerProc(namespaces[2], tmp_path / "attacker.out", tmp_path / "attacker.err")
-    attackers.append(attacker)
-    attacker.wait_event("started")
+    namespaces, o, v, attacker = _pair_and_attacker(make_mesh_namespaces, started, attackers, tmp_path)
     impostor = f"{namespaces[2].ip}:{IMPOSTOR_PORT}"
 
     # (b) A service with V's id (a copy of V's TXT) at the attacker's address.
