@@ -136,6 +136,14 @@ def set_toml(path: Path, section: str, key: str, value: str) -> None:
     path.write_text(set_key(path.read_text(), section, key, value))
 
 
+def write_whole(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` a file under a hidden name, then rename it: a data product's new file appears whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    hidden = path.with_name("." + path.name)
+    write(hidden)
+    os.replace(hidden, path)
+
+
 def toml_inline_tables(tables: list[dict[str, object]]) -> str:
     """A list of tables as TOML on one line (JSON's strings, lists and booleans are TOML's)."""
     return "[" + ", ".join("{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in t.items()) + "}" for t in tables) + "]"

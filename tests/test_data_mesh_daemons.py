@@ -12,7 +12,6 @@ categorical column and missing values, features on scales 1e-3 to 1e6, a binary 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,14 @@ from meshd.ops.localmesh import DomainLayout, LocalMesh, build_mesh, get_status
 from meshd.task.data import load_data_product
 from meshd.task.engine import Engine, scaled_columns
 from meshd.task.metrics import roc_auc
-from tests.helpers import assert_no_blocking_calls, mesh_part, run_cli, toml_inline_tables, wait_for
+from tests.helpers import (
+    assert_no_blocking_calls,
+    mesh_part,
+    run_cli,
+    toml_inline_tables,
+    wait_for,
+    write_whole,
+)
 
 COLUMNS = [
     {"name": "tiny", "type": "numeric"},  # scale 1e-3
@@ -53,10 +59,7 @@ def _rows(rng: np.random.Generator, n: int, amount_mean: float, p_region: list[f
 
 
 def _write(table: pa.Table, path: Path) -> None:
-    """Under a hidden name, then renamed: a new file appears whole (docs/data.md)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path.with_name("." + path.name))
-    os.replace(path.with_name("." + path.name), path)
+    write_whole(path, lambda p: pq.write_table(table, p))  # a new file appears whole (docs/data.md)
 
 
 def _task(data: Path, test: Path) -> str:

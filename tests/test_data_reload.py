@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from meshd.task.data import load_data_product
 from meshd.task.engine import Engine, task_state_dir
 from meshd.task.learner import Learner, TrainConfig
 from meshd.task.versions import data_version, signature
-from tests.helpers import DaemonProc, Fatal, init_domain, log_events, set_toml, wait_for
+from tests.helpers import DaemonProc, Fatal, init_domain, log_events, set_toml, wait_for, write_whole
 
 
 def _part(path: Path, rows: int, seed: int, columns: tuple[str, ...] = ("a", "b")) -> None:
@@ -28,10 +27,7 @@ def _part(path: Path, rows: int, seed: int, columns: tuple[str, ...] = ("a", "b"
     rng = np.random.default_rng(seed)
     x = rng.normal(0.0, 1.0, (rows, len(columns)))
     table = {c: x[:, j] for j, c in enumerate(columns)} | {"label": (x[:, 0] > 0).astype(np.int64)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    hidden = path.with_name("." + path.name)
-    pq.write_table(pa.table(table), hidden)
-    os.replace(hidden, path)
+    write_whole(path, lambda p: pq.write_table(pa.table(table), p))
 
 
 def test_signature_and_version_follow_the_files(tmp_path: Path) -> None:
