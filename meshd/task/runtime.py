@@ -46,7 +46,6 @@ from meshd.task.versions import Signature, signature
 
 log = structlog.get_logger("meshd.task")
 
-STANDARDIZE_WAIT_S = WAIT_S
 STANDARDIZE_POLL_S = 0.2  # how often the standardisation loop looks whether the moments settled
 DATA_IDLE_S = 5.0  # the data loop's look at its config while data.reload_check_s = 0
 IDLE_S = 0.5  # the training loop's poll while training is off or impossible
@@ -377,7 +376,6 @@ class LearningTask:
         self.stats.replies_sent += 1
         answer = await self._share_body_off_loop(back[0])
         answer.pop("reply", None)  # an answer never asks for another one
-        answer.pop("moments", None)
         answer |= moments_back
         return Answer(200, "model", answer)
 
@@ -402,8 +400,7 @@ class LearningTask:
                             f"it keeps at least {g.pull_min_weight:g}")
         self.stats.pulls += 1
         self._log.info("pull_answered", peer_id=peer_id_of(sender), weight=share.weight, version=share.version)
-        reply = await self._share_body_off_loop(share)
-        reply.pop("moments", None)  # a pull answer carries the frozen scaler only (a joiner adopts it)
+        reply = await self._share_body_off_loop(share)  # with the frozen scaler, if any: a joiner adopts it
         echo = self.engine.ledgers_seen.get(peer_id_of(sender))
         if echo is not None:
             reply["privacy_echo"] = [list(h) for h in echo]  # what the puller spent, as far as we know
@@ -900,7 +897,7 @@ class LearningTask:
         if m is None or self.engine.scaler_ready:
             return
         await self._joined.wait()
-        deadline = time.monotonic() + STANDARDIZE_WAIT_S
+        deadline = time.monotonic() + WAIT_S
         while m.frozen is None:
             if self.link.trusted_count == 0:
                 m.freeze("alone")
@@ -908,7 +905,7 @@ class LearningTask:
                 m.freeze("mesh")
             elif time.monotonic() >= deadline:
                 m.freeze("timeout")
-                self._log.warning("standardization_timeout", merges=m.merges, waited_s=STANDARDIZE_WAIT_S,
+                self._log.warning("standardization_timeout", merges=m.merges, waited_s=WAIT_S,
                                   detail="the mesh's moments did not settle; training starts with this estimate")
             else:
                 await asyncio.sleep(STANDARDIZE_POLL_S)
