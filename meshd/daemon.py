@@ -106,7 +106,7 @@ class Daemon:
             await self._close()
             raise DataError("; ".join(f"task {t.name!r}: {t.error}" for t in failed))
         host, port = configmod.split_host_port(self.cfg.listen.status)
-        self.status_server = StatusServer(host, port, self.snapshot, self.reload)
+        self.status_server = StatusServer(host, port, self.snapshot, self.reload, self.model_file)
         try:
             await self.mesh.start_listening()
             await self.status_server.start()
@@ -338,6 +338,19 @@ class Daemon:
         host, _ = configmod.split_host_port(self._started_cfg.listen.status)
         bound = f"{host}:{self.status_server.port}" if self.status_server is not None else None
         return {"status": bound, "status_file": str(self._runfile) if self._runfile else None}
+
+    async def model_file(self, task: str | None) -> tuple[int, bytes | str]:
+        """``GET /v1/model``: (200, the task's served model as safetensors) or (an HTTP status, the reason)."""
+        names = sorted(self.tasks)
+        if task is None and len(names) != 1:
+            return 400, f"this domain runs {len(names)} tasks ({', '.join(names)}); ask for one with ?task=NAME"
+        chosen = self.tasks.get(task if task is not None else names[0])
+        if chosen is None:
+            return 404, f"no task named {task!r}; this domain's tasks: {', '.join(names)}"
+        body = await chosen.model_file()
+        if body is None:
+            return 409, f"task {chosen.name!r} has no model yet (state {chosen.state})"
+        return 200, body
 
     def snapshot(self) -> dict[str, Any]:
         mesh = self.mesh.snapshot() if self.mesh is not None else {}

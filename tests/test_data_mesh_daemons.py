@@ -5,6 +5,7 @@ categorical column and missing values, features on scales 1e-3 to 1e6, a binary 
   mean and standard deviation (to 1e-6), although no domain sent its rows, and the mesh's ROC AUC is within 2
   points of a model trained centrally on the pooled, centrally standardised rows.
 - Appending a day's file to one domain's folder shows a new data-product version in ``/status``; training goes on.
+- ``GET /v1/model`` serves the live model in the same format, with the steps it was served at.
 - ``meshd export model.safetensors`` scored by the ten lines of torch and safetensors in docs/data.md gives
   the daemon's own predictions.
 """
@@ -12,6 +13,8 @@ categorical column and missing values, features on scales 1e-3 to 1e6, a binary 
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -158,8 +161,22 @@ def test_three_parquet_domains_standardise_together_learn_and_take_new_rows(tmp_
                          what=f"every domain within 2 points of the central ROC AUC {central:.4f}")
         assert all(t["data"]["version"]["rows"] == 500 for t in tasks)
 
-        # A new day's file in domain 0's folder: a new data-product version; training goes on, no restart.
+        # The live model (GET /v1/model): the same safetensors file as `meshd export`, with the steps it
+        # was served at; the ten lines score it as well as the daemon does.
         a = layout.domains[0]
+        live = tmp_path / "live.safetensors"
+        with urllib.request.urlopen(a.status_url + "/v1/model", timeout=10) as resp:
+            live.write_bytes(resp.read())
+        with safe_open(str(live), "pt") as f:
+            meta = f.metadata()
+        assert meta["meshd.task_name"] == "fraud" and int(meta["meshd.steps"]) > 0
+        live_scores = _ten_lines(live, test.train_x).squeeze(1)
+        assert roc_auc(live_scores.numpy(), test.train_y.numpy()) >= central - 0.03
+        with pytest.raises(urllib.error.HTTPError) as unknown:
+            urllib.request.urlopen(a.status_url + "/v1/model?task=nope", timeout=10)
+        assert unknown.value.code == 404 and "fraud" in unknown.value.read().decode()
+
+        # A new day's file in domain 0's folder: a new data-product version; training goes on, no restart.
         before = _fraud(a)
         _write(_rows(rng, 250, 2.0e6, [0.6, 0.2, 0.2]), products[0] / "day=2" / "part.parquet")
         after = wait_for(lambda: (t := _fraud(a))["data"]["reloads"] == 1 and t, timeout=60, what="the new day")

@@ -1,5 +1,6 @@
 """The local status API: `/healthz`, `/readyz`, `/status` (JSON) and `/metrics` (Prometheus), on the status listener,
-and `POST /v1/reload` (what `meshd reload` and the unit's ExecReload call), answered from loopback only.
+`POST /v1/reload` (what `meshd reload` and the unit's ExecReload call) and `GET /v1/model` (the served model as
+safetensors), answered from loopback only.
 
 Everything is derived from one snapshot function, so `/status` and `/metrics` can never disagree; `/metrics`
 adds the process and platform collectors of prometheus_client (`process_*`, `python_*`). Field by field
@@ -27,15 +28,18 @@ from meshd.core.wire import PROTOCOL_VERSION
 
 Snapshot = Callable[[], dict[str, Any]]
 Reload = Callable[[], Awaitable[dict[str, Any]]]
+ModelFile = Callable[[str | None], Awaitable[tuple[int, bytes | str]]]
 PEER_STATES = ("alive", "suspect", "dead", "left", "unknown")
 MAX_PEER_SERIES = 64  # per-peer series (label peer_id) for at most this many peers: the most recently seen
 
 
 class StatusServer:
-    def __init__(self, host: str, port: int, snapshot: Snapshot, reload: Reload | None = None) -> None:
+    def __init__(self, host: str, port: int, snapshot: Snapshot, reload: Reload | None = None,
+                 model: ModelFile | None = None) -> None:
         self._host, self._port = host, port
         self._snapshot = snapshot
         self._reload = reload
+        self._model = model
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
 
@@ -51,6 +55,8 @@ class StatusServer:
         app.router.add_get("/metrics", self._metrics)
         if self._reload is not None:
             app.router.add_post("/v1/reload", self._reload_handler)
+        if self._model is not None:
+            app.router.add_get("/v1/model", self._model_handler)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, self._host, self._port, shutdown_timeout=1.0, reuse_address=True)
@@ -75,14 +81,20 @@ class StatusServer:
 
     async def _reload_handler(self, request: web.Request) -> web.Response:
         """Reload the config now; 200 with the outcome when applied, 422 with the problems when refused."""
-        try:
-            local = ipaddress.ip_address(request.remote or "").is_loopback
-        except ValueError:
-            local = False
-        if not local or self._reload is None:  # listen.allow_public_status exposes /status, never reload
+        if not _loopback(request) or self._reload is None:  # listen.allow_public_status exposes /status, never reload
             return web.json_response({"ok": False, "problems": ["reload is only served on loopback"]}, status=403)
         outcome = await self._reload()
         return web.json_response(outcome, status=200 if outcome.get("ok") else 422, dumps=_dumps)
+
+    async def _model_handler(self, request: web.Request) -> web.Response:
+        """The served model now (safetensors, as ``meshd export --out x.safetensors`` writes), loopback only:
+        a model is derived from the domain's data, so ``listen.allow_public_status`` never exposes it."""
+        if not _loopback(request) or self._model is None:
+            return web.json_response({"error": "the model is only served on loopback"}, status=403)
+        status, body = await self._model(request.query.get("task"))
+        if isinstance(body, str):
+            return web.json_response({"error": body}, status=status)
+        return web.Response(body=body, status=status, content_type="application/octet-stream")
 
     async def _status(self, request: web.Request) -> web.Response:
         return web.json_response(self._snapshot(), dumps=_dumps)
@@ -92,6 +104,13 @@ class StatusServer:
         # /proc/self files, so the text is rendered in a worker thread.
         body = await asyncio.to_thread(render_metrics, self._snapshot())
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+def _loopback(request: web.Request) -> bool:
+    try:
+        return ipaddress.ip_address(request.remote or "").is_loopback
+    except ValueError:
+        return False
 
 
 def render_metrics(snapshot: dict[str, Any]) -> bytes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save as safetensors_save
@@ -20,6 +21,9 @@ from meshd.errors import MeshdError
 from meshd.store import atomic_write
 from meshd.task import models
 from meshd.task.checkpoints import CheckpointStore, export_state_dict
+
+if TYPE_CHECKING:
+    from meshd.task.engine import Engine
 
 
 def export_model(config_path: Path, out: Path, task: str | None = None) -> Path:
@@ -54,14 +58,23 @@ def export_model(config_path: Path, out: Path, task: str | None = None) -> Path:
     if out.suffix != ".safetensors":
         export_state_dict(engine.module, out)
         return out
-    tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in engine.module.state_dict().items()}
+    atomic_write(out, safetensors_bytes(engine, values, {"meshd.version": str(ckpt.version)}), mode=0o600)
+    return out
+
+
+def safetensors_bytes(engine: Engine, values: torch.Tensor, meta: dict[str, str]) -> bytes:
+    """The safetensors file of ``values`` (a flat model of ``engine``'s layout): the tensors under their
+    state_dict names, the input scaler and the metadata (``meta`` added). Used by ``meshd export`` and by the
+    daemon's ``GET /v1/model``; it neither reads nor writes ``engine.module``'s values (it may be training)."""
+    assert engine.module is not None
+    tensors = models.state_dict_of(engine.module, values)
     mean, std = torch.zeros(engine.input_dim, dtype=torch.float64), torch.ones(engine.input_dim, dtype=torch.float64)
     if engine.moments is not None and engine.moments.frozen is not None:
         mean, std = engine.moments.frozen.full(engine.input_dim)
     tensors["input.mean"], tensors["input.std"] = mean.to(torch.float32), std.to(torch.float32)
     product = engine.data if engine.data is not None else engine.test
-    meta = {"meshd.model": chosen.model.name, "meshd.task": chosen.model.task,
+    cfg = engine.cfg
+    head = {"meshd.model": cfg.model.name, "meshd.task": cfg.model.task,
             "meshd.features": json.dumps(list(product.feature_names) if product is not None else []),
-            "meshd.fingerprint": engine.fingerprint, "meshd.version": str(ckpt.version)}
-    atomic_write(out, safetensors_save(tensors, metadata=meta), mode=0o600)
-    return out
+            "meshd.fingerprint": engine.fingerprint}
+    return safetensors_save(tensors, metadata=head | meta)

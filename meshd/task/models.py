@@ -36,6 +36,7 @@ __all__ = [
     "flatten",
     "load_flat",
     "param_count",
+    "state_dict_of",
 ]
 
 BUILTIN_MODELS: tuple[str, ...] = ("logreg", "mlp", "cnn1d")
@@ -164,6 +165,26 @@ def load_flat(module: nn.Module, vec: torch.Tensor) -> None:
             n = t.numel()
             t.copy_(vec[offset : offset + n].view(t.shape))
             offset += n
+
+
+def state_dict_of(module: nn.Module, vec: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The module's ``state_dict`` with ``vec`` (the layout of :func:`flatten`) in place of its floating entries,
+    as new float32 tensors: the module itself is neither read for values nor written (a training thread may
+    be using it). Non-floating entries (counters) are copied as they are."""
+    out: dict[str, torch.Tensor] = {}
+    offset = 0
+    for name, t in module.state_dict().items():
+        if not t.is_floating_point():
+            out[name] = t.detach().clone()
+            continue
+        n = t.numel()
+        if offset + n > vec.numel():
+            raise ModelError(f"flat model vector has {vec.numel()} values, the model needs more")
+        out[name] = vec[offset : offset + n].to(torch.float32).reshape(t.shape).contiguous()
+        offset += n
+    if offset != vec.numel():
+        raise ModelError(f"flat model vector has {vec.numel()} values, the model needs {offset}")
+    return out
 
 
 def param_count(module: nn.Module) -> int:

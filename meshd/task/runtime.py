@@ -982,6 +982,19 @@ class LearningTask:
 
     # --- status ------------------------------------------------------------------------------------------
 
+    async def model_file(self) -> bytes | None:
+        """The served model now, as ``meshd export``'s safetensors (``GET /v1/model``); the metadata adds the
+        version, the local SGD steps and the epochs it was served at. ``None`` before the task has a model."""
+        from meshd.task.export import safetensors_bytes
+
+        ps = self.engine.pushsum
+        if ps is None or self.engine.module is None:
+            return None
+        flat = self.engine.served_model()  # a copy, taken on the loop: consistent with the counters below
+        meta = {"meshd.version": str(ps.version), "meshd.steps": str(self.engine.stats.steps),
+                "meshd.epochs": f"{self.engine.epochs:.4f}", "meshd.task_name": self.name}
+        return await asyncio.to_thread(safetensors_bytes, self.engine, flat, meta)
+
     def snapshot(self) -> dict[str, Any]:
         model, training = self.engine.snapshot() if self.engine.fingerprint else ({}, {})
         ps = self.engine.pushsum
