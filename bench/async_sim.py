@@ -71,7 +71,7 @@ class Sim:
         self.spe = [math.ceil(d.num_train / BATCH) for d in self.doms]
         self.rows = [d.num_train for d in self.doms]
         self.ps = [PushSum(init.clone(), 1.0, codec=args.codec, rows=float(r)) for r in self.rows]
-        self.served = [ServedModel(args.serve_window) for _ in self.doms]
+        self.served = [ServedModel(args.serve_window, args.serve_kind) for _ in self.doms]
         self.value_bytes = encoded_size(init.numel(), args.codec) / init.numel()  # bytes per value on the wire
         self.steps = [0] * DOMAINS
         self.heard: list[dict[int, float]] = [{} for _ in self.doms]
@@ -115,7 +115,7 @@ class Sim:
                 answer = self.ps[j].prepare(1, at_most=share.weight)  # its half from before the merge
                 back = answer[0] if answer else None
             self.ps[j].merge(share.values, share.weight, share.version, share.rows)
-            self.served[j].observe(share.values)
+            self.served[j].observe(share.values, bytes([1 + i]), t2)
             self.heard[j][i] = sender_epochs
             moved = share.values.numel()
             if back is not None:
@@ -129,7 +129,7 @@ class Sim:
                 self.ps[i].confirm(share.id)
                 if back is not None:
                     self.ps[i].merge(back.values, back.weight, back.version, back.rows)
-                    self.served[i].observe(back.values)
+                    self.served[i].observe(back.values, bytes([1 + j]), t3)
                     self.heard[i][j] = receiver_epochs
                 self.busy[i] = False
                 self.rounds[i] += 1
@@ -198,7 +198,7 @@ class Sim:
             return self.learners[0].evaluate(flat, self.test.train_x, self.test.train_y)
 
         mesh = sum((p.numerator() for p in self.ps), torch.zeros_like(self.ps[0].numerator()))
-        served = [acc(s.value(p.estimate())) for s, p in zip(self.served, self.ps, strict=True)]
+        served = [acc(s.value(p.estimate(), t)) for s, p in zip(self.served, self.ps, strict=True)]
         own = [acc(p.estimate()) for p in self.ps]
         return {"steps": round(sum(self.steps) / DOMAINS, 1), "t_s": round(t, 2),
                 "mesh": acc(mesh / sum(p.weight for p in self.ps)),
@@ -227,6 +227,7 @@ def main() -> int:
     ap.add_argument("--every-steps", type=int, default=8, help="gossip.every_steps (0: per_round parts)")
     ap.add_argument("--per-round", type=int, default=8)
     ap.add_argument("--serve-window", type=int, default=16)
+    ap.add_argument("--serve-kind", choices=("peers", "ema"), default="peers")
     ap.add_argument("--codec", default="q8")
     ap.add_argument("--settle", type=int, default=0)
     ap.add_argument("--overlap", action="store_true", help="gossip.overlap: train the next part during the exchange")

@@ -201,6 +201,9 @@ class GossipConfig:
     # "push": one-way shares only (docs/learning.md section 4).
     exchange: str = field(default="pushpull", metadata=_opt(_one_of("pushpull", "push")))
     serve_window: int = field(default=16, metadata=_opt(_between(0, 1000)))
+    # The served model (docs/learning.md section 5): "peers" = the mean of the estimate and the latest model of
+    # each of the last serve_window peers heard; "ema" = the estimate blended with an EMA of span serve_window.
+    serve: str = field(default="peers", metadata=_opt(_one_of("peers", "ema")))
     topology: str = field(default="exponential", metadata=_opt(_one_of("exponential", "random")))
     # "auto": q4 for classification and binary tasks, q8 for regression (see codec_for).
     codec: str = field(default="auto", metadata=_opt(_one_of("auto", "f64", "f32", "f16", "q8", "q4")))

@@ -550,8 +550,8 @@ def test_rows_numerator_survives_a_checkpoint() -> None:
     assert back.mean_rows == 50.0 and back.weight == 1.0
 
 
-def test_served_model_blends_peers_models_and_converges_with_the_estimate() -> None:
-    served = ServedModel(window=3)
+def test_served_ema_blends_peers_models_and_converges_with_the_estimate() -> None:
+    served = ServedModel(window=3, kind="ema")
     own = torch.zeros(2, dtype=torch.float64)
     assert torch.equal(served.value(own), own)  # nothing received yet: the estimate itself
     served.observe(torch.tensor([4.0, 8.0], dtype=torch.float64))
@@ -560,12 +560,42 @@ def test_served_model_blends_peers_models_and_converges_with_the_estimate() -> N
         served.observe(torch.tensor([1.0, 1.0], dtype=torch.float64))
     assert torch.allclose(served.value(torch.ones(2, dtype=torch.float64)), torch.ones(2, dtype=torch.float64))
     off = ServedModel(window=0)
-    off.observe(torch.ones(2, dtype=torch.float64))
+    off.observe(torch.ones(2, dtype=torch.float64), b"a")
     assert torch.equal(off.value(own), own)
 
 
+def _v(*xs: float) -> torch.Tensor:
+    return torch.tensor(xs, dtype=torch.float64)
+
+
+def test_served_peers_is_the_mean_of_the_estimate_and_each_peers_latest_model() -> None:
+    served = ServedModel(window=2)  # "peers", the default kind
+    own = _v(0.0, 0.0)
+    assert torch.equal(served.value(own), own)  # nothing received yet: the estimate itself
+    served.observe(_v(3.0, 3.0), b"a", now=0.0)
+    for _ in range(10):  # a peer that sends often still counts once: its latest model
+        served.observe(_v(6.0, 0.0), b"b", now=1.0)
+    assert torch.equal(served.value(own, now=1.0), _v(3.0, 1.0))  # (0 + 3 + 6) / 3, (0 + 3 + 0) / 3
+    served.observe(_v(0.0, 9.0), b"c", now=2.0)  # a third peer: the least recently heard (a) leaves the window
+    assert torch.equal(served.value(own, now=2.0), _v(2.0, 3.0))  # (0 + 6 + 0) / 3, (0 + 0 + 9) / 3
+    assert torch.equal(served.value(own, now=61.5), _v(0.0, 4.5))  # b silent for 60.5 s: (0 + c) / 2
+    assert torch.equal(served.value(own, now=1000.0), own)  # every peer silent: the estimate itself
+
+
+def test_served_peers_drops_the_model_restored_from_a_checkpoint_once_peers_are_heard() -> None:
+    served = ServedModel(window=16)
+    served.observe(_v(8.0), now=0.0)  # what the checkpoint served (peer b"")
+    own = _v(2.0)
+    assert torch.equal(served.value(own, now=5.0), _v(5.0))  # not dropped for its age: no peer is heard yet
+    for i, x in enumerate((1.0, 2.0, 3.0)):
+        served.observe(_v(x), bytes([i + 1]), now=10.0)
+    assert torch.equal(served.value(own, now=10.0), _v(2.0))  # (2 + 1 + 2 + 3) / 4: the restored one is gone
+    served.reset()
+    assert torch.equal(served.value(own), own)
+
+
 def test_served_model_serves_the_settled_estimate_until_training_stops() -> None:
-    served = ServedModel(window=3)
+    served = ServedModel(window=3, kind="ema")
     served.observe(torch.tensor([4.0, 8.0], dtype=torch.float64))
     settled = torch.tensor([1.0, 2.0], dtype=torch.float64)
     served.settle(settled)

@@ -58,10 +58,13 @@ exchanges have mixed. ``inject_rows(n)`` adds a change of the domain's own rows 
 Serving (``ServedModel``): a domain's push-sum estimate right after local steps on its own (often 2-3-class)
 data leans towards its own classes; on a skewed split that costs tens of points on every class it lacks,
 although the mesh's average model (``S / W``) is good. The model a domain serves is therefore its estimate
-blended with an exponential moving average of the models its peers sent it (``window`` = the EMA's span in
-received shares): ``(z + window * ema) / (window + 1)``. Peers' leanings point to different classes and
-largely cancel, so the served model tracks the mesh average; it lags it by about ``window / 2`` exchanges.
-With training off it converges to the same consensus as the estimate. It is never sent: gossip and
+blended with the models its peers sent it. By default (``kind = "peers"``) it is the mean of the estimate and
+of the latest model of each of the last ``window`` distinct peers heard: every peer counts once however often
+it sends (the big domains exchange most often, and an average over every share received leaned towards
+their classes), and no model older than a peer's latest is kept (an EMA of every share lagged the mesh by
+about ``window / 2`` exchanges). Peers' leanings point to different classes and largely cancel, so the
+served model tracks the mesh average. ``kind = "ema"`` is the older blend, ``(z + window * ema) / (window +
+1)``. With training off it converges to the same consensus as the estimate. It is never sent: gossip and
 training use the estimate, so the averaging maths above is unchanged.
 
 Checkpoints: ``ps.state()`` -> ``PushSumState`` (numerator, weight, version, rows numerator), restored with
@@ -74,8 +77,10 @@ Public API::
     PushSumState(numerator: Tensor, weight: float, version: int, rows: float)      # frozen
     RejectedUpdate(reason: str, detail: str = "")                        # MeshdError, ValueError
     consensus_distance(z_self, z_other, eps=1e-12) -> float              # relative L2
-    ServedModel(window)                                                  # what a domain serves
-        .observe(values) .settle(values) .unsettle() .value(own) -> Tensor .reset() .window .observed .settled
+    SERVE_KINDS = ("peers", "ema")
+    ServedModel(window, kind="peers", stale_s=60.0)                      # what a domain serves
+        .observe(values, peer=b"", now=0.0) .settle(values) .unsettle() .value(own, now=None) -> Tensor
+        .reset() .window .kind .observed .settled
     data_scale(own_rows, mean_rows) -> float                              # rows / mean, clamped
     PushSum(values, weight=1.0, version=0, *, max_abs=1e6, max_weight=1e9, codec="f32",
             max_pending=64, rows=0.0)
@@ -101,7 +106,7 @@ Public API::
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import torch
@@ -186,28 +191,63 @@ def _check_version(version: object) -> int:
     return version
 
 
-class ServedModel:
-    """The model a domain serves: its estimate blended with an EMA of the models peers sent (see above)."""
+SERVE_KINDS = ("peers", "ema")
 
-    def __init__(self, window: int) -> None:
+
+class ServedModel:
+    """The model a domain serves: its estimate blended with the models peers sent (see the module docstring).
+
+    ``kind = "peers"``: the mean of the estimate and the latest model of each of the last ``window`` distinct
+    peers heard (a peer silent for ``stale_s`` drops out). ``kind = "ema"``: the estimate blended with an EMA
+    of every model received, ``(z + window * ema) / (window + 1)``. ``window = 0``: the estimate itself."""
+
+    def __init__(self, window: int, kind: str = "peers", stale_s: float = 60.0) -> None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 0:
             raise ValueError(f"window must be an int >= 0, got {window!r}")
+        if kind not in SERVE_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(SERVE_KINDS)}, got {kind!r}")
         self.window = window
+        self.kind = kind
+        self.stale_s = stale_s
         self._beta = 2.0 / (window + 1)
         self._ema: torch.Tensor | None = None
+        self._latest: OrderedDict[bytes, tuple[torch.Tensor, float]] = OrderedDict()
+        self._sum: torch.Tensor | None = None
         self._settled: torch.Tensor | None = None
         self.observed = 0
 
-    def observe(self, values: torch.Tensor) -> None:
-        """A peer's model arrived (already checked and merged): fold it into the average."""
+    def observe(self, values: torch.Tensor, peer: bytes = b"", now: float = 0.0) -> None:
+        """``peer``'s model arrived at ``now`` (already checked and merged): fold it in. ``peer`` ``b""``: a
+        model from before a restart (the served model a checkpoint kept), dropped once real peers are heard."""
         if self.window == 0:
             return
         vals = values.detach().to(dtype=torch.float64)
-        if self._ema is None or self._ema.shape != vals.shape:
-            self._ema = vals.clone()
-        else:
-            self._ema.mul_(1.0 - self._beta).add_(vals, alpha=self._beta)
         self.observed += 1
+        if self.kind == "ema":
+            if self._ema is None or self._ema.shape != vals.shape:
+                self._ema = vals.clone()
+            else:
+                self._ema.mul_(1.0 - self._beta).add_(vals, alpha=self._beta)
+            return
+        if self._sum is None or self._sum.shape != vals.shape:
+            self._latest.clear()
+            self._sum = torch.zeros_like(vals)
+        if peer and b"" in self._latest and len(self._latest) >= min(self.window, 3):
+            self._drop(b"")
+        if peer in self._latest:
+            self._drop(peer)
+        # Kept in float32 (half the memory of a window of models); the float64 sum adds and later subtracts
+        # the same float32 values, so it drifts only by float64 rounding.
+        kept = vals.to(torch.float32)
+        self._latest[peer] = (kept, now)
+        self._sum.add_(kept)
+        while len(self._latest) > self.window:
+            self._drop(next(iter(self._latest)))
+
+    def _drop(self, peer: bytes) -> None:
+        old, _ = self._latest.pop(peer)
+        assert self._sum is not None
+        self._sum.sub_(old)
 
     def settle(self, values: torch.Tensor) -> None:
         """The domain's estimate right after a settle phase (exchanges with no training in between): serve it
@@ -222,16 +262,26 @@ class ServedModel:
     def settled(self) -> bool:
         return self._settled is not None
 
-    def value(self, own: torch.Tensor) -> torch.Tensor:
-        """The served model for the domain's current estimate ``own`` (``own`` itself before any share)."""
+    def value(self, own: torch.Tensor, now: float | None = None) -> torch.Tensor:
+        """The served model for the domain's current estimate ``own`` (``own`` itself before any share);
+        ``now``: peers' models older than ``stale_s`` are dropped first."""
         if self._settled is not None and self._settled.shape == own.shape:
             return self._settled.clone()
-        if self._ema is None or self._ema.shape != own.shape:
+        if self.kind == "ema":
+            if self._ema is None or self._ema.shape != own.shape:
+                return own.clone()
+            return (own + self._ema * self.window) / (self.window + 1)
+        if now is not None:
+            for peer in [p for p, (_, t) in self._latest.items() if p and now - t > self.stale_s]:
+                self._drop(peer)
+        if self._sum is None or self._sum.shape != own.shape or not self._latest:
             return own.clone()
-        return (own + self._ema * self.window) / (self.window + 1)
+        return (own + self._sum) / (len(self._latest) + 1)
 
     def reset(self) -> None:
         self._ema = None
+        self._latest.clear()
+        self._sum = None
         self._settled = None
         self.observed = 0
 

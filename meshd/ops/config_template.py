@@ -167,7 +167,10 @@ topology = "exponential"         # exponential (peer 2^r places on in the ring o
 codec = "auto"                   # auto (q4 for classification and binary, q8 for regression: q4 doubles a
                                  # regression's RMSE, docs/learning.md section 9) | q4 (4-bit blocks, ~0.58
                                  # bytes/value) | q8 (~1.08) | f16 | f32 | f64
-serve_window = 16                # the served model blends in an average of the last ~N models peers sent (0 = off)
+serve = "peers"                  # the served model: peers (the mean of our estimate and the latest model of each
+                                 # of the last serve_window peers heard) | ema (our estimate blended with an EMA
+                                 # of span serve_window of every model received)
+serve_window = 16                # peers (or the EMA's span) in the served model (0 = serve our estimate itself)
 pull_on_join = true              # a task with no checkpoint first pulls the mesh model from a peer
 far_behind_versions = 0          # pull again when a peer's model version is this far ahead (0 = never)
 merge = "pushsum"                # pushsum (exact averaging) | clipped (poisoning-robust: docs/learning.md §8)

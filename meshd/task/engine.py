@@ -79,7 +79,7 @@ class Engine:
         self.fingerprint = ""
         self.parameters = 0
         self.pushsum: PushSum | None = None
-        self.served = ServedModel(cfg.gossip.serve_window)
+        self.served = ServedModel(cfg.gossip.serve_window, cfg.gossip.serve)
         self.fresh = True  # no checkpoint: the first model should come from the mesh (pull)
         self.stats = TrainingStats()
         self.sha256: str | None = None
@@ -407,7 +407,7 @@ class Engine:
     def served_model(self) -> torch.Tensor:
         """The model this domain serves (``/status`` scores it, ``meshd export`` writes it)."""
         assert self.pushsum is not None
-        return self.served.value(self.pushsum.estimate())
+        return self.served.value(self.pushsum.estimate(), time.monotonic())
 
     @staticmethod
     def digest(flat: torch.Tensor) -> str:

@@ -264,7 +264,7 @@ class LearningTask:
             if status is None:
                 raise WireError("bad_values", 400, exc.detail or exc.reason) from None
             raise WireError(exc.reason, status, exc.detail) from None
-        self.engine.served.observe(merged.values)  # what was merged (clipped), never the raw share
+        self.engine.served.observe(merged.values, sender, time.monotonic())  # what was merged (clipped)
         return merged.trusted_version
 
     def _log_rule_events(self) -> None:
