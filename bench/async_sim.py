@@ -71,7 +71,7 @@ class Sim:
         self.spe = [math.ceil(d.num_train / BATCH) for d in self.doms]
         self.rows = [d.num_train for d in self.doms]
         self.ps = [PushSum(init.clone(), 1.0, codec=args.codec, rows=float(r)) for r in self.rows]
-        self.served = [ServedModel(args.serve_window, args.serve_kind) for _ in self.doms]
+        self.served = [ServedModel(args.serve_window, args.serve_kind, args.serve_stale_s) for _ in self.doms]
         self.value_bytes = encoded_size(init.numel(), args.codec) / init.numel()  # bytes per value on the wire
         self.steps = [0] * DOMAINS
         self.heard: list[dict[int, float]] = [{} for _ in self.doms]
@@ -228,6 +228,7 @@ def main() -> int:
     ap.add_argument("--per-round", type=int, default=8)
     ap.add_argument("--serve-window", type=int, default=16)
     ap.add_argument("--serve-kind", choices=("peers", "ema"), default="peers")
+    ap.add_argument("--serve-stale-s", type=float, default=60.0, help="peers: a peer silent this long drops out")
     ap.add_argument("--codec", default="q8")
     ap.add_argument("--settle", type=int, default=0)
     ap.add_argument("--overlap", action="store_true", help="gossip.overlap: train the next part during the exchange")
