@@ -10,7 +10,7 @@ each domain on its own schedule:
   ahead of the median of the peers' epochs heard in shares); a part takes
   ``steps x step_ms x max(1, training domains / cores)`` of virtual time (the domains share the cores);
 - after each part one exchange that the next part waits for, and ``settle`` more after a round;
-- a timer round every ``interval`` (jittered), whatever the parts' rounds, as the gossip loop runs one;
+- a timer round once ``interval`` (jittered) passed without any round, as the gossip loop runs one;
 - an exchange: the share reaches the peer after ``lat_ms``, its acknowledgement (and with ``--exchange
   pushpull`` the peer's share from before the merge) comes back ``lat_ms`` later.
 
@@ -71,7 +71,8 @@ class Sim:
         self.spe = [math.ceil(d.num_train / BATCH) for d in self.doms]
         self.rows = [d.num_train for d in self.doms]
         self.ps = [PushSum(init.clone(), 1.0, codec=args.codec, rows=float(r)) for r in self.rows]
-        self.served = [ServedModel(args.serve_window, args.serve_kind, args.serve_stale_s) for _ in self.doms]
+        self.served = [ServedModel(args.serve_window, args.serve_kind, args.serve_stale_s, args.serve_smooth_s)
+                       for _ in self.doms]
         self.value_bytes = encoded_size(init.numel(), args.codec) / init.numel()  # bytes per value on the wire
         self.steps = [0] * DOMAINS
         self.heard: list[dict[int, float]] = [{} for _ in self.doms]
@@ -79,6 +80,7 @@ class Sim:
         self.busy = [False] * DOMAINS  # an exchange in flight (the gossip loop runs one round at a time)
         self.chain = [False] * DOMAINS  # a part's exchanges not done yet
         self.rounds = [0] * DOMAINS
+        self.round_started = [-math.inf] * DOMAINS  # virtual time of each domain's latest round
         self.ids = [i.to_bytes(32, "big") for i in range(DOMAINS)]  # stand-ins for peer ids
         self.values_moved = [0] * DOMAINS
         self.queue: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
@@ -107,6 +109,7 @@ class Sim:
             return
         share, lat = shares[0], self.a.lat_ms / 1000
         self.busy[i] = True
+        self.round_started[i] = t
         sender_epochs = self.epochs(i)
 
         def deliver(t2: float) -> None:
@@ -189,6 +192,12 @@ class Sim:
         self.at(t + duration, done)
 
     def timer(self, t: float, i: int) -> None:
+        # As the daemon's gossip loop: every round pushes the timer back, so it fires only after an interval
+        # (jittered) without any round.
+        due = self.round_started[i] + self.a.interval * (1 + 0.25 * (2 * self.rng.random() - 1))
+        if due > t:
+            self.at(due, self.timer, i)
+            return
         if not self.busy[i]:
             self.exchange(t, i, self.rounds[i], None)
         self.at(t + self.a.interval * (1 + 0.25 * (2 * self.rng.random() - 1)), self.timer, i)
@@ -228,6 +237,7 @@ def main() -> int:
     ap.add_argument("--per-round", type=int, default=8)
     ap.add_argument("--serve-window", type=int, default=16)
     ap.add_argument("--serve-kind", choices=("peers", "ema"), default="peers")
+    ap.add_argument("--serve-smooth-s", type=float, default=2.0, help="peers: time constant of a peer's entry")
     ap.add_argument("--serve-stale-s", type=float, default=60.0, help="peers: a peer silent this long drops out")
     ap.add_argument("--codec", default="q8")
     ap.add_argument("--settle", type=int, default=0)

@@ -204,6 +204,7 @@ class GossipConfig:
     # The served model (docs/learning.md section 5): "peers" = the mean of the estimate and the latest model of
     # each of the last serve_window peers heard; "ema" = the estimate blended with an EMA of span serve_window.
     serve: str = field(default="peers", metadata=_opt(_one_of("peers", "ema")))
+    serve_smooth_s: float = field(default=2.0, metadata=_opt(_between(0.0, 3600.0)))
     topology: str = field(default="exponential", metadata=_opt(_one_of("exponential", "random")))
     # "auto": q4 for classification and binary tasks, q8 for regression (see codec_for).
     codec: str = field(default="auto", metadata=_opt(_one_of("auto", "f64", "f32", "f16", "q8", "q4")))

@@ -582,6 +582,19 @@ def test_served_peers_is_the_mean_of_the_estimate_and_each_peers_latest_model() 
     assert torch.equal(served.value(own, now=1000.0), own)  # every peer silent: the estimate itself
 
 
+def test_served_peers_smooths_each_peers_models_in_time() -> None:
+    served = ServedModel(window=4, smooth_s=1.0)
+    own = _v(0.0)
+    served.observe(_v(8.0), b"a", now=0.0)  # a peer's first model is its entry
+    assert torch.equal(served.value(own, now=0.0), _v(4.0))  # (0 + 8) / 2
+    served.observe(_v(0.0), b"a", now=math.log(2.0))  # ln 2 s later: the entry moves halfway, to 4
+    assert torch.allclose(served.value(own, now=1.0), _v(2.0))
+    served.observe(_v(0.0), b"a", now=100.0)  # heard after a long silence: its latest model
+    assert torch.allclose(served.value(own, now=100.0), _v(0.0), atol=1e-12)
+    with pytest.raises(ValueError, match="smooth_s"):
+        ServedModel(window=4, smooth_s=-1.0)
+
+
 def test_served_peers_drops_the_model_restored_from_a_checkpoint_once_peers_are_heard() -> None:
     served = ServedModel(window=16)
     served.observe(_v(8.0), now=0.0)  # what the checkpoint served (peer b"")

@@ -201,7 +201,7 @@ class ServedModel:
     peers heard (a peer silent for ``stale_s`` drops out). ``kind = "ema"``: the estimate blended with an EMA
     of every model received, ``(z + window * ema) / (window + 1)``. ``window = 0``: the estimate itself."""
 
-    def __init__(self, window: int, kind: str = "peers", stale_s: float = 60.0) -> None:
+    def __init__(self, window: int, kind: str = "peers", stale_s: float = 60.0, smooth_s: float = 0.0) -> None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 0:
             raise ValueError(f"window must be an int >= 0, got {window!r}")
         if kind not in SERVE_KINDS:
@@ -209,6 +209,9 @@ class ServedModel:
         self.window = window
         self.kind = kind
         self.stale_s = stale_s
+        if not (math.isfinite(smooth_s) and smooth_s >= 0.0):
+            raise ValueError(f"smooth_s must be a finite number >= 0, got {smooth_s!r}")
+        self.smooth_s = smooth_s
         self._beta = 2.0 / (window + 1)
         self._ema: torch.Tensor | None = None
         self._latest: OrderedDict[bytes, tuple[torch.Tensor, float]] = OrderedDict()
@@ -234,11 +237,17 @@ class ServedModel:
             self._sum = torch.zeros_like(vals)
         if peer and b"" in self._latest and len(self._latest) >= min(self.window, 3):
             self._drop(b"")
+        kept = vals.to(torch.float32)
         if peer in self._latest:
+            old, then = self._latest[peer]
             self._drop(peer)
+            if self.smooth_s > 0.0 and old.shape == kept.shape:
+                # An EMA in time: a peer heard often is averaged over about smooth_s seconds of its models, one
+                # heard rarely is its latest model.
+                alpha = 1.0 - math.exp(-max(0.0, now - then) / self.smooth_s)
+                kept = old + (kept - old) * alpha
         # Kept in float32 (half the memory of a window of models); the float64 sum adds and later subtracts
         # the same float32 values, so it drifts only by float64 rounding.
-        kept = vals.to(torch.float32)
         self._latest[peer] = (kept, now)
         self._sum.add_(kept)
         while len(self._latest) > self.window:

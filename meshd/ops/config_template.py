@@ -171,6 +171,8 @@ serve = "peers"                  # the served model: peers (the mean of our esti
                                  # of the last serve_window peers heard) | ema (our estimate blended with an EMA
                                  # of span serve_window of every model received)
 serve_window = 16                # peers (or the EMA's span) in the served model (0 = serve our estimate itself)
+serve_smooth_s = 2.0             # peers: a peer's entry averages its models over about this many seconds (a
+                                 # peer heard less often counts with its latest model; 0 = always the latest)
 pull_on_join = true              # a task with no checkpoint first pulls the mesh model from a peer
 far_behind_versions = 0          # pull again when a peer's model version is this far ahead (0 = never)
 merge = "pushsum"                # pushsum (exact averaging) | clipped (poisoning-robust: docs/learning.md §8)

@@ -79,7 +79,7 @@ class Engine:
         self.fingerprint = ""
         self.parameters = 0
         self.pushsum: PushSum | None = None
-        self.served = ServedModel(cfg.gossip.serve_window, cfg.gossip.serve)
+        self.served = ServedModel(cfg.gossip.serve_window, cfg.gossip.serve, smooth_s=cfg.gossip.serve_smooth_s)
         self.fresh = True  # no checkpoint: the first model should come from the mesh (pull)
         self.stats = TrainingStats()
         self.sha256: str | None = None

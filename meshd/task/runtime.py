@@ -556,12 +556,13 @@ class LearningTask:
                               detail="a peer saw this domain spend more than its state dir says (a restored backup?)")
 
     async def _gossip_loop(self) -> None:
-        """A round every ``gossip.interval_s`` (jittered), and one each time training finished a part.
+        """A round each time training finished a part, and a timer round when ``gossip.interval_s``
+        (jittered) passed without any round.
 
-        The timer keeps its own schedule: a part's round does not push it back, so while training a domain
-        exchanges after every part *and* about once per interval. The timer rounds keep mixing the domain with
-        the mesh when its parts are slow (a big data product on a busy host), and they are what averages the
-        models once training stops.
+        Every round pushes the timer back: a domain whose parts exchange often (a big data product) does no
+        timer rounds on top, which saved bytes and CPU for no mixing it lacked; a domain that waits for the
+        mesh's pace, trains slowly or not at all still exchanges once per interval, and that is what averages
+        the models once training stops.
         """
         await self._joined.wait()
         loop = asyncio.get_running_loop()
@@ -572,8 +573,7 @@ class LearningTask:
                 async with asyncio.timeout_at(due):
                     await self._gossip_now.wait()
             now = loop.time()
-            if now >= due:  # the timer's round (a part's request at the same moment shares it)
-                due = now + g.interval_s * (1 + g.jitter * (2 * self.link.rng.random() - 1))
+            due = now + g.interval_s * (1 + g.jitter * (2 * self.link.rng.random() - 1))
             self._gossip_now.clear()
             try:
                 await self._gossip_round_once()
