@@ -134,6 +134,7 @@ QUARANTINE_RATIO = 4.0  # a far-off share is remembered at this times the radius
 CALIBRATION_MAX_REFUSALS = 16  # after this many shares refused while calibrating, any peer heard will do
 STALE_S = 300.0  # a peer not heard from for this long is left out of the radius
 MAX_PEERS = 4096  # accounts kept; beyond this the least recently seen are forgotten
+OVERDRAWN_LIMIT = 2  # (require_answer) one-way shares beyond a peer's answers merged that quarantine it
 _BUCKET_SHARES = 2.0  # the per-peer share bucket holds this many shares (or one round's max_peer_shares)
 
 
@@ -186,6 +187,9 @@ class _Account:
     merged_version: int = -1  # the version of this peer's latest share merged
     unanswered: int = 0  # push-pull shares in a row this peer took without answering
     proven: bool = False  # an answer of this peer's was merged here
+    last_distance: float | None = None  # the distance of this peer's latest share screened for the radius
+    credit: float = 0.0  # (require_answer) one-way shares this peer may still have merged: one per answer merged
+    overdrawn: int = 0  # (require_answer) one-way shares beyond the credit, less answers merged since
 
 
 class MergeRule:
@@ -388,7 +392,8 @@ class ClippedRule(MergeRule):
             acct.distances.append(distance)
             self._calibration_refusals += 1
             raise RejectedUpdate("calibrating", "still learning how far peers' models are; send it again later")
-        strike = distance > STRIKE_RATIO * tau
+        acct.last_distance = distance
+        strike = distance > STRIKE_RATIO * tau and not self._adrift(tau, now)
         acct.strikes = acct.strikes + 1 if strike else 0
         # A distance is remembered at QUARANTINE_RATIO x tau at most: honest distances that grow (training speeds
         # up, a domain drifts) raise the radius step by step, while a minority of hostile peers, far off or
@@ -402,9 +407,18 @@ class ClippedRule(MergeRule):
         if strike:
             raise RejectedUpdate("far_off", f"{distance:.3g} from this model, beyond {STRIKE_RATIO:g} x the "
                                  f"clipping radius {tau:.3g}")
-        if self.params.require_answer and not acct.proven and not reciprocal:
+        oneway = self.params.require_answer and not reciprocal
+        if oneway and not acct.proven:
             raise RejectedUpdate("unproven", "a one-way share, and no answer of this peer's merged here yet: "
                                  "its one-way shares count once it has answered one of this node's")
+        if oneway and acct.credit < 1.0:
+            acct.overdrawn += 1
+            if acct.probation or acct.overdrawn >= OVERDRAWN_LIMIT:
+                self._quarantine(peer, acct, now)
+                raise RejectedUpdate("quarantined", f"{OVERDRAWN_LIMIT} one-way shares more than its answers "
+                                     f"merged here; quarantined for {self.params.quarantine_s:g} s")
+            raise RejectedUpdate("unproven", "a one-way share beyond this peer's answers merged here (one each): "
+                                 "send it again once it has answered another of this node's shares")
         acct.probation = False
         # The per-peer share bucket, refilled by local gossip rounds.
         cap = max(_BUCKET_SHARES, self.params.max_peer_shares)
@@ -433,16 +447,31 @@ class ClippedRule(MergeRule):
         ps.merge(merged_values, take, bounded_version, share_rows)
         ps.limit_weight(self.params.weight_ceiling)
         acct.bucket -= 1.0
+        if oneway:
+            acct.credit -= 1.0
         acct.merged += 1
         acct.merged_version = version
         if scale < 1.0:
             acct.clipped += 1
         return Merged(distance, mix, take, bounded_version, merged_values, trusted_version=mix == 1.0)
 
+    def _adrift(self, tau: float, now: float) -> bool:
+        """Is this node's model the one far off: the latest shares of more than two thirds of the peers heard
+        recently (not quarantined) beyond the strike distance? Then far shares are clipped, not struck: a node
+        that an attack dragged away must not quarantine the honest peers that would bring it back. (Two thirds, as
+        for the radius: a hostile minority's far shares alone never make a node adrift.)"""
+        last = [a.last_distance for p, a in self._accounts.items()
+                if a.last_distance is not None and now - a.last_seen <= STALE_S and not self.is_quarantined(p, now)]
+        far = sum(1 for d in last if d > STRIKE_RATIO * tau)
+        return len(last) >= max(1, self.params.min_peers) and 3 * far > 2 * len(last)
+
     def answered(self, peer: bytes, answered: bool, now: float) -> None:
         acct = self._account(peer, now)
         acct.unanswered = 0 if answered else acct.unanswered + 1
         acct.proven = acct.proven or answered
+        if answered:
+            acct.credit = min(_BUCKET_SHARES, acct.credit + 1.0)
+            acct.overdrawn = max(0, acct.overdrawn - 1)
         if acct.unanswered >= self.params.quarantine_after and not self.is_quarantined(peer, now):
             self._quarantine(peer, acct, now)
 
