@@ -40,10 +40,23 @@ asynchronous, lossy push-sum. A share is screened in this order, and the first c
   quarter). A share farther than ``STRIKE_RATIO`` (1.25) x ``tau`` is refused (``far_off``) and is a *strike*
   (merging such shares clipped let sign-flip and IPM shrink every model before the quarantine); it is
   remembered as at most ``QUARANTINE_RATIO`` (4) x ``tau``, not its distance: far-off models cannot blow
-  ``tau`` up, honest distances that grow still raise it step by step.
+  ``tau`` up, honest distances that grow still raise it step by step. Except while this node is *adrift*: when
+  the latest shares of more than two thirds of the peers heard recently (not quarantined) are beyond the strike
+  distance, the node's own model is the one far off (an attack dragged it away), and a far share is merged
+  clipped instead, not struck: such a node used to quarantine the honest peers that would bring it back, and
+  be quarantined by them (two thirds, as for the radius: a hostile minority's far shares alone never make a
+  node adrift).
 - **Reciprocity** (``unproven``; push-pull tasks, ``require_answer``). A one-way share (one that asks for no
   answer) counts only once one of the peer's answers has been merged here: a sink, which takes shares and
-  answers none, never moves the model. Push-pull shares and answers (``reciprocal``) are screened as usual.
+  answers none, never moves the model. After that, one one-way share is merged per answer of the peer's
+  merged here (a credit of at most ``_BUCKET_SHARES``); a one-way share beyond it is refused (``unproven``)
+  and *overdraws*, and ``OVERDRAWN_LIMIT`` (2) overdrafts not made up by answers since quarantine the peer
+  (on probation, one does). Honest peers of a push-pull task send no one-way shares at all; an attacker that
+  answers and then sends a share every round to every domain (five times an honest peer's rate in
+  ``bench/robustness.py``) is quarantined within a few rounds. The cost: a domain whose task sends one-way
+  shares (``gossip.exchange = "push"``, or a privacy bound) to a push-pull domain more often than that domain
+  asks it for answers is quarantined there too, so a task's domains should agree on ``gossip.exchange``.
+  Push-pull shares and answers (``reciprocal``) are screened as usual.
 - **Rate bound** (``peer_budget``). One peer's shares merged are at most ``max_peer_shares`` per local gossip
   round (a token bucket refilled by ``PushSum.rounds``, holding ``_BUCKET_SHARES`` = 2): a flood of shares each
   within the radius cannot drag the model by the radius many times a round.
@@ -62,7 +75,8 @@ asynchronous, lossy push-sum. A share is screened in this order, and the first c
 do ``quarantine_after`` push-pull shares in a row that the peer took (acknowledged: this node gave the mass
 away) without an answer merged here (:meth:`MergeRule.answered`): a *sink* that only drains the mesh's mass,
 or answers with models this rule refuses (an answer refused for a reason of this node's own,
-``NEUTRAL_REFUSALS``, counts neither way). A quarantined peer's shares and pulls are refused, it is left out
+``NEUTRAL_REFUSALS``, counts neither way); and ``OVERDRAWN_LIMIT`` one-way shares beyond the peer's answers
+(reciprocity, above). A quarantined peer's shares and pulls are refused, it is left out
 of the radius and of the version median, and the task sends it nothing (``runtime.eligible``). When the time
 is up it is released on probation: its next share is merged as any other, but a single strike puts it back at
 once. Quarantine is local: it follows only from what this node received itself; no message can quarantine a
@@ -84,13 +98,19 @@ what a liar can do. Honest shares are rarely clipped (``tau`` is twice the lower
 distances: a few merges in a thousand in the bench), so learning loses little: ``bench/robustness.py`` measures
 clipped against plain push-sum with no attacker at equal steps (the ratio is in the README).
 
-**What it does not stop.** An attacker that answers push-pull with models inside the radius, and stays there
-(ALIE, dissensus, a lagging model at a current version), is neither a sink nor a striker: it is only clipped,
-rate- and mixing-bounded, and ``bench/robustness.py --answering`` measures what it still costs.
+**What it does not stop.** An attacker that answers push-pull with models inside the radius, stays there (ALIE,
+dissensus, a lagging model at a current version) and sends no more one-way shares than it answers (or none)
+is neither a sink, a striker nor an overdrawer: it is only clipped, rate- and mixing-bounded, and honest
+domains keep exchanging with it. ``bench/robustness.py --answer-only`` measures it; even an attacker that
+answers with a harmless lagging model costs there, because every exchange with it is one not made with an
+honest domain. Nor does it stop a peer that sends push-pull requests (which ask for an answer) in a loop
+with such models: each is merged, up to ``max_peer_shares`` a round, and answered with half this node's
+mass.
 
 Public API::
 
     MERGE_RULES = ("pushsum", "clipped")
+    OVERDRAWN_LIMIT = 2                                                   # one-way shares beyond the answers
     NEUTRAL_REFUSALS = ("calibrating", "peer_budget")                    # refusals that say nothing of the peer
     RuleParams(clip_factor, max_peer_shares, max_version_step, quarantine_after, quarantine_s,
                pull_interval_s, weight_ceiling, min_peers, max_pulls_per_min, stale_versions,
