@@ -327,6 +327,9 @@ def table(out: dict[str, Any]) -> str:
         for n in names:
             for rule in RULES:
                 runs = out["scenarios"][n]["runs"]
+                if f"{rule}/{attack}" not in runs:  # a combined table whose runs were cut short
+                    row.append("not run")
+                    continue
                 c, a = runs[f"{rule}/clean"]["curve"][-1], runs[f"{rule}/{attack}"]["curve"][-1]
                 loss = a["loss"] / c["loss"] if math.isfinite(a["loss"]) else math.inf
                 row.append(f"{a['accuracy'] / c['accuracy']:.2f} / {_g(loss)}")
@@ -359,7 +362,8 @@ def plot(path: Path, out: dict[str, Any]) -> None:
         labels = ["clean", *ATTACKS]
         xs = range(len(labels))
         for k, rule in enumerate(RULES):
-            accs = [runs[f"{rule}/{a}"]["curve"][-1]["accuracy"] for a in labels]
+            accs = [runs[f"{rule}/{a}"]["curve"][-1]["accuracy"] if f"{rule}/{a}" in runs else math.nan
+                    for a in labels]
             ax.bar([x + (k - 0.5) * 0.4 for x in xs], accs, width=0.4, label=rule)
         ax.set_xticks(list(xs), labels, rotation=45, ha="right")
         ax.set_ylim(0, 1)
