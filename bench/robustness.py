@@ -23,14 +23,16 @@ run learns from the same 6 data products, and the table shows what the attack co
 data). The clean rows compare the rules with no attacker: clipped / pushsum accuracy at equal steps.
 
     .venv/bin/python bench/robustness.py [--quick] [--scenario digits|mnist1d|all] [--rules pushsum,clipped]
-        [--attacks a,b] [--answering] [--out DIR]
+        [--attacks a,b] [--answering | --answer-only] [--out DIR]
     .venv/bin/python bench/robustness.py --combine A.json B.json ... [--out DIR]
 
 Writes ``DIR/robustness.json`` and ``DIR/robustness.png`` (default ``bench/results``) and prints the table
 (markdown, as in the README). ``--attacks`` / ``--rules`` (comma lists) run only those, to iterate on a rule
 (the table and PNG need every attack and both rules, or ``--combine`` of runs that have them: runs of the same
 scenario are merged, later files' runs replacing earlier ones'). ``--answering``: the attackers answer
-push-pull requests with their attack instead of answering none (the harness's behaviour).
+push-pull requests with their attack instead of answering none (the harness's behaviour); ``--answer-only``:
+they answer so and send nothing of their own (no one-way shares; ``pull`` still pulls), the attacker the
+clipped rule cannot tell from an honest domain by its traffic.
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ def main() -> int:
     parser.add_argument("--rules", default=",".join(RULES), help="comma list of rules to run (default both)")
     parser.add_argument("--answering", action="store_true",
                         help="attackers answer push-pull requests with their attack (tests/hostile.py's answer none)")
+    parser.add_argument("--answer-only", action="store_true",
+                        help="attackers answer push-pull with their attack and send no shares of their own")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
                         help="only merge the scenarios of earlier runs' robustness.json files into --out")
@@ -113,7 +117,8 @@ def main() -> int:
     out: dict[str, Any] = {
         "bench": "robustness", "mode": "quick" if args.quick else "full", "domains": DOMAINS, "hostile": len(HOSTILE),
         "every_steps": GOSSIP.every_steps, "codec": codec_for(TaskConfig()), "serve_window": GOSSIP.serve_window,
-        "topology": "exponential", "round_s": ROUND_S, "attackers_answer": args.answering,
+        "topology": "exponential", "round_s": ROUND_S, "attackers_answer": args.answering or args.answer_only,
+        "attackers_push": not args.answer_only,
         "optimizer": {"lr": LR, "momentum": MOMENTUM, "batch_size": BATCH},
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
                     "cpus": os.cpu_count()},
@@ -122,7 +127,8 @@ def main() -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="meshd-robust-") as tmp:
         for name in names:
-            out["scenarios"][name] = run_scenario(name, Path(tmp) / name, args.quick, rules, attacks, args.answering)
+            out["scenarios"][name] = run_scenario(name, Path(tmp) / name, args.quick, rules, attacks,
+                                                  args.answering or args.answer_only, not args.answer_only)
     out["elapsed_s"] = round(time.monotonic() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "robustness.json").write_text(json.dumps(out, indent=1))
@@ -134,7 +140,7 @@ def main() -> int:
 
 
 def run_scenario(name: str, workdir: Path, quick: bool, rules: list[str], attacks: list[str],
-                 answering: bool) -> dict[str, Any]:
+                 answering: bool, pushing: bool = True) -> dict[str, Any]:
     dataset, samples, model, alpha, rounds_full, rounds_quick, samples_quick = SCENARIOS[name]
     rounds, samples = (rounds_quick, samples_quick or samples) if quick else (rounds_full, samples)
     data = load_dataset(dataset, SEED, samples) if samples else load_dataset(dataset, SEED)
@@ -154,7 +160,7 @@ def run_scenario(name: str, workdir: Path, quick: bool, rules: list[str], attack
     for rule in rules:
         for attack in ("clean", *attacks):
             t = time.monotonic()
-            run = simulate(spec, init, domains, test, rule, attack, rounds, answering)
+            run = simulate(spec, init, domains, test, rule, attack, rounds, answering, pushing)
             run["elapsed_s"] = round(time.monotonic() - t, 1)
             res["runs"][f"{rule}/{attack}"] = run
             last = run["curve"][-1]
@@ -164,7 +170,7 @@ def run_scenario(name: str, workdir: Path, quick: bool, rules: list[str], attack
 
 
 def simulate(spec: models.ModelSpec, init: torch.Tensor, domains: list[DataProduct], test: DataProduct,
-             rule_name: str, attack: str, rounds: int, answering: bool = False) -> dict[str, Any]:
+             rule_name: str, attack: str, rounds: int, answering: bool = False, pushing: bool = True) -> dict[str, Any]:
     hostile = set(HOSTILE)
     honest = [i for i in range(DOMAINS) if i not in hostile]
     cfg = replace(TaskConfig(), gossip=replace(GOSSIP, merge=rule_name))
@@ -241,6 +247,8 @@ def simulate(spec: models.ModelSpec, init: torch.Tensor, domains: list[DataProdu
                         views[h][j] = answer.values  # its mass leaves the mesh
                     else:
                         refused[why or "weight_low"] = refused.get(why or "weight_low", 0) + 1
+                    continue
+                if not pushing:  # --answer-only: the attack rides on its answers alone
                     continue
                 vals, weight, version = _craft(attack, h, j, views, first, newest, init)
                 _deliver(rules[j], nodes[j], served[j], ids[h], vals, weight, version, None, now, refused)
@@ -319,6 +327,9 @@ def table(out: dict[str, Any]) -> str:
         for n in names:
             for rule in RULES:
                 runs = out["scenarios"][n]["runs"]
+                if f"{rule}/{attack}" not in runs:  # a combined table whose runs were cut short
+                    row.append("not run")
+                    continue
                 c, a = runs[f"{rule}/clean"]["curve"][-1], runs[f"{rule}/{attack}"]["curve"][-1]
                 loss = a["loss"] / c["loss"] if math.isfinite(a["loss"]) else math.inf
                 row.append(f"{a['accuracy'] / c['accuracy']:.2f} / {_g(loss)}")
@@ -351,7 +362,8 @@ def plot(path: Path, out: dict[str, Any]) -> None:
         labels = ["clean", *ATTACKS]
         xs = range(len(labels))
         for k, rule in enumerate(RULES):
-            accs = [runs[f"{rule}/{a}"]["curve"][-1]["accuracy"] for a in labels]
+            accs = [runs[f"{rule}/{a}"]["curve"][-1]["accuracy"] if f"{rule}/{a}" in runs else math.nan
+                    for a in labels]
             ax.bar([x + (k - 0.5) * 0.4 for x in xs], accs, width=0.4, label=rule)
         ax.set_xticks(list(xs), labels, rotation=45, ha="right")
         ax.set_ylim(0, 1)

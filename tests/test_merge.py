@@ -267,6 +267,49 @@ def test_in_a_push_pull_task_one_way_shares_count_once_the_peer_has_answered() -
     one_way.merge(ps, A, _vec(0.1, 0.0), 0.5, 0, None, 1.0)
 
 
+def test_one_way_shares_beyond_the_answers_merged_are_refused_and_two_more_quarantine_the_peer() -> None:
+    """An attacker that answers push-pull is proven by its first answer; its one-way shares are then merged one
+    per answer merged here (honest push-pull peers send none), and the second one beyond that quarantines it."""
+    ps = PushSum(_vec(0.0, 0.0))
+    rule = ClippedRule(RuleParams(require_answer=True, min_peers=1, max_peer_shares=100.0, quarantine_s=60.0))
+    with pytest.raises(RejectedUpdate, match="calibrating"):
+        rule.merge(ps, H, _vec(0.1, 0.0), 0.5, 0, None, 0.0)
+    rule.answered(H, True, 1.0)
+    rule.merge(ps, H, _vec(0.1, 0.0), 0.5, 0, None, 2.0)  # the answer's credit
+    with pytest.raises(RejectedUpdate, match="beyond this peer's answers"):
+        rule.merge(ps, H, _vec(0.1, 0.0), 0.5, 0, None, 3.0)
+    rule.answered(H, True, 4.0)  # another answer: one more one-way share, and the overdraft is forgiven
+    rule.merge(ps, H, _vec(0.1, 0.0), 0.5, 0, None, 5.0)
+    with pytest.raises(RejectedUpdate, match="beyond this peer's answers"):
+        rule.merge(ps, H, _vec(0.1, 0.0), 0.5, 0, None, 6.0)
+    assert ps.merges == 2 and not rule.is_quarantined(H, 6.0)
+    with pytest.raises(RejectedUpdate, match="quarantined"):
+        rule.merge(ps, H, _vec(0.1, 0.0), 0.5, 0, None, 7.0)
+    assert rule.is_quarantined(H, 7.0) and rule.events() == [("quarantined", H)]
+    rule.merge(ps, H, _vec(0.1, 0.0), 0.5, 0, None, 70.0, reciprocal=True)  # released: push-pull still merged
+    assert rule.events() == [("released", H)]
+    with pytest.raises(RejectedUpdate, match="quarantined"):  # on probation, one overdraft puts it back
+        rule.merge(ps, H, _vec(0.1, 0.0), 0.5, 0, None, 71.0)
+
+
+def test_a_node_dragged_away_clips_its_peers_far_shares_instead_of_quarantining_them() -> None:
+    """When more than two thirds of the peers' latest shares are beyond the strike distance, this node is the one
+    far off (an attack dragged it): far shares are merged clipped, and the honest peers are not quarantined.
+    A far minority is struck as before."""
+    ps = PushSum(_vec(0.0, 0.0))
+    rule = ClippedRule(RuleParams(quarantine_after=2, max_peer_shares=100.0))
+    _warm(rule, ps)  # A, B, C at 0.1: radius 0.2
+    ps.apply_update(_vec(0.0, 1.0))  # this node is dragged 1.0 away from its peers
+    home = _vec(0.1, 0.0)
+    for peer in (A, B):  # the first two far shares: a minority of the peers' latest, strikes
+        with pytest.raises(RejectedUpdate, match="far_off"):
+            rule.merge(ps, peer, home, 1e-3, 0, None, 1.0)
+    out = rule.merge(ps, C, home, 1e-3, 0, None, 2.0)  # now all three are far: this node is adrift
+    assert out.scale < 1.0 and float(torch.linalg.vector_norm(out.values - _vec(0.0, 1.0))) == pytest.approx(0.2)
+    rule.merge(ps, A, home, 1e-3, 0, None, 3.0)  # A's second far share in a row: merged, not a quarantine
+    assert not any(rule.is_quarantined(p, 3.0) for p in (A, B, C)) and rule.snapshot(3.0)[A]["strikes"] == 0
+
+
 def test_a_share_older_than_the_peers_last_or_far_behind_the_peers_is_refused_as_old_version() -> None:
     """Replaying an old model: refused once its version is ``stale_versions`` behind the median of the
     peers' versions, and a peer's version may never go back below the last one merged from it."""

@@ -40,10 +40,23 @@ asynchronous, lossy push-sum. A share is screened in this order, and the first c
   quarter). A share farther than ``STRIKE_RATIO`` (1.25) x ``tau`` is refused (``far_off``) and is a *strike*
   (merging such shares clipped let sign-flip and IPM shrink every model before the quarantine); it is
   remembered as at most ``QUARANTINE_RATIO`` (4) x ``tau``, not its distance: far-off models cannot blow
-  ``tau`` up, honest distances that grow still raise it step by step.
+  ``tau`` up, honest distances that grow still raise it step by step. Except while this node is *adrift*: when
+  the latest shares of more than two thirds of the peers heard recently (not quarantined) are beyond the strike
+  distance, the node's own model is the one far off (an attack dragged it away), and a far share is merged
+  clipped instead, not struck: such a node used to quarantine the honest peers that would bring it back, and
+  be quarantined by them (two thirds, as for the radius: a hostile minority's far shares alone never make a
+  node adrift).
 - **Reciprocity** (``unproven``; push-pull tasks, ``require_answer``). A one-way share (one that asks for no
   answer) counts only once one of the peer's answers has been merged here: a sink, which takes shares and
-  answers none, never moves the model. Push-pull shares and answers (``reciprocal``) are screened as usual.
+  answers none, never moves the model. After that, one one-way share is merged per answer of the peer's
+  merged here (a credit of at most ``_BUCKET_SHARES``); a one-way share beyond it is refused (``unproven``)
+  and *overdraws*, and ``OVERDRAWN_LIMIT`` (2) overdrafts not made up by answers since quarantine the peer
+  (on probation, one does). Honest peers of a push-pull task send no one-way shares at all; an attacker that
+  answers and then sends a share every round to every domain (five times an honest peer's rate in
+  ``bench/robustness.py``) is quarantined within a few rounds. The cost: a domain whose task sends one-way
+  shares (``gossip.exchange = "push"``, or a privacy bound) to a push-pull domain more often than that domain
+  asks it for answers is quarantined there too, so a task's domains should agree on ``gossip.exchange``.
+  Push-pull shares and answers (``reciprocal``) are screened as usual.
 - **Rate bound** (``peer_budget``). One peer's shares merged are at most ``max_peer_shares`` per local gossip
   round (a token bucket refilled by ``PushSum.rounds``, holding ``_BUCKET_SHARES`` = 2): a flood of shares each
   within the radius cannot drag the model by the radius many times a round.
@@ -62,7 +75,8 @@ asynchronous, lossy push-sum. A share is screened in this order, and the first c
 do ``quarantine_after`` push-pull shares in a row that the peer took (acknowledged: this node gave the mass
 away) without an answer merged here (:meth:`MergeRule.answered`): a *sink* that only drains the mesh's mass,
 or answers with models this rule refuses (an answer refused for a reason of this node's own,
-``NEUTRAL_REFUSALS``, counts neither way). A quarantined peer's shares and pulls are refused, it is left out
+``NEUTRAL_REFUSALS``, counts neither way); and ``OVERDRAWN_LIMIT`` one-way shares beyond the peer's answers
+(reciprocity, above). A quarantined peer's shares and pulls are refused, it is left out
 of the radius and of the version median, and the task sends it nothing (``runtime.eligible``). When the time
 is up it is released on probation: its next share is merged as any other, but a single strike puts it back at
 once. Quarantine is local: it follows only from what this node received itself; no message can quarantine a
@@ -84,13 +98,19 @@ what a liar can do. Honest shares are rarely clipped (``tau`` is twice the lower
 distances: a few merges in a thousand in the bench), so learning loses little: ``bench/robustness.py`` measures
 clipped against plain push-sum with no attacker at equal steps (the ratio is in the README).
 
-**What it does not stop.** An attacker that answers push-pull with models inside the radius, and stays there
-(ALIE, dissensus, a lagging model at a current version), is neither a sink nor a striker: it is only clipped,
-rate- and mixing-bounded, and ``bench/robustness.py --answering`` measures what it still costs.
+**What it does not stop.** An attacker that answers push-pull with models inside the radius, stays there (ALIE,
+dissensus, a lagging model at a current version) and sends no more one-way shares than it answers (or none)
+is neither a sink, a striker nor an overdrawer: it is only clipped, rate- and mixing-bounded, and honest
+domains keep exchanging with it. ``bench/robustness.py --answer-only`` measures it; even an attacker that
+answers with a harmless lagging model costs there, because every exchange with it is one not made with an
+honest domain. Nor does it stop a peer that sends push-pull requests (which ask for an answer) in a loop
+with such models: each is merged, up to ``max_peer_shares`` a round, and answered with half this node's
+mass.
 
 Public API::
 
     MERGE_RULES = ("pushsum", "clipped")
+    OVERDRAWN_LIMIT = 2                                                   # one-way shares beyond the answers
     NEUTRAL_REFUSALS = ("calibrating", "peer_budget")                    # refusals that say nothing of the peer
     RuleParams(clip_factor, max_peer_shares, max_version_step, quarantine_after, quarantine_s,
                pull_interval_s, weight_ceiling, min_peers, max_pulls_per_min, stale_versions,
@@ -134,6 +154,7 @@ QUARANTINE_RATIO = 4.0  # a far-off share is remembered at this times the radius
 CALIBRATION_MAX_REFUSALS = 16  # after this many shares refused while calibrating, any peer heard will do
 STALE_S = 300.0  # a peer not heard from for this long is left out of the radius
 MAX_PEERS = 4096  # accounts kept; beyond this the least recently seen are forgotten
+OVERDRAWN_LIMIT = 2  # (require_answer) one-way shares beyond a peer's answers merged that quarantine it
 _BUCKET_SHARES = 2.0  # the per-peer share bucket holds this many shares (or one round's max_peer_shares)
 
 
@@ -186,6 +207,9 @@ class _Account:
     merged_version: int = -1  # the version of this peer's latest share merged
     unanswered: int = 0  # push-pull shares in a row this peer took without answering
     proven: bool = False  # an answer of this peer's was merged here
+    last_distance: float | None = None  # the distance of this peer's latest share screened for the radius
+    credit: float = 0.0  # (require_answer) one-way shares this peer may still have merged: one per answer merged
+    overdrawn: int = 0  # (require_answer) one-way shares beyond the credit, less answers merged since
 
 
 class MergeRule:
@@ -388,7 +412,8 @@ class ClippedRule(MergeRule):
             acct.distances.append(distance)
             self._calibration_refusals += 1
             raise RejectedUpdate("calibrating", "still learning how far peers' models are; send it again later")
-        strike = distance > STRIKE_RATIO * tau
+        acct.last_distance = distance
+        strike = distance > STRIKE_RATIO * tau and not self._adrift(tau, now)
         acct.strikes = acct.strikes + 1 if strike else 0
         # A distance is remembered at QUARANTINE_RATIO x tau at most: honest distances that grow (training speeds
         # up, a domain drifts) raise the radius step by step, while a minority of hostile peers, far off or
@@ -402,9 +427,18 @@ class ClippedRule(MergeRule):
         if strike:
             raise RejectedUpdate("far_off", f"{distance:.3g} from this model, beyond {STRIKE_RATIO:g} x the "
                                  f"clipping radius {tau:.3g}")
-        if self.params.require_answer and not acct.proven and not reciprocal:
+        oneway = self.params.require_answer and not reciprocal
+        if oneway and not acct.proven:
             raise RejectedUpdate("unproven", "a one-way share, and no answer of this peer's merged here yet: "
                                  "its one-way shares count once it has answered one of this node's")
+        if oneway and acct.credit < 1.0:
+            acct.overdrawn += 1
+            if acct.probation or acct.overdrawn >= OVERDRAWN_LIMIT:
+                self._quarantine(peer, acct, now)
+                raise RejectedUpdate("quarantined", f"{OVERDRAWN_LIMIT} one-way shares more than its answers "
+                                     f"merged here; quarantined for {self.params.quarantine_s:g} s")
+            raise RejectedUpdate("unproven", "a one-way share beyond this peer's answers merged here (one each): "
+                                 "send it again once it has answered another of this node's shares")
         acct.probation = False
         # The per-peer share bucket, refilled by local gossip rounds.
         cap = max(_BUCKET_SHARES, self.params.max_peer_shares)
@@ -433,16 +467,31 @@ class ClippedRule(MergeRule):
         ps.merge(merged_values, take, bounded_version, share_rows)
         ps.limit_weight(self.params.weight_ceiling)
         acct.bucket -= 1.0
+        if oneway:
+            acct.credit -= 1.0
         acct.merged += 1
         acct.merged_version = version
         if scale < 1.0:
             acct.clipped += 1
         return Merged(distance, mix, take, bounded_version, merged_values, trusted_version=mix == 1.0)
 
+    def _adrift(self, tau: float, now: float) -> bool:
+        """Is this node's model the one far off: the latest shares of more than two thirds of the peers heard
+        recently (not quarantined) beyond the strike distance? Then far shares are clipped, not struck: a node
+        that an attack dragged away must not quarantine the honest peers that would bring it back. (Two thirds, as
+        for the radius: a hostile minority's far shares alone never make a node adrift.)"""
+        last = [a.last_distance for p, a in self._accounts.items()
+                if a.last_distance is not None and now - a.last_seen <= STALE_S and not self.is_quarantined(p, now)]
+        far = sum(1 for d in last if d > STRIKE_RATIO * tau)
+        return len(last) >= max(1, self.params.min_peers) and 3 * far > 2 * len(last)
+
     def answered(self, peer: bytes, answered: bool, now: float) -> None:
         acct = self._account(peer, now)
         acct.unanswered = 0 if answered else acct.unanswered + 1
         acct.proven = acct.proven or answered
+        if answered:
+            acct.credit = min(_BUCKET_SHARES, acct.credit + 1.0)
+            acct.overdrawn = max(0, acct.overdrawn - 1)
         if acct.unanswered >= self.params.quarantine_after and not self.is_quarantined(peer, now):
             self._quarantine(peer, acct, now)
 
