@@ -201,8 +201,9 @@ class GossipConfig:
     # "push": one-way shares only (docs/learning.md section 4).
     exchange: str = field(default="pushpull", metadata=_opt(_one_of("pushpull", "push")))
     serve_window: int = field(default=16, metadata=_opt(_between(0, 1000)))
-    # The served model (docs/learning.md section 5): "peers" = the mean of the estimate and the latest model of
-    # each of the last serve_window peers heard; "ema" = the estimate blended with an EMA of span serve_window.
+    # The served model (docs/learning.md section 5): "peers" = the mean of the estimate and, for each of the last
+    # serve_window peers heard, its models of about the last serve_smooth_s seconds (a peer heard less often:
+    # its latest); "ema" = the estimate blended with an EMA of span serve_window over every model received.
     serve: str = field(default="peers", metadata=_opt(_one_of("peers", "ema")))
     serve_smooth_s: float = field(default=2.0, metadata=_opt(_between(0.0, 3600.0)))
     topology: str = field(default="exponential", metadata=_opt(_one_of("exponential", "random")))

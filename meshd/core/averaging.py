@@ -59,10 +59,12 @@ Serving (``ServedModel``): a domain's push-sum estimate right after local steps 
 data leans towards its own classes; on a skewed split that costs tens of points on every class it lacks,
 although the mesh's average model (``S / W``) is good. The model a domain serves is therefore its estimate
 blended with the models its peers sent it. By default (``kind = "peers"``) it is the mean of the estimate and
-of the latest model of each of the last ``window`` distinct peers heard: every peer counts once however often
-it sends (the big domains exchange most often, and an average over every share received leaned towards
-their classes), and no model older than a peer's latest is kept (an EMA of every share lagged the mesh by
-about ``window / 2`` exchanges). Peers' leanings point to different classes and largely cancel, so the
+of one entry for each of the last ``window`` distinct peers heard: that peer's models smoothed in time (an EMA
+with time constant ``smooth_s``: a peer heard often counts with its models of about the last ``smooth_s``
+seconds, one heard rarely with its latest). Every peer counts once however often it sends (the big domains
+exchange most often, and an average over every share received leaned towards their classes), and no peer's
+entry lags it by more than about ``smooth_s`` (an EMA over every share lagged the mesh by about ``window / 2``
+exchanges). Peers' leanings point to different classes and largely cancel, so the
 served model tracks the mesh average. ``kind = "ema"`` is the older blend, ``(z + window * ema) / (window +
 1)``. With training off it converges to the same consensus as the estimate. It is never sent: gossip and
 training use the estimate, so the averaging maths above is unchanged.
@@ -78,7 +80,7 @@ Public API::
     RejectedUpdate(reason: str, detail: str = "")                        # MeshdError, ValueError
     consensus_distance(z_self, z_other, eps=1e-12) -> float              # relative L2
     SERVE_KINDS = ("peers", "ema")
-    ServedModel(window, kind="peers", stale_s=60.0)                      # what a domain serves
+    ServedModel(window, kind="peers", stale_s=60.0, smooth_s=0.0)        # what a domain serves
         .observe(values, peer=b"", now=0.0) .settle(values) .unsettle() .value(own, now=None) -> Tensor
         .reset() .window .kind .observed .settled
     data_scale(own_rows, mean_rows) -> float                              # rows / mean, clamped
@@ -197,8 +199,9 @@ SERVE_KINDS = ("peers", "ema")
 class ServedModel:
     """The model a domain serves: its estimate blended with the models peers sent (see the module docstring).
 
-    ``kind = "peers"``: the mean of the estimate and the latest model of each of the last ``window`` distinct
-    peers heard (a peer silent for ``stale_s`` drops out). ``kind = "ema"``: the estimate blended with an EMA
+    ``kind = "peers"``: the mean of the estimate and one entry for each of the last ``window`` distinct peers
+    heard, its models smoothed with time constant ``smooth_s`` (0: its latest model; a peer silent for
+    ``stale_s`` drops out). ``kind = "ema"``: the estimate blended with an EMA
     of every model received, ``(z + window * ema) / (window + 1)``. ``window = 0``: the estimate itself."""
 
     def __init__(self, window: int, kind: str = "peers", stale_s: float = 60.0, smooth_s: float = 0.0) -> None:

@@ -167,9 +167,9 @@ topology = "exponential"         # exponential (peer 2^r places on in the ring o
 codec = "auto"                   # auto (q4 for classification and binary, q8 for regression: q4 doubles a
                                  # regression's RMSE, docs/learning.md section 9) | q4 (4-bit blocks, ~0.58
                                  # bytes/value) | q8 (~1.08) | f16 | f32 | f64
-serve = "peers"                  # the served model: peers (the mean of our estimate and the latest model of each
-                                 # of the last serve_window peers heard) | ema (our estimate blended with an EMA
-                                 # of span serve_window of every model received)
+serve = "peers"                  # the served model: peers (the mean of our estimate and each of the last
+                                 # serve_window peers' recent models, serve_smooth_s below) | ema (our estimate
+                                 # blended with an EMA of span serve_window of every model received)
 serve_window = 16                # peers (or the EMA's span) in the served model (0 = serve our estimate itself)
 serve_smooth_s = 2.0             # peers: a peer's entry averages its models over about this many seconds (a
                                  # peer heard less often counts with its latest model; 0 = always the latest)
