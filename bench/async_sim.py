@@ -48,19 +48,23 @@ from meshd.task.data import load_data_product
 from meshd.task.learner import Learner, TrainConfig
 
 BATCH, LR, MOMENTUM = 32, 0.01, 0.9
-DOMAINS, CORES = 16, 2
+CORES = 2
+# name: (dataset, domains, model, min rows per domain), as bench/learning.py's scenarios
+SCENARIOS = {"mnist1d": ("mnist1d", 16, "cnn1d", 50), "digits": ("digits", 8, "mlp", 20)}
 RESULTS = Path(__file__).resolve().parent / "results" / "async_sim.json"
 
 
 class Sim:
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
-        data = load_dataset("mnist1d", 0, args.samples)
-        build_mesh(workdir, DOMAINS, dataset="mnist1d", alpha=0.1, seed=0,
-                   min_per_domain=50 if args.samples >= 40_000 else 20, data=data, test_fraction=0.2)
+        dataset, self.n, model, min_rows = SCENARIOS[args.scenario]
+        samples = args.samples if dataset == "mnist1d" else 0
+        data = load_dataset(dataset, 0, samples)
+        build_mesh(workdir, self.n, dataset=dataset, alpha=0.1, seed=0,
+                   min_per_domain=min_rows if samples in (0, 40_000) else 20, data=data, test_fraction=0.2)
         self.doms = [load_data_product(workdir / f"domain-{i}" / "data.npz", "label", None, 0.0, 10, i)
-                     for i in range(DOMAINS)]
+                     for i in range(self.n)]
         self.test = load_data_product(workdir / "shared" / "test.npz", "label", None, 0.0, 10, 0)
-        spec = models.ModelSpec(name="cnn1d", num_classes=10)
+        spec = models.ModelSpec(name=model, num_classes=10)
         dim = self.test.input_dim
         init = models.flatten(models.build_model(spec, dim, models.initial_seed(spec, dim, 0)))
         self.learners = [Learner(models.build_model(spec, dim, 0), d,
@@ -74,15 +78,15 @@ class Sim:
         self.served = [ServedModel(args.serve_window, args.serve_kind, args.serve_stale_s, args.serve_smooth_s)
                        for _ in self.doms]
         self.value_bytes = encoded_size(init.numel(), args.codec) / init.numel()  # bytes per value on the wire
-        self.steps = [0] * DOMAINS
+        self.steps = [0] * self.n
         self.heard: list[dict[int, float]] = [{} for _ in self.doms]
-        self.training = [False] * DOMAINS
-        self.busy = [False] * DOMAINS  # an exchange in flight (the gossip loop runs one round at a time)
-        self.chain = [False] * DOMAINS  # a part's exchanges not done yet
-        self.rounds = [0] * DOMAINS
-        self.round_started = [-math.inf] * DOMAINS  # virtual time of each domain's latest round
-        self.ids = [i.to_bytes(32, "big") for i in range(DOMAINS)]  # stand-ins for peer ids
-        self.values_moved = [0] * DOMAINS
+        self.training = [False] * self.n
+        self.busy = [False] * self.n  # an exchange in flight (the gossip loop runs one round at a time)
+        self.chain = [False] * self.n  # a part's exchanges not done yet
+        self.rounds = [0] * self.n
+        self.round_started = [-math.inf] * self.n  # virtual time of each domain's latest round
+        self.ids = [i.to_bytes(32, "big") for i in range(self.n)]  # stand-ins for peer ids
+        self.values_moved = [0] * self.n
         self.queue: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self.counter = itertools.count()
 
@@ -209,21 +213,21 @@ class Sim:
         mesh = sum((p.numerator() for p in self.ps), torch.zeros_like(self.ps[0].numerator()))
         served = [acc(s.value(p.estimate(), t)) for s, p in zip(self.served, self.ps, strict=True)]
         own = [acc(p.estimate()) for p in self.ps]
-        return {"steps": round(sum(self.steps) / DOMAINS, 1), "t_s": round(t, 2),
+        return {"steps": round(sum(self.steps) / self.n, 1), "t_s": round(t, 2),
                 "mesh": acc(mesh / sum(p.weight for p in self.ps)),
-                "served": [sum(served) / DOMAINS, min(served)], "own": [sum(own) / DOMAINS, min(own)],
-                "mb_per_domain": round(sum(self.values_moved) / DOMAINS * self.value_bytes / 1e6, 2),
+                "served": [sum(served) / self.n, min(served)], "own": [sum(own) / self.n, min(own)],
+                "mb_per_domain": round(sum(self.values_moved) / self.n * self.value_bytes / 1e6, 2),
                 "weights": [round(p.weight, 2) for p in self.ps]}
 
     def run(self, marks: list[int]) -> list[dict[str, Any]]:
-        for i in range(DOMAINS):
+        for i in range(self.n):
             self.at(self.rng.random() * 0.1, self.train, i)
             self.at(self.rng.random() * self.a.interval, self.timer, i)
         out: list[dict[str, Any]] = []
         while marks and self.queue:
             t, _, fn, args = heapq.heappop(self.queue)
             fn(t, *args)
-            if sum(self.steps) / DOMAINS >= marks[0]:
+            if sum(self.steps) / self.n >= marks[0]:
                 marks.pop(0)
                 out.append(self.point(t))
                 print(json.dumps(out[-1]), flush=True)
@@ -232,6 +236,7 @@ class Sim:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scenario", choices=tuple(SCENARIOS), default="mnist1d")
     ap.add_argument("--exchange", choices=("push", "pushpull"), default="pushpull")
     ap.add_argument("--every-steps", type=int, default=8, help="gossip.every_steps (0: per_round parts)")
     ap.add_argument("--per-round", type=int, default=8)

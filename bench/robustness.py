@@ -6,16 +6,15 @@ abandon, the ``gossip.codec``, data weighting by rows), the merge rules of ``mes
 parameters a daemon gives them (``meshd.task.runtime.rule_params``: weight ceiling and cap = trusted + 1,
 calibration on 3 peers), the exchange the daemon uses with that rule (``runtime.asks_answers``: push-pull, or
 one-way shares), pull answers under the rule's pull limits (``gossip.pull_fraction``, ``pull_min_weight``),
-the served model (``ServedModel``, ``gossip.serve_window``; its kind is pinned to the one the recorded figures were
-measured with, ``SERVE_KIND``) and local SGD (``Learner``, the optimizer and data
-set-up of ``bench/learning.py``: same splits, same initial weights). In lock step, as ``bench/privacy.py``:
-one round = every honest domain trains ``gossip.every_steps`` steps, then runs one exchange with its peer on
-the exponential graph's ring of the cycle (``meshd.core.membership.exponential_targets``); everything is
-delivered at once, and a round is ``ROUND_S`` seconds of the rules' clock (a part and its exchange on a
-daemon). The attackers are ``tests/hostile.py``'s attacks (``craft``), seeing every share sent to them and
-the newest version in them, sending a share to every honest domain every round (a pull, for ``pull``), as
-the harness does every ``interval_s``. Real daemons with the socket harness are exercised by
-``tests/test_robust_daemons.py``; this bench measures the learning.
+the served model (``ServedModel``: ``gossip.serve``, ``serve_window``, ``serve_smooth_s``) and local SGD
+(``Learner``, the optimizer and data set-up of ``bench/learning.py``: same splits, same initial weights). In lock
+step, as ``bench/privacy.py``: one round = every honest domain trains ``gossip.every_steps`` steps, then runs one
+exchange with its peer on the exponential graph's ring of the cycle
+(``meshd.core.membership.exponential_targets``); everything is delivered at once, and a round is ``ROUND_S``
+seconds of the rules' clock (a part and its exchange on a daemon). The attackers are ``tests/hostile.py``'s attacks
+(``craft``), seeing every share sent to them and the newest version in them, sending a share to every honest domain
+every round (a pull, for ``pull``), as the harness does every ``interval_s``. Real daemons with the socket harness
+are exercised by ``tests/test_robust_daemons.py``; this bench measures the learning.
 
 For each scenario (digits, MNIST-1D) and each attack: mean accuracy and mean cross-entropy of the 6 honest
 domains' served models on the shared test set, after the same local steps, relative to the clean run under
@@ -79,10 +78,6 @@ SCENARIOS = {  # name: (dataset, samples, model, alpha, rounds full, rounds quic
     "mnist1d": ("mnist1d", 40_000, "cnn1d", 0.1, 300, 150, 10_000),
 }
 EVAL_EVERY = 10
-# The served model the figures in bench/results were measured with: the EMA over every share received, the
-# daemon's default until stop 23 (now gossip.serve = "peers"). It only changes what is scored, the same way in
-# the clean and the attacked runs; re-measuring with "peers" is a follow-up.
-SERVE_KIND = "ema"
 
 
 def main() -> int:
@@ -184,7 +179,7 @@ def simulate(spec: models.ModelSpec, init: torch.Tensor, domains: list[DataProdu
     rows = {i: float(domains[i].num_train) for i in honest}
     nodes = {i: PushSum(init.clone(), codec=codec_for(cfg), max_weight=float(DOMAINS), rows=rows[i])
              for i in honest}
-    served = {i: ServedModel(GOSSIP.serve_window, SERVE_KIND) for i in honest}
+    served = {i: ServedModel(GOSSIP.serve_window, GOSSIP.serve, smooth_s=GOSSIP.serve_smooth_s) for i in honest}
     rules = {i: make_rule(rule_name, rule_params(cfg.gossip, DOMAINS - 1, pushpull)) for i in honest}
     ids = [bytes([i]) * 32 for i in range(DOMAINS)]
     # In the clean run the hostile domains are silent (dead): the honest ones walk the graph among themselves.
