@@ -595,6 +595,25 @@ def test_served_peers_smooths_each_peers_models_in_time() -> None:
         ServedModel(window=4, smooth_s=-1.0)
 
 
+def test_served_model_reconfigured_by_a_reload_applies_in_place() -> None:
+    served = ServedModel(window=3)
+    own = _v(0.0)
+    for i, peer in enumerate((b"a", b"b", b"c")):
+        served.observe(_v(3.0 * (i + 1)), peer, now=float(i))  # a 3, b 6, c 9
+    assert not served.reconfigure(3, "peers", 0.0)  # nothing changed
+    assert torch.equal(served.value(own, now=3.0), _v(4.5))  # (0 + 3 + 6 + 9) / 4
+    assert served.reconfigure(1, "peers", 0.0)  # a smaller window drops the peers heard longest ago
+    assert served.window == 1 and torch.equal(served.value(own, now=3.0), _v(4.5))  # (0 + 9) / 2
+    assert served.reconfigure(1, "peers", 2.0)
+    served.observe(_v(1.0), b"c", now=2.0 + 2.0 * math.log(2.0))  # the new time constant: halfway, 9 -> 5
+    assert torch.allclose(served.value(own, now=5.0), _v(2.5))
+    assert served.reconfigure(4, "ema", 2.0) and served.kind == "ema"  # a new kind starts from nothing
+    assert torch.equal(served.value(own), own)
+    with pytest.raises(ValueError, match="kind"):
+        served.reconfigure(4, "median", 2.0)
+    assert served.kind == "ema" and served.window == 4  # a refused value changes nothing
+
+
 def test_served_peers_drops_the_model_restored_from_a_checkpoint_once_peers_are_heard() -> None:
     served = ServedModel(window=16)
     served.observe(_v(8.0), now=0.0)  # what the checkpoint served (peer b"")

@@ -82,7 +82,7 @@ Public API::
     SERVE_KINDS = ("peers", "ema")
     ServedModel(window, kind="peers", stale_s=60.0, smooth_s=0.0)        # what a domain serves
         .observe(values, peer=b"", now=0.0) .settle(values) .unsettle() .value(own, now=None) -> Tensor
-        .reset() .window .kind .observed .settled
+        .reset() .reconfigure(window, kind, smooth_s) -> bool .window .kind .observed .settled
     data_scale(own_rows, mean_rows) -> float                              # rows / mean, clamped
     PushSum(values, weight=1.0, version=0, *, max_abs=1e6, max_weight=1e9, codec="f32",
             max_pending=64, rows=0.0)
@@ -296,6 +296,22 @@ class ServedModel:
         self._sum = None
         self._settled = None
         self.observed = 0
+
+    def reconfigure(self, window: int, kind: str, smooth_s: float) -> bool:
+        """A reload changed ``gossip.serve*``: apply it in place; ``True`` when anything changed. A new kind
+        starts from nothing (the estimate alone until peers are heard again); a smaller window drops the
+        peers heard longest ago; a new ``smooth_s`` applies from the next model each peer sends."""
+        fresh = ServedModel(window, kind, self.stale_s, smooth_s)  # validates, as the constructor does
+        if (window, kind, smooth_s) == (self.window, self.kind, self.smooth_s):
+            return False
+        if kind != self.kind or window == 0:
+            fresh._settled = self._settled
+            self.__dict__.update(fresh.__dict__)
+            return True
+        self.window, self.smooth_s, self._beta = window, smooth_s, fresh._beta
+        while len(self._latest) > window:
+            self._drop(next(iter(self._latest)))
+        return True
 
 
 class PushSum:

@@ -207,6 +207,10 @@ class LearningTask:
             self._log.warning("privacy_budget_raised", epsilon_budget=cfg.privacy.epsilon, previous=old_budget)
         if self.engine.pushsum is not None:
             self.engine.pushsum.codec = cast(CodecName, codec_for(cfg))
+        g = cfg.gossip
+        if self.engine.served.reconfigure(g.serve_window, g.serve, g.serve_smooth_s):
+            self._log.info("task_served_model_changed", serve=g.serve, serve_window=g.serve_window,
+                           serve_smooth_s=g.serve_smooth_s)
         if cfg.gossip.merge != self.merge_rule.name:
             self.merge_rule = make_rule(cfg.gossip.merge, self._rule_params())
             self._log.info("task_merge_rule_changed", rule=cfg.gossip.merge)
