@@ -99,8 +99,7 @@ def test_an_honest_share_within_the_radius_is_merged_exactly() -> None:
 def test_one_peer_cannot_merge_more_than_its_shares_per_round() -> None:
     ps = PushSum(_vec(0.0))
     rule = ClippedRule(RuleParams(max_peer_shares=1.0, weight_ceiling=1e9, min_peers=1))
-    with pytest.raises(RejectedUpdate, match="calibrating"):
-        rule.merge(ps, H, _vec(0.0), 0.5, 0, None, 0.0)
+    # Identical models need no calibration: merged whole (RADIUS_FLOOR).
     merged = 0
     with pytest.raises(RejectedUpdate, match="peer_budget"):
         for _ in range(10):  # a flood in one round
@@ -117,8 +116,6 @@ def test_one_peer_cannot_merge_more_than_its_shares_per_round() -> None:
 def test_weight_inflation_is_capped_by_the_ceiling_and_leaves_the_model() -> None:
     ps = PushSum(_vec(2.0, -1.0))
     rule = ClippedRule(RuleParams(weight_ceiling=3.0, min_peers=1))
-    with pytest.raises(RejectedUpdate, match="calibrating"):
-        rule.merge(ps, H, ps.estimate(), 9.0, 0, None, 0.0)
     for _ in range(20):
         ps.prepare(1)
         rule.merge(ps, H, ps.estimate(), 9.0, 0, None, 0.0)
@@ -160,10 +157,28 @@ def test_versions_rise_by_at_most_the_step_and_clipped_versions_are_not_believed
 def test_rows_estimates_are_clamped_to_a_factor_of_two() -> None:
     ps = PushSum(_vec(0.0), rows=100.0)
     rule = ClippedRule(RuleParams(min_peers=1))
-    with pytest.raises(RejectedUpdate, match="calibrating"):
-        rule.merge(ps, H, _vec(0.0), 1.0, 0, 1e12, 0.0)
     rule.merge(ps, H, _vec(0.0), 1.0, 0, 1e12, 0.0)
     assert ps.mean_rows == pytest.approx(150.0)  # (100 + 200) / 2, not ~5e11
+
+
+def test_identical_models_do_not_calibrate_the_radius_to_zero() -> None:
+    """A mesh that gossips before it trains sends identical models: they merge whole and teach the radius
+    nothing. (They used to calibrate it to 0, which stayed 0: every trained model was then struck or clipped
+    to nothing, and 16 real daemons learned no better than alone.)"""
+    ps = PushSum(_vec(1.0, 1.0))
+    rule = ClippedRule(RuleParams(weight_ceiling=1e9))
+    for _ in range(3):
+        for peer in (A, B, C):
+            ps.prepare(1)
+            assert rule.merge(ps, peer, ps.estimate(), ps.weight, 0, None, 0.0).scale == 1.0
+    assert rule.radius(ps, 0.0) is None and ps.merges == 9  # merged, but not calibrated by them
+    for peer in (A, B, C):  # the first trained models calibrate it: 2 x 0.1
+        with pytest.raises(RejectedUpdate, match="calibrating"):
+            rule.merge(ps, peer, ps.estimate() + _vec(0.1, 0.0), 1e-6, 0, None, 0.0)
+    assert rule.radius(ps, 0.0) == pytest.approx(0.2)
+    out = rule.merge(ps, A, ps.estimate() + _vec(0.15, 0.0), 1e-6, 0, None, 0.0)
+    assert out.scale == 1.0  # an honest distance is merged whole
+    assert rule.radius(ps, 0.0) >= 1e-3 * float(torch.linalg.vector_norm(ps.estimate()))  # never below the floor
 
 
 def test_quarantine_after_persistent_strikes_then_release_and_probation() -> None:

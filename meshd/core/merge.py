@@ -153,6 +153,9 @@ STRIKE_RATIO = 1.25  # a share farther than this times the radius is refused (fa
 QUARANTINE_RATIO = 4.0  # a far-off share is remembered at this times the radius at most
 CALIBRATION_MAX_REFUSALS = 16  # after this many shares refused while calibrating, any peer heard will do
 STALE_S = 300.0  # a peer not heard from for this long is left out of the radius
+# A share within this fraction of the local model's norm is as good as the local model: merged whole, and its
+# distance (no measure of how far honest peers are) is not remembered; the radius is never below it.
+RADIUS_FLOOR = 1e-3
 MAX_PEERS = 4096  # accounts kept; beyond this the least recently seen are forgotten
 OVERDRAWN_LIMIT = 2  # (require_answer) one-way shares beyond a peer's answers merged that quarantine it
 _BUCKET_SHARES = 2.0  # the per-peer share bucket holds this many shares (or one round's max_peer_shares)
@@ -370,11 +373,17 @@ class ClippedRule(MergeRule):
         enough = max(1, self.params.min_peers)
         if self._calibration_refusals >= CALIBRATION_MAX_REFUSALS:
             enough = 1  # few peers talk to this node: calibrate on those there are rather than never
-        if len(typical) < enough:
-            return self._last_radius  # once calibrated, peers gone quiet or quarantined keep the last radius
-        typical.sort()
-        self._last_radius = self.params.clip_factor * typical[(len(typical) - 1) // 3]
-        return self._last_radius
+        if len(typical) >= enough:
+            typical.sort()
+            self._last_radius = self.params.clip_factor * typical[(len(typical) - 1) // 3]
+        # (Once calibrated, peers gone quiet or quarantined keep the last radius.)
+        if self._last_radius is None:
+            return None
+        return max(self._last_radius, self._floor(ps))
+
+    @staticmethod
+    def _floor(ps: PushSum) -> float:
+        return RADIUS_FLOOR * float(torch.linalg.vector_norm(ps.estimate()))
 
     def peers_version(self, now: float) -> int | None:
         """The median of the versions in the latest shares of the peers heard recently (not quarantined);
@@ -407,18 +416,25 @@ class ClippedRule(MergeRule):
                                  f"({reference})")
         z = ps.estimate()
         distance = float(torch.linalg.vector_norm(values - z))
+        # Within RADIUS_FLOOR of this model (a mesh that has not trained yet, or has converged): merged whole,
+        # and not remembered. Identical models used to calibrate the radius to 0, and a radius of 0 stayed 0
+        # (a distance is remembered at QUARANTINE_RATIO x tau at most): every share of the trained models was
+        # then struck or clipped to nothing, and the domains learned alone.
+        near = distance <= RADIUS_FLOOR * float(torch.linalg.vector_norm(z))
         tau = self.radius(ps, now)
-        if tau is None:
+        if tau is None and not near:
             acct.distances.append(distance)
             self._calibration_refusals += 1
             raise RejectedUpdate("calibrating", "still learning how far peers' models are; send it again later")
-        acct.last_distance = distance
-        strike = distance > STRIKE_RATIO * tau and not self._adrift(tau, now)
+        strike = False
+        if tau is not None and not near:
+            acct.last_distance = distance
+            strike = distance > STRIKE_RATIO * tau and not self._adrift(tau, now)
+            # A distance is remembered at QUARANTINE_RATIO x tau at most: honest distances that grow (training
+            # speeds up, a domain drifts) raise the radius step by step, while a minority of hostile peers, far
+            # off or not, cannot move the lower third.
+            acct.distances.append(min(distance, QUARANTINE_RATIO * tau))
         acct.strikes = acct.strikes + 1 if strike else 0
-        # A distance is remembered at QUARANTINE_RATIO x tau at most: honest distances that grow (training speeds
-        # up, a domain drifts) raise the radius step by step, while a minority of hostile peers, far off or
-        # not, cannot move the lower third.
-        acct.distances.append(min(distance, QUARANTINE_RATIO * tau))
         if strike and (acct.probation or acct.strikes >= self.params.quarantine_after):
             self._quarantine(peer, acct, now)
             raise RejectedUpdate("quarantined", f"{self.params.quarantine_after} shares in a row beyond "
@@ -450,7 +466,7 @@ class ClippedRule(MergeRule):
         if acct.bucket < 1.0:
             raise RejectedUpdate("peer_budget", "this peer's shares for this round are used up; send it later")
         take = float(weight)
-        scale = 1.0 if distance <= tau or distance == 0.0 else tau / distance
+        scale = 1.0 if tau is None or distance <= tau or distance == 0.0 else tau / distance
         # The share moves the model as a share of at most max_share_weight x our weight would: its weight is
         # merged whole (weight is conserved: cutting it decayed every weight towards 0 with one-way shares),
         # its values are drawn towards ours so that w z + take v'' mixes like w z + heavy v'.
