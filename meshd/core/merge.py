@@ -31,13 +31,17 @@ asynchronous, lossy push-sum. A share is screened in this order, and the first c
   of gossip at a task's first start. After ``CALIBRATION_MAX_REFUSALS`` refusals the peers heard so far
   suffice (a node that only a few peers send to, the topology's choice, must not wait forever).
 - **Clipping and strikes** (``far_off``). A share's model ``v`` is moved towards the local model ``z``:
-  ``v' = z + (v - z) * min(1, tau / ||v - z||)``. The radius ``tau`` is ``clip_factor`` (2) times the lower
-  third (the order statistic at ``(m - 1) // 3`` of ``m``), over the peers heard from recently (not
-  quarantined), of each peer's median distance over its last ``HISTORY`` shares: one typical distance per
-  peer, so a flooding peer counts once, and the lower third stays an honest distance while fewer than two
-  thirds of the peers heard are hostile (ClippedGossip's rule takes the radius from the lower part of the
-  neighbours' distances for the same reason; its factor ``1 / sqrt(delta)`` is 2 for a hostile fraction of a
-  quarter). A share farther than ``STRIKE_RATIO`` (1.25) x ``tau`` is refused (``far_off``) and is a *strike*
+  ``v' = z + (v - z) * min(1, tau / ||v - z||)``. The radius ``tau`` is ``clip_factor`` (the daemon's
+  ``gossip.clip_factor``, 4) times the lower third (the order statistic at ``(m - 1) // 3`` of ``m``), over
+  the peers heard from recently (not quarantined), of each peer's median distance over its last ``HISTORY``
+  shares: one typical distance per peer, so a flooding peer counts once, and the lower third stays an honest
+  distance while fewer than two thirds of the peers heard are hostile (ClippedGossip's rule takes the radius
+  from the lower part of the neighbours' distances for the same reason; its factor ``1 / sqrt(delta)`` is 2
+  for a hostile fraction of a quarter, which struck honest asynchronous peers into quarantine on 16 real
+  daemons: docs/learning.md section 8). ``tau`` is never below ``RADIUS_FLOOR`` (1e-3) times the local
+  model's norm, and a share within that distance is merged whole and not remembered: identical models
+  calibrated the radius to 0, which stayed 0.
+  A share farther than ``STRIKE_RATIO`` (1.25) x ``tau`` is refused (``far_off``) and is a *strike*
   (merging such shares clipped let sign-flip and IPM shrink every model before the quarantine); it is
   remembered as at most ``QUARANTINE_RATIO`` (4) x ``tau``, not its distance: far-off models cannot blow
   ``tau`` up, honest distances that grow still raise it step by step. Except while this node is *adrift*: when
@@ -165,7 +169,7 @@ _BUCKET_SHARES = 2.0  # the per-peer share bucket holds this many shares (or one
 class RuleParams:
     """The parameters of the merge rules (``gossip.*`` keys of the same names; see the module docstring)."""
 
-    clip_factor: float = 2.0  # radius = clip_factor x the lower third of peers' typical distances
+    clip_factor: float = 2.0  # radius = clip_factor x the lower third (the daemon passes gossip.clip_factor, 4)
     max_peer_shares: float = 1.0  # shares merged from one peer per local gossip round
     max_version_step: int = 16  # a merge raises the local version by at most this
     quarantine_after: int = 3  # strikes (or push-pull shares unanswered) in a row that quarantine a peer
