@@ -213,7 +213,7 @@ class GossipConfig:
     far_behind_versions: int = field(default=0, metadata=_opt(_non_negative))
     # Merge rule (meshd/core/merge.py, docs/learning.md section 8): "pushsum" merges shares as they come;
     # "clipped" clips them towards the local model and quarantines peers whose shares stay far off.
-    merge: str = field(default="pushsum", metadata=_opt(_one_of("pushsum", "clipped")))
+    merge: str = field(default="clipped", metadata=_opt(_one_of("pushsum", "clipped")))
     clip_factor: float = field(default=4.0, metadata=_opt(_between(0.1, 100.0)))  # radius / lower third of distances
     max_peer_shares: float = field(default=1.0, metadata=_opt(_between(0.5, 100.0)))  # per peer per round
     max_version_step: int = field(default=16, metadata=_opt(_between(1, 1024)))  # version raise per merge

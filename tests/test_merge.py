@@ -154,11 +154,11 @@ def test_versions_rise_by_at_most_the_step_and_clipped_versions_are_not_believed
     assert ps.version == 16 and out.scale < 1.0 and not out.trusted_version
 
 
-def test_rows_estimates_are_clamped_to_a_factor_of_two() -> None:
+def test_rows_estimates_are_clamped_to_a_factor_of_64() -> None:
     ps = PushSum(_vec(0.0), rows=100.0)
     rule = ClippedRule(RuleParams(min_peers=1))
     rule.merge(ps, H, _vec(0.0), 1.0, 0, 1e12, 0.0)
-    assert ps.mean_rows == pytest.approx(150.0)  # (100 + 200) / 2, not ~5e11
+    assert ps.mean_rows == pytest.approx(3250.0)  # (100 + 6400) / 2, not ~5e11
 
 
 def test_identical_models_do_not_calibrate_the_radius_to_zero() -> None:
@@ -252,7 +252,7 @@ def test_a_peer_taking_push_pull_shares_and_answering_none_is_quarantined() -> N
     assert not rule.is_quarantined(H, 3.0)
     rule.answered(H, False, 4.0)
     assert rule.is_quarantined(H, 4.0) and rule.events() == [("quarantined", H)]
-    assert rule.pull_refusal(H, 10.0) == "pull_rate"  # nor are its pulls answered
+    assert rule.pull_refusal(H, 10.0) is None  # its pulls are answered, under the pull limits, so it can catch up
     rule.tick(64.0)
     assert not rule.is_quarantined(H, 64.0) and rule.events() == [("released", H)]
     assert not PushSumRule().is_quarantined(H, 0.0)  # plain push-sum keeps no such account
@@ -394,13 +394,16 @@ def test_every_rule_limits_pulls_per_peer_and_in_total(name: str) -> None:
     assert make_rule(name, RuleParams(pull_interval_s=0.0)).pull_refusal(H, 0.0) is None
 
 
-def test_quarantined_peers_pulls_are_refused() -> None:
-    rule = ClippedRule(RuleParams(quarantine_after=1, quarantine_s=60.0, pull_interval_s=0.0))
+def test_quarantined_peers_pulls_are_answered_under_the_pull_limits() -> None:
+    """A domain quarantined for lagging (or restored from an old backup) catches up by pulling; its pulls
+    drain no more than anyone's: one per pull_interval_s."""
+    rule = ClippedRule(RuleParams(quarantine_after=1, quarantine_s=60.0, pull_interval_s=5.0))
     ps = PushSum(_vec(0.0, 0.0))
     _warm(rule, ps)
     with pytest.raises(RejectedUpdate, match="quarantined"):
         rule.merge(ps, H, _vec(1e3, 0.0), 0.1, 0, None, 1.0)
-    assert rule.pull_refusal(H, 2.0) == "pull_rate" and rule.pull_refusal(A, 2.0) is None
+    assert rule.is_quarantined(H, 2.0)
+    assert rule.pull_refusal(H, 2.0) is None and rule.pull_refusal(H, 3.0) == "pull_rate"
 
 
 # --- in-memory gossip ---------------------------------------------------------------------------------------

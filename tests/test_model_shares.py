@@ -27,6 +27,9 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Any:
     set_toml(cfg, "trust", "peers", f'["{client.peer_id}"]')
     set_toml(cfg, "training", "enabled", "false")  # the model only changes by merges
     set_toml(cfg, "gossip", "pull_on_join", "false")
+    # Push-sum's own share semantics, one share at a time (the default clipped rule refuses a first share while
+    # it calibrates: tests/test_robust_daemons.py)
+    set_toml(cfg, "gossip", "merge", '"pushsum"')
     d = DaemonProc(cfg, status_port)
     try:
         status = d.wait_ready()

@@ -73,14 +73,17 @@ asynchronous, lossy push-sum. A share is screened in this order, and the first c
   the model unchanged: inflated weights cannot grow until honest shares exceed the accepted cap.
 - **Versions merged.** A merge raises the local version by at most ``max_version_step`` and never beyond the
   peers' median plus that step; a clipped share never asks for a catch-up pull (``Merged.trusted_version``).
-- **Rows.** The share's mean-rows estimate is clamped to ``[m / 2, 2 m]`` of the local one ``m``.
+- **Rows.** The share's mean-rows estimate is clamped to ``[m / ROWS_FACTOR, ROWS_FACTOR m]`` of the local one
+  ``m`` (64, as the update scale: honest domains' rows differ by that much, and a clamp of 2 biased a
+  10:1 mesh's mean rows to half its value).
 
 **Quarantine.** ``quarantine_after`` (3) strikes in a row put the peer in quarantine for ``quarantine_s``; so
 do ``quarantine_after`` push-pull shares in a row that the peer took (acknowledged: this node gave the mass
 away) without an answer merged here (:meth:`MergeRule.answered`): a *sink* that only drains the mesh's mass,
 or answers with models this rule refuses (an answer refused for a reason of this node's own,
 ``NEUTRAL_REFUSALS``, counts neither way); and ``OVERDRAWN_LIMIT`` one-way shares beyond the peer's answers
-(reciprocity, above). A quarantined peer's shares and pulls are refused, it is left out
+(reciprocity, above). A quarantined peer's shares are refused (its pulls are answered under the pull limits:
+a domain quarantined for lagging, or restored from an old backup, catches up by pulling), it is left out
 of the radius and of the version median, and the task sends it nothing (``runtime.eligible``). When the time
 is up it is released on probation: its next share is merged as any other, but a single strike puts it back at
 once. Quarantine is local: it follows only from what this node received itself; no message can quarantine a
@@ -160,6 +163,7 @@ STALE_S = 300.0  # a peer not heard from for this long is left out of the radius
 # A share within this fraction of the local model's norm is as good as the local model: merged whole, and its
 # distance (no measure of how far honest peers are) is not remembered; the radius is never below it.
 RADIUS_FLOOR = 1e-3
+ROWS_FACTOR = 64.0  # a share's mean-rows estimate counts within this factor of the local one
 MAX_PEERS = 4096  # accounts kept; beyond this the least recently seen are forgotten
 OVERDRAWN_LIMIT = 2  # (require_answer) one-way shares beyond a peer's answers merged that quarantine it
 _BUCKET_SHARES = 2.0  # the per-peer share bucket holds this many shares (or one round's max_peer_shares)
@@ -483,7 +487,7 @@ class ClippedRule(MergeRule):
         own_rows = ps.mean_rows
         share_rows = rows
         if rows is not None and own_rows > 0:
-            share_rows = min(2.0 * own_rows, max(0.5 * own_rows, rows))
+            share_rows = min(ROWS_FACTOR * own_rows, max(own_rows / ROWS_FACTOR, rows))
         ps.merge(merged_values, take, bounded_version, share_rows)
         ps.limit_weight(self.params.weight_ceiling)
         acct.bucket -= 1.0
@@ -514,9 +518,6 @@ class ClippedRule(MergeRule):
             acct.overdrawn = max(0, acct.overdrawn - 1)
         if acct.unanswered >= self.params.quarantine_after and not self.is_quarantined(peer, now):
             self._quarantine(peer, acct, now)
-
-    def _pull_barred(self, peer: bytes, now: float) -> bool:
-        return self.is_quarantined(peer, now)
 
 
 def make_rule(name: str, params: RuleParams | None = None) -> MergeRule:

@@ -175,7 +175,7 @@ serve_smooth_s = 2.0             # peers: a peer's entry averages its models ove
                                  # peer heard less often counts with its latest model; 0 = always the latest)
 pull_on_join = true              # a task with no checkpoint first pulls the mesh model from a peer
 far_behind_versions = 0          # pull again when a peer's model version is this far ahead (0 = never)
-merge = "pushsum"                # pushsum (exact averaging) | clipped (poisoning-robust: docs/learning.md §8)
+merge = "clipped"                # clipped (poisoning-robust: docs/learning.md §8) | pushsum (exact averaging)
 clip_factor = 4.0                # clipped: radius = this x the lower third of peers' typical distances to our model
 max_peer_shares = 1.0            # clipped: shares merged from one peer per gossip round of ours (at most 2 in a row)
 max_version_step = 16            # clipped: a merge raises our model version by at most this

@@ -33,7 +33,7 @@ from meshd.core.averaging import RejectedUpdate, Share
 from meshd.core.codec import CodecName
 from meshd.core.cohort import Cohort, TaskPeers
 from meshd.core.membership import PeerState
-from meshd.core.merge import NEUTRAL_REFUSALS, MergeRule, RuleParams, make_rule
+from meshd.core.merge import NEUTRAL_REFUSALS, ROWS_FACTOR, MergeRule, RuleParams, make_rule
 from meshd.errors import DataError, MeshdError, ModelError, StoreError, WireError
 from meshd.identity import peer_id_of
 from meshd.logs import QuietLog
@@ -522,8 +522,9 @@ class LearningTask:
             body = await self.link.open_reply(p.peer_id, reply, "model")
             if body is None:
                 continue
+            fields = None
             try:
-                vec, weight, version, rows = self._answer_fields(p.peer_id, body)
+                vec, weight, version, rows = fields = self._answer_fields(p.peer_id, body)
                 self._read_standardize(p.peer_id, body)()
                 if adopt:
                     # Keep this domain's own weight (now carrying the mesh's model): the mesh's total weight
@@ -533,6 +534,11 @@ class LearningTask:
                 else:
                     self._merge(p.peer_id, vec, weight, version, rows, reciprocal=True)
             except (WireError, RejectedUpdate) as exc:
+                if fields is not None and isinstance(exc, WireError) and exc.reason in NEUTRAL_REFUSALS:
+                    # Refused for a reason of ours (the clipped rule calibrating, as after a restart): the
+                    # answer's mass is kept, and so is what the peer says this domain spent.
+                    self._absorb(fields[1], fields[3])
+                    await self._adopt_ledger_echo(p.peer_id, body.get("privacy_echo"))
                 self.stats.rejected["bad_pull_reply"] += 1
                 self.link.reject("bad_pull_reply", p.address or "?", str(exc), p.peer_id)
                 continue
@@ -652,7 +658,16 @@ class LearningTask:
         try:
             vec, weight, version, rows = self._answer_fields(peer_id, body)
             standardize = self._read_standardize(peer_id, body)
-            self._merge(peer_id, vec, weight, version, rows, reciprocal=True)
+            try:
+                self._merge(peer_id, vec, weight, version, rows, reciprocal=True)
+            except WireError as exc:
+                # The answer's moments half was given away at once: a model refused for a reason of ours
+                # (calibrating: the standardisation runs before training, just when the clipped rule
+                # calibrates) must not take it down too, or the mesh's moments lose mass (9% off, measured).
+                if exc.reason in NEUTRAL_REFUSALS:
+                    standardize()
+                    self._absorb(weight, rows)
+                raise
             standardize()
         except WireError as exc:
             # The merge rule's refusals (quarantined, far_off...) under their own reason, as reply_<reason>.
@@ -667,6 +682,19 @@ class LearningTask:
         self.stats.merged += 1
         self.stats.replies_merged += 1
         return True
+
+    def _absorb(self, weight: float, rows: float | None) -> None:
+        """An answer's half refused for a reason of ours (calibrating, the peer's budget): the responder gave
+        its mass away at once, so keep its weight and rows here, carrying this domain's own model. Lost, they
+        biased the mean-rows estimate of a 10:1 two-domain mesh by a third (one answer refused while the
+        clipped rule calibrated); the model, not screened, is not taken."""
+        ps = self.engine.pushsum
+        assert ps is not None
+        own = ps.mean_rows
+        if rows is not None and own > 0:
+            rows = min(ROWS_FACTOR * own, max(own / ROWS_FACTOR, rows))
+        ps.merge(ps.estimate(), weight, ps.version, rows)
+        ps.limit_weight(float(self.link.trusted_count + 1))
 
     async def _train_loop(self) -> None:
         """Local training back to back in the worker thread: rounds of ``training.steps_per_round`` steps (one
