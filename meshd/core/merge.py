@@ -252,7 +252,7 @@ class MergeRule:
     def pull_refusal(self, peer: bytes, now: float) -> str | None:
         """Why ``peer``'s pull may not be answered now (``None``: it may, and is counted as answered)."""
         acct = self._account(peer, now)
-        if self._pull_barred(peer, now) or now - acct.last_pull < self.params.pull_interval_s:
+        if now - acct.last_pull < self.params.pull_interval_s:
             return "pull_rate"
         rate = max(0.0, self.params.max_pulls_per_min)
         cap = max(1.0, rate)
@@ -282,10 +282,6 @@ class MergeRule:
         acct.strikes = 0
         acct.unanswered = 0
         self._events.append(("quarantined", peer))
-
-    def _pull_barred(self, peer: bytes, now: float) -> bool:
-        """A rule's own reason to refuse every pull of ``peer`` (the clipped rule: a quarantine)."""
-        return False
 
     def tick(self, now: float) -> None:
         """Release the quarantines whose time is up (also done when the peer's next share arrives)."""
