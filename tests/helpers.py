@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
+
 from meshd.ops.config_template import set_key
 from meshd.ops.localmesh import free_port
 
@@ -218,3 +220,15 @@ def assert_no_blocking_calls(layout: Any) -> None:
     for d in layout.domains:
         log = (d.directory / "daemon.log").read_text(errors="replace")
         assert "BlockingError" not in log, f"blocking call on the event loop of {d.name}:\n{log[-4000:]}"
+
+
+def score_exported(t: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """The outputs of an exported model (``meshd export``, ``GET /v1/model``) for the encoded, unscaled ``rows``,
+    as docs/data.md's ten lines ("Serving an exported model") compute them from the file's tensors ``t``: the
+    mesh's scaler, then the linear layers with ReLU between them."""
+    x = (rows.to(torch.float32) - t["input.mean"]) / t["input.std"]
+    layers = sorted({int(k.split(".")[0]) for k in t if k[0].isdigit()})
+    for i, n in enumerate(layers):
+        x = x @ t[f"{n}.weight"].T + t[f"{n}.bias"]
+        x = torch.relu(x) if i < len(layers) - 1 else x
+    return x

@@ -34,6 +34,7 @@ from tests.helpers import (
     assert_no_blocking_calls,
     mesh_part,
     run_cli,
+    score_exported,
     toml_inline_tables,
     wait_for,
     write_whole,
@@ -93,12 +94,7 @@ def _ten_lines(path: Path, rows: torch.Tensor) -> torch.Tensor:
     # The ten lines of docs/data.md ("Serving an exported model"), with `rows` the encoded, unscaled inputs.
     with safe_open(str(path), "pt") as f:
         t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-    x = (rows.to(torch.float32) - t["input.mean"]) / t["input.std"]
-    layers = sorted({int(k.split(".")[0]) for k in t if k[0].isdigit()})
-    for i, n in enumerate(layers):
-        x = x @ t[f"{n}.weight"].T + t[f"{n}.bias"]
-        x = torch.relu(x) if i < len(layers) - 1 else x
-    return x
+    return score_exported(t, rows)
 
 
 def _fraud(d: DomainLayout) -> dict[str, Any]:

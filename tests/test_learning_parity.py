@@ -16,7 +16,7 @@ from safetensors.torch import load as load_safetensors
 from meshd.ops.config_template import set_key
 from meshd.ops.localmesh import DomainLayout, LocalMesh, build_mesh, get_status
 from meshd.task.datasets import write_npz_product
-from tests.helpers import assert_no_blocking_calls, wait_for
+from tests.helpers import assert_no_blocking_calls, score_exported, wait_for
 
 
 def _status(d: DomainLayout) -> dict[str, Any]:
@@ -96,14 +96,7 @@ def _big_rule_probability(d: DomainLayout, x: np.ndarray, y: np.ndarray) -> floa
     equally gives about 0.5 whichever way it leans, the weighted optimum about 10/11 on confident rows."""
     with urllib.request.urlopen(d.status_url + "/v1/model", timeout=10) as resp:
         t = load_safetensors(resp.read())
-    h = torch.from_numpy(x)
-    if "input.mean" in t:
-        h = (h - t["input.mean"]) / t["input.std"]
-    layers = sorted({int(k.split(".")[0]) for k in t if k[0].isdigit()})
-    for i, n in enumerate(layers):
-        h = h @ t[f"{n}.weight"].T + t[f"{n}.bias"]
-        h = torch.relu(h) if i < len(layers) - 1 else h
-    p = torch.softmax(h, dim=1)[torch.arange(len(y)), torch.from_numpy(y)]
+    p = torch.softmax(score_exported(t, torch.from_numpy(x)), dim=1)[torch.arange(len(y)), torch.from_numpy(y)]
     return float(p.mean())
 
 

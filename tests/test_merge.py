@@ -161,6 +161,16 @@ def test_rows_estimates_are_clamped_to_a_factor_of_64() -> None:
     assert ps.mean_rows == pytest.approx(3250.0)  # (100 + 6400) / 2, not ~5e11
 
 
+def test_an_answer_refused_for_a_reason_of_ours_keeps_its_weight_and_rows_not_its_model() -> None:
+    ps = PushSum(_vec(1.0, 2.0), rows=100.0)
+    rule = ClippedRule(RuleParams(weight_ceiling=1.75))
+    rule.absorb(ps, 0.5, 1e12)
+    assert torch.equal(ps.estimate(), _vec(1.0, 2.0))  # the model is unchanged
+    assert ps.weight == pytest.approx(1.5) and ps.mean_rows == pytest.approx((100.0 + 0.5 * 6400.0) / 1.5)
+    rule.absorb(ps, 0.5, None)
+    assert ps.weight == pytest.approx(1.75)  # brought back to the ceiling
+
+
 def test_identical_models_do_not_calibrate_the_radius_to_zero() -> None:
     """A mesh that gossips before it trains sends identical models: they merge whole and teach the radius
     nothing. (They used to calibrate it to 0, which stayed 0: every trained model was then struck or clipped

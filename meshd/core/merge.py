@@ -129,6 +129,7 @@ Public API::
         .merge(ps, peer, values, weight, version, rows, now, reciprocal=False) -> Merged  # RejectedUpdate
         .refused(peer, reason, now) -> None
         .answered(peer, answered, now) -> None                               # push-pull share taken; answer merged?
+        .absorb(ps, weight, rows) -> None             # an answer refused for a NEUTRAL_REFUSALS reason: keep its mass
         .pull_refusal(peer, now) -> str | None                               # None, "pull_rate", "pull_budget"
         .allow_pull(peer, now) -> bool                                       # pull_refusal(...) is None
         .tick(now) -> None                                                   # releases expired quarantines
@@ -167,6 +168,13 @@ ROWS_FACTOR = 64.0  # a share's mean-rows estimate counts within this factor of 
 MAX_PEERS = 4096  # accounts kept; beyond this the least recently seen are forgotten
 OVERDRAWN_LIMIT = 2  # (require_answer) one-way shares beyond a peer's answers merged that quarantine it
 _BUCKET_SHARES = 2.0  # the per-peer share bucket holds this many shares (or one round's max_peer_shares)
+
+
+def _clamp_rows(rows: float | None, own_rows: float) -> float | None:
+    """A peer's mean-rows estimate, counted within ``ROWS_FACTOR`` of the local one (when there is one)."""
+    if rows is None or own_rows <= 0:
+        return rows
+    return min(ROWS_FACTOR * own_rows, max(own_rows / ROWS_FACTOR, rows))
 
 
 @dataclass(frozen=True)
@@ -275,6 +283,14 @@ class MergeRule:
         answer carried the peer's share back. The clipped rule quarantines a peer that takes
         ``quarantine_after`` shares in a row and answers none: a sink that only drains the mesh's mass."""
 
+    def absorb(self, ps: PushSum, weight: float, rows: float | None) -> None:
+        """An answer (or a pull's answer) refused for a reason of this node's own (``NEUTRAL_REFUSALS``): the
+        responder gave its mass away at once, so its weight and rows are kept here, carrying the local model
+        (the model, not screened, is not taken), under the weight ceiling and the rows clamp. Lost, they biased
+        the mean-rows estimate of a 10:1 two-domain mesh by a third (one answer refused while calibrating)."""
+        ps.merge(ps.estimate(), weight, ps.version, _clamp_rows(rows, ps.mean_rows))
+        ps.limit_weight(self.params.weight_ceiling)
+
     def _quarantine(self, peer: bytes, acct: _Account, now: float) -> None:
         acct.quarantined_until = now + self.params.quarantine_s
         acct.quarantines += 1
@@ -369,6 +385,9 @@ class ClippedRule(MergeRule):
         self._calibration_refusals = 0
 
     def radius(self, ps: PushSum, now: float) -> float | None:
+        return self._radius(now, RADIUS_FLOOR * float(torch.linalg.vector_norm(ps.estimate())))
+
+    def _radius(self, now: float, floor: float) -> float | None:
         typical = [
             statistics.median(a.distances)
             for p, a in self._accounts.items()
@@ -383,11 +402,7 @@ class ClippedRule(MergeRule):
         # (Once calibrated, peers gone quiet or quarantined keep the last radius.)
         if self._last_radius is None:
             return None
-        return max(self._last_radius, self._floor(ps))
-
-    @staticmethod
-    def _floor(ps: PushSum) -> float:
-        return RADIUS_FLOOR * float(torch.linalg.vector_norm(ps.estimate()))
+        return max(self._last_radius, floor)
 
     def peers_version(self, now: float) -> int | None:
         """The median of the versions in the latest shares of the peers heard recently (not quarantined);
@@ -424,8 +439,9 @@ class ClippedRule(MergeRule):
         # and not remembered. Identical models used to calibrate the radius to 0, and a radius of 0 stayed 0
         # (a distance is remembered at QUARANTINE_RATIO x tau at most): every share of the trained models was
         # then struck or clipped to nothing, and the domains learned alone.
-        near = distance <= RADIUS_FLOOR * float(torch.linalg.vector_norm(z))
-        tau = self.radius(ps, now)
+        floor = RADIUS_FLOOR * float(torch.linalg.vector_norm(z))
+        near = distance <= floor
+        tau = self._radius(now, floor)
         if tau is None and not near:
             acct.distances.append(distance)
             self._calibration_refusals += 1
@@ -480,11 +496,7 @@ class ClippedRule(MergeRule):
         bounded_version = min(version, ps.version + self.params.max_version_step)
         if reference is not None:  # nor beyond the peers' median by more than a step: no runaway inflation
             bounded_version = min(bounded_version, max(ps.version, reference + self.params.max_version_step))
-        own_rows = ps.mean_rows
-        share_rows = rows
-        if rows is not None and own_rows > 0:
-            share_rows = min(ROWS_FACTOR * own_rows, max(own_rows / ROWS_FACTOR, rows))
-        ps.merge(merged_values, take, bounded_version, share_rows)
+        ps.merge(merged_values, take, bounded_version, _clamp_rows(rows, ps.mean_rows))
         ps.limit_weight(self.params.weight_ceiling)
         acct.bucket -= 1.0
         if oneway:

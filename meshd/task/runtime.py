@@ -33,7 +33,7 @@ from meshd.core.averaging import RejectedUpdate, Share
 from meshd.core.codec import CodecName
 from meshd.core.cohort import Cohort, TaskPeers
 from meshd.core.membership import PeerState
-from meshd.core.merge import NEUTRAL_REFUSALS, ROWS_FACTOR, MergeRule, RuleParams, make_rule
+from meshd.core.merge import NEUTRAL_REFUSALS, MergeRule, RuleParams, make_rule
 from meshd.errors import DataError, MeshdError, ModelError, StoreError, WireError
 from meshd.identity import peer_id_of
 from meshd.logs import QuietLog
@@ -537,7 +537,7 @@ class LearningTask:
                 if fields is not None and isinstance(exc, WireError) and exc.reason in NEUTRAL_REFUSALS:
                     # Refused for a reason of ours (the clipped rule calibrating, as after a restart): the
                     # answer's mass is kept, and so is what the peer says this domain spent.
-                    self._absorb(fields[1], fields[3])
+                    self.merge_rule.absorb(ps, fields[1], fields[3])
                     await self._adopt_ledger_echo(p.peer_id, body.get("privacy_echo"))
                 self.stats.rejected["bad_pull_reply"] += 1
                 self.link.reject("bad_pull_reply", p.address or "?", str(exc), p.peer_id)
@@ -664,9 +664,9 @@ class LearningTask:
                 # The answer's moments half was given away at once: a model refused for a reason of ours
                 # (calibrating: the standardisation runs before training, just when the clipped rule
                 # calibrates) must not take it down too, or the mesh's moments lose mass (9% off, measured).
-                if exc.reason in NEUTRAL_REFUSALS:
+                if exc.reason in NEUTRAL_REFUSALS and (ps := self.engine.pushsum) is not None:
                     standardize()
-                    self._absorb(weight, rows)
+                    self.merge_rule.absorb(ps, weight, rows)
                 raise
             standardize()
         except WireError as exc:
@@ -682,19 +682,6 @@ class LearningTask:
         self.stats.merged += 1
         self.stats.replies_merged += 1
         return True
-
-    def _absorb(self, weight: float, rows: float | None) -> None:
-        """An answer's half refused for a reason of ours (calibrating, the peer's budget): the responder gave
-        its mass away at once, so keep its weight and rows here, carrying this domain's own model. Lost, they
-        biased the mean-rows estimate of a 10:1 two-domain mesh by a third (one answer refused while the
-        clipped rule calibrated); the model, not screened, is not taken."""
-        ps = self.engine.pushsum
-        assert ps is not None
-        own = ps.mean_rows
-        if rows is not None and own > 0:
-            rows = min(ROWS_FACTOR * own, max(own / ROWS_FACTOR, rows))
-        ps.merge(ps.estimate(), weight, ps.version, rows)
-        ps.limit_weight(float(self.link.trusted_count + 1))
 
     async def _train_loop(self) -> None:
         """Local training back to back in the worker thread: rounds of ``training.steps_per_round`` steps (one
