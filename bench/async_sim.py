@@ -7,7 +7,8 @@ each domain on its own schedule:
 
 - training parts of ``min(every_steps, epoch)`` steps (``gossip.every_steps``; with ``--every-steps 0``,
   ``ceil(epoch / per_round)``), paced like ``training.pace = "mesh"`` (wait while more than half an epoch
-  ahead of the median of the peers' epochs heard in shares); a part takes
+  ahead of the median of the peers' epochs heard in shares, and half an epoch at most until one is heard);
+  a part takes
   ``steps x step_ms x max(1, training domains / cores)`` of virtual time (the domains share the cores);
 - after each part one exchange that the next part waits for, and ``settle`` more after a round;
 - a timer round once ``interval`` (jittered) passed without any round, as the gossip loop runs one;
@@ -31,7 +32,6 @@ import itertools
 import json
 import math
 import random
-import statistics
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +41,7 @@ import torch
 
 from meshd.core.averaging import PushSum, ServedModel, Share, data_scale
 from meshd.core.codec import encoded_size
+from meshd.core.cohort import paced_steps
 from meshd.core.membership import exponential_targets
 from meshd.ops.localmesh import build_mesh, load_dataset
 from meshd.task import models
@@ -96,11 +97,10 @@ class Sim:
     def epochs(self, i: int) -> float:
         return self.steps[i] / self.spe[i]
 
-    def paced(self, i: int, wanted: int) -> int:
-        if not self.heard[i]:
-            return wanted
-        allowed = (statistics.median(self.heard[i].values()) + 0.5 - self.epochs(i)) * self.spe[i]
-        return max(0, min(wanted, math.ceil(allowed))) if allowed > 0 else 0
+    def paced(self, t: float, i: int, wanted: int) -> int:
+        # The daemon's rule (meshd.core.cohort.paced_steps): every domain starts training at t = 0 or so.
+        return paced_steps(wanted, self.epochs(i), self.spe[i], list(self.heard[i].values()), slack=0.5,
+                           started=(0.0, 0.0), now=t, listen_s=max(3.0, 3 * self.a.interval), alone=False)
 
     def exchange(self, t: float, i: int, round_no: int, then: Callable[[float], None] | None) -> None:
         # The daemons' exponential topology: a ring drawn afresh each cycle, walked by powers of two.
@@ -149,7 +149,7 @@ class Sim:
 
     def train(self, t: float, i: int) -> None:
         every = self.a.every_steps
-        k = self.paced(i, min(every, self.spe[i]) if every else math.ceil(self.spe[i] / self.a.per_round))
+        k = self.paced(t, i, min(every, self.spe[i]) if every else math.ceil(self.spe[i] / self.a.per_round))
         if k == 0:
             self.at(t + 0.05, self.train, i)
             return

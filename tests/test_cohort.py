@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meshd.core.cohort import BLOCK_RETRY_S, Cohort, TaskPeers
+from meshd.core.cohort import BLOCK_RETRY_S, Cohort, TaskPeers, paced_steps
 
 A, B, C = b"\x0a" * 32, b"\x0b" * 32, b"\x0c" * 32
 
@@ -56,3 +56,23 @@ def test_epochs_heard_within_horizon_and_among() -> None:
     assert peers.epochs_heard({A}, 10.0, 30.0) == [2.0]
     peers.forget_except({B})
     assert peers.get(A) is None and peers.get(B) is not None
+
+
+def test_pace_keeps_within_half_an_epoch_of_the_median() -> None:
+    kw = {"slack": 0.5, "started": (0.0, 0.0), "now": 100.0, "listen_s": 3.0, "alone": False}
+    # 10 steps per epoch, at epoch 2.0; peers at 1.0, 2.0 and 9.0 (median 2.0): up to 2.5, so 5 steps.
+    assert paced_steps(8, 2.0, 10, [1.0, 2.0, 9.0], **kw) == 5
+    assert paced_steps(8, 2.6, 10, [1.0, 2.0, 9.0], **kw) == 0  # ahead: waits
+    assert paced_steps(8, 0.0, 10, [1.0, 2.0, 9.0], **kw) == 8  # behind: all it wanted
+
+
+def test_pace_listens_for_peers_when_training_starts() -> None:
+    kw = {"slack": 0.5, "listen_s": 3.0}
+    # Just started at epoch 4.0 with alive peers, none heard: half an epoch, then it waits for them...
+    assert paced_steps(8, 4.0, 10, [], started=(10.0, 4.0), now=10.0, alone=False, **kw) == 5
+    assert paced_steps(8, 4.5, 10, [], started=(10.0, 4.0), now=12.9, alone=False, **kw) == 0
+    # ...until listen_s passed (its peers do not train), or when it has no alive peer at all.
+    assert paced_steps(8, 4.5, 10, [], started=(10.0, 4.0), now=13.0, alone=False, **kw) == 8
+    assert paced_steps(8, 4.5, 10, [], started=(10.0, 4.0), now=10.0, alone=True, **kw) == 8
+    # A peer heard meanwhile paces it as usual.
+    assert paced_steps(8, 4.5, 10, [4.25], started=(10.0, 4.0), now=11.0, alone=False, **kw) == 3

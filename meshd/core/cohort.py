@@ -8,9 +8,11 @@ signed pongs and from the peers' answers to our shares (:class:`TaskPeers`).
 
 from __future__ import annotations
 
+import math
+import statistics
 from dataclasses import dataclass
 
-__all__ = ["BLOCK_RETRY_S", "Cohort", "TaskPeers", "TaskView"]
+__all__ = ["BLOCK_RETRY_S", "Cohort", "TaskPeers", "TaskView", "paced_steps"]
 
 #: A peer found unable to take our shares (another model, another schema, not running the task, or not
 #: admitting us) gets none for this long, then is tried again: configs change, and the reason shows meanwhile.
@@ -34,6 +36,27 @@ class Cohort:
 
     def describe(self) -> list[str]:
         return list(self.members)
+
+
+def paced_steps(wanted: int, epochs: float, steps_per_epoch: float, heard: list[float], *, slack: float,
+                started: tuple[float, float], now: float, listen_s: float, alone: bool) -> int:
+    """How many of ``wanted`` steps a domain at ``epochs`` passes over its data may take now (0 = wait) so that it
+    keeps pace with its peers (``training.pace = "mesh"``): at most ``slack`` epochs ahead of the median of the
+    epoch counts ``heard`` from its alive peers.
+
+    With none heard: a domain alone trains freely. One with alive peers that started (or resumed) training
+    at ``started = (time, epochs)`` less than ``listen_s`` ago trains ``slack`` epochs past that point, then
+    listens for theirs (every share of a training peer carries its ``epochs``); after ``listen_s``, its peers
+    do not train and nothing is kept pace with.
+    """
+    if heard:
+        median = statistics.median(heard)
+    elif alone or now - started[0] >= listen_s:
+        return wanted
+    else:
+        median = started[1]
+    allowed = (median + slack - epochs) * steps_per_epoch
+    return max(0, min(wanted, math.ceil(allowed))) if allowed > 0 else 0
 
 
 def _is_hex(s: str) -> bool:

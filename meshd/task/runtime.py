@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import math
-import statistics
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -31,7 +29,7 @@ from meshd.config import DEFAULT_TASK, GossipConfig, TaskConfig, codec_for
 from meshd.core import codec as codecmod
 from meshd.core.averaging import RejectedUpdate, Share
 from meshd.core.codec import CodecName
-from meshd.core.cohort import Cohort, TaskPeers
+from meshd.core.cohort import Cohort, TaskPeers, paced_steps
 from meshd.core.membership import PeerState
 from meshd.core.merge import NEUTRAL_REFUSALS, MergeRule, RuleParams, make_rule
 from meshd.errors import DataError, MeshdError, ModelError, StoreError, WireError
@@ -54,6 +52,13 @@ GOSSIP_WAIT_S = 2.0  # longest a training part waits for the exchange it asked f
 PACE_WAIT_S = 0.05  # a domain ahead of its peers re-checks this often
 PACE_SLACK_EPOCHS = 0.5  # how far (in passes over its own data) a domain may run ahead of its peers' median
 PACE_HORIZON_S = 30.0  # peers' epoch counts older than this (or than 2 x dead_after_s) are not waited for
+# When training starts (or resumes) and no alive peer's epoch count has been heard yet, a domain trains at most
+# PACE_SLACK_EPOCHS and waits this many gossip intervals (at least PACE_LISTEN_MIN_S) to hear one: peers that
+# train say so in every share and answer. Without the wait, the first domains to start ran up to 12 epochs
+# on their own skewed rows before any pace applied (digits, 8 real daemons), a local-only burst the mesh
+# took 40 further steps to average away.
+PACE_LISTEN_INTERVALS = 3.0
+PACE_LISTEN_MIN_S = 3.0
 # The merge rule's refusals (meshd/core/merge.py) and their HTTP status; the sender keeps the share's mass.
 RULE_REFUSALS = {"quarantined": 409, "far_off": 409, "old_version": 409, "peer_budget": 429, "calibrating": 503,
                  "unproven": 503}
@@ -119,6 +124,7 @@ class LearningTask:
         self.data_reload_error: str | None = None  # why the last change of the data product was not adopted
         self._data_failed: Signature | None = None  # that change: not read again until the files change again
         self._part_exchange: asyncio.Task[None] | None = None  # gossip.overlap: the last part's exchange
+        self._pace_start: tuple[float, float] | None = None  # (when, epochs) training last became active
         self._closed = False
         self._final_ok = True
         # Checkpoint writes run on this one thread, in order: a final write never races a periodic one.
@@ -708,8 +714,11 @@ class LearningTask:
             ps = self.engine.pushsum
             if ps is None or not self._training_active():
                 self.engine.served.unsettle()  # no more drift: serve the converging estimate
+                self._pace_start = None
                 await asyncio.sleep(IDLE_S)
                 continue
+            if self._pace_start is None:
+                self._pace_start = (time.monotonic(), self.engine.epochs)
             steps = self._paced_steps(self.engine.chunk_steps, time.monotonic())
             if steps == 0:
                 self.engine.stats.paced_waits += 1
@@ -805,13 +814,11 @@ class LearningTask:
             return wanted
         horizon = max(PACE_HORIZON_S, 2 * self.link.dead_after_s)
         alive = {p.peer_id for p in self.link.peers() if p.state == PeerState.ALIVE} & self.eligible(now)
-        heard = self.peers.epochs_heard(alive, now, horizon)
-        if not heard:
-            return wanted  # alone, or nobody trains: nothing to keep pace with
-        median = statistics.median(heard)
-        spe = self.engine.steps_per_epoch
-        allowed = (median + PACE_SLACK_EPOCHS - self.engine.epochs) * spe
-        return max(0, min(wanted, math.ceil(allowed))) if allowed > 0 else 0
+        started = self._pace_start if self._pace_start is not None else (now, self.engine.epochs)
+        return paced_steps(wanted, self.engine.epochs, self.engine.steps_per_epoch,
+                           self.peers.epochs_heard(alive, now, horizon), slack=PACE_SLACK_EPOCHS, started=started,
+                           now=now, listen_s=max(PACE_LISTEN_MIN_S, PACE_LISTEN_INTERVALS * self.cfg.gossip.interval_s),
+                           alone=not alive)
 
     async def _evaluate_loop(self) -> None:
         while True:
