@@ -45,6 +45,10 @@ from meshd.task.versions import Signature, signature
 log = structlog.get_logger("meshd.task")
 
 STANDARDIZE_POLL_S = 0.2  # how often the standardisation loop looks whether the moments settled
+# While the mesh's moments are estimated (data.standardize = "mesh"; nothing trains meanwhile) timer rounds
+# come this many times as often: settling takes some 75 merges per domain (3 domains: ~50 s at one round a
+# second, and up to the 120 s timeout when calibrating refusals came first).
+ESTIMATING_RATE = 5.0
 DATA_IDLE_S = 5.0  # the data loop's look at its config while data.reload_check_s = 0
 IDLE_S = 0.5  # the training loop's poll while training is off or impossible
 INLINE_VALUES = 65_536  # models up to this many values are encoded on the loop (well under a millisecond)
@@ -589,7 +593,9 @@ class LearningTask:
                 async with asyncio.timeout_at(due):
                     await self._gossip_now.wait()
             now = loop.time()
-            due = now + g.interval_s * (1 + g.jitter * (2 * self.link.rng.random() - 1))
+            m = self.engine.moments
+            interval = g.interval_s / (ESTIMATING_RATE if m is not None and m.frozen is None else 1.0)
+            due = now + interval * (1 + g.jitter * (2 * self.link.rng.random() - 1))
             self._gossip_now.clear()
             try:
                 await self._gossip_round_once()
