@@ -304,6 +304,20 @@ def test_left_is_immediate_and_never_pinged() -> None:
     t.left(bytes([77]) * 32, 2.0)  # unknown peer: ignored
 
 
+def test_what_a_peer_sent_or_answered_before_its_leave_does_not_bring_it_back() -> None:
+    t = table(A)
+    alive(t, A, 0.0)
+    t.heard_from(A, 0.5, seq=10)
+    t.left(A, 1.0, seq=12)
+    t.heard_from(A, 1.1, seq=11)  # sealed before the leave, handled after it
+    t.verified(A, ADDR[A], 1.2, asked_at=0.9)  # the pong to a ping sent before the leave arrived
+    t.heard_from(A, 1.2, asked_at=0.9)  # a share's acknowledgement, likewise
+    assert state(t, A) == PeerState.LEFT
+    assert changes(t.tick(1.3)) == [(A, PeerState.ALIVE, PeerState.LEFT)]
+    t.heard_from(A, 5.0, seq=13)  # back (a restart seals from the clock, above any earlier sequence number)
+    assert state(t, A) == PeerState.ALIVE
+
+
 def test_rediscovery_of_left_or_dead_peer_makes_it_unknown_and_pinged() -> None:
     for how in ("left", "dead"):
         t = table(A)

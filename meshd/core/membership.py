@@ -157,6 +157,7 @@ class Peer:
     dead_probes: int = 0  # liveness pings sent while DEAD (the backoff exponent)
     candidates: dict[str, Candidate] = field(default_factory=dict)  # address -> candidate, oldest first
     touched: float = 0.0  # last time anything updated this entry (eviction order)
+    left_seq: int | None = None  # the sequence number of its signed leave, while LEFT
 
 
 @dataclass(frozen=True)
@@ -335,8 +336,14 @@ class PeerTable:
                 del peer.candidates[cand.address]
         self._refresh_source(peer)
 
-    def heard_from(self, peer_id: bytes, now: float, address: str | None = None) -> None:
+    def heard_from(self, peer_id: bytes, now: float, address: str | None = None, *, seq: int | None = None,
+                   asked_at: float | None = None) -> None:
         """A valid message or ack arrived from ``peer_id``: it is ``ALIVE``.
+
+        Except for a ``LEFT`` peer, when the evidence is older than its leave: a message it sealed before
+        (``seq`` not above the leave's), or the answer to a request sent before the leave arrived
+        (``asked_at``). Those were in flight when it left; they used to bring it back ``ALIVE``, and an
+        operator then saw it ``DEAD`` instead of ``LEFT``.
 
         ``address`` is the peer's own listening address if its signed message carried one: a candidate
         like any other (probed before gossip goes there). Untrusted senders are ignored (the wire layer
@@ -345,6 +352,10 @@ class PeerTable:
         if peer_id == self.self_id or peer_id not in self._trusted:
             return
         peer = self._peers.get(peer_id)
+        if peer is not None and peer.state == PeerState.LEFT and (
+                (seq is not None and peer.left_seq is not None and seq <= peer.left_seq)
+                or (asked_at is not None and peer.since is not None and asked_at <= peer.since)):
+            return
         if peer is None:
             peer = self._new_peer(peer_id, "", PeerState.ALIVE, now)
         elif peer.state != PeerState.ALIVE:
@@ -357,8 +368,9 @@ class PeerTable:
         if address is not None:
             self._propose(peer, _INBOUND, address, now)
 
-    def verified(self, peer_id: bytes, address: str, now: float) -> None:
-        """A signed pong from ``peer_id`` answered a ping sent to ``address``: gossip goes there now."""
+    def verified(self, peer_id: bytes, address: str, now: float, asked_at: float | None = None) -> None:
+        """A signed pong from ``peer_id`` answered a ping sent to ``address`` (at ``asked_at``): gossip goes
+        there now."""
         peer = self._peers.get(peer_id)
         if peer is None or peer_id not in self._trusted:
             return
@@ -370,7 +382,7 @@ class PeerTable:
             self._pending.append(AddressChanged(peer_id, peer.address, address))
             peer.address = address
         self._refresh_source(peer)
-        self.heard_from(peer_id, now)
+        self.heard_from(peer_id, now, asked_at=asked_at)
 
     def probe_failed(self, peer_id: bytes, address: str, now: float) -> None:
         """A ping to ``address`` got no signed pong from ``peer_id``: that address is retried with backoff."""
@@ -397,13 +409,14 @@ class PeerTable:
         if peer.state == PeerState.ALIVE:
             self._change(peer, PeerState.SUSPECT, now)
 
-    def left(self, peer_id: bytes, now: float) -> None:
-        """A signed leave message arrived: ``LEFT`` at once, no more pings."""
+    def left(self, peer_id: bytes, now: float, seq: int | None = None) -> None:
+        """A signed leave message (sequence number ``seq``) arrived: ``LEFT`` at once, no more pings."""
         peer = self._peers.get(peer_id)
         if peer is None:
             return
         peer.touched = now
         peer.ping_due_at = None
+        peer.left_seq = seq
         if peer.state != PeerState.LEFT:
             self._change(peer, PeerState.LEFT, now)
 

@@ -550,7 +550,7 @@ class Mesh:
         sender = opened.sender
         addr = body.get("addr")
         addr = addr if isinstance(addr, str) and disc.check_address(addr) is None else None
-        self.table.heard_from(sender, time.monotonic(), address=addr)
+        self.table.heard_from(sender, time.monotonic(), address=addr, seq=opened.seq)
         try:
             reply = await self._dispatch(opened, body, remote)
         except WireError as exc:
@@ -581,7 +581,7 @@ class Mesh:
                 self._note_tasks(sender, body)
             return Reply(200, await self._seal(sender, "pong", self._pong_body(toward=remote)))
         if kind == "leave":
-            self.table.left(sender, time.monotonic())
+            self.table.left(sender, time.monotonic(), seq=opened.seq)
             log.info("peer_left", peer_id=peer_id_of(sender), reason=str(body.get("reason", ""))[:64])
             return Reply(204)
         if kind in ("share", "pull"):
@@ -689,7 +689,7 @@ class Mesh:
         elif 200 <= status < 300 or status in (409, 503):
             # Accepted, or refused by a meshd that read our envelope (replayed/incompatible, busy). Any other
             # 4xx is no sign of life: some other server at that address (404), or a peer refusing us (403).
-            self.table.heard_from(peer_id, time.monotonic())
+            self.table.heard_from(peer_id, time.monotonic(), asked_at=started)
             if peer_id in self._trusted:
                 self._rtt[peer_id] = smoothed(self._rtt.get(peer_id), elapsed)
         quiet_key = ("send_refused", peer_id_of(peer_id), str(status))
@@ -773,6 +773,7 @@ class Mesh:
     async def _ping(self, peer_id: bytes, address: str) -> None:
         """Ping ``peer_id`` at ``address``: a signed pong from its key verifies that address (gossip may go
         there); anything else (no answer, an unsigned status, a pong from another key) does not."""
+        asked = time.monotonic()
         try:
             status, reply, _ = await self.exchange(peer_id, address, "ping", self._pong_body(toward=address))
             pong = await self.open_reply(peer_id, reply, "pong") if status == 200 else None
@@ -780,10 +781,10 @@ class Mesh:
             if pong is None:
                 self.table.probe_failed(peer_id, address, now)
                 return
-            self.table.verified(peer_id, address, now)
+            self.table.verified(peer_id, address, now, asked_at=asked)
             addr = pong.get("addr")
             if isinstance(addr, str) and disc.check_address(addr) is None:
-                self.table.heard_from(peer_id, now, address=addr)
+                self.table.heard_from(peer_id, now, address=addr, asked_at=asked)
             self._note_tasks(peer_id, pong)
         except (SendError, MeshdError):
             pass
