@@ -253,6 +253,30 @@ def test_shares_beyond_the_strike_distance_in_a_row_quarantine_the_peer() -> Non
     assert rule.is_quarantined(H, 4.0) and rule.events() == [("quarantined", H)]
 
 
+def test_far_shares_are_no_strike_while_strikes_are_off() -> None:
+    """While a domain's data are standardised (``strikes=False``: nothing trains, models differ by the codec's
+    rounding only) a far share is refused but counts no strike: no quarantine however many come."""
+    ps = PushSum(_vec(1.0, 1.0))
+    rule = ClippedRule(RuleParams(quarantine_after=2, quarantine_s=60.0, max_peer_shares=100.0, strikes=False))
+    _warm(rule, ps)  # radius 0.2
+    for k in range(5):
+        with pytest.raises(RejectedUpdate, match="no strike"):
+            rule.merge(ps, H, ps.estimate() + _vec(0.0, 0.26), 1e-6, 0, None, 1.0 + k)
+    assert not rule.is_quarantined(H, 6.0) and rule.events() == []
+
+
+def test_recalibrate_forgets_the_radius_and_the_distances() -> None:
+    """When training starts on standardised data the radius is calibrated again, on trained models."""
+    ps = PushSum(_vec(1.0, 1.0))
+    rule = ClippedRule(RuleParams(quarantine_after=2, quarantine_s=60.0, max_peer_shares=100.0))
+    _warm(rule, ps)
+    assert rule.radius(ps, 1.0) is not None
+    rule.recalibrate()
+    assert rule.radius(ps, 1.0) is None
+    with pytest.raises(RejectedUpdate, match="calibrating"):
+        rule.merge(ps, H, ps.estimate() + _vec(0.0, 5.0), 1e-6, 0, None, 1.0)  # no radius yet: no strike
+
+
 def test_a_peer_taking_push_pull_shares_and_answering_none_is_quarantined() -> None:
     """A sink: it acknowledges shares (the sender gives their mass away) and never sends a share back."""
     rule = ClippedRule(RuleParams(quarantine_after=2, quarantine_s=60.0))

@@ -41,7 +41,8 @@ asynchronous, lossy push-sum. A share is screened in this order, and the first c
   daemons: docs/learning.md section 8). ``tau`` is never below ``RADIUS_FLOOR`` (1e-3) times the local
   model's norm, and a share within that distance is merged whole and not remembered: identical models
   calibrated the radius to 0, which stayed 0.
-  A share farther than ``STRIKE_RATIO`` (1.25) x ``tau`` is refused (``far_off``) and is a *strike*
+  A share farther than ``STRIKE_RATIO`` (1.25) x ``tau`` is refused (``far_off``) and is a *strike* (not while
+  the domain's data are standardised and nothing trains: ``RuleParams.strikes``)
   (merging such shares clipped let sign-flip and IPM shrink every model before the quarantine); it is
   remembered as at most ``QUARANTINE_RATIO`` (4) x ``tau``, not its distance: far-off models cannot blow
   ``tau`` up, honest distances that grow still raise it step by step. Except while this node is *adrift*: when
@@ -193,6 +194,11 @@ class RuleParams:
     stale_versions: int = 16  # a share this many versions behind the peers' median version is refused
     max_share_weight: float = 1.0  # a share moves the model at most as one of this times the receiver's weight
     require_answer: bool = False  # (push-pull tasks) one-way shares count once one of the peer's answers merged
+    # Whether a far share (far_off) is a strike. The daemon passes False while the domain's data are being
+    # standardised (data.standardize = "mesh"): nobody trains yet, the models differ only by the codec's
+    # rounding, and a strike for a rounding outlier quarantined a domain for quarantine_s, so its
+    # standardisation timed out. Such shares are still refused (the sender keeps the mass).
+    strikes: bool = True
 
 
 @dataclass(frozen=True)
@@ -299,6 +305,15 @@ class MergeRule:
         acct.unanswered = 0
         self._events.append(("quarantined", peer))
 
+    def recalibrate(self) -> None:
+        """Training starts on data just standardised: what the rule learned of the distances until now (models
+        that differ by the codec's rounding only) says nothing of trained ones. Forgotten, so the radius is
+        calibrated again (a radius of rounding noise struck every trained share). Quarantines stand."""
+        for acct in self._accounts.values():
+            acct.distances.clear()
+            acct.strikes = 0
+            acct.last_distance = None
+
     def tick(self, now: float) -> None:
         """Release the quarantines whose time is up (also done when the peer's next share arrives)."""
         for peer, acct in self._accounts.items():
@@ -387,6 +402,11 @@ class ClippedRule(MergeRule):
     def radius(self, ps: PushSum, now: float) -> float | None:
         return self._radius(now, RADIUS_FLOOR * float(torch.linalg.vector_norm(ps.estimate())))
 
+    def recalibrate(self) -> None:
+        super().recalibrate()
+        self._last_radius = None
+        self._calibration_refusals = 0
+
     def _radius(self, now: float, floor: float) -> float | None:
         typical = [
             statistics.median(a.distances)
@@ -454,6 +474,9 @@ class ClippedRule(MergeRule):
             # speeds up, a domain drifts) raise the radius step by step, while a minority of hostile peers, far
             # off or not, cannot move the lower third.
             acct.distances.append(min(distance, QUARANTINE_RATIO * tau))
+        if strike and not self.params.strikes:
+            raise RejectedUpdate("far_off", f"{distance:.3g} from this model, beyond {STRIKE_RATIO:g} x the "
+                                 f"clipping radius {tau:.3g} (no strike: nothing trains yet)")
         acct.strikes = acct.strikes + 1 if strike else 0
         if strike and (acct.probation or acct.strikes >= self.params.quarantine_after):
             self._quarantine(peer, acct, now)

@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -261,7 +261,9 @@ class LearningTask:
     # --- merge rule --------------------------------------------------------------------------------------
 
     def _rule_params(self) -> RuleParams:
-        return rule_params(self.cfg.gossip, self.link.trusted_count, self._asks_answers())
+        params = rule_params(self.cfg.gossip, self.link.trusted_count, self._asks_answers())
+        m = self.engine.moments
+        return replace(params, strikes=False) if m is not None and m.frozen is None else params
 
     def _merge(self, sender: bytes, vec: torch.Tensor, weight: float, version: int, rows: float | None,
                *, reciprocal: bool) -> bool:
@@ -943,6 +945,7 @@ class LearningTask:
                 await asyncio.sleep(STANDARDIZE_POLL_S)
         assert m.frozen is not None
         await asyncio.to_thread(self.engine.apply_scaler, m.frozen)
+        self.merge_rule.recalibrate()  # the distances of untrained models say nothing of trained ones
         self._log.info("standardization_settled", source=m.source, merges=m.merges, inputs=len(m.columns))
 
     # --- data that keeps arriving --------------------------------------------------------------------------
