@@ -19,6 +19,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -118,10 +119,10 @@ def test_full_disk_answers_503_unavailable_shows_in_status_and_recovers(tmp_path
         assert "Traceback" not in d.logs()
 
 
-def _stop_during_checkpoints(d: DaemonProc, store_dir: Path, rng: random.Random) -> tuple[int, str]:
-    """Start-to-stop of one daemon, SIGTERM at a random moment of its checkpoint loop; (exit code, verdict)."""
+def _stop_during_checkpoints(d: DaemonProc, store_dir: Path, delay: float) -> tuple[int, str]:
+    """Start-to-stop of one daemon, SIGTERM ``delay`` s (random) after its first checkpoint; (exit code, verdict)."""
     wait_for(lambda: d.status()["checkpoint"]["last_file"], timeout=120, what="a first checkpoint")
-    time.sleep(rng.uniform(0.0, 0.6))  # a random moment within the 50 ms checkpoint cycle, not a sync point
+    time.sleep(delay)  # a random moment within the 50 ms checkpoint cycle, not a sync point
     d.signal(signal.SIGTERM)
     try:
         code = d.proc.wait(60)
@@ -163,7 +164,10 @@ def test_thirty_stops_racing_checkpoint_writes_never_lose_the_final_one_silently
         try:
             for p in procs:
                 p.wait_ready(120)
-            verdicts += [_stop_during_checkpoints(p, d["store"], rng) for p, d in zip(procs, domains, strict=True)]
+            # The three stops run at once (they race each other's writes too), each at its own random moment.
+            delays = [rng.uniform(0.0, 0.6) for _ in procs]
+            with ThreadPoolExecutor(max_workers=len(procs)) as pool:
+                verdicts += list(pool.map(_stop_during_checkpoints, procs, [d["store"] for d in domains], delays))
         finally:
             for p in procs:
                 p.stop(10)
