@@ -474,18 +474,19 @@ class ClippedRule(MergeRule):
             # speeds up, a domain drifts) raise the radius step by step, while a minority of hostile peers, far
             # off or not, cannot move the lower third.
             acct.distances.append(min(distance, QUARANTINE_RATIO * tau))
-        if strike and not self.params.strikes:
-            raise RejectedUpdate("far_off", f"{distance:.3g} from this model, beyond {STRIKE_RATIO:g} x the "
-                                 f"clipping radius {tau:.3g} (no strike: nothing trains yet)")
-        acct.strikes = acct.strikes + 1 if strike else 0
-        if strike and (acct.probation or acct.strikes >= self.params.quarantine_after):
-            self._quarantine(peer, acct, now)
-            raise RejectedUpdate("quarantined", f"{self.params.quarantine_after} shares in a row beyond "
-                                 f"{STRIKE_RATIO:g} x the clipping radius; quarantined for "
-                                 f"{self.params.quarantine_s:g} s")
+        if not strike:
+            acct.strikes = 0
+        elif self.params.strikes:
+            acct.strikes += 1
+            if acct.probation or acct.strikes >= self.params.quarantine_after:
+                self._quarantine(peer, acct, now)
+                raise RejectedUpdate("quarantined", f"{self.params.quarantine_after} shares in a row beyond "
+                                     f"{STRIKE_RATIO:g} x the clipping radius; quarantined for "
+                                     f"{self.params.quarantine_s:g} s")
         if strike:
             raise RejectedUpdate("far_off", f"{distance:.3g} from this model, beyond {STRIKE_RATIO:g} x the "
-                                 f"clipping radius {tau:.3g}")
+                                 f"clipping radius {tau:.3g}"
+                                 + ("" if self.params.strikes else " (no strike: nothing trains yet)"))
         oneway = self.params.require_answer and not reciprocal
         if oneway and not acct.proven:
             raise RejectedUpdate("unproven", "a one-way share, and no answer of this peer's merged here yet: "

@@ -262,8 +262,11 @@ class LearningTask:
 
     def _rule_params(self) -> RuleParams:
         params = rule_params(self.cfg.gossip, self.link.trusted_count, self._asks_answers())
-        m = self.engine.moments
-        return replace(params, strikes=False) if m is not None and m.frozen is None else params
+        return replace(params, strikes=False) if self._estimating_moments() else params
+
+    def _estimating_moments(self) -> bool:
+        """The mesh's moments are being estimated here (``data.standardize = "mesh"``): nothing trains yet."""
+        return self.engine.moments is not None and self.engine.moments.frozen is None
 
     def _merge(self, sender: bytes, vec: torch.Tensor, weight: float, version: int, rows: float | None,
                *, reciprocal: bool) -> bool:
@@ -595,8 +598,7 @@ class LearningTask:
                 async with asyncio.timeout_at(due):
                     await self._gossip_now.wait()
             now = loop.time()
-            m = self.engine.moments
-            interval = g.interval_s / (ESTIMATING_RATE if m is not None and m.frozen is None else 1.0)
+            interval = g.interval_s / (ESTIMATING_RATE if self._estimating_moments() else 1.0)
             due = now + interval * (1 + g.jitter * (2 * self.link.rng.random() - 1))
             self._gossip_now.clear()
             try:
@@ -727,7 +729,7 @@ class LearningTask:
                 continue
             if self._pace_start is None:
                 self._pace_start = (time.monotonic(), self.engine.epochs)
-            steps = self._paced_steps(self.engine.chunk_steps, time.monotonic())
+            steps = self._paced_steps(self.engine.chunk_steps, time.monotonic(), self._pace_start)
             if steps == 0:
                 self.engine.stats.paced_waits += 1
                 await asyncio.sleep(PACE_WAIT_S)
@@ -816,13 +818,13 @@ class LearningTask:
             async with asyncio.timeout(GOSSIP_WAIT_S):
                 await self._gossip_done.wait()
 
-    def _paced_steps(self, wanted: int, now: float) -> int:
-        """How many steps this domain may take now: ``wanted``, or fewer (0 = wait) when it is ahead."""
+    def _paced_steps(self, wanted: int, now: float, started: tuple[float, float]) -> int:
+        """How many steps this domain may take now: ``wanted``, or fewer (0 = wait) when it is ahead; training
+        (re)started at ``started = (time, epochs)``."""
         if self.cfg.training.pace != "mesh":
             return wanted
         horizon = max(PACE_HORIZON_S, 2 * self.link.dead_after_s)
         alive = {p.peer_id for p in self.link.peers() if p.state == PeerState.ALIVE} & self.eligible(now)
-        started = self._pace_start if self._pace_start is not None else (now, self.engine.epochs)
         return paced_steps(wanted, self.engine.epochs, self.engine.steps_per_epoch,
                            self.peers.epochs_heard(alive, now, horizon), slack=PACE_SLACK_EPOCHS, started=started,
                            now=now, listen_s=max(PACE_LISTEN_MIN_S, PACE_LISTEN_INTERVALS * self.cfg.gossip.interval_s),
